@@ -1,0 +1,280 @@
+"""Stage 4: artifacts a = φ(x) − φ(x*) for labelled folders of images, written to HDF5.
+
+Layout (README, "File formats"):
+
+    /                       attrs: format, format_version, manifpt_version, created_utc, image_size,
+                                   index_hash, index_path, label_names (JSON), spaces (JSON), n_samples
+    /samples/path           (n,) UTF-8 strings
+    /samples/sha256         (n,) ASCII hex SHA-256 of each file
+    /samples/label          (n,) int32 — index into label_names
+    /spaces/<space>/artifacts          (n, *shape) float32 — (3, S, S) for rgb/freq, (2048,) for sl/ssl
+    /spaces/<space>/neighbor_id        (n,) int64 — row of x* in the index
+    /spaces/<space>/neighbor_distance  (n,) float32 — ||φ(x) − φ(x*)||²
+    /failures/path, /failures/error, /failures/label   files that could not be decoded
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import MismatchError, UsageError
+from .formats import (
+    ARTIFACTS_FORMAT,
+    FORMAT_VERSION,
+    append_rows,
+    atomic_output,
+    check_format,
+    create_growing,
+    h5_string_dtype,
+    json_attr,
+    provenance,
+    write_string_columns,
+)
+from .images import DEFAULT_MAX_PIXELS, DecodedImage, FailedImage, count_images, decode_folder, display_path
+from .manifold import Neighbours, RealIndex
+from .progress import SILENT, Progress
+from .runtime import compute_threads, configure_threads
+from .spaces import Embedder, Space, TorchBackboneEmbedder, load_backbone, make_embedder
+
+REAL_LABEL = "real"
+
+
+@dataclass
+class SpaceArtifacts:
+    """Artifacts of one batch in one space: (n, *shape) artifacts and their nearest real images."""
+
+    artifacts: np.ndarray
+    neighbours: Neighbours
+
+
+def compute_artifacts(
+    index: RealIndex, embedders: dict[Space, Embedder], pixels: np.ndarray, sha256: Sequence[str]
+) -> dict[Space, SpaceArtifacts]:
+    """φ(x) − φ(x*) for a batch of (n, S, S, 3) uint8 images, in every space of ``embedders``.
+
+    Rows with no neighbour (an index holding only copies of the image) get NaN artifacts.
+    """
+    result = {}
+    for space, embedder in embedders.items():
+        queries = np.ascontiguousarray(embedder(pixels), dtype=np.float32)
+        neighbours = index.nearest(space, queries, sha256)
+        found = neighbours.ids >= 0
+        artifacts = np.full_like(queries, np.nan)
+        if found.any():
+            artifacts[found] = queries[found] - index.embeddings(space, neighbours.ids[found])
+        shape = space.artifact_shape(index.image_size)
+        result[space] = SpaceArtifacts(artifacts.reshape(len(queries), *shape), neighbours)
+    return result
+
+
+def index_embedders(
+    index: RealIndex, spaces: Sequence[Space], weights: dict[Space, str | None] | None = None, device: str = "cpu"
+) -> dict[Space, Embedder]:
+    """PyTorch/NumPy embedders that reproduce the index's own spaces (same backbone weights).
+
+    Raises:
+        MismatchError: the weights found differ from those the index was built with.
+    """
+    weights = weights or {}
+    embedders: dict[Space, Embedder] = {}
+    for space in spaces:
+        if not space.needs_backbone:
+            embedders[space] = make_embedder(space)
+            continue
+        recorded = index.backbone_weights(space)
+        module, found = load_backbone(space, weights.get(space) or recorded.load_argument)
+        if found.sha256 != recorded.sha256:
+            raise MismatchError(
+                f"the {space.value} weights loaded from {found.source} (sha256 {found.sha256[:12]}…) are not the "
+                f"ones index {index.path} was built with ({recorded.source}, sha256 {recorded.sha256[:12]}…)"
+            )
+        embedders[space] = TorchBackboneEmbedder(space, module, found, device)
+    return embedders
+
+
+def parse_source(text: str) -> tuple[str, str]:
+    """``NAME=DIR`` → (NAME, DIR)."""
+    name, sep, folder = text.partition("=")
+    if not sep or not name.strip() or not folder:
+        raise UsageError(f"--source takes NAME=DIR (as in --source stylegan2=./fakes/stylegan2), got {text!r}")
+    return name.strip(), folder
+
+
+@dataclass
+class ExtractResult:
+    """What :func:`extract_artifacts` wrote."""
+
+    path: str
+    label_names: list[str]
+    counts: dict[str, int]
+    spaces: list[Space]
+    failures: list[tuple[str, FailedImage]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def n_samples(self) -> int:
+        return sum(self.counts.values())
+
+
+def _labelled_folders(sources: Sequence[tuple[str, str]], real: str | os.PathLike | None) -> list[tuple[str, str]]:
+    folders = list(sources)
+    if real is not None:
+        folders.append((REAL_LABEL, os.fspath(real)))
+    names = [name for name, _ in folders]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise UsageError(f"class names must be unique; repeated: {', '.join(duplicated)} ('real' is --real's)")
+    if not folders:
+        raise UsageError("give at least one --source NAME=DIR (and optionally --real DIR)")
+    return folders
+
+
+def extract_artifacts(
+    index_path: str | os.PathLike,
+    sources: Sequence[tuple[str, str]],
+    out: str | os.PathLike,
+    spaces: Sequence[Space] | None = None,
+    real: str | os.PathLike | None = None,
+    weights: dict[Space, str | None] | None = None,
+    batch_size: int = 64,
+    workers: int = 1,
+    threads: int | None = None,
+    device: str = "cpu",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Progress = SILENT,
+) -> ExtractResult:
+    """Compute artifacts for every image of every labelled folder and write them to ``out``.
+
+    ``sources`` are (class name, folder) pairs; ``real`` adds a ``real`` class whose images are
+    never their own neighbour. Undecodable files are listed, never fatal.
+    """
+    import h5py
+
+    started = time.perf_counter()
+    configure_threads(compute_threads(workers, threads))
+    folders = _labelled_folders(sources, real)
+    label_names = [name for name, _ in folders]
+    with RealIndex(index_path) as index:
+        spaces = list(spaces) if spaces else index.spaces
+        embedders = index_embedders(index, spaces, weights, device)
+        size = index.image_size
+        totals = {name: count_images([folder]) for name, folder in folders}
+        empty = [f"{name}={display_path(folder)}" for name, folder in folders if totals[name] == 0]
+        if empty:
+            raise UsageError(f"no image files in: {', '.join(empty)}")
+        counts = dict.fromkeys(label_names, 0)
+        failures: list[tuple[str, FailedImage]] = []
+        with atomic_output(out) as partial, h5py.File(partial, "w") as handle:
+            samples = handle.create_group("samples")
+            paths_ds = create_growing(samples, "path", dtype=h5_string_dtype())
+            sha_ds = create_growing(samples, "sha256", dtype="S64")
+            label_ds = create_growing(samples, "label", dtype="i4")
+            space_groups = {}
+            for space in spaces:
+                shape = space.artifact_shape(size)
+                group = handle.create_group(f"spaces/{space.value}")
+                create_growing(group, "artifacts", shape)
+                create_growing(group, "neighbor_id", dtype="i8")
+                create_growing(group, "neighbor_distance")
+                group.attrs.update(embedding_space=space.value, shape=json.dumps(shape))
+                if space.needs_backbone:
+                    recorded = index.backbone_weights(space)
+                    group.attrs.update(weights_source=recorded.source, weights_sha256=recorded.sha256)
+                space_groups[space] = group
+
+            progress.start("Extracting artifacts", sum(totals.values()))
+            for label, (name, folder) in enumerate(folders):
+                for batch in decode_folder([folder], size, batch_size, workers, max_pixels):
+                    decoded = [item for item in batch if isinstance(item, DecodedImage)]
+                    failures.extend((name, item) for item in batch if isinstance(item, FailedImage))
+                    if decoded:
+                        pixels = np.stack([item.pixels for item in decoded])
+                        shas = [item.sha256 for item in decoded]
+                        per_space = compute_artifacts(index, embedders, pixels, shas)
+                        keep = np.ones(len(decoded), dtype=bool)
+                        for space_result in per_space.values():
+                            keep &= space_result.neighbours.ids >= 0
+                        for i in np.flatnonzero(~keep):
+                            failures.append((name, FailedImage(decoded[i].path, "no real neighbour other than itself", shas[i])))
+                        append_rows(paths_ds, np.array([display_path(d.path) for d, k in zip(decoded, keep) if k], dtype=object))
+                        append_rows(sha_ds, np.array([s.encode() for s, k in zip(shas, keep) if k], dtype="S64"))
+                        append_rows(label_ds, np.full(int(keep.sum()), label, dtype=np.int32))
+                        for space, space_result in per_space.items():
+                            group = space_groups[space]
+                            append_rows(group["artifacts"], space_result.artifacts[keep])
+                            append_rows(group["neighbor_id"], space_result.neighbours.ids[keep])
+                            append_rows(group["neighbor_distance"], space_result.neighbours.distances[keep])
+                        counts[name] += int(keep.sum())
+                    progress.advance(len(batch))
+            if sum(counts.values()) == 0:
+                raise UsageError("no image could be decoded in any source folder (see the errors)")
+            write_string_columns(
+                handle.create_group("failures"),
+                path=[display_path(f.path) for _, f in failures],
+                error=[f.error for _, f in failures],
+                label=[name for name, _ in failures],
+            )
+            handle.attrs.update(
+                format=ARTIFACTS_FORMAT,
+                format_version=FORMAT_VERSION,
+                image_size=size,
+                index_hash=index.index_hash,
+                index_path=os.path.abspath(index.path),
+                label_names=json.dumps(label_names),
+                spaces=json.dumps([s.value for s in spaces]),
+                n_samples=sum(counts.values()),
+                **provenance(),
+            )
+    return ExtractResult(os.fspath(out), label_names, counts, list(spaces), failures, time.perf_counter() - started)
+
+
+@dataclass
+class ArtifactSet:
+    """One space's artifacts loaded in memory, for training and evaluation."""
+
+    artifacts: np.ndarray  # (n, *shape) float32
+    labels: np.ndarray  # (n,) int64
+    label_names: list[str]
+    space: Space
+    image_size: int
+    index_hash: str
+    weights_source: str = ""
+    weights_sha256: str = ""
+    paths: list[str] = field(default_factory=list)
+
+
+def load_artifacts(path: str | os.PathLike, space: Space) -> ArtifactSet:
+    """Read one space of an artifacts file.
+
+    Raises:
+        FormatError: not an artifacts file; UsageError: the space is not in it.
+    """
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise UsageError(f"cannot open artifacts file {path}: {exc}") from None
+    with handle:
+        check_format(handle.attrs, ARTIFACTS_FORMAT, path)
+        held = json_attr(handle.attrs, "spaces")
+        if space.value not in held:
+            raise UsageError(f"{path} has no {space.value!r} artifacts (it holds: {', '.join(held)})")
+        group = handle[f"spaces/{space.value}"]
+        return ArtifactSet(
+            artifacts=group["artifacts"][...],
+            labels=handle["samples/label"][...].astype(np.int64),
+            label_names=json_attr(handle.attrs, "label_names"),
+            space=space,
+            image_size=int(handle.attrs["image_size"]),
+            index_hash=str(handle.attrs["index_hash"]),
+            weights_source=str(group.attrs.get("weights_source", "")),
+            weights_sha256=str(group.attrs.get("weights_sha256", "")),
+            paths=[p.decode() for p in handle["samples/path"][...]],
+        )

@@ -1,0 +1,94 @@
+"""`manifpt attribute`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Column, Table
+
+from ..report import ReportFormat
+from .console import RichProgress, errors_to_exit, stderr, stdout
+from .options import DEFAULT_MAX, BatchSize, MaxPixels, Quiet, Threads, Workers
+
+
+def _file_format(report: ReportFormat, out: Path | None) -> ReportFormat | None:
+    """The format written to --out (or stdout): csv/json as asked, or from --out's extension with `table`."""
+    if report is not ReportFormat.TABLE:
+        return report
+    if out is None:
+        return None
+    suffix = out.suffix.lower().lstrip(".")
+    if suffix not in ("csv", "json"):
+        raise typer.BadParameter(f"with --report table, --out must end in .csv or .json (got {out.name})", param_hint="--out")
+    return ReportFormat(suffix)
+
+
+def _table(rows) -> Table:
+    table = Table("predicted source", "prob.", "runner-up", "dist. to real", "status")
+    table.columns.insert(0, Column("file", overflow="fold", ratio=3))
+    for row in rows:
+        if row.ok:
+            runner = f"{row.top_k[1][0]} ({row.top_k[1][1]:.2f})" if len(row.top_k) > 1 else "—"
+            table.add_row(row.path, row.predicted, f"{row.probability:.3f}", runner, f"{row.manifold_distance:.4g}", "ok")
+        else:
+            table.add_row(row.path, "", "", "", "", f"[red]error: {row.error}[/]")
+    return table
+
+
+def attribute(
+    suspects: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or files of suspect images.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Attributor exported by `manifpt export` (NAME.onnx).")],
+    index: Annotated[Path, typer.Option("--index", help="The real-manifold index the model was trained against.")],
+    report: Annotated[
+        ReportFormat, typer.Option("--report", help="table: Rich table on the terminal; csv/json: machine-readable rows.")
+    ] = ReportFormat.TABLE,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Write the csv/json report here (a CSV also gets FILE.meta.json) [default: stdout]."),
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many ranked sources each row lists.")] = 3,
+    batch_size: BatchSize = 64,
+    workers: Workers = 1,
+    threads: Threads = None,
+    max_pixels: MaxPixels = DEFAULT_MAX,
+    quiet: Quiet = False,
+) -> None:
+    """Name the source model of every suspect image (ONNX Runtime + FAISS; no PyTorch at run time).
+
+    Exit codes: 0 every file attributed; 3 finished, but some files failed (each is an error row);
+    1 the run could not start (e.g. the model does not match the index); 2 usage error.
+    """
+    from ..attribute import Attribution
+    from ..report import open_report
+
+    file_format = _file_format(report, out)
+    with errors_to_exit(), Attribution(model, index, top_k, batch_size, workers, threads, max_pixels) as run:
+        header = run.header(suspects)
+        total = run.count(suspects)
+        kept, predicted, failed = [], Counter(), 0
+        with RichProgress(quiet) as progress:
+            progress.start("Attributing", total)
+            if file_format is None:
+                kept = list(run.rows(suspects, progress))
+            else:
+                with open_report(file_format, out, header) as writer:
+                    for row in run.rows(suspects, progress):
+                        writer.write(row)
+                        if report is ReportFormat.TABLE:
+                            kept.append(row)
+                        predicted[row.predicted] += row.ok
+                        failed += not row.ok
+        if file_format is None:
+            predicted = Counter(row.predicted for row in kept if row.ok)
+            failed = sum(not row.ok for row in kept)
+        if report is ReportFormat.TABLE:
+            stdout.print(_table(kept))
+        summary = ", ".join(f"{name} {count}" for name, count in predicted.most_common() if count)
+        stderr.print(f"[green]{total - failed} attributed[/] ({summary or 'none'}), [red]{failed} failed[/]")
+        if out is not None:
+            stderr.print(f"report → {out}" + (f" (provenance: {out}.meta.json)" if file_format is ReportFormat.CSV else ""))
+        if failed:
+            raise typer.Exit(3)

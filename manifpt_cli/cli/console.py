@@ -1,0 +1,92 @@
+"""Consoles, the Rich progress bar, and the error boundary shared by every command."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichBar
+from rich.text import Text
+
+from ..errors import ManifptError
+from ..progress import Progress
+
+stdout = Console(soft_wrap=False)
+stderr = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, blank until Rich has measured a rate."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        if not self.unit or task.speed is None:
+            return Text("")
+        return Text(f"{task.speed:,.1f} {self.unit}/s", style="cyan")
+
+
+class RichProgress(Progress):
+    """Shows library progress on stderr as a Rich bar with a rate (items/s) and extra fields."""
+
+    def __init__(self, quiet: bool = False, unit: str = "images") -> None:
+        self.quiet = quiet
+        self.unit = unit
+        self.bar = RichBar(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RateColumn(unit),
+            TextColumn("{task.fields[extra]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            transient=True,
+            disable=quiet,
+        )
+        self.task = None
+
+    def __enter__(self) -> RichProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    def start(self, description: str, total: int | None) -> None:
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+        self.task = self.bar.add_task(description, total=total, extra="")
+
+    def advance(self, steps: int = 1, **fields: object) -> None:
+        extra = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        self.bar.update(self.task, advance=steps, extra=extra)
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            self.bar.console.print(message, highlight=False)
+
+
+@contextlib.contextmanager
+def errors_to_exit() -> Iterator[None]:
+    """Turn a ManifptError into a red message on stderr and its exit code (no traceback, no locals)."""
+    try:
+        yield
+    except ManifptError as exc:
+        stderr.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("[yellow]interrupted: no partial output was kept under the final name[/]")
+        raise typer.Exit(130) from None

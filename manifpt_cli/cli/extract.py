@@ -1,0 +1,73 @@
+"""`manifpt extract`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .console import RichProgress, errors_to_exit, stderr
+from .failures import print_failures
+from .options import (
+    DEFAULT_MAX,
+    BatchSize,
+    Device,
+    MaxPixels,
+    Quiet,
+    RandomWeights,
+    SlWeights,
+    SslWeights,
+    Threads,
+    Workers,
+    backbone_weights,
+)
+
+
+def extract(
+    index: Annotated[Path, typer.Option("--index", help="Real-manifold index from `manifpt index build`.")],
+    source: Annotated[
+        list[str], typer.Option("--source", help="NAME=DIR: a class (source model) and its folder of images; repeat.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifacts file to write (HDF5).")],
+    real: Annotated[
+        Optional[Path], typer.Option("--real", help="Folder of real images to add as class 'real' (leave-one-out).")
+    ] = None,
+    space: Annotated[
+        Optional[str], typer.Option("--space", help="Comma-separated spaces [default: every space of the index].")
+    ] = None,
+    sl_weights: SlWeights = None,
+    ssl_weights: SslWeights = None,
+    weights: RandomWeights = None,
+    batch_size: BatchSize = 64,
+    workers: Workers = 1,
+    threads: Threads = None,
+    device: Device = "cpu",
+    max_pixels: MaxPixels = DEFAULT_MAX,
+    quiet: Quiet = False,
+) -> None:
+    """Compute artifacts φ(x) − φ(x*) of labelled images against their nearest real image.
+
+    Exit 0 when every file was used, 3 when some could not be decoded (listed; the rest are kept).
+    """
+    from ..artifacts import extract_artifacts, parse_source
+    from ..spaces import check_device, parse_spaces
+
+    with errors_to_exit():
+        sources = [parse_source(text) for text in source]
+        spaces = parse_spaces(space) if space else None
+        check_device(device)
+        with RichProgress(quiet) as progress:
+            result = extract_artifacts(
+                index, sources, out, spaces, real, backbone_weights(sl_weights, ssl_weights, weights),
+                batch_size, workers, threads, device, max_pixels, progress,
+            )  # fmt: skip
+        table = Table("class", "images", title=f"artifacts → {out}")
+        for name, count in result.counts.items():
+            table.add_row(name, str(count))
+        stderr.print(table)
+        stderr.print(f"[green]{result.n_samples} artifacts[/] in {', '.join(s.value for s in result.spaces)} ({result.seconds:.1f} s)")
+        if result.failures:
+            print_failures([(f.path, f"[{name}] {f.error}") for name, f in result.failures])
+            raise typer.Exit(3)

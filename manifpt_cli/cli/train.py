@@ -1,0 +1,49 @@
+"""`manifpt train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .console import RichProgress, errors_to_exit, stderr
+from .options import Device, Quiet, Threads
+
+
+def train(
+    artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts file from `manifpt extract`.")],
+    space: Annotated[str, typer.Option("--space", help="Which space's artifacts to train on: rgb, freq, sl or ssl.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (NAME.pt: state dict + JSON metadata).")],
+    arch: Annotated[
+        Optional[str],
+        typer.Option("--arch", help="resnet50 (the paper's), resnet18, small or mlp [default: resnet18 for rgb/freq, mlp for sl/ssl]."),
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs; the best epoch on validation is kept.")] = 30,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Artifacts per optimisation step.")] = 64,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate (cosine decay).")] = 1e-3,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each class held out for validation.")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the split, the initial weights and the batch order.")] = 0,
+    device: Device = "cpu",
+    threads: Threads = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train an attributor (cross-entropy) on one space's artifacts; keep the best validation checkpoint."""
+    from ..spaces import check_device, parse_spaces
+    from ..train import TrainConfig, train_attributor
+
+    with errors_to_exit():
+        spaces = parse_spaces(space)
+        if len(spaces) != 1:
+            raise typer.BadParameter("train one space at a time", param_hint="--space")
+        chosen = spaces[0]
+        check_device(device)
+        config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed)
+        with RichProgress(quiet, unit="") as progress:
+            result = train_attributor(artifacts, chosen, out, config, device, threads, progress)
+        training = result.metadata["training"]
+        stderr.print(
+            f"[green]saved {out}[/]: {training['arch']} on {chosen.value}, best epoch {training['best_epoch']}, "
+            f"validation accuracy {training['val_accuracy']:.3f} ({training['val_size']} held out, "
+            f"{len(result.metadata['classes'])} classes, {result.seconds:.1f} s)"
+        )

@@ -1,0 +1,228 @@
+"""ONNX export of an attributor (and, for sl/ssl, of its embedding backbone), checked against PyTorch.
+
+Files (README, "ONNX metadata"):
+- ``NAME.onnx``: input ``artifact`` (batch, *input_shape) float32; outputs ``logits`` and
+  ``probabilities`` (batch, n_classes). metadata_props: ``manifpt`` (the full JSON model card, the
+  checkpoint's metadata plus export details) and, for quick inspection, ``classes`` (JSON),
+  ``space``, ``image_size``, ``index_hash``, ``manifpt_version``.
+- ``NAME.backbone.onnx`` (sl/ssl only): input ``image`` (batch, 3, S, S) float32 in [0, 1];
+  output ``embedding`` (batch, 2048). The model card names it and records its SHA-256.
+
+Every export runs ONNX Runtime on sample batches (sizes 1 and 8) and fails if any output differs
+from PyTorch's by more than ``tolerance`` (absolute, on probabilities and on embeddings relative
+to their scale).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import ExportParityError, UsageError
+from .formats import ONNX_METADATA_KEY, atomic_output, utc_now
+from .spaces import Space, load_backbone
+
+DEFAULT_TOLERANCE = 1e-4
+OPSET = 18
+
+
+@dataclass
+class ExportResult:
+    path: str
+    backbone_path: str | None
+    max_probability_diff: float
+    max_embedding_diff: float | None
+    tolerance: float
+    seconds: float
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def backbone_path_for(model_path: str | os.PathLike) -> Path:
+    """``dir/NAME.onnx`` → ``dir/NAME.backbone.onnx``."""
+    path = Path(model_path)
+    return path.with_name(f"{path.name.removesuffix('.onnx')}.backbone.onnx")
+
+
+def _to_onnx(module, example, path: Path, input_name: str, output_names: list[str]) -> None:
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.onnx.export(
+        module,
+        (example,),
+        input_names=[input_name],
+        output_names=output_names,
+        dynamic_shapes=({0: batch},),
+        opset_version=OPSET,
+        dynamo=True,
+        verbose=False,
+        external_data=False,
+    )
+    program.save(os.fspath(path), external_data=False)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+
+
+def _with_probabilities(model):
+    import torch
+
+    class AttributorWithProbabilities(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, artifact):
+            logits = self.inner(artifact)
+            return logits, torch.softmax(logits, dim=1)
+
+    return AttributorWithProbabilities(model).eval()
+
+
+def _set_metadata(path: Path, props: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(os.fspath(path))
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, os.fspath(path))
+
+
+def _check_backbone(module, path: Path, image_size: int, tolerance: float) -> float:
+    """Largest |ORT − torch| on embeddings, relative to the embeddings' largest magnitude."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    session = _session(path)
+    worst = 0.0
+    for n in (1, 4):
+        images = rng.random((n, 3, image_size, image_size), dtype=np.float32)
+        with torch.inference_mode():
+            expected = module(torch.from_numpy(images)).numpy()
+        got = session.run(["embedding"], {"image": images})[0]
+        worst = max(worst, float(np.abs(got - expected).max() / max(1e-6, np.abs(expected).max())))
+    if worst > tolerance * 10:  # ResNet50's 50 layers accumulate more float32 rounding than a head
+        raise ExportParityError(f"backbone ONNX differs from PyTorch by {worst:.2e} (relative), over {tolerance * 10:.0e}")
+    return worst
+
+
+def _check_attributor(model, path: Path, input_shape: tuple[int, ...], tolerance: float) -> float:
+    import torch
+
+    mean = model.standardize.mean.numpy()
+    std = model.standardize.std.numpy()
+    rng = np.random.default_rng(0)
+    session = _session(path)
+    worst = 0.0
+    for n in (1, 8):
+        shape = (n, *input_shape)
+        sample = (mean + std * rng.standard_normal(shape)).astype(np.float32)
+        with torch.inference_mode():
+            expected = torch.softmax(model(torch.from_numpy(sample)), dim=1).numpy()
+        got = session.run(["probabilities"], {"artifact": sample})[0]
+        worst = max(worst, float(np.abs(got - expected).max()))
+        if (got.argmax(1) != expected.argmax(1)).any() and worst > tolerance:
+            break
+    if worst > tolerance:
+        raise ExportParityError(
+            f"ONNX Runtime probabilities differ from PyTorch by {worst:.2e}, over the tolerance {tolerance:.0e}"
+        )
+    return worst
+
+
+def export_onnx(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    backbone_weights: str | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ExportResult:
+    """Export a checkpoint to ``out`` (plus ``*.backbone.onnx`` for sl/ssl) and verify it.
+
+    ``backbone_weights`` overrides where the sl/ssl weights are read from; they must be the ones the
+    index was built with (checked by SHA-256).
+
+    Raises:
+        ExportParityError: ONNX Runtime disagrees with PyTorch beyond ``tolerance``.
+        MismatchError / WeightsNotFoundError: the backbone weights are not the index's, or missing.
+    """
+    import torch
+
+    from .errors import MismatchError
+    from .spaces import BackboneWeights
+    from .train import load_checkpoint
+
+    started = time.perf_counter()
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise UsageError(f"--out must end in .onnx, got {out}")
+    model, metadata = load_checkpoint(checkpoint)
+    input_shape = tuple(metadata["input_shape"])
+    space = Space(metadata["space"])
+    card = {**metadata, "exported_utc": utc_now(), "exported_by": __version__, "parity_tolerance": tolerance}
+    embedding_diff = None
+    backbone_out = None
+
+    with atomic_output(out) as partial_model:
+        if space.needs_backbone:
+            recorded = metadata["backbone"]
+            module, found = load_backbone(space, backbone_weights or BackboneWeights(**recorded).load_argument)
+            if found.sha256 != recorded["sha256"]:
+                raise MismatchError(
+                    f"the {space.value} weights from {found.source} are not those the model was trained with "
+                    f"({recorded['source']}); pass the right file with --{space.value}-weights"
+                )
+            backbone_out = backbone_path_for(out)
+            with atomic_output(backbone_out) as partial_backbone:
+                example = torch.rand(2, 3, metadata["image_size"], metadata["image_size"])
+                _to_onnx(module, example, partial_backbone, "image", ["embedding"])
+                _set_metadata(
+                    partial_backbone,
+                    {ONNX_METADATA_KEY: json.dumps({"role": "backbone", "space": space.value, **recorded})},
+                )
+                embedding_diff = _check_backbone(module, partial_backbone, metadata["image_size"], tolerance)
+                card["backbone_file"] = backbone_out.name
+                card["backbone_onnx_sha256"] = file_sha256(partial_backbone)
+
+        example = torch.zeros(2, *input_shape)
+        _to_onnx(_with_probabilities(model), example, partial_model, "artifact", ["logits", "probabilities"])
+        probability_diff = _check_attributor(model, partial_model, input_shape, tolerance)
+        card["max_probability_diff"] = probability_diff
+        _set_metadata(
+            partial_model,
+            {
+                ONNX_METADATA_KEY: json.dumps(card),
+                "classes": json.dumps(metadata["classes"]),
+                "space": space.value,
+                "image_size": str(metadata["image_size"]),
+                "index_hash": metadata["index_hash"],
+                "manifpt_version": __version__,
+            },
+        )
+    return ExportResult(
+        os.fspath(out),
+        os.fspath(backbone_out) if backbone_out else None,
+        probability_diff,
+        embedding_diff,
+        tolerance,
+        time.perf_counter() - started,
+    )

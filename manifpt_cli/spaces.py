@@ -1,0 +1,230 @@
+"""Stage 2: the four embedding spaces φ of ManiFPT.
+
+| space | φ(x) for x in [0, 1], (3, H, W)                         | stored as        |
+|-------|----------------------------------------------------------|------------------|
+| rgb   | x                                                        | 3·H·W floats     |
+| freq  | per channel log(|fftshift(fft2(x))| + 1e-12)             | 3·H·W floats     |
+| sl    | ImageNet-supervised ResNet50 features (torchvision V1)   | 2048 floats      |
+| ssl   | Barlow Twins ResNet50 features                           | 2048 floats      |
+
+rgb and freq are computed with NumPy (no PyTorch needed at attribution time); sl and ssl run the
+backbone of :mod:`models.backbones` in PyTorch at index time and in ONNX Runtime at attribution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from .errors import UsageError, WeightsNotFoundError
+
+if TYPE_CHECKING:
+    import torch
+
+FREQ_EPS = 1e-12
+
+
+class Space(str, Enum):
+    """An embedding space; the value is the name used on the command line and in files."""
+
+    RGB = "rgb"
+    FREQ = "freq"
+    SL = "sl"
+    SSL = "ssl"
+
+    @property
+    def needs_backbone(self) -> bool:
+        return self in (Space.SL, Space.SSL)
+
+    def artifact_shape(self, size: int) -> tuple[int, ...]:
+        """Shape of one artifact: (3, size, size) for image spaces, (2048,) for feature spaces."""
+        return (2048,) if self.needs_backbone else (3, size, size)
+
+
+def parse_spaces(text: str) -> list[Space]:
+    """``"rgb,freq"`` → [Space.RGB, Space.FREQ]; raises UsageError naming the valid spaces."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    valid = ", ".join(space.value for space in Space)
+    if not names:
+        raise UsageError(f"no embedding space given; choose from: {valid}")
+    spaces = []
+    for name in names:
+        try:
+            space = Space(name)
+        except ValueError:
+            raise UsageError(f"unknown embedding space {name!r}; choose from: {valid}") from None
+        if space not in spaces:
+            spaces.append(space)
+    return spaces
+
+
+def pixels_to_float(pixels: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 → (N, 3, H, W) float32 in [0, 1]."""
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+
+
+def log_spectrum(images: np.ndarray) -> np.ndarray:
+    """Per-channel centred log-magnitude spectrum of (N, 3, H, W) float images, as float32."""
+    spectrum = np.fft.fftshift(np.fft.fft2(images, axes=(-2, -1)), axes=(-2, -1))
+    return np.log(np.abs(spectrum) + FREQ_EPS).astype(np.float32)
+
+
+class Embedder(Protocol):
+    """Maps a batch of (N, H, W, 3) uint8 images to (N, D) float32 embeddings."""
+
+    space: Space
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class PixelEmbedder:
+    """φ for the rgb and freq spaces (NumPy only)."""
+
+    space: Space
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        images = pixels_to_float(pixels)
+        if self.space is Space.FREQ:
+            images = log_spectrum(images)
+        return images.reshape(len(images), -1)
+
+
+# --- backbone weights ------------------------------------------------------------------------
+
+# Where torchvision / torch.hub put these files when they download them (TORCH_HOME/hub/checkpoints).
+SL_WEIGHTS_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"  # ResNet50_Weights.IMAGENET1K_V1
+SSL_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/barlowtwins/ljng/resnet50.pth"  # Barlow Twins hub entry
+WEIGHTS_URLS = {Space.SL: SL_WEIGHTS_URL, Space.SSL: SSL_WEIGHTS_URL}
+WEIGHTS_LABELS = {Space.SL: "ImageNet-supervised ResNet50", Space.SSL: "Barlow Twins ResNet50"}
+
+
+@dataclass(frozen=True)
+class BackboneWeights:
+    """Which weights a backbone runs with: ``source`` says where from, ``sha256`` what they are.
+
+    ``source`` is ``hub:<file name>``, ``file:<path>`` or ``random:<seed>`` (tests only, asked for
+    explicitly). ``sha256`` hashes the state dict's names and tensor bytes, so the same weights
+    match whatever file they were read from.
+    """
+
+    source: str
+    sha256: str
+
+    @property
+    def load_argument(self) -> str | None:
+        """The ``weights`` argument of :func:`load_backbone` that reads the same weights again."""
+        kind, _, value = self.source.partition(":")
+        return {"hub": None, "file": value, "random": self.source}.get(kind)
+
+
+def hub_cache_path(space: Space) -> str:
+    """Where the standard torch hub download of ``space``'s weights lives (honours TORCH_HOME)."""
+    import torch
+
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URLS[space]))
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over sorted parameter names and their bytes: identity of weights, not of files."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _weights_flag(space: Space) -> str:
+    return f"--{space.value}-weights"
+
+
+def load_backbone(space: Space, weights: str | None = None):
+    """Build the ``space`` backbone with its weights; returns (module in eval mode, BackboneWeights).
+
+    ``weights`` is None (the torch hub cache), a file path, or ``random:SEED`` (seeded random
+    weights, for tests; recorded as such in every file made with them).
+
+    Raises:
+        WeightsNotFoundError: neither the hub cache nor the given file holds the weights.
+    """
+    import torch
+
+    from models import ResNet50Embedding
+
+    if not space.needs_backbone:
+        raise UsageError(f"the {space.value} space has no backbone")
+    module = ResNet50Embedding()
+    if weights and weights.startswith("random:"):
+        seed_text = weights.split(":", 1)[1]
+        if not seed_text.isdigit():
+            raise UsageError(f"random weights need an integer seed, as in random:0 (got {weights!r})")
+        with torch.random.fork_rng():
+            torch.manual_seed(int(seed_text))
+            module = ResNet50Embedding()
+        source = f"random:{int(seed_text)}"
+    else:
+        path = weights or hub_cache_path(space)
+        if not os.path.isfile(path):
+            where = f"the file {path}" if weights else f"the torch hub cache ({path})"
+            raise WeightsNotFoundError(
+                f"{WEIGHTS_LABELS[space]} weights for the {space.value!r} space were not found in {where}. "
+                f"Supply them one of two ways: put {WEIGHTS_URLS[space]} into "
+                f"$TORCH_HOME/hub/checkpoints/ (torch's standard cache; TORCH_HOME is now "
+                f"{os.environ.get('TORCH_HOME', 'unset')}), or pass {_weights_flag(space)} FILE."
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            module.load_trunk_state(state)
+        except Exception as exc:
+            raise WeightsNotFoundError(f"cannot load {space.value} weights from {path}: {exc}") from None
+        source = f"file:{os.path.abspath(path)}" if weights else f"hub:{os.path.basename(path)}"
+    module.eval()
+    return module, BackboneWeights(source, state_dict_sha256(module.trunk.state_dict()))
+
+
+@dataclass
+class TorchBackboneEmbedder:
+    """φ for sl/ssl in PyTorch (index build and extraction)."""
+
+    space: Space
+    module: object
+    weights: BackboneWeights
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.module = self.module.to(self.device)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            batch = torch.from_numpy(pixels_to_float(pixels)).to(self.device)
+            return self.module(batch).float().cpu().numpy()
+
+
+def make_embedder(space: Space, weights: str | None = None, device: str = "cpu") -> Embedder:
+    """The PyTorch/NumPy embedder of ``space`` (see :func:`load_backbone` for ``weights``)."""
+    if not space.needs_backbone:
+        return PixelEmbedder(space)
+    module, resolved = load_backbone(space, weights)
+    return TorchBackboneEmbedder(space, module, resolved, device)
+
+
+def check_device(device: str) -> str:
+    """Validate a ``--device`` value early, with a clear message when CUDA is not there."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"invalid --device {device!r}: {exc}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for CUDA, but torch sees no CUDA device here; use --device cpu")
+    return device
