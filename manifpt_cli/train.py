@@ -130,14 +130,15 @@ def fit(
         model = create_model(arch, data.artifacts.shape[1:], n_classes)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    mean, std = _standardize_stats(data.artifacts[train_idx])
+    mean, std = _standardize_stats(data.artifacts[train_idx].astype(np.float32, copy=False))
     model.standardize.mean.copy_(torch.from_numpy(mean))
     model.standardize.std.copy_(torch.from_numpy(std))
     model.to(device)
 
-    x_train = torch.from_numpy(data.artifacts[train_idx]).to(device)
+    artifacts = data.artifacts.astype(np.float32, copy=False)
+    x_train = torch.from_numpy(artifacts[train_idx]).to(device)
     y_train = torch.from_numpy(data.labels[train_idx]).to(device)
-    x_val = torch.from_numpy(data.artifacts[val_idx]).to(device)
+    x_val = torch.from_numpy(artifacts[val_idx]).to(device)
     y_val = torch.from_numpy(data.labels[val_idx]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))

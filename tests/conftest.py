@@ -1,0 +1,101 @@
+"""Shared fixtures: real photographs (crops of the photos bundled in scikit-image / scikit-learn),
+"sources" made by passing real crops through deterministic degradations, and a real index.
+
+Everything is written under pytest's tmp dirs; nothing comes from ../shared or the network.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+os.environ.setdefault("COLUMNS", "200")  # pin Rich's console width for stable output
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from manifpt_cli.samples import bundled_photo_paths, random_crops
+
+SIZE = 32
+
+
+def degrade(name: str, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Deterministic stand-ins for generators: each leaves a different, consistent trace."""
+    image = Image.fromarray(pixels)
+    if name == "jpeg":
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=15)
+        return np.asarray(Image.open(buffer).convert("RGB"))
+    if name == "blur":
+        return np.asarray(image.filter(ImageFilter.GaussianBlur(1.2)))
+    if name == "nearest":
+        small = image.resize((SIZE // 2, SIZE // 2), Image.Resampling.BILINEAR)
+        return np.asarray(small.resize((SIZE, SIZE), Image.Resampling.NEAREST))
+    if name == "noise":
+        return np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255).astype(np.uint8)
+    raise ValueError(name)
+
+
+SOURCES = ("jpeg", "blur", "nearest", "noise")
+
+
+def write_crops(folder: Path, crops: list[np.ndarray], prefix: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, crop in enumerate(crops):
+        Image.fromarray(crop).save(folder / f"{prefix}_{i:04d}.png")
+
+
+def photo_crops(n_per_photo: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    crops = []
+    for photo in bundled_photo_paths():
+        crops += random_crops(photo, n_per_photo, SIZE, rng)
+    return crops
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    found = bundled_photo_paths()
+    assert len(found) >= 10, "scikit-image's bundled photographs are missing"
+    return found
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """root/real (index photos), root/train/<source>, root/suspects/<source> — PNG files on disk."""
+    root = tmp_path_factory.mktemp("dataset")
+    write_crops(root / "real", photo_crops(12, seed=0), "real")
+    for split, seed in (("train", 1), ("suspects", 2)):
+        rng = np.random.default_rng(seed + 100)
+        base = photo_crops(3 if split == "train" else 1, seed)
+        for source in SOURCES:
+            write_crops(root / split / source, [degrade(source, crop, rng) for crop in base], source)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_index(dataset, tmp_path_factory) -> Path:
+    from manifpt_cli.manifold import build_index
+    from manifpt_cli.spaces import Space
+
+    out = tmp_path_factory.mktemp("index") / "real.h5"
+    build_index([dataset / "real"], out, [Space.RGB, Space.FREQ], size=SIZE)
+    return out
+
+
+@pytest.fixture(scope="session")
+def artifacts_file(real_index, dataset, tmp_path_factory) -> Path:
+    from manifpt_cli.artifacts import extract_artifacts
+
+    out = tmp_path_factory.mktemp("artifacts") / "artifacts.h5"
+    sources = [(name, str(dataset / "train" / name)) for name in SOURCES]
+    extract_artifacts(real_index, sources, out)
+    return out
+
+
+@pytest.fixture
+def torch_device() -> str:
+    """Tests marked gpu run on TORCH_DEVICE (e.g. cuda); everything else on the CPU."""
+    return os.environ.get("TORCH_DEVICE", "cpu")

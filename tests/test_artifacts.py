@@ -1,0 +1,78 @@
+"""Stage 4: artifacts φ(x) − φ(x*) for labelled folders."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from manifpt_cli.artifacts import extract_artifacts, load_artifacts
+from manifpt_cli.errors import MismatchError, UsageError
+from manifpt_cli.images import decode_image
+from manifpt_cli.manifold import RealIndex, build_index
+from manifpt_cli.spaces import PixelEmbedder, Space
+
+from .conftest import SIZE, SOURCES
+
+
+def test_artifact_is_embedding_minus_nearest_real_embedding(artifacts_file, real_index):
+    with h5py.File(artifacts_file) as handle, RealIndex(real_index) as index:
+        for space in (Space.RGB, Space.FREQ):
+            group = handle[f"spaces/{space.value}"]
+            for row in (0, 77, len(group["artifacts"]) - 1):
+                path = handle["samples/path"].asstr()[row]
+                phi = PixelEmbedder(space)(decode_image(path, SIZE).pixels[None])[0]
+                neighbour = group["neighbor_id"][row]
+                expected = phi - index.all_embeddings(space)[neighbour]
+                assert np.allclose(group["artifacts"][row].ravel(), expected, atol=1e-5)
+                assert np.isclose(group["neighbor_distance"][row], (expected.astype(np.float64) ** 2).sum(), rtol=1e-3)
+
+
+def test_labels_and_metadata(artifacts_file, real_index):
+    data = load_artifacts(artifacts_file, Space.RGB)
+    assert data.label_names == list(SOURCES)
+    assert data.artifacts.shape[1:] == (3, SIZE, SIZE)
+    assert np.bincount(data.labels).tolist() == [len(data.labels) // 4] * 4
+    with RealIndex(real_index) as index:
+        assert data.index_hash == index.index_hash
+
+
+def test_real_class_uses_leave_one_out(tmp_path, real_index, dataset):
+    out = tmp_path / "with_real.h5"
+    result = extract_artifacts(real_index, [("blur", str(dataset / "train" / "blur"))], out, real=dataset / "real")
+    assert result.label_names == ["blur", "real"]
+    with h5py.File(out) as handle:
+        labels = handle["samples/label"][...]
+        distances = handle["spaces/rgb/neighbor_distance"][...]
+    assert (distances[labels == 1] > 0).all(), "a real image in the index must not be its own neighbour"
+
+
+def test_bad_files_and_bad_options(tmp_path, real_index, dataset):
+    folder = tmp_path / "fakes"
+    folder.mkdir()
+    for path in sorted((dataset / "train" / "jpeg").iterdir())[:4]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "zero.png").write_bytes(b"")
+    result = extract_artifacts(real_index, [("jpeg", str(folder)), ("blur", str(dataset / "train" / "blur"))], tmp_path / "a.h5")
+    assert result.counts["jpeg"] == 4 and [name for name, _ in result.failures] == ["jpeg"]
+    with pytest.raises(UsageError, match="unique"):
+        extract_artifacts(real_index, [("real", str(folder))], tmp_path / "b.h5", real=folder)
+    with pytest.raises(UsageError, match="no 'sl' space"):
+        extract_artifacts(real_index, [("x", str(folder))], tmp_path / "c.h5", spaces=[Space.SL])
+    assert not (tmp_path / "b.h5").exists() and not (tmp_path / "c.h5").exists()
+
+
+def test_feature_space_needs_the_index_weights(tmp_path, dataset):
+    real = sorted((dataset / "real").iterdir())[:6]
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for path in real:
+        (folder / path.name).write_bytes(path.read_bytes())
+    index = tmp_path / "sl.h5"
+    build_index([folder], index, [Space.SL], size=SIZE, weights={Space.SL: "random:1"})
+    out = tmp_path / "sl_artifacts.h5"
+    extract_artifacts(index, [("a", str(folder))], out)  # finds random:1 again from the index record
+    data = load_artifacts(out, Space.SL)
+    assert data.artifacts.shape == (6, 2048) and data.weights_source == "random:1"
+    with pytest.raises(MismatchError, match="not the ones index"):
+        extract_artifacts(index, [("a", str(folder))], tmp_path / "x.h5", weights={Space.SL: "random:2"})

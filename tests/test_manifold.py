@@ -1,0 +1,146 @@
+"""Stage 3: the real-manifold index — real FAISS, real HDF5."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from manifpt_cli.errors import FormatError, UsageError
+from manifpt_cli.manifold import RealIndex, build_index, describe_index
+from manifpt_cli.progress import Progress
+from manifpt_cli.spaces import PixelEmbedder, Space
+
+from .conftest import SIZE, write_crops
+
+
+def brute_force_nearest(database: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    distances = ((queries[:, None, :].astype(np.float64) - database[None].astype(np.float64)) ** 2).sum(-1)
+    return distances.argmin(1), distances.min(1)
+
+
+def test_index_layout_and_attributes(real_index):
+    with h5py.File(real_index) as handle:
+        attrs = handle.attrs
+        assert attrs["format"] == "manifpt-real-index" and attrs["format_version"] == 1
+        assert attrs["image_size"] == SIZE and len(attrs["index_hash"]) == 64
+        n = attrs["n_images"]
+        assert handle["files/path"].shape == (n,) and handle["files/sha256"].shape == (n,)
+        for space in ("rgb", "freq"):
+            group = handle[f"spaces/{space}"]
+            assert group["embeddings"].shape == (n, 3 * SIZE * SIZE) and group["embeddings"].dtype == np.float32
+            assert group["faiss_index"].dtype == np.uint8
+            assert group.attrs["metric"] == "squared_l2" and group.attrs["faiss_factory"] == "Flat"
+    summary = describe_index(real_index)
+    assert [s["faiss_ntotal"] for s in summary["spaces"]] == [n, n]
+
+
+@pytest.mark.parametrize("space", [Space.RGB, Space.FREQ])
+def test_faiss_neighbour_is_the_exact_nearest(real_index, dataset, space):
+    from manifpt_cli.images import decode_folder
+
+    batch = next(decode_folder([dataset / "suspects" / "blur"], SIZE, batch_size=12))
+    queries = PixelEmbedder(space)(np.stack([item.pixels for item in batch]))
+    with RealIndex(real_index) as index:
+        found = index.nearest(space, queries)
+        expected_ids, expected_d = brute_force_nearest(index.all_embeddings(space), queries)
+    assert np.array_equal(found.ids, expected_ids)
+    assert np.allclose(found.distances, expected_d, rtol=1e-3)
+
+
+def test_an_image_is_never_its_own_neighbour(real_index):
+    with RealIndex(real_index) as index:
+        rows = np.arange(5)
+        own = index.all_embeddings(Space.RGB)[rows]
+        shas = [s.decode() for s in index._sha256[rows]]
+        with_self = index.nearest(Space.RGB, own)
+        without_self = index.nearest(Space.RGB, own, shas)
+    assert np.array_equal(with_self.ids, rows) and np.allclose(with_self.distances, 0)
+    assert (without_self.ids != rows).all()
+    assert (without_self.distances > 0).all()
+
+
+def test_duplicate_files_are_all_skipped(tmp_path, dataset):
+    folder = tmp_path / "real"
+    folder.mkdir()
+    source = sorted((dataset / "real").iterdir())[0]
+    for i in range(6):  # six copies of one image: leave-one-out must look past all of them
+        shutil.copy(source, folder / f"copy_{i}.png")
+    shutil.copy(sorted((dataset / "real").iterdir())[1], folder / "other.png")
+    build_index([folder], tmp_path / "dup.h5", [Space.RGB], size=SIZE)
+    with RealIndex(tmp_path / "dup.h5") as index:
+        query = index.all_embeddings(Space.RGB)[:1]
+        found = index.nearest(Space.RGB, query, [index._sha256[0].decode()])
+        assert index.paths(found.ids) == [str(folder / "other.png")]
+
+
+def test_ivf_factory_string(tmp_path, dataset):
+    out = tmp_path / "ivf.h5"
+    build_index([dataset / "real"], out, [Space.RGB], size=SIZE, faiss_factory="IVF4,Flat")
+    assert describe_index(out)["spaces"][0]["faiss_factory"] == "IVF4,Flat"
+    with pytest.raises(UsageError, match="FAISS cannot build"):
+        build_index([dataset / "real"], tmp_path / "bad.h5", [Space.RGB], size=SIZE, faiss_factory="NotAnIndex")
+    assert not (tmp_path / "bad.h5").exists()
+
+
+def test_undecodable_files_are_listed_not_fatal(tmp_path, dataset):
+    folder = tmp_path / "real"
+    shutil.copytree(dataset / "real", folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    result = build_index([folder], tmp_path / "r.h5", [Space.RGB], size=SIZE)
+    assert [f.path.endswith("broken.png") for f in result.failures] == [True]
+    with h5py.File(tmp_path / "r.h5") as handle:
+        assert handle["failures/path"].asstr()[0].endswith("broken.png")
+        assert handle.attrs["n_images"] == len(list((dataset / "real").iterdir()))
+
+
+class InterruptAfter(Progress):
+    def __init__(self, steps: int) -> None:
+        self.left = steps
+
+    def advance(self, steps: int = 1, **fields: object) -> None:
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_build_leaves_nothing_under_the_final_name(tmp_path, dataset):
+    out = tmp_path / "real.h5"
+    out.write_bytes(b"an older file that must survive")
+    with pytest.raises(KeyboardInterrupt):
+        build_index([dataset / "real"], out, [Space.RGB], size=SIZE, batch_size=16, progress=InterruptAfter(2))
+    assert out.read_bytes() == b"an older file that must survive"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real.h5"], "no partial file left behind"
+
+
+def test_reader_refuses_other_files_and_versions(tmp_path, real_index):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as handle:
+        handle.attrs["format"] = "something-else"
+    with pytest.raises(FormatError, match="not a manifpt-real-index"):
+        RealIndex(other)
+    newer = tmp_path / "newer.h5"
+    shutil.copy(real_index, newer)
+    with h5py.File(newer, "a") as handle:
+        handle.attrs["format_version"] = 99
+    with pytest.raises(FormatError, match="version 99"):
+        RealIndex(newer)
+
+
+def test_empty_folder_is_a_usage_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no image files"):
+        build_index([tmp_path / "empty"], tmp_path / "x.h5", [Space.RGB])
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_index_hash_depends_on_the_images(tmp_path, dataset):
+    crops = [np.full((SIZE, SIZE, 3), value, np.uint8) for value in (10, 90, 200)]
+    write_crops(tmp_path / "a", crops, "c")
+    write_crops(tmp_path / "b", crops[:2], "c")
+    first = build_index([tmp_path / "a"], tmp_path / "a.h5", [Space.RGB], size=SIZE).index_hash
+    again = build_index([tmp_path / "a"], tmp_path / "a2.h5", [Space.RGB], size=SIZE).index_hash
+    other = build_index([tmp_path / "b"], tmp_path / "b.h5", [Space.RGB], size=SIZE).index_hash
+    assert first == again != other
