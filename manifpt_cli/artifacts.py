@@ -202,7 +202,7 @@ def extract_artifacts(
                             keep &= space_result.neighbours.ids >= 0
                         for i in np.flatnonzero(~keep):
                             failures.append((name, FailedImage(decoded[i].path, "no real neighbour other than itself", shas[i])))
-                        append_rows(paths_ds, np.array([display_path(d.path) for d, k in zip(decoded, keep) if k], dtype=object))
+                        append_rows(paths_ds, np.array([display_path(os.path.abspath(d.path)) for d, k in zip(decoded, keep) if k], dtype=object))
                         append_rows(sha_ds, np.array([s.encode() for s, k in zip(shas, keep) if k], dtype="S64"))
                         append_rows(label_ds, np.full(int(keep.sum()), label, dtype=np.int32))
                         for space, space_result in per_space.items():
@@ -216,7 +216,7 @@ def extract_artifacts(
                 raise UsageError("no image could be decoded in any source folder (see the errors)")
             write_string_columns(
                 handle.create_group("failures"),
-                path=[display_path(f.path) for _, f in failures],
+                path=[display_path(os.path.abspath(f.path)) for _, f in failures],
                 error=[f.error for _, f in failures],
                 label=[name for name, _ in failures],
             )

@@ -137,7 +137,7 @@ def build_index(
             if decoded:
                 pixels = np.stack([item.pixels for item in decoded])
                 shas = [item.sha256.encode() for item in decoded]
-                append_rows(paths_ds, np.array([display_path(item.path) for item in decoded], dtype=object))
+                append_rows(paths_ds, np.array([display_path(os.path.abspath(item.path)) for item in decoded], dtype=object))
                 append_rows(sha_ds, np.array(shas, dtype="S64"))
                 for sha in shas:
                     file_digest.update(sha)
@@ -161,7 +161,7 @@ def build_index(
             index_hash.update(space.value.encode() + space_digests[space].digest())
         write_string_columns(
             handle.create_group("failures"),
-            path=[display_path(f.path) for f in failures],
+            path=[display_path(os.path.abspath(f.path)) for f in failures],
             error=[f.error for f in failures],
         )
         handle.attrs.update(
@@ -210,6 +210,7 @@ class RealIndex:
         self.spaces = [Space(name) for name in json.loads(attrs["spaces"])]
         self._sha256 = self._file["files/sha256"][...]
         self._faiss: dict[Space, object] = {}
+        self._paths: list[str] | None = None
 
     def __enter__(self) -> RealIndex:
         return self
@@ -241,8 +242,10 @@ class RealIndex:
         return BackboneWeights(str(attrs["weights_source"]), str(attrs["weights_sha256"]))
 
     def paths(self, ids: np.ndarray) -> list[str]:
-        dataset = self._file["files/path"]
-        return [dataset[int(i)].decode() if i >= 0 else "" for i in ids]
+        """Source paths of index rows ``ids`` ("" for −1), read once and kept."""
+        if self._paths is None:
+            self._paths = list(self._file["files/path"].asstr()[...])
+        return [self._paths[i] if i >= 0 else "" for i in ids]
 
     def faiss_index(self, space: Space):
         if space not in self._faiss:
@@ -252,7 +255,16 @@ class RealIndex:
         return self._faiss[space]
 
     def embeddings(self, space: Space, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` of the stored (exact) embeddings, in the order given."""
+        """Rows ``ids`` of the exact embeddings, in the order given.
+
+        A flat FAISS index holds them exactly in memory already; other factories may compress
+        them, so those are read from the HDF5 dataset.
+        """
+        import faiss
+
+        index = faiss.downcast_index(self.faiss_index(space))
+        if isinstance(index, faiss.IndexFlat):
+            return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
         dataset = self._group(space)["embeddings"]
         unique, inverse = np.unique(ids, return_inverse=True)
         return dataset[unique.tolist()][inverse]

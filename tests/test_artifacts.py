@@ -76,3 +76,13 @@ def test_feature_space_needs_the_index_weights(tmp_path, dataset):
     assert data.artifacts.shape == (6, 2048) and data.weights_source == "random:1"
     with pytest.raises(MismatchError, match="not the ones index"):
         extract_artifacts(index, [("a", str(folder))], tmp_path / "x.h5", weights={Space.SL: "random:2"})
+
+
+def test_interrupted_extract_leaves_nothing_under_the_final_name(tmp_path, real_index, dataset):
+    from .test_manifold import InterruptAfter
+
+    out = tmp_path / "artifacts.h5"
+    with pytest.raises(KeyboardInterrupt):
+        extract_artifacts(real_index, [("jpeg", str(dataset / "train" / "jpeg"))], out, batch_size=8,
+                          progress=InterruptAfter(2))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,7 +27,8 @@ def _file_format(report: ReportFormat, out: Path | None) -> ReportFormat | None:
     return ReportFormat(suffix)
 
 
-def _table(rows) -> Table:
+def attribution_table(rows) -> Table:
+    """The terminal form of attribution rows."""
     table = Table("predicted source", "prob.", "runner-up", "dist. to real", "status")
     table.columns.insert(0, Column("file", overflow="fold", ratio=3))
     for row in rows:
@@ -69,23 +71,18 @@ def attribute(
         header = run.header(suspects)
         total = run.count(suspects)
         kept, predicted, failed = [], Counter(), 0
-        with RichProgress(quiet) as progress:
+        writer_context = open_report(file_format, out, header) if file_format else contextlib.nullcontext()
+        with RichProgress(quiet) as progress, writer_context as writer:
             progress.start("Attributing", total)
-            if file_format is None:
-                kept = list(run.rows(suspects, progress))
-            else:
-                with open_report(file_format, out, header) as writer:
-                    for row in run.rows(suspects, progress):
-                        writer.write(row)
-                        if report is ReportFormat.TABLE:
-                            kept.append(row)
-                        predicted[row.predicted] += row.ok
-                        failed += not row.ok
-        if file_format is None:
-            predicted = Counter(row.predicted for row in kept if row.ok)
-            failed = sum(not row.ok for row in kept)
+            for row in run.rows(suspects, progress):
+                if writer is not None:
+                    writer.write(row)
+                if report is ReportFormat.TABLE:
+                    kept.append(row)
+                predicted[row.predicted] += row.ok
+                failed += not row.ok
         if report is ReportFormat.TABLE:
-            stdout.print(_table(kept))
+            stdout.print(attribution_table(kept))
         summary = ", ".join(f"{name} {count}" for name, count in predicted.most_common() if count)
         stderr.print(f"[green]{total - failed} attributed[/] ({summary or 'none'}), [red]{failed} failed[/]")
         if out is not None:

@@ -17,7 +17,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (NAME.pt: state dict + JSON metadata).")],
     arch: Annotated[
         Optional[str],
-        typer.Option("--arch", help="resnet50 (the paper's), resnet18, small or mlp [default: resnet18 for rgb/freq, mlp for sl/ssl]."),
+        typer.Option("--arch", help="resnet50 (the paper's), resnet18, small or mlp [default: small for rgb/freq, mlp for sl/ssl]."),
     ] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs; the best epoch on validation is kept.")] = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Artifacts per optimisation step.")] = 64,
