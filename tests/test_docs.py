@@ -13,7 +13,10 @@ from manifpt_cli.cli import app
 from manifpt_cli.report import COLUMNS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-COMMANDS = [["index", "build"], ["index", "info"], ["extract"], ["train"], ["export"], ["attribute"]]
+COMMANDS = [
+    ["index", "build"], ["index", "info"], ["extract"], ["train"], ["export"], ["attribute"],
+    ["zoo", "train"], ["zoo", "sample"], ["zoo", "list"], ["demo"],
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -33,6 +36,7 @@ def test_exit_codes_are_documented():
         assert re.search(rf"^\| {code} \|", README, re.MULTILINE), code
 
 
-def test_readme_test_command_is_the_ci_command():
+def test_readme_commands_are_the_ci_commands():
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert "python3 -m pytest -q" in ci and "python3 -m pytest -q" in README
+    assert '-e ".[test]"' in ci and 'pip install -e ".[test]" && manifpt demo' in README

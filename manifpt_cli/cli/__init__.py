@@ -8,10 +8,12 @@ import typer
 
 from .. import __version__
 from .attribute import attribute
+from .demo import demo
 from .export import export
 from .extract import extract
 from .index import app as index_app
 from .train import train
+from .zoo import app as zoo_app
 
 app = typer.Typer(
     name="manifpt",
@@ -26,6 +28,8 @@ app.command("extract")(extract)
 app.command("train")(train)
 app.command("export")(export)
 app.command("attribute")(attribute)
+app.add_typer(zoo_app, name="zoo")
+app.command("demo")(demo)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,86 @@
+"""`manifpt zoo train | sample | list`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .console import RichProgress, errors_to_exit, stderr, stdout
+from .options import Device, Quiet, Threads, Workers
+
+app = typer.Typer(help="A reference zoo of small generators with known design choices.", no_args_is_help=True)
+
+
+@app.command("train")
+def train(
+    real: Annotated[list[Path], typer.Option("--real", help="Folder of real training images (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to create (its name is the model's name).")],
+    family: Annotated[str, typer.Option("--family", help="gan, vae, flow or diffusion.")],
+    upsample: Annotated[
+        Optional[str], typer.Option("--upsample", help="tconv, nearest, bilinear or pixelshuffle [default: per family].")
+    ] = None,
+    norm: Annotated[Optional[str], typer.Option("--norm", help="batch, group or none [default: per family].")] = None,
+    loss: Annotated[
+        Optional[str], typer.Option("--loss", help="GAN loss: ns, hinge, lsgan or wgan-gp [default: ns].")
+    ] = None,
+    size: Annotated[int, typer.Option("--size", help="Image size (a power of two ≥ 16).")] = 32,
+    width: Annotated[int, typer.Option("--width", min=4, help="Base channel width of the networks.")] = 32,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Optimisation steps.")] = 2000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Real images per step.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the weights and the batches.")] = 0,
+    device: Device = "cpu",
+    workers: Workers = 1,
+    threads: Threads = None,
+    quiet: Quiet = False,
+) -> None:
+    """Train a small generator on real images and record every design choice in its checkpoint."""
+    from ..spaces import check_device
+    from ..zoo import make_design, train_generator
+
+    with errors_to_exit():
+        check_device(device)
+        design = make_design(family, upsample, norm, loss, size, width)
+        with RichProgress(quiet, unit="it") as progress:
+            result = train_generator(real, out, design, iters, batch_size, seed, device, workers, threads, progress)
+        losses = "  ".join(f"{k} {v:.4f}" for k, v in result.final_losses.items())
+        stderr.print(f"[green]saved {result.path}[/] ({result.seconds:.1f} s; final {losses})")
+
+
+@app.command("sample")
+def sample(
+    model: Annotated[Path, typer.Argument(help="Zoo model folder (or its generator.pt).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write PNG samples into.")],
+    n: Annotated[int, typer.Option("--n", min=1, help="How many images.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="The same seed gives the same images.")] = 0,
+    device: Device = "cpu",
+    quiet: Quiet = False,
+) -> None:
+    """Write N samples of a zoo generator as PNG files."""
+    from ..spaces import check_device
+    from ..zoo import sample_generator
+
+    with errors_to_exit():
+        check_device(device)
+        with RichProgress(quiet) as progress:
+            written = sample_generator(model, n, out, seed, device=device, progress=progress)
+    stderr.print(f"[green]wrote {len(written)} images[/] to {out}")
+
+
+@app.command("list")
+def list_models(
+    root: Annotated[Path, typer.Argument(help="Folder searched for zoo models.")] = Path("models_dir/zoo"),
+) -> None:
+    """Show the trained zoo models and their design choices."""
+    from ..zoo import list_zoo
+
+    with errors_to_exit():
+        found = list_zoo(root)
+    table = Table("name", "family", "upsampling", "norm", "loss", "depth", "skips", "iters", "trained on", title=str(root))
+    for meta in found:
+        d, t = meta["design"], meta["training"]
+        table.add_row(meta["name"], d["family"], d["upsample"], d["norm"], d["loss"], str(d["depth"]),
+                      "yes" if d["skip_connections"] else "no", str(t["iters"]), f"{t['n_real']} images")  # fmt: skip
+    stdout.print(table)

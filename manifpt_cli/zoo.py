@@ -1,0 +1,287 @@
+"""The reference generator zoo: small generators whose design choices are known and recorded.
+
+A zoo model is a folder holding ``generator.pt``: ``{"state_dict", "metadata": "<JSON>"}`` with
+``format`` = ``manifpt-zoo-generator``, the ``design`` (family, upsampling, normalisation, loss,
+depth, skip connections, latent size, width, image size) and the ``training`` record. The fingerprint
+analysis groups generators by these design fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FormatError, UsageError
+from .formats import FORMAT_VERSION, atomic_output, provenance
+from .images import DecodedImage, decode_folder
+from .progress import SILENT, Progress
+from .runtime import compute_threads, configure_threads
+
+ZOO_FORMAT = "manifpt-zoo-generator"
+CHECKPOINT_NAME = "generator.pt"
+FAMILIES = ("gan", "vae", "flow", "diffusion")
+GAN_LOSSES = ("ns", "hinge", "lsgan", "wgan-gp")
+# Per family: (default upsampling, default normalisation, the loss it trains with). A flow's
+# "upsampling" is its unsqueeze, a pixel shuffle; it has no normalisation layers.
+FAMILY_DEFAULTS = {
+    "gan": ("tconv", "batch", "ns"),
+    "vae": ("tconv", "batch", "elbo"),
+    "flow": ("pixelshuffle", "none", "nll"),
+    "diffusion": ("nearest", "group", "ddpm"),
+}
+LEARNING_RATES = {"gan": 2e-4, "vae": 1e-3, "flow": 1e-3, "diffusion": 5e-4}
+
+
+@dataclass
+class Design:
+    """Everything that shapes a generator's fingerprint (stored in its checkpoint)."""
+
+    family: str
+    upsample: str
+    norm: str
+    loss: str
+    size: int = 32
+    width: int = 32
+    latent_dim: int = 64
+    depth: int = 3  # resolution doublings (4×4 → size) or coupling/U-Net levels
+    skip_connections: bool = False
+
+
+def make_design(family: str, upsample: str | None = None, norm: str | None = None, loss: str | None = None,
+                size: int = 32, width: int = 32) -> Design:  # fmt: skip
+    """Fill in a family's defaults and refuse choices the family does not have."""
+    from models.generators import NORMS, UPSAMPLINGS
+
+    if family not in FAMILIES:
+        raise UsageError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    default_upsample, default_norm, default_loss = FAMILY_DEFAULTS[family]
+    if family == "flow" and (upsample not in (None, default_upsample) or norm not in (None, default_norm)):
+        raise UsageError("a flow's upsampling is fixed (pixelshuffle unsqueeze) and it has no normalisation")
+    if family != "gan" and loss not in (None, default_loss):
+        raise UsageError(f"--loss chooses a GAN loss; a {family} trains with its own ({default_loss})")
+    design = Design(family, upsample or default_upsample, norm or default_norm, loss or default_loss, size, width)
+    if design.upsample not in UPSAMPLINGS:
+        raise UsageError(f"unknown upsampling {design.upsample!r}; choose one of: {', '.join(UPSAMPLINGS)}")
+    if design.norm not in NORMS:
+        raise UsageError(f"unknown normalisation {design.norm!r}; choose one of: {', '.join(NORMS)}")
+    if family == "gan" and design.loss not in GAN_LOSSES:
+        raise UsageError(f"unknown GAN loss {design.loss!r}; choose one of: {', '.join(GAN_LOSSES)}")
+    if size < 16 or size & (size - 1):
+        raise UsageError(f"zoo generators need a power-of-two --size ≥ 16, got {size}")
+    design.depth = int(np.log2(size)) - 2 if family in ("gan", "vae") else (6 if family == "flow" else 2)
+    design.skip_connections = family == "diffusion"
+    return design
+
+
+def build_generator(design: Design):
+    from models.generators import GAN, VAE, Diffusion, Flow
+
+    if design.family == "gan":
+        return GAN(design.size, design.latent_dim, design.width, design.upsample, design.norm)
+    if design.family == "vae":
+        return VAE(design.size, design.latent_dim, design.width, design.upsample, design.norm)
+    if design.family == "flow":
+        return Flow(design.size, 2 * design.width, design.depth)
+    return Diffusion(design.size, design.width, design.upsample, design.norm)
+
+
+def load_real_images(roots, size: int, workers: int = 1) -> np.ndarray:
+    """All decodable images under ``roots`` as (N, size, size, 3) uint8 (undecodable files are skipped)."""
+    decoded = [item.pixels for batch in decode_folder(roots, size, 256, workers) for item in batch if isinstance(item, DecodedImage)]
+    if not decoded:
+        raise UsageError("no decodable real image found to train the generator on")
+    return np.stack(decoded)
+
+
+def _gan_losses(model, real, loss: str):
+    """(discriminator loss, a closure giving the generator loss) for one step."""
+    import torch
+    import torch.nn.functional as F
+
+    z = torch.randn(len(real), model.latent_dim, device=real.device)
+    fake = model.generator(z)
+    d_real, d_fake = model.discriminator(real), model.discriminator(fake.detach())
+    if loss == "ns":
+        d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    elif loss == "hinge":
+        d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    elif loss == "lsgan":
+        d_loss = 0.5 * ((d_real - 1).pow(2).mean() + d_fake.pow(2).mean())
+    else:  # wgan-gp
+        mix = torch.rand(len(real), 1, 1, 1, device=real.device)
+        between = (mix * real + (1 - mix) * fake.detach()).requires_grad_(True)
+        (grad,) = torch.autograd.grad(model.discriminator(between).sum(), between, create_graph=True)
+        penalty = (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+        d_loss = d_fake.mean() - d_real.mean() + 10 * penalty
+
+    def generator_loss():
+        score = model.discriminator(fake)
+        if loss == "ns":
+            return F.softplus(-score).mean()
+        if loss == "lsgan":
+            return 0.5 * (score - 1).pow(2).mean()
+        return -score.mean()  # hinge and wgan-gp
+
+    return d_loss, generator_loss
+
+
+@dataclass
+class ZooTrainResult:
+    path: str
+    design: Design
+    final_losses: dict[str, float]
+    seconds: float
+
+
+def train_generator(
+    real_dirs,
+    out_dir: str | os.PathLike,
+    design: Design,
+    iters: int = 2000,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    workers: int = 1,
+    threads: int | None = None,
+    progress: Progress = SILENT,
+) -> ZooTrainResult:
+    """Train one zoo generator on the real images under ``real_dirs``; writes ``out_dir/generator.pt``."""
+    import torch
+
+    if iters < 1:
+        raise UsageError("--iters must be at least 1")
+    started = time.perf_counter()
+    configure_threads(compute_threads(workers, threads))
+    real = torch.from_numpy(load_real_images(real_dirs, design.size, workers)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    torch.manual_seed(seed)
+    model = build_generator(design).to(device)
+    real = real.to(device)
+    lr = LEARNING_RATES[design.family]
+    if design.family == "gan":
+        betas = (0.0, 0.9) if design.loss == "wgan-gp" else (0.5, 0.999)
+        opt_g = torch.optim.Adam(model.generator.parameters(), lr=lr, betas=betas)
+        opt_d = torch.optim.Adam(model.discriminator.parameters(), lr=lr, betas=betas)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sampler = torch.Generator(device="cpu").manual_seed(seed)
+    progress.start(f"Training {design.family} ({design.upsample}, {design.norm}, {design.loss})", iters)
+    losses: dict[str, float] = {}
+    model.train()
+    for _ in range(iters):
+        batch = real[torch.randint(0, len(real), (batch_size,), generator=sampler).to(device)]
+        flip = torch.rand(len(batch), generator=sampler).to(device) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        if design.family == "gan":
+            d_loss, generator_loss = _gan_losses(model, batch, design.loss)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            g_loss = generator_loss()
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            opt_g.step()
+            losses = {"d": d_loss.item(), "g": g_loss.item()}
+        else:
+            loss, losses = model.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        progress.advance(1, **losses)
+
+    model.cpu().eval()
+    name = Path(out_dir).name
+    metadata = {
+        "format": ZOO_FORMAT,
+        "format_version": FORMAT_VERSION,
+        **provenance(),
+        "name": name,
+        "design": asdict(design),
+        "training": {
+            "iters": iters, "batch_size": batch_size, "lr": lr, "seed": seed, "n_real": len(real),
+            "real": [os.path.abspath(os.fspath(r)) for r in real_dirs], "final_losses": losses,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    }  # fmt: skip
+    path = Path(out_dir) / CHECKPOINT_NAME
+    with atomic_output(path) as partial:
+        torch.save({"state_dict": model.state_dict(), "metadata": json.dumps(metadata)}, partial)
+    return ZooTrainResult(os.fspath(path), design, losses, time.perf_counter() - started)
+
+
+def _checkpoint_path(model_dir: str | os.PathLike) -> Path:
+    path = Path(model_dir)
+    return path if path.is_file() else path / CHECKPOINT_NAME
+
+
+def read_zoo_metadata(model_dir: str | os.PathLike) -> dict:
+    """The JSON metadata of a zoo model (folder or its generator.pt), loaded safely."""
+    import torch
+
+    path = _checkpoint_path(model_dir)
+    if not path.is_file():
+        raise UsageError(f"no zoo model at {model_dir} (expected {path})")
+    try:
+        metadata = json.loads(torch.load(path, map_location="cpu", weights_only=True)["metadata"])
+    except Exception as exc:
+        raise FormatError(f"{path} is not a zoo generator checkpoint: {exc}") from None
+    if metadata.get("format") != ZOO_FORMAT:
+        raise FormatError(f"{path} is not a {ZOO_FORMAT} file")
+    return metadata
+
+
+def load_generator(model_dir: str | os.PathLike):
+    """(generator module in eval mode, metadata)."""
+    import torch
+
+    metadata = read_zoo_metadata(model_dir)
+    model = build_generator(Design(**metadata["design"]))
+    model.load_state_dict(torch.load(_checkpoint_path(model_dir), map_location="cpu", weights_only=True)["state_dict"])
+    return model.eval(), metadata
+
+
+def sample_generator(
+    model_dir: str | os.PathLike,
+    n: int,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    batch_size: int = 100,
+    device: str = "cpu",
+    progress: Progress = SILENT,
+) -> list[Path]:
+    """Write ``n`` PNG samples to ``out_dir``; the same seed gives the same images."""
+    import torch
+    from PIL import Image
+
+    if n < 1:
+        raise UsageError("--n must be at least 1")
+    model, metadata = load_generator(model_dir)
+    model.to(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    written: list[Path] = []
+    progress.start(f"Sampling {metadata['name']}", n)
+    with torch.no_grad():
+        while len(written) < n:
+            count = min(batch_size, n - len(written))
+            images = model.sample(count, generator, device)
+            pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            for array in pixels:
+                path = out / f"{metadata['name']}_{len(written):05d}.png"
+                Image.fromarray(array).save(path)
+                written.append(path)
+            progress.advance(count)
+    return written
+
+
+def list_zoo(root: str | os.PathLike) -> list[dict]:
+    """Metadata of every zoo model found below ``root`` (folders holding generator.pt), sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"no zoo folder at {root}")
+    return [read_zoo_metadata(path.parent) for path in sorted(root.rglob(CHECKPOINT_NAME))]
