@@ -9,6 +9,7 @@ import typer
 from .. import __version__
 from .attribute import attribute
 from .demo import demo
+from .evaluate import evaluate
 from .export import export
 from .extract import extract
 from .index import app as index_app
@@ -28,6 +29,7 @@ app.command("extract")(extract)
 app.command("train")(train)
 app.command("export")(export)
 app.command("attribute")(attribute)
+app.command("evaluate")(evaluate)
 app.add_typer(zoo_app, name="zoo")
 app.command("demo")(demo)
 

@@ -1,0 +1,243 @@
+"""Evaluation of attribution on a labelled artifacts file: accuracy over seeds, per-class scores,
+confusion matrix, separability (FD ratio) and a t-SNE view of the attributor's features.
+
+Protocol: for each seed, a stratified test split (``test_fraction`` of every class) is held out
+first; the attributor is trained on the rest, which :func:`train.fit` splits again into train and
+validation (the validation part picks the best epoch). The test split is only ever predicted, so
+test data never tunes anything.
+
+FD ratio: Fisher's discriminant ratio trace(S_b) / trace(S_w), with
+S_b = Σ_c n_c (μ_c − μ)(μ_c − μ)ᵀ and S_w = Σ_c Σ_{x∈c} (x − μ_c)(x − μ_c)ᵀ. Higher means classes
+are further apart relative to their spread. It is computed on the raw (flattened) artifacts of the
+whole file and on the attributor's penultimate features of each seed's test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import ArtifactSet, load_artifacts
+from .errors import UsageError
+from .formats import atomic_output, provenance
+from .progress import SILENT, Progress
+from .runtime import compute_threads, configure_threads
+from .spaces import Space
+from .train import TrainConfig, fit, stratified_split
+
+
+def fisher_ratio(features: np.ndarray, labels: np.ndarray) -> float:
+    """trace(S_b) / trace(S_w) of (n, d) features, without forming d×d matrices."""
+    x = features.reshape(len(features), -1).astype(np.float64)
+    overall = x.mean(axis=0)
+    between = within = 0.0
+    for label in np.unique(labels):
+        members = x[labels == label]
+        centre = members.mean(axis=0)
+        between += len(members) * float(((centre - overall) ** 2).sum())
+        within += float(((members - centre) ** 2).sum())
+    return between / within if within > 0 else float("inf")
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts: rows are true classes, columns predictions."""
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    return matrix
+
+
+def per_class_scores(confusion: np.ndarray, classes: list[str]) -> list[dict]:
+    """Precision, recall, F1 and support of each class from a confusion matrix."""
+    rows = []
+    for i, name in enumerate(classes):
+        tp = confusion[i, i]
+        predicted, actual = confusion[:, i].sum(), confusion[i, :].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        rows.append({"class": name, "precision": float(precision), "recall": float(recall), "f1": float(f1), "support": int(actual)})
+    return rows
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    accuracy: float
+    fd_ratio_features: float
+    best_epoch: int
+    test_size: int
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured; ``confusion`` pools the test predictions of every seed."""
+
+    space: Space
+    classes: list[str]
+    arch: str
+    runs: list[SeedResult]
+    confusion: np.ndarray
+    fd_ratio_artifacts: float
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def accuracy_mean(self) -> float:
+        return float(np.mean([r.accuracy for r in self.runs]))
+
+    @property
+    def accuracy_std(self) -> float:
+        return float(np.std([r.accuracy for r in self.runs]))
+
+    @property
+    def fd_ratio_features_mean(self) -> float:
+        return float(np.mean([r.fd_ratio_features for r in self.runs]))
+
+    @property
+    def per_class(self) -> list[dict]:
+        return per_class_scores(self.confusion, self.classes)
+
+
+def _subset(data: ArtifactSet, rows: np.ndarray) -> ArtifactSet:
+    return replace(data, artifacts=data.artifacts[rows], labels=data.labels[rows], paths=[data.paths[i] for i in rows])
+
+
+def _predict(model, artifacts: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted labels, penultimate features) in eval mode."""
+    import torch
+
+    model.eval()
+    predictions, features = [], []
+    with torch.inference_mode():
+        for start in range(0, len(artifacts), batch_size):
+            batch = torch.from_numpy(artifacts[start : start + batch_size].astype(np.float32, copy=False))
+            hidden = model.features(batch)
+            predictions.append(model.head(hidden).argmax(1).numpy())
+            features.append(hidden.numpy())
+    return np.concatenate(predictions), np.concatenate(features)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with atomic_output(path) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _plot_confusion(path: Path, confusion: np.ndarray, classes: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    share = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    size = 2 + 0.6 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted source")
+    ax.set_ylabel("true source")
+    for (i, j), count in np.ndenumerate(confusion):
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black", fontsize=8)
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    fig.tight_layout()
+    with atomic_output(path) as partial:
+        fig.savefig(partial, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _tsne(path_png: Path, path_csv: Path, features: np.ndarray, labels: np.ndarray, classes: list[str], seed: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    perplexity = float(max(2, min(30, (len(features) - 1) // 3)))
+    points = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(features)
+    _write_csv(path_csv, ["x", "y", "label"], [[float(x), float(y), classes[c]] for (x, y), c in zip(points, labels)])
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for index, name in enumerate(classes):
+        chosen = labels == index
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=10, label=name)
+    ax.legend(fontsize=8, markerscale=2)
+    ax.set_title("t-SNE of the attributor's penultimate features (test split)")
+    fig.tight_layout()
+    with atomic_output(path_png) as partial:
+        fig.savefig(partial, format="png", dpi=120)
+    plt.close(fig)
+
+
+def evaluate(
+    artifacts_path: str | os.PathLike,
+    space: Space,
+    out_dir: str | os.PathLike,
+    seeds: int = 3,
+    test_fraction: float = 0.2,
+    config: TrainConfig | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: Progress = SILENT,
+) -> Evaluation:
+    """Train and test an attributor ``seeds`` times and write metrics, tables and figures to ``out_dir``."""
+    started = time.perf_counter()
+    if seeds < 1:
+        raise UsageError("--seeds must be at least 1")
+    configure_threads(compute_threads(1, threads))
+    config = config or TrainConfig()
+    data = load_artifacts(artifacts_path, space)
+    n_classes = len(data.label_names)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    runs: list[SeedResult] = []
+    last_features = last_labels = None
+    for seed in range(seeds):
+        progress.log(f"seed {seed + 1}/{seeds}")
+        rest, test = stratified_split(data.labels, test_fraction, seed)
+        model, metadata, _ = fit(_subset(data, rest), replace(config, seed=seed), device, progress)
+        predicted, features = _predict(model, data.artifacts[test])
+        truth = data.labels[test]
+        confusion += confusion_matrix(truth, predicted, n_classes)
+        runs.append(SeedResult(seed, float((predicted == truth).mean()), fisher_ratio(features, truth),
+                               metadata["training"]["best_epoch"], int(len(test))))  # fmt: skip
+        last_features, last_labels = features, truth
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = Evaluation(space, data.label_names, config.arch or metadata["arch"], runs, confusion,
+                        fisher_ratio(data.artifacts, data.labels), out)  # fmt: skip
+    files = {name: out / name for name in ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "tsne.csv", "tsne.png")}
+    _write_csv(files["per_class.csv"], ["class", "precision", "recall", "f1", "support"],
+               [list(row.values()) for row in result.per_class])  # fmt: skip
+    _write_csv(files["confusion.csv"], ["true \\ predicted", *data.label_names],
+               [[name, *map(int, row)] for name, row in zip(data.label_names, confusion)])  # fmt: skip
+    _plot_confusion(files["confusion.png"], confusion, data.label_names)
+    _tsne(files["tsne.png"], files["tsne.csv"], last_features, last_labels, data.label_names, seeds - 1)
+    result.seconds = time.perf_counter() - started
+    metrics = {
+        **provenance(),
+        "artifacts_file": os.path.abspath(os.fspath(artifacts_path)),
+        "space": space.value,
+        "arch": result.arch,
+        "classes": data.label_names,
+        "protocol": {"seeds": seeds, "test_fraction": test_fraction, **asdict(config)},
+        "accuracy_mean": result.accuracy_mean,
+        "accuracy_std": result.accuracy_std,
+        "fd_ratio_artifacts": result.fd_ratio_artifacts,
+        "fd_ratio_features_mean": result.fd_ratio_features_mean,
+        "runs": [asdict(run) for run in runs],
+        "per_class": result.per_class,
+        "confusion": confusion.tolist(),
+        "seconds": round(result.seconds, 1),
+    }
+    with atomic_output(files["metrics.json"]) as partial:
+        partial.write_text(json.dumps(metrics, indent=2))
+    result.files = files
+    return result
