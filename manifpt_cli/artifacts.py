@@ -7,6 +7,7 @@ Layout (README, "File formats"):
     /samples/path           (n,) UTF-8 strings
     /samples/sha256         (n,) ASCII hex SHA-256 of each file
     /samples/label          (n,) int32 — index into label_names
+    /samples/pixels         (n, S, S, 3) uint8 — the decoded image (baselines train on these)
     /spaces/<space>/artifacts          (n, *shape) float32 — (3, S, S) for rgb/freq, (2048,) for sl/ssl
     /spaces/<space>/neighbor_id        (n,) int64 — row of x* in the index
     /spaces/<space>/neighbor_distance  (n,) float32 — ||φ(x) − φ(x*)||²
@@ -175,6 +176,7 @@ def extract_artifacts(
             paths_ds = create_growing(samples, "path", dtype=h5_string_dtype())
             sha_ds = create_growing(samples, "sha256", dtype="S64")
             label_ds = create_growing(samples, "label", dtype="i4")
+            pixels_ds = create_growing(samples, "pixels", (size, size, 3), dtype="u1")
             space_groups = {}
             for space in spaces:
                 shape = space.artifact_shape(size)
@@ -205,6 +207,7 @@ def extract_artifacts(
                         append_rows(paths_ds, np.array([display_path(os.path.abspath(d.path)) for d, k in zip(decoded, keep) if k], dtype=object))
                         append_rows(sha_ds, np.array([s.encode() for s, k in zip(shas, keep) if k], dtype="S64"))
                         append_rows(label_ds, np.full(int(keep.sum()), label, dtype=np.int32))
+                        append_rows(pixels_ds, pixels[keep])
                         for space, space_result in per_space.items():
                             group = space_groups[space]
                             append_rows(group["artifacts"], space_result.artifacts[keep])
@@ -236,12 +239,12 @@ def extract_artifacts(
 
 @dataclass
 class ArtifactSet:
-    """One space's artifacts loaded in memory, for training and evaluation."""
+    """One space's artifacts (or a baseline's inputs) loaded in memory, for training and evaluation."""
 
     artifacts: np.ndarray  # (n, *shape) float32
     labels: np.ndarray  # (n,) int64
     label_names: list[str]
-    space: Space
+    space: Space | None  # None for a baseline's inputs, which are not artifacts
     image_size: int
     index_hash: str
     weights_source: str = ""
@@ -277,4 +280,21 @@ def load_artifacts(path: str | os.PathLike, space: Space) -> ArtifactSet:
             weights_source=str(group.attrs.get("weights_source", "")),
             weights_sha256=str(group.attrs.get("weights_sha256", "")),
             paths=[p.decode() for p in handle["samples/path"][...]],
+        )
+
+
+def load_samples(path: str | os.PathLike) -> ArtifactSet:
+    """The decoded images of an artifacts file as an ArtifactSet of (n, S, S, 3) uint8 (``space`` None)."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        check_format(handle.attrs, ARTIFACTS_FORMAT, path)
+        return ArtifactSet(
+            artifacts=handle["samples/pixels"][...],
+            labels=handle["samples/label"][...].astype(np.int64),
+            label_names=json_attr(handle.attrs, "label_names"),
+            space=None,
+            image_size=int(handle.attrs["image_size"]),
+            index_hash=str(handle.attrs["index_hash"]),
+            paths=list(handle["samples/path"].asstr()[...]),
         )

@@ -78,12 +78,12 @@ class SeedResult:
 class Evaluation:
     """What :func:`evaluate` measured; ``confusion`` pools the test predictions of every seed."""
 
-    space: Space
+    name: str  # the space (rgb, freq, sl, ssl) or the baseline
     classes: list[str]
     arch: str
     runs: list[SeedResult]
     confusion: np.ndarray
-    fd_ratio_artifacts: float
+    fd_ratio_inputs: float  # on what the attributor reads: artifacts, or a baseline's inputs
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
@@ -187,21 +187,38 @@ def evaluate(
     threads: int | None = None,
     progress: Progress = SILENT,
 ) -> Evaluation:
-    """Train and test an attributor ``seeds`` times and write metrics, tables and figures to ``out_dir``."""
+    """Evaluate one space of an artifacts file; writes metrics, tables and figures to ``out_dir``."""
+    configure_threads(compute_threads(1, threads))
+    data = load_artifacts(artifacts_path, space)
+    return evaluate_set(data, out_dir, space.value, seeds, test_fraction, config, device, progress,
+                        source=os.path.abspath(os.fspath(artifacts_path)))  # fmt: skip
+
+
+def evaluate_set(
+    data: ArtifactSet,
+    out_dir: str | os.PathLike,
+    name: str,
+    seeds: int = 3,
+    test_fraction: float = 0.2,
+    config: TrainConfig | None = None,
+    device: str = "cpu",
+    progress: Progress = SILENT,
+    augment=None,
+    source: str = "",
+) -> Evaluation:
+    """Train and test on ``data`` ``seeds`` times (the protocol above); ``name`` labels the outputs."""
     started = time.perf_counter()
     if seeds < 1:
         raise UsageError("--seeds must be at least 1")
-    configure_threads(compute_threads(1, threads))
     config = config or TrainConfig()
-    data = load_artifacts(artifacts_path, space)
     n_classes = len(data.label_names)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     runs: list[SeedResult] = []
     last_features = last_labels = None
     for seed in range(seeds):
-        progress.log(f"seed {seed + 1}/{seeds}")
+        progress.log(f"{name}: seed {seed + 1}/{seeds}")
         rest, test = stratified_split(data.labels, test_fraction, seed)
-        model, metadata, _ = fit(_subset(data, rest), replace(config, seed=seed), device, progress)
+        model, metadata, _ = fit(_subset(data, rest), replace(config, seed=seed), device, progress, augment)
         predicted, features = _predict(model, data.artifacts[test])
         truth = data.labels[test]
         confusion += confusion_matrix(truth, predicted, n_classes)
@@ -211,26 +228,26 @@ def evaluate(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = Evaluation(space, data.label_names, config.arch or metadata["arch"], runs, confusion,
-                        fisher_ratio(data.artifacts, data.labels), out)  # fmt: skip
+    inputs = data.artifacts.astype(np.float32, copy=False)
+    result = Evaluation(name, data.label_names, metadata["arch"], runs, confusion, fisher_ratio(inputs, data.labels), out)
     files = {name: out / name for name in ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "tsne.csv", "tsne.png")}
     _write_csv(files["per_class.csv"], ["class", "precision", "recall", "f1", "support"],
                [list(row.values()) for row in result.per_class])  # fmt: skip
     _write_csv(files["confusion.csv"], ["true \\ predicted", *data.label_names],
-               [[name, *map(int, row)] for name, row in zip(data.label_names, confusion)])  # fmt: skip
+               [[label, *map(int, row)] for label, row in zip(data.label_names, confusion)])  # fmt: skip
     _plot_confusion(files["confusion.png"], confusion, data.label_names)
     _tsne(files["tsne.png"], files["tsne.csv"], last_features, last_labels, data.label_names, seeds - 1)
     result.seconds = time.perf_counter() - started
     metrics = {
         **provenance(),
-        "artifacts_file": os.path.abspath(os.fspath(artifacts_path)),
-        "space": space.value,
+        "source": source,
+        "name": name,
         "arch": result.arch,
         "classes": data.label_names,
         "protocol": {"seeds": seeds, "test_fraction": test_fraction, **asdict(config)},
         "accuracy_mean": result.accuracy_mean,
         "accuracy_std": result.accuracy_std,
-        "fd_ratio_artifacts": result.fd_ratio_artifacts,
+        "fd_ratio_inputs": result.fd_ratio_inputs,
         "fd_ratio_features_mean": result.fd_ratio_features_mean,
         "runs": [asdict(run) for run in runs],
         "per_class": result.per_class,

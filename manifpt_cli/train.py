@@ -110,14 +110,22 @@ def fit(
     config: TrainConfig,
     device: str = "cpu",
     progress: Progress = SILENT,
+    augment=None,
 ):
-    """Train an attributor on ``data``; returns (model with the best weights, metadata, history)."""
+    """Train an attributor on ``data``; returns (model with the best weights, metadata, history).
+
+    ``augment``, if given, maps each training batch (a tensor) to an augmented one; validation
+    batches are never augmented.
+    """
     import torch
     import torch.nn.functional as F
 
     from models import create_model
 
+    if config.arch is None and data.space is None:
+        raise UsageError("inputs that are not artifacts need an explicit architecture")
     arch = config.arch or default_arch(data.space)
+    what = f"{data.space.value} artifacts" if data.space else "inputs"
     n_classes = len(data.label_names)
     present = np.unique(data.labels)
     if len(present) < 2:
@@ -148,7 +156,7 @@ def fit(
     history: list[EpochStats] = []
     best_state, best = None, None
     batch_size = min(config.batch_size, len(x_train))
-    progress.start(f"Training {arch} on {data.space.value} artifacts", config.epochs)
+    progress.start(f"Training {arch} on {what}", config.epochs)
     for epoch in range(1, config.epochs + 1):
         model.train()
         order = torch.randperm(len(x_train), generator=generator).to(device)
@@ -157,7 +165,8 @@ def fit(
         n_used = len(order) - (len(order) % batch_size == 1)
         for start in range(0, n_used, batch_size):
             batch = order[start : min(start + batch_size, n_used)]
-            logits = model(x_train[batch])
+            inputs = x_train[batch] if augment is None else augment(x_train[batch])
+            logits = model(inputs)
             loss = F.cross_entropy(logits, y_train[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -187,10 +196,10 @@ def fit(
         "arch": arch,
         "input_shape": list(data.artifacts.shape[1:]),
         "classes": list(data.label_names),
-        "space": data.space.value,
+        "space": data.space.value if data.space else None,
         "image_size": data.image_size,
         "index_hash": data.index_hash,
-        "backbone": {"source": data.weights_source, "sha256": data.weights_sha256} if data.space.needs_backbone else None,
+        "backbone": {"source": data.weights_source, "sha256": data.weights_sha256} if data.space and data.space.needs_backbone else None,
         "training": {
             **asdict(config),
             "arch": arch,

@@ -8,6 +8,7 @@ import typer
 
 from .. import __version__
 from .attribute import attribute
+from .benchmark import benchmark
 from .demo import demo
 from .evaluate import evaluate
 from .export import export
@@ -30,6 +31,7 @@ app.command("train")(train)
 app.command("export")(export)
 app.command("attribute")(attribute)
 app.command("evaluate")(evaluate)
+app.command("benchmark")(benchmark)
 app.add_typer(zoo_app, name="zoo")
 app.command("demo")(demo)
 

@@ -40,12 +40,12 @@ def evaluate(
         config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size)
         with RichProgress(quiet, unit="") as progress:
             result = run_evaluation(artifacts, spaces[0], out, seeds, test_fraction, config, device, threads, progress)
-    table = Table("class", "precision", "recall", "F1", "test images", title=f"{result.space.value} / {result.arch}, pooled over {seeds} seed(s)")
+    table = Table("class", "precision", "recall", "F1", "test images", title=f"{result.name} / {result.arch}, pooled over {seeds} seed(s)")
     for row in result.per_class:
         table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
     stdout.print(table)
     stdout.print(
         f"[bold]accuracy {result.accuracy_mean:.3f} ± {result.accuracy_std:.3f}[/] over {seeds} seed(s); "
-        f"FD ratio: artifacts {result.fd_ratio_artifacts:.3f}, attributor features {result.fd_ratio_features_mean:.3f}"
+        f"FD ratio: artifacts {result.fd_ratio_inputs:.3f}, attributor features {result.fd_ratio_features_mean:.3f}"
     )
     stderr.print(f"wrote {', '.join(p.name for p in result.files.values())} to {result.out_dir} ({result.seconds:.0f} s)")

@@ -1,0 +1,68 @@
+"""Baselines and the benchmark table: real runs, same splits, numbers traceable to metrics files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from manifpt_cli.artifacts import load_samples
+from manifpt_cli.baselines import BASELINES, azimuthal_spectrum, blur_jpeg_augment, parse_baselines
+from manifpt_cli.cli import app
+from manifpt_cli.errors import UsageError
+
+from .conftest import SOURCES
+
+
+def test_azimuthal_spectrum_of_a_flat_image_is_all_dc():
+    flat = np.full((1, 32, 32, 3), 100, np.uint8)
+    profile = azimuthal_spectrum(flat)
+    assert profile.shape == (1, int(round(16 * np.sqrt(2))) + 1)
+    assert profile[0, 0] == 1.0 and np.allclose(profile[0, 1:], 0)
+
+
+def test_spectrum_ignores_brightness_scale():
+    # log power + per-image min-max: scaling the image by c shifts every bin by log(c²), which cancels.
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 128, (3, 32, 32, 3)).astype(np.uint8)
+    assert np.allclose(azimuthal_spectrum(image), azimuthal_spectrum(image * 2), atol=1e-5)
+
+
+def test_wang20_augmentation_is_seeded_and_changes_images():
+    batch = torch.rand(6, 3, 32, 32)
+    first, again = blur_jpeg_augment(3)(batch), blur_jpeg_augment(3)(batch)
+    assert first.shape == batch.shape and torch.equal(first, again)
+    assert 0 <= first.min() and first.max() <= 1 and not torch.equal(first, batch)
+
+
+def test_parse_baselines():
+    assert [b.name for b in parse_baselines("all")] == list(BASELINES)
+    assert parse_baselines("none") == [] and [b.name for b in parse_baselines("durall20")] == ["durall20"]
+    with pytest.raises(UsageError, match="yu19, durall20, wang20"):
+        parse_baselines("marra19")
+
+
+def test_samples_keep_the_decoded_pixels(artifacts_file):
+    samples = load_samples(artifacts_file)
+    assert samples.artifacts.dtype == np.uint8 and samples.artifacts.shape[1:] == (32, 32, 3)
+    assert samples.label_names == list(SOURCES)
+
+
+def test_benchmark_table_comes_from_the_runs(real_index, dataset, tmp_path):
+    sources = [arg for name in SOURCES for arg in ("--source", f"{name}={dataset / 'train' / name}")]
+    result = CliRunner().invoke(app, ["benchmark", "--index", str(real_index), *sources, "--out", str(tmp_path),
+                                      "--seeds", "1", "--epochs", "2", "--baseline-arch", "small", "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    with open(tmp_path / "table.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["method"] for row in rows] == ["ManiFPT rgb", "ManiFPT freq", "yu19", "durall20", "wang20"]
+    for row, folder in zip(rows, ["rgb", "freq", "yu19", "durall20", "wang20"]):
+        metrics = json.loads((tmp_path / folder / "metrics.json").read_text())
+        assert float(row["accuracy_mean"]) == pytest.approx(metrics["accuracy_mean"], abs=1e-4)
+        assert float(row["fd_ratio_inputs"]) == pytest.approx(metrics["fd_ratio_inputs"], rel=1e-3, abs=1e-4)
+        assert metrics["runs"][0]["test_size"] == json.loads((tmp_path / "rgb" / "metrics.json").read_text())["runs"][0]["test_size"]
+    assert "ManiFPT freq" in (tmp_path / "table.md").read_text() and "durall20" in result.stdout
