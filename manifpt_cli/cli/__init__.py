@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import __version__
+from .analyze import app as analyze_app
 from .attribute import attribute
 from .benchmark import benchmark
 from .demo import demo
@@ -32,6 +33,7 @@ app.command("export")(export)
 app.command("attribute")(attribute)
 app.command("evaluate")(evaluate)
 app.command("benchmark")(benchmark)
+app.add_typer(analyze_app, name="analyze")
 app.add_typer(zoo_app, name="zoo")
 app.command("demo")(demo)
 
