@@ -18,6 +18,7 @@ from .artifacts import compute_artifacts
 from .errors import FormatError, MismatchError, UsageError
 from .export import file_sha256
 from .formats import ONNX_METADATA_KEY, provenance
+from .inputs import attributor_inputs
 from .images import DEFAULT_MAX_PIXELS, DecodedImage, FailedImage, count_images, decode_folder, display_path
 from .manifold import RealIndex
 from .progress import SILENT, Progress
@@ -64,6 +65,7 @@ class OnnxAttributor:
         self.space = Space(self.card["space"])
         self.image_size = int(self.card["image_size"])
         self.index_hash: str = self.card["index_hash"]
+        self.input_kind: str = self.card.get("input", "artifact")
         self.sha256 = file_sha256(self.path)
         self.embedder: Embedder = PixelEmbedder(self.space)
         if self.space.needs_backbone:
@@ -176,11 +178,13 @@ class Attribution:
             results: dict[int, AttributionRow] = {}
             if decoded:
                 shas = [item.sha256 for item in decoded]
-                found = compute_artifacts(self.index, embedders, np.stack([d.pixels for d in decoded]), shas)[space]
+                pixels = np.stack([d.pixels for d in decoded])
+                found = compute_artifacts(self.index, embedders, pixels, shas)[space]
+                inputs = attributor_inputs(self.model.input_kind, pixels, found.artifacts)
                 has_neighbour = found.neighbours.ids >= 0
                 probabilities = np.full((len(decoded), len(self.model.classes)), np.nan, np.float32)
                 if has_neighbour.any():
-                    probabilities[has_neighbour] = self.model.predict(found.artifacts[has_neighbour])
+                    probabilities[has_neighbour] = self.model.predict(inputs[has_neighbour])
                 nearest = self.index.paths(found.neighbours.ids)
                 for i, item in enumerate(decoded):
                     row = AttributionRow(display_path(item.path), item.sha256, original_size=item.original_size)

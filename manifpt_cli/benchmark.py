@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .artifacts import extract_artifacts, load_artifacts, load_samples
+from .artifacts import extract_artifacts, load_samples
 from .baselines import Baseline, baseline_inputs
 from .evaluate import Evaluation, evaluate_set
 from .formats import atomic_output
+from .inputs import auto_candidates
 from .progress import SILENT, Progress
 from .runtime import compute_threads, configure_threads
 from .spaces import Space
@@ -83,10 +84,15 @@ def run_benchmark(
     extracted = extract_artifacts(index_path, sources, artifacts, spaces, real, weights, device=device,
                                   threads=threads, progress=progress)  # fmt: skip
     result = BenchmarkResult(out)
-    for space in extracted.spaces:
-        evaluation = evaluate_set(load_artifacts(artifacts, space), out / space.value, space.value, seeds,
+    # The spaces' artifacts, then image+artifact for each image space. The bare image is yu19's
+    # input with yu19's network, so it appears once, as the yu19 row.
+    for candidate in auto_candidates(artifacts, extracted.spaces):
+        if candidate.kind == "image":
+            continue
+        evaluation = evaluate_set(candidate.data, out / candidate.name.replace("+", "_"), candidate.name, seeds,
                                   test_fraction, config, device, progress)  # fmt: skip
-        result.evaluations.append((f"ManiFPT {space.value}", "artifact", evaluation))
+        method = f"ManiFPT {candidate.name}" if candidate.kind == "artifact" else f"joint {candidate.name}"
+        result.evaluations.append((method, candidate.kind, evaluation))
     samples = load_samples(artifacts) if baselines else None
     for baseline in baselines:
         arch = baseline_arch if baseline_arch and baseline.input_kind == "image" else baseline.arch

@@ -205,8 +205,13 @@ def evaluate_set(
     progress: Progress = SILENT,
     augment=None,
     source: str = "",
+    test_data: ArtifactSet | None = None,
 ) -> Evaluation:
-    """Train and test on ``data`` ``seeds`` times (the protocol above); ``name`` labels the outputs."""
+    """Train and test on ``data`` ``seeds`` times (the protocol above); ``name`` labels the outputs.
+
+    With ``test_data`` (cross-dataset), each seed trains on all of ``data`` (its own validation
+    split still picks the epoch) and tests on all of ``test_data``, which must use the same labels.
+    """
     started = time.perf_counter()
     if seeds < 1:
         raise UsageError("--seeds must be at least 1")
@@ -217,13 +222,16 @@ def evaluate_set(
     last_features = last_labels = None
     for seed in range(seeds):
         progress.log(f"{name}: seed {seed + 1}/{seeds}")
-        rest, test = stratified_split(data.labels, test_fraction, seed)
-        model, metadata, _ = fit(_subset(data, rest), replace(config, seed=seed), device, progress, augment)
-        predicted, features = _predict(model, data.artifacts[test])
-        truth = data.labels[test]
+        if test_data is None:
+            rest, test = stratified_split(data.labels, test_fraction, seed)
+            train_part, test_inputs, truth = _subset(data, rest), data.artifacts[test], data.labels[test]
+        else:
+            train_part, test_inputs, truth = data, test_data.artifacts, test_data.labels
+        model, metadata, _ = fit(train_part, replace(config, seed=seed), device, progress, augment)
+        predicted, features = _predict(model, test_inputs)
         confusion += confusion_matrix(truth, predicted, n_classes)
         runs.append(SeedResult(seed, float((predicted == truth).mean()), fisher_ratio(features, truth),
-                               metadata["training"]["best_epoch"], int(len(test))))  # fmt: skip
+                               metadata["training"]["best_epoch"], int(len(truth))))  # fmt: skip
         last_features, last_labels = features, truth
 
     out = Path(out_dir)
@@ -244,7 +252,8 @@ def evaluate_set(
         "name": name,
         "arch": result.arch,
         "classes": data.label_names,
-        "protocol": {"seeds": seeds, "test_fraction": test_fraction, **asdict(config)},
+        "protocol": {"seeds": seeds, "test_fraction": None if test_data else test_fraction,
+                     "cross_dataset": test_data is not None, **asdict(config)},  # fmt: skip
         "accuracy_mean": result.accuracy_mean,
         "accuracy_std": result.accuracy_std,
         "fd_ratio_inputs": result.fd_ratio_inputs,
@@ -258,3 +267,78 @@ def evaluate_set(
         partial.write_text(json.dumps(metrics, indent=2))
     result.files = files
     return result
+
+
+def relabel(data: ArtifactSet, mapping: dict[str, str], names: list[str]) -> ArtifactSet:
+    """Map each class through ``mapping`` onto ``names``; classes mapped to nothing are dropped."""
+    new_index = {name: i for i, name in enumerate(names)}
+    old_to_new = np.array([new_index.get(mapping.get(old, ""), -1) for old in data.label_names])
+    labels = old_to_new[data.labels]
+    keep = np.flatnonzero(labels >= 0)
+    return replace(data, artifacts=data.artifacts[keep], labels=labels[keep], label_names=list(names),
+                   paths=[data.paths[i] for i in keep])  # fmt: skip
+
+
+@dataclass
+class LabelMatch:
+    """How the two datasets' classes were matched, for the report."""
+
+    by: str  # "name" or a design factor
+    classes: list[str]
+    train_mapping: dict[str, str]
+    test_mapping: dict[str, str]
+    dropped_train: list[str]
+    dropped_test: list[str]
+
+
+def match_labels(train_names: list[str], test_names: list[str], by: str | None = None,
+                 factors: dict[str, dict[str, str]] | None = None) -> LabelMatch:  # fmt: skip
+    """Match classes by name, or by the value of design factor ``by`` (from ``factors``).
+
+    Only classes present on both sides are kept; the rest are listed as dropped.
+    """
+    if by is None:
+        identity = {name: name for name in train_names + test_names}
+        train_map, test_map = identity, identity
+    else:
+        if not factors:
+            raise UsageError(f"matching by {by!r} needs design factors (--zoo DIR or --factors CSV)")
+        lookup = {name: values.get(by, "") for name, values in factors.items()}
+        missing = [name for name in train_names + test_names if not lookup.get(name)]
+        if missing:
+            raise UsageError(f"no {by!r} value for: {', '.join(missing)} (add them to the factors)")
+        train_map = {name: lookup[name] for name in train_names}
+        test_map = {name: lookup[name] for name in test_names}
+    shared = sorted(set(train_map[n] for n in train_names) & set(test_map[n] for n in test_names))
+    if len(shared) < 2:
+        raise UsageError(f"the datasets share fewer than two classes when matched by {by or 'name'}: {shared}")
+    return LabelMatch(
+        by or "name", shared, train_map, test_map,
+        [n for n in train_names if train_map[n] not in shared], [n for n in test_names if test_map[n] not in shared],
+    )  # fmt: skip
+
+
+def evaluate_cross_dataset(
+    train_path: str | os.PathLike,
+    test_path: str | os.PathLike,
+    space: Space,
+    out_dir: str | os.PathLike,
+    by: str | None = None,
+    factors: dict[str, dict[str, str]] | None = None,
+    seeds: int = 3,
+    config: TrainConfig | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: Progress = SILENT,
+) -> tuple[Evaluation, LabelMatch]:
+    """Train on one dataset's generators, test on another's (the paper's Table 4 protocol)."""
+    configure_threads(compute_threads(1, threads))
+    train, test = load_artifacts(train_path, space), load_artifacts(test_path, space)
+    if train.artifacts.shape[1:] != test.artifacts.shape[1:]:
+        raise UsageError(f"artifact shapes differ: {train.artifacts.shape[1:]} vs {test.artifacts.shape[1:]} (same --size?)")
+    match = match_labels(train.label_names, test.label_names, by, factors)
+    train_set = relabel(train, match.train_mapping, match.classes)
+    test_set = relabel(test, match.test_mapping, match.classes)
+    evaluation = evaluate_set(train_set, out_dir, f"{space.value} cross-dataset", seeds, 0.0, config, device, progress,
+                              source=os.path.abspath(os.fspath(train_path)), test_data=test_set)  # fmt: skip
+    return evaluation, match

@@ -197,6 +197,7 @@ def fit(
         "input_shape": list(data.artifacts.shape[1:]),
         "classes": list(data.label_names),
         "space": data.space.value if data.space else None,
+        "input": "artifact",
         "image_size": data.image_size,
         "index_hash": data.index_hash,
         "backbone": {"source": data.weights_source, "sha256": data.weights_sha256} if data.space and data.space.needs_backbone else None,
@@ -243,6 +244,45 @@ def load_checkpoint(path: str | os.PathLike):
     model = create_model(metadata["arch"], metadata["input_shape"], len(metadata["classes"]))
     model.load_state_dict(payload["state_dict"])
     return model.eval(), metadata
+
+
+def train_auto(
+    artifacts_path: str | os.PathLike,
+    out: str | os.PathLike,
+    config: TrainConfig | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: Progress = SILENT,
+) -> TrainResult:
+    """``--space auto``: train on every candidate input, keep the best on the validation split only.
+
+    Every candidate sees the same seeded train/validation split (the split depends only on the
+    labels and the seed). The choice and the whole validation table go into the metadata.
+    """
+    import h5py
+
+    from .formats import json_attr
+    from .inputs import auto_candidates
+
+    started = time.perf_counter()
+    configure_threads(compute_threads(1, threads))
+    config = config or TrainConfig()
+    with h5py.File(artifacts_path, "r") as handle:
+        spaces = [Space(name) for name in json_attr(handle.attrs, "spaces")]
+    table, best = [], None
+    for candidate in auto_candidates(artifacts_path, spaces):
+        progress.log(f"auto: trying {candidate.name}")
+        model, metadata, history = fit(candidate.data, config, device, progress)
+        metadata["input"] = candidate.kind
+        accuracy = metadata["training"]["val_accuracy"]
+        table.append({"input": candidate.name, "arch": metadata["arch"], "val_accuracy": accuracy})
+        if best is None or accuracy > best[1]["training"]["val_accuracy"]:
+            best = (model, metadata, history, candidate.name)
+    model, metadata, history, chosen = best
+    metadata["auto"] = {"chosen": chosen, "validation": table}
+    metadata["training"]["artifacts_file"] = os.path.abspath(os.fspath(artifacts_path))
+    save_checkpoint(out, model, metadata)
+    return TrainResult(os.fspath(out), metadata, history, time.perf_counter() - started)
 
 
 def train_attributor(

@@ -59,8 +59,9 @@ def test_benchmark_table_comes_from_the_runs(real_index, dataset, tmp_path):
     assert result.exit_code == 0, result.stderr
     with open(tmp_path / "table.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["method"] for row in rows] == ["ManiFPT rgb", "ManiFPT freq", "yu19", "durall20", "wang20"]
-    for row, folder in zip(rows, ["rgb", "freq", "yu19", "durall20", "wang20"]):
+    methods = ["ManiFPT rgb", "ManiFPT freq", "joint image+rgb", "joint image+freq", "yu19", "durall20", "wang20"]
+    assert [row["method"] for row in rows] == methods
+    for row, folder in zip(rows, ["rgb", "freq", "image_rgb", "image_freq", "yu19", "durall20", "wang20"]):
         metrics = json.loads((tmp_path / folder / "metrics.json").read_text())
         assert float(row["accuracy_mean"]) == pytest.approx(metrics["accuracy_mean"], abs=1e-4)
         assert float(row["fd_ratio_inputs"]) == pytest.approx(metrics["fd_ratio_inputs"], rel=1e-3, abs=1e-4)

@@ -101,3 +101,35 @@ def test_bad_checkpoints_and_options(tmp_path, artifacts_file):
     with pytest.raises(UsageError, match="--out must end in .onnx"):
         export_onnx(tmp_path / "junk.pt", tmp_path / "model.bin")
     assert create_model("mlp", (3, 4, 4), 2)(torch.zeros(2, 3, 4, 4)).shape == (2, 2)
+
+
+def test_space_auto_picks_on_validation_and_attributes_with_the_chosen_input(tmp_path, artifacts_file, real_index, dataset):
+    from manifpt_cli.attribute import Attribution
+    from manifpt_cli.train import train_auto
+
+    result = train_auto(artifacts_file, tmp_path / "auto.pt", TrainConfig(epochs=2))
+    table = result.metadata["auto"]["validation"]
+    assert [row["input"] for row in table] == ["rgb", "freq", "image", "image+rgb", "image+freq"]
+    best = max(table, key=lambda row: row["val_accuracy"])
+    assert result.metadata["auto"]["chosen"] == best["input"]
+    expected_kind = {"rgb": "artifact", "freq": "artifact", "image": "image"}.get(best["input"], "image+artifact")
+    assert result.metadata["input"] == expected_kind
+    export_onnx(tmp_path / "auto.pt", tmp_path / "auto.onnx")
+    with Attribution(tmp_path / "auto.onnx", real_index) as run:
+        rows = list(run.rows([dataset / "suspects" / "noise"]))
+    assert rows and all(row.ok and row.predicted for row in rows)
+
+
+def test_joint_input_model_attributes(tmp_path, artifacts_file, real_index, dataset):
+    """Force the image+artifact path through export and ONNX attribution (the 6-channel input)."""
+    from manifpt_cli.attribute import Attribution
+    from manifpt_cli.inputs import auto_candidates
+
+    joint = next(c for c in auto_candidates(artifacts_file, [Space.RGB, Space.FREQ]) if c.name == "image+freq")
+    model, metadata, _ = fit(joint.data, TrainConfig(epochs=1))
+    metadata["input"] = joint.kind
+    assert metadata["input_shape"] == [6, 32, 32]
+    save_checkpoint(tmp_path / "joint.pt", model, metadata)
+    export_onnx(tmp_path / "joint.pt", tmp_path / "joint.onnx")
+    with Attribution(tmp_path / "joint.onnx", real_index) as run:
+        assert all(row.ok for row in run.rows([dataset / "suspects" / "blur"]))

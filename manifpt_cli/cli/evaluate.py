@@ -23,12 +23,30 @@ def evaluate(
     arch: Annotated[Optional[str], typer.Option("--arch", help="Attributor architecture [default: per space].")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs per run.")] = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Artifacts per optimisation step.")] = 64,
+    test_artifacts: Annotated[
+        Optional[Path],
+        typer.Option("--test-artifacts", help="Cross-dataset: train on all of --artifacts, test on this other dataset's artifacts."),
+    ] = None,
+    match_by: Annotated[
+        Optional[str],
+        typer.Option("--match-by", help="Cross-dataset: match classes by this design factor (e.g. family) instead of by name."),
+    ] = None,
+    zoo: Annotated[Optional[Path], typer.Option("--zoo", help="Design factors for --match-by, from zoo checkpoints.")] = None,
+    factors: Annotated[
+        Optional[Path], typer.Option("--factors", help="Design factors for --match-by, from a CSV (generator,factor,...).")
+    ] = None,
     device: Device = "cpu",
     threads: Threads = None,
     quiet: Quiet = False,
 ) -> None:
-    """Accuracy over seeds, per-class precision/recall/F1, confusion matrix, FD ratios and a t-SNE plot."""
+    """Accuracy over seeds, per-class precision/recall/F1, confusion matrix, FD ratios and a t-SNE plot.
+
+    With --test-artifacts it runs the cross-dataset protocol instead: train on one dataset's
+    generators, test on another's, classes matched by name or by a design factor (--match-by).
+    """
+    from ..analyze import csv_factors, zoo_factors
     from ..evaluate import evaluate as run_evaluation
+    from ..evaluate import evaluate_cross_dataset
     from ..spaces import check_device, parse_spaces
     from ..train import TrainConfig
 
@@ -36,10 +54,22 @@ def evaluate(
         spaces = parse_spaces(space)
         if len(spaces) != 1:
             raise typer.BadParameter("evaluate one space at a time", param_hint="--space")
+        if (match_by or zoo or factors) and test_artifacts is None:
+            raise typer.BadParameter("--match-by, --zoo and --factors go with --test-artifacts")
         check_device(device)
         config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size)
+        design = zoo_factors(zoo) if zoo else csv_factors(factors) if factors else None
         with RichProgress(quiet, unit="") as progress:
-            result = run_evaluation(artifacts, spaces[0], out, seeds, test_fraction, config, device, threads, progress)
+            if test_artifacts is None:
+                result = run_evaluation(artifacts, spaces[0], out, seeds, test_fraction, config, device, threads, progress)
+            else:
+                result, match = evaluate_cross_dataset(artifacts, test_artifacts, spaces[0], out, match_by, design,
+                                                       seeds, config, device, threads, progress)  # fmt: skip
+        if test_artifacts is not None:
+            stderr.print(f"classes matched by {match.by}: {', '.join(match.classes)}")
+            for side, dropped in (("training", match.dropped_train), ("test", match.dropped_test)):
+                if dropped:
+                    stderr.print(f"[yellow]not shared, left out of the {side} set:[/] {', '.join(dropped)}")
     table = Table("class", "precision", "recall", "F1", "test images", title=f"{result.name} / {result.arch}, pooled over {seeds} seed(s)")
     for row in result.per_class:
         table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))

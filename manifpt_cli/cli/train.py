@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
 
 from .console import RichProgress, errors_to_exit, stderr
 from .options import Device, Quiet, Threads
@@ -13,7 +14,10 @@ from .options import Device, Quiet, Threads
 
 def train(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts file from `manifpt extract`.")],
-    space: Annotated[str, typer.Option("--space", help="Which space's artifacts to train on: rgb, freq, sl or ssl.")],
+    space: Annotated[
+        str,
+        typer.Option("--space", help="rgb, freq, sl or ssl; or auto: try every space, the image, and image+artifact, keep the best on validation."),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (NAME.pt: state dict + JSON metadata).")],
     arch: Annotated[
         Optional[str],
@@ -30,20 +34,29 @@ def train(
 ) -> None:
     """Train an attributor (cross-entropy) on one space's artifacts; keep the best validation checkpoint."""
     from ..spaces import check_device, parse_spaces
-    from ..train import TrainConfig, train_attributor
+    from ..train import TrainConfig, train_attributor, train_auto
 
     with errors_to_exit():
-        spaces = parse_spaces(space)
-        if len(spaces) != 1:
-            raise typer.BadParameter("train one space at a time", param_hint="--space")
-        chosen = spaces[0]
+        auto = space.strip().lower() == "auto"
+        spaces = [] if auto else parse_spaces(space)
+        if not auto and len(spaces) != 1:
+            raise typer.BadParameter("train one space at a time (or --space auto)", param_hint="--space")
         check_device(device)
         config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed)
         with RichProgress(quiet, unit="") as progress:
-            result = train_attributor(artifacts, chosen, out, config, device, threads, progress)
+            if auto:
+                result = train_auto(artifacts, out, config, device, threads, progress)
+            else:
+                result = train_attributor(artifacts, spaces[0], out, config, device, threads, progress)
+        if auto:
+            table = Table("input", "arch", "validation accuracy", title="--space auto (validation split only)")
+            for row in result.metadata["auto"]["validation"]:
+                table.add_row(row["input"], row["arch"], f"{row['val_accuracy']:.3f}")
+            stderr.print(table)
+        chosen = result.metadata["auto"]["chosen"] if auto else spaces[0].value
         training = result.metadata["training"]
         stderr.print(
-            f"[green]saved {out}[/]: {training['arch']} on {chosen.value}, best epoch {training['best_epoch']}, "
+            f"[green]saved {out}[/]: {training['arch']} on {chosen}, best epoch {training['best_epoch']}, "
             f"validation accuracy {training['val_accuracy']:.3f} ({training['val_size']} held out, "
             f"{len(result.metadata['classes'])} classes, {result.seconds:.1f} s)"
         )
