@@ -23,6 +23,7 @@ import numpy as np
 
 from .artifacts import load_artifacts
 from .errors import UsageError
+from .figures import pyplot, save_figure
 from .formats import atomic_output
 from .spaces import Space
 
@@ -99,19 +100,13 @@ def cluster_fingerprints(summaries: dict[str, np.ndarray], factors: dict[str, di
 
 
 def _figures(analysis: ClusterAnalysis, dendrogram_png: Path, heatmap_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from scipy.cluster.hierarchy import dendrogram
 
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(analysis.generators) + 2))
     dendrogram(analysis.linkage, labels=analysis.generators, orientation="right", ax=ax)
     ax.set_title("Fingerprint dendrogram (Ward)")
-    fig.tight_layout()
-    with atomic_output(dendrogram_png) as partial:
-        fig.savefig(partial, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, dendrogram_png)
 
     size = 2 + 0.5 * len(analysis.generators)
     fig, ax = plt.subplots(figsize=(size + 1, size))
@@ -119,10 +114,7 @@ def _figures(analysis: ClusterAnalysis, dendrogram_png: Path, heatmap_png: Path)
     ax.set_xticks(range(len(analysis.generators)), analysis.generators, rotation=45, ha="right")
     ax.set_yticks(range(len(analysis.generators)), analysis.generators)
     fig.colorbar(image, ax=ax, label="distance between fingerprints")
-    fig.tight_layout()
-    with atomic_output(heatmap_png) as partial:
-        fig.savefig(partial, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, heatmap_png)
 
 
 def analyze_clusters(

@@ -25,6 +25,7 @@ import numpy as np
 
 from .artifacts import ArtifactSet, load_artifacts
 from .errors import UsageError
+from .figures import pyplot, save_figure
 from .formats import atomic_output, provenance
 from .progress import SILENT, Progress
 from .runtime import compute_threads, configure_threads
@@ -132,10 +133,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def _plot_confusion(path: Path, confusion: np.ndarray, classes: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     share = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     size = 2 + 0.6 * len(classes)
@@ -148,17 +146,11 @@ def _plot_confusion(path: Path, confusion: np.ndarray, classes: list[str]) -> No
     for (i, j), count in np.ndenumerate(confusion):
         ax.text(j, i, str(count), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black", fontsize=8)
     fig.colorbar(image, ax=ax, label="share of the true class")
-    fig.tight_layout()
-    with atomic_output(path) as partial:
-        fig.savefig(partial, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _tsne(path_png: Path, path_csv: Path, features: np.ndarray, labels: np.ndarray, classes: list[str], seed: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from sklearn.manifold import TSNE
 
     perplexity = float(max(2, min(30, (len(features) - 1) // 3)))
@@ -170,10 +162,7 @@ def _tsne(path_png: Path, path_csv: Path, features: np.ndarray, labels: np.ndarr
         ax.scatter(points[chosen, 0], points[chosen, 1], s=10, label=name)
     ax.legend(fontsize=8, markerscale=2)
     ax.set_title("t-SNE of the attributor's penultimate features (test split)")
-    fig.tight_layout()
-    with atomic_output(path_png) as partial:
-        fig.savefig(partial, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path_png)
 
 
 def evaluate(
