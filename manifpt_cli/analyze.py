@@ -132,7 +132,8 @@ def analyze_clusters(
     analysis = cluster_fingerprints(fingerprint_summaries(data.artifacts, data.labels, data.label_names), factors)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    analysis.files = {name: out / name for name in ("clusters.csv", "distances.csv", "dendrogram.png", "heatmap.png")}
+    names = ("clusters.csv", "distances.csv", "linkage.csv", "dendrogram.png", "heatmap.png")
+    analysis.files = {name: out / name for name in names}
     with atomic_output(analysis.files["clusters.csv"]) as partial, open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["factor", "values", "nmi"])
         writer.writeheader()
@@ -141,5 +142,9 @@ def analyze_clusters(
         writer = csv.writer(handle)
         writer.writerow(["generator", *analysis.generators])
         writer.writerows([name, *map(float, row)] for name, row in zip(analysis.generators, analysis.distances))
+    with atomic_output(analysis.files["linkage.csv"]) as partial, open(partial, "w", newline="") as handle:
+        writer = csv.writer(handle)  # scipy's linkage matrix: the dendrogram's data
+        writer.writerow(["cluster_a", "cluster_b", "distance", "size"])
+        writer.writerows([int(a), int(b), float(d), int(n)] for a, b, d, n in analysis.linkage)
     _figures(analysis, analysis.files["dendrogram.png"], analysis.files["heatmap.png"])
     return analysis

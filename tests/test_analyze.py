@@ -56,3 +56,32 @@ def test_analyze_clusters_cli_with_a_factors_csv(artifacts_file, tmp_path):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
     with open(tmp_path / "out" / "distances.csv", newline="") as handle:
         assert next(csv.reader(handle))[1:] == list(SOURCES)
+
+
+def test_zoo_generators_through_extract_evaluate_and_clusters(tmp_path, dataset):
+    """The issue's setting in small: real photos → zoo generators → artifacts → evaluate + clusters."""
+    from manifpt_cli.analyze import analyze_clusters
+    from manifpt_cli.artifacts import extract_artifacts
+    from manifpt_cli.evaluate import evaluate
+    from manifpt_cli.manifold import build_index
+    from manifpt_cli.spaces import Space
+    from manifpt_cli.train import TrainConfig
+    from manifpt_cli.zoo import make_design, sample_generator, train_generator
+
+    zoo = tmp_path / "zoo"
+    plan = [("gan-tconv", "gan", "tconv", "batch", "ns"), ("gan-nearest", "gan", "nearest", "batch", "hinge"),
+            ("vae-tconv", "vae", "tconv", "batch", None), ("flow", "flow", None, None, None)]  # fmt: skip
+    for name, family, upsample, norm, loss in plan:
+        design = make_design(family, upsample, norm, loss, size=16, width=8)
+        train_generator([dataset / "real"], zoo / name, design, iters=5, batch_size=8)
+        sample_generator(zoo / name, 16, tmp_path / "fakes" / name, seed=1)
+    build_index([dataset / "real"], tmp_path / "real16.h5", [Space.FREQ], size=16)
+    extract_artifacts(tmp_path / "real16.h5", [(n, str(tmp_path / "fakes" / n)) for n, *_ in plan], tmp_path / "zoo.h5")
+
+    evaluation = evaluate(tmp_path / "zoo.h5", Space.FREQ, tmp_path / "eval", seeds=1, config=TrainConfig(epochs=3))
+    assert evaluation.accuracy_mean > 0.25, "four generators: above chance"
+    analysis = analyze_clusters(tmp_path / "zoo.h5", Space.FREQ, tmp_path / "clusters", zoo_dir=zoo)
+    scored = {row["factor"]: row["nmi"] for row in analysis.scores}
+    assert {"family", "upsample"} <= set(scored) and all(0 <= v <= 1 for v in scored.values())
+    with open(tmp_path / "clusters" / "linkage.csv", newline="") as handle:
+        assert sum(1 for _ in csv.DictReader(handle)) == len(plan) - 1  # n − 1 merges
