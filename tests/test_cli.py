@@ -144,3 +144,13 @@ def test_feature_space_workflow_with_random_weights(dataset, tmp_path):
     result = run("attribute", fakes, "--model", model, "--index", index, "--report", "json")
     rows = json.loads(result.stdout)["rows"]
     assert len(rows) == 8 and all(row["predicted"] in ("blur", "noise") for row in rows)
+
+
+def test_empty_suspect_folder_is_a_usage_error(workflow, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run("attribute", tmp_path / "empty", "--model", workflow["model"], "--index", workflow["index"], code=2)
+    assert "no image files" in result.stderr
+    out = workflow["work"] / "threaded.csv"
+    run("attribute", workflow["suspects"] / "blur", "--model", workflow["model"], "--index", workflow["index"],
+        "--report", "csv", "--out", out, "--workers", "2", "--threads", "1")  # fmt: skip
+    assert len(read_csv(out)) == len(list((workflow["suspects"] / "blur").iterdir()))

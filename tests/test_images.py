@@ -280,3 +280,17 @@ def test_discovery_is_recursive_sorted_and_case_insensitive(tmp_path):
         (tmp_path / name).write_bytes(b"")
     found = [os.path.relpath(f.path, tmp_path) for f in discover_images([tmp_path])]
     assert found == ["d.jpeg", "a/x.webp", "a/y.Png", "b/Z.JPG", "c/v.bmp", "c/w.TIFF"]
+
+
+def test_worker_threads_keep_order_and_results(tmp_path):
+    folder = tmp_path / "many"
+    for i in range(23):
+        save(folder / f"img_{i:02d}.png", gradient(40 + i, 36))
+    (folder / "img_07.png").write_bytes(b"broken")
+    serial = [item for batch in decode_folder([folder], SIZE, batch_size=5, workers=1) for item in batch]
+    threaded = [item for batch in decode_folder([folder], SIZE, batch_size=5, workers=3) for item in batch]
+    assert [item.path for item in serial] == [item.path for item in threaded]
+    for one, other in zip(serial, threaded):
+        assert type(one) is type(other)
+        if isinstance(one, DecodedImage):
+            assert np.array_equal(one.pixels, other.pixels) and one.sha256 == other.sha256

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Column, Table
 
+from ..errors import UsageError
 from ..report import ReportFormat
 from .console import RichProgress, errors_to_exit, stderr, stdout
 from .options import DEFAULT_MAX, BatchSize, MaxPixels, Quiet, Threads, Workers
@@ -70,6 +71,8 @@ def attribute(
     with errors_to_exit(), Attribution(model, index, top_k, batch_size, workers, threads, max_pixels) as run:
         header = run.header(suspects)
         total = run.count(suspects)
+        if total == 0:
+            raise UsageError(f"no image files under: {', '.join(map(str, suspects))} (searched recursively)")
         kept, predicted, failed = [], Counter(), 0
         writer_context = open_report(file_format, out, header) if file_format else contextlib.nullcontext()
         with RichProgress(quiet) as progress, writer_context as writer:
