@@ -16,6 +16,7 @@ Layout (README, "File formats"):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -252,12 +253,9 @@ class ArtifactSet:
     paths: list[str] = field(default_factory=list)
 
 
-def load_artifacts(path: str | os.PathLike, space: Space) -> ArtifactSet:
-    """Read one space of an artifacts file.
-
-    Raises:
-        FormatError: not an artifacts file; UsageError: the space is not in it.
-    """
+@contextlib.contextmanager
+def _open_artifacts(path: str | os.PathLike):
+    """An artifacts file opened read-only and format-checked, or a clear error."""
     import h5py
 
     try:
@@ -266,35 +264,47 @@ def load_artifacts(path: str | os.PathLike, space: Space) -> ArtifactSet:
         raise UsageError(f"cannot open artifacts file {path}: {exc}") from None
     with handle:
         check_format(handle.attrs, ARTIFACTS_FORMAT, path)
+        yield handle
+
+
+def _sample_fields(handle) -> dict:
+    """The ArtifactSet fields every space shares: labels, names, size, index hash, paths."""
+    return {
+        "labels": handle["samples/label"][...].astype(np.int64),
+        "label_names": json_attr(handle.attrs, "label_names"),
+        "image_size": int(handle.attrs["image_size"]),
+        "index_hash": str(handle.attrs["index_hash"]),
+        "paths": list(handle["samples/path"].asstr()[...]),
+    }
+
+
+def artifact_spaces(path: str | os.PathLike) -> list[Space]:
+    """The spaces an artifacts file holds."""
+    with _open_artifacts(path) as handle:
+        return [Space(name) for name in json_attr(handle.attrs, "spaces")]
+
+
+def load_artifacts(path: str | os.PathLike, space: Space) -> ArtifactSet:
+    """Read one space of an artifacts file.
+
+    Raises:
+        FormatError: not an artifacts file; UsageError: unreadable, or the space is not in it.
+    """
+    with _open_artifacts(path) as handle:
         held = json_attr(handle.attrs, "spaces")
         if space.value not in held:
             raise UsageError(f"{path} has no {space.value!r} artifacts (it holds: {', '.join(held)})")
         group = handle[f"spaces/{space.value}"]
         return ArtifactSet(
             artifacts=group["artifacts"][...],
-            labels=handle["samples/label"][...].astype(np.int64),
-            label_names=json_attr(handle.attrs, "label_names"),
             space=space,
-            image_size=int(handle.attrs["image_size"]),
-            index_hash=str(handle.attrs["index_hash"]),
             weights_source=str(group.attrs.get("weights_source", "")),
             weights_sha256=str(group.attrs.get("weights_sha256", "")),
-            paths=[p.decode() for p in handle["samples/path"][...]],
+            **_sample_fields(handle),
         )
 
 
 def load_samples(path: str | os.PathLike) -> ArtifactSet:
     """The decoded images of an artifacts file as an ArtifactSet of (n, S, S, 3) uint8 (``space`` None)."""
-    import h5py
-
-    with h5py.File(path, "r") as handle:
-        check_format(handle.attrs, ARTIFACTS_FORMAT, path)
-        return ArtifactSet(
-            artifacts=handle["samples/pixels"][...],
-            labels=handle["samples/label"][...].astype(np.int64),
-            label_names=json_attr(handle.attrs, "label_names"),
-            space=None,
-            image_size=int(handle.attrs["image_size"]),
-            index_hash=str(handle.attrs["index_hash"]),
-            paths=list(handle["samples/path"].asstr()[...]),
-        )
+    with _open_artifacts(path) as handle:
+        return ArtifactSet(artifacts=handle["samples/pixels"][...], space=None, **_sample_fields(handle))

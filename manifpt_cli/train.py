@@ -259,18 +259,14 @@ def train_auto(
     Every candidate sees the same seeded train/validation split (the split depends only on the
     labels and the seed). The choice and the whole validation table go into the metadata.
     """
-    import h5py
-
-    from .formats import json_attr
+    from .artifacts import artifact_spaces
     from .inputs import auto_candidates
 
     started = time.perf_counter()
     configure_threads(compute_threads(1, threads))
     config = config or TrainConfig()
-    with h5py.File(artifacts_path, "r") as handle:
-        spaces = [Space(name) for name in json_attr(handle.attrs, "spaces")]
     table, best = [], None
-    for candidate in auto_candidates(artifacts_path, spaces):
+    for candidate in auto_candidates(artifacts_path, artifact_spaces(artifacts_path)):
         progress.log(f"auto: trying {candidate.name}")
         model, metadata, history = fit(candidate.data, config, device, progress)
         metadata["input"] = candidate.kind
