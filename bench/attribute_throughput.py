@@ -28,7 +28,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "real32.npz"
 
 
 def bundled_crops(n: int, seed: int) -> np.ndarray:
-    from manifpt_cli.samples import bundled_photo_paths, random_crops
+    from manifpt_cli.research.samples import bundled_photo_paths, random_crops
 
     rng = np.random.default_rng(seed)
     photos = bundled_photo_paths()
@@ -62,22 +62,24 @@ def main() -> None:
     parser.add_argument("--suspects", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument(
-        "--reference-suspects", type=int, default=300,
+        "--reference-suspects",
+        type=int,
+        default=300,
         help="suspects timed through the slow brute-force paths (rates are per image, so ratios stay fair)",
-    )  # fmt: skip
+    )
     parser.add_argument("--arch", default="small")
     parser.add_argument("--space", default="rgb", choices=["rgb", "freq"])
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
 
     import torch
+    from manifpt_cli.runtime import compute_threads, configure_threads
 
     from manifpt_cli.artifacts import extract_artifacts
     from manifpt_cli.attribute import Attribution, OnnxAttributor
     from manifpt_cli.export import export_onnx
     from manifpt_cli.images import decode_folder
     from manifpt_cli.manifold import RealIndex, build_index
-    from manifpt_cli.runtime import compute_threads, configure_threads
     from manifpt_cli.spaces import PixelEmbedder, Space
     from manifpt_cli.train import TrainConfig, load_checkpoint, train_attributor
 
@@ -90,12 +92,18 @@ def main() -> None:
     # Two "sources" so the attributor has classes; timing does not depend on what they are.
     write_pngs(work / "real", reals, "real")
     write_pngs(work / "suspects" / "plain", suspects[: len(suspects) // 2], "plain")
-    write_pngs(work / "suspects" / "noisy", np.clip(suspects[len(suspects) // 2 :] + 8, 0, 255).astype(np.uint8), "noisy")
+    write_pngs(
+        work / "suspects" / "noisy", np.clip(suspects[len(suspects) // 2 :] + 8, 0, 255).astype(np.uint8), "noisy"
+    )
 
     index = work / "real.h5"
     t_index, _ = timed(lambda: build_index([work / "real"], index, [space], size=32, batch_size=512))
-    extract_artifacts(index, [("plain", str(work / "suspects" / "plain")), ("noisy", str(work / "suspects" / "noisy"))],
-                      work / "art.h5", spaces=[space])  # fmt: skip
+    extract_artifacts(
+        index,
+        [("plain", str(work / "suspects" / "plain")), ("noisy", str(work / "suspects" / "noisy"))],
+        work / "art.h5",
+        spaces=[space],
+    )
     train_attributor(work / "art.h5", space, work / "m.pt", TrainConfig(arch=args.arch, epochs=1))
     export_onnx(work / "m.pt", work / "m.onnx")
     threads = compute_threads(1)
@@ -148,13 +156,17 @@ def main() -> None:
     assert (brute_ids == found.ids[:n_reference]).mean() > 0.99, "FAISS and the brute-force scan must agree"
 
     rate = lambda seconds, count=n: count / seconds  # noqa: E731
-    print(f"\nmanifpt attribution throughput — {platform.processor() or platform.machine()}, {threads} threads, "
-          f"{args.reals} reals from {origin}, {n} suspects, space {space.value}, arch {args.arch}, batch {args.batch_size}")  # fmt: skip
+    print(
+        f"\nmanifpt attribution throughput — {platform.processor() or platform.machine()}, {threads} threads, "
+        f"{args.reals} reals from {origin}, {n} suspects, space {space.value}, arch {args.arch}, batch {args.batch_size}"
+    )
     print(f"index build: {args.reals} reals in {t_index:.1f} s\n")
     print("| measurement | images/s |\n|---|---:|")
     print(f"| (a) attribute end to end | {rate(t_end_to_end):,.0f} |")
     print(f"| (b) ONNX attributor alone | {rate(t_onnx):,.0f} |")
-    print(f"| (c) PyTorch eager + brute-force NN scan ({n_reference} suspects) | {rate(t_reference, n_reference):,.1f} |")
+    print(
+        f"| (c) PyTorch eager + brute-force NN scan ({n_reference} suspects) | {rate(t_reference, n_reference):,.1f} |"
+    )
     print(f"| FAISS flat search alone | {rate(t_faiss):,.0f} |")
     print(f"| brute-force NN scan alone ({n_reference} suspects) | {rate(t_brute, n_reference):,.1f} |\n")
     print(f"(a)/(b) = {rate(t_end_to_end) / rate(t_onnx):.2f}   (target ≥ 0.8)")

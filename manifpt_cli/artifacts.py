@@ -21,28 +21,16 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .errors import MismatchError, UsageError
-from .formats import (
-    ARTIFACTS_FORMAT,
-    FORMAT_VERSION,
-    append_rows,
-    atomic_output,
-    check_format,
-    create_growing,
-    h5_string_dtype,
-    json_attr,
-    provenance,
-    write_string_columns,
-)
-from .images import DEFAULT_MAX_PIXELS, DecodedImage, FailedImage, count_images, decode_folder, display_path
+from .formats import ARTIFACTS_FORMAT, check_format, json_attr, sample_file
+from .images import FailedImage, count_images, decode_folder, display_path, split_batch
 from .manifold import Neighbours, RealIndex
-from .progress import SILENT, Progress
-from .runtime import compute_threads, configure_threads
-from .spaces import Embedder, Space, TorchBackboneEmbedder, load_backbone, make_embedder
+from .settings import DEFAULT_SETTINGS, RunSettings
+from .spaces import BackboneWeights, Embedder, Space, TorchBackboneEmbedder, load_backbone, make_embedder
 
 REAL_LABEL = "real"
 
@@ -141,30 +129,24 @@ def extract_artifacts(
     index_path: str | os.PathLike,
     sources: Sequence[tuple[str, str]],
     out: str | os.PathLike,
+    *,
     spaces: Sequence[Space] | None = None,
     real: str | os.PathLike | None = None,
     weights: dict[Space, str | None] | None = None,
-    batch_size: int = 64,
-    workers: int = 1,
-    threads: int | None = None,
-    device: str = "cpu",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    progress: Progress = SILENT,
+    settings: RunSettings = DEFAULT_SETTINGS,
 ) -> ExtractResult:
     """Compute artifacts for every image of every labelled folder and write them to ``out``.
 
     ``sources`` are (class name, folder) pairs; ``real`` adds a ``real`` class whose images are
     never their own neighbour. Undecodable files are listed, never fatal.
     """
-    import h5py
-
     started = time.perf_counter()
-    configure_threads(compute_threads(workers, threads))
     folders = _labelled_folders(sources, real)
     label_names = [name for name, _ in folders]
+    progress = settings.progress
     with RealIndex(index_path) as index:
         spaces = list(spaces) if spaces else index.spaces
-        embedders = index_embedders(index, spaces, weights, device)
+        embedders = index_embedders(index, spaces, weights, settings.device)
         size = index.image_size
         totals = {name: count_images([folder]) for name, folder in folders}
         empty = [f"{name}={display_path(folder)}" for name, folder in folders if totals[name] == 0]
@@ -172,30 +154,30 @@ def extract_artifacts(
             raise UsageError(f"no image files in: {', '.join(empty)}")
         counts = dict.fromkeys(label_names, 0)
         failures: list[tuple[str, FailedImage]] = []
-        with atomic_output(out) as partial, h5py.File(partial, "w") as handle:
-            samples = handle.create_group("samples")
-            paths_ds = create_growing(samples, "path", dtype=h5_string_dtype())
-            sha_ds = create_growing(samples, "sha256", dtype="S64")
-            label_ds = create_growing(samples, "label", dtype="i4")
-            pixels_ds = create_growing(samples, "pixels", (size, size, 3), dtype="u1")
-            space_groups = {}
+        columns = {"label": ((), "i4"), "pixels": ((size, size, 3), "u1")}
+        with sample_file(out, "samples", columns, failure_columns=["label"]) as writer:
             for space in spaces:
                 shape = space.artifact_shape(size)
-                group = handle.create_group(f"spaces/{space.value}")
-                create_growing(group, "artifacts", shape)
-                create_growing(group, "neighbor_id", dtype="i8")
-                create_growing(group, "neighbor_distance")
-                group.attrs.update(embedding_space=space.value, shape=json.dumps(shape))
-                if space.needs_backbone:
-                    recorded = index.backbone_weights(space)
-                    group.attrs.update(weights_source=recorded.source, weights_sha256=recorded.sha256)
-                space_groups[space] = group
+                backbone = index.backbone_weights(space) if space.needs_backbone else None
+                extra = {"weights_source": backbone.source, "weights_sha256": backbone.sha256} if backbone else {}
+                writer.add_space(
+                    space.value,
+                    {"artifacts": (shape, "f4"), "neighbor_id": ((), "i8"), "neighbor_distance": ((), "f4")},
+                    embedding_space=space.value,
+                    shape=json.dumps(shape),
+                    **extra,
+                )
+
+            def fail(name: str, item: FailedImage) -> None:
+                failures.append((name, item))
+                writer.fail(item.path, item.error, label=name)
 
             progress.start("Extracting artifacts", sum(totals.values()))
             for label, (name, folder) in enumerate(folders):
-                for batch in decode_folder([folder], size, batch_size, workers, max_pixels):
-                    decoded = [item for item in batch if isinstance(item, DecodedImage)]
-                    failures.extend((name, item) for item in batch if isinstance(item, FailedImage))
+                for batch in decode_folder([folder], size, settings):
+                    decoded, failed = split_batch(batch)
+                    for item in failed:
+                        fail(name, item)
                     if decoded:
                         pixels = np.stack([item.pixels for item in decoded])
                         shas = [item.sha256 for item in decoded]
@@ -204,53 +186,67 @@ def extract_artifacts(
                         for space_result in per_space.values():
                             keep &= space_result.neighbours.ids >= 0
                         for i in np.flatnonzero(~keep):
-                            failures.append((name, FailedImage(decoded[i].path, "no real neighbour other than itself", shas[i])))
-                        append_rows(paths_ds, np.array([display_path(os.path.abspath(d.path)) for d, k in zip(decoded, keep) if k], dtype=object))
-                        append_rows(sha_ds, np.array([s.encode() for s, k in zip(shas, keep) if k], dtype="S64"))
-                        append_rows(label_ds, np.full(int(keep.sum()), label, dtype=np.int32))
-                        append_rows(pixels_ds, pixels[keep])
-                        for space, space_result in per_space.items():
-                            group = space_groups[space]
-                            append_rows(group["artifacts"], space_result.artifacts[keep])
-                            append_rows(group["neighbor_id"], space_result.neighbours.ids[keep])
-                            append_rows(group["neighbor_distance"], space_result.neighbours.distances[keep])
-                        counts[name] += int(keep.sum())
+                            fail(name, FailedImage(decoded[i].path, "no real neighbour other than itself", shas[i]))
+                        kept = np.flatnonzero(keep)
+                        writer.append(
+                            [decoded[i].path for i in kept],
+                            [shas[i] for i in kept],
+                            label=np.full(len(kept), label, dtype=np.int32),
+                            pixels=pixels[kept],
+                        )
+                        for space, found in per_space.items():
+                            writer.append_space(
+                                space.value,
+                                artifacts=found.artifacts[kept],
+                                neighbor_id=found.neighbours.ids[kept],
+                                neighbor_distance=found.neighbours.distances[kept],
+                            )
+                        counts[name] += len(kept)
                     progress.advance(len(batch))
-            if sum(counts.values()) == 0:
+            if writer.n_rows == 0:
                 raise UsageError("no image could be decoded in any source folder (see the errors)")
-            write_string_columns(
-                handle.create_group("failures"),
-                path=[display_path(os.path.abspath(f.path)) for _, f in failures],
-                error=[f.error for _, f in failures],
-                label=[name for name, _ in failures],
-            )
-            handle.attrs.update(
-                format=ARTIFACTS_FORMAT,
-                format_version=FORMAT_VERSION,
+            writer.finish(
+                ARTIFACTS_FORMAT,
                 image_size=size,
                 index_hash=index.index_hash,
                 index_path=os.path.abspath(index.path),
                 label_names=json.dumps(label_names),
                 spaces=json.dumps([s.value for s in spaces]),
-                n_samples=sum(counts.values()),
-                **provenance(),
+                n_samples=writer.n_rows,
             )
     return ExtractResult(os.fspath(out), label_names, counts, list(spaces), failures, time.perf_counter() - started)
 
 
 @dataclass
-class ArtifactSet:
-    """One space's artifacts (or a baseline's inputs) loaded in memory, for training and evaluation."""
+class LabelledSamples:
+    """The labelled rows of an artifacts file, which every input made from them shares."""
 
-    artifacts: np.ndarray  # (n, *shape) float32
-    labels: np.ndarray  # (n,) int64
+    labels: np.ndarray  # (n,) int64, indices into label_names
     label_names: list[str]
-    space: Space | None  # None for a baseline's inputs, which are not artifacts
     image_size: int
     index_hash: str
-    weights_source: str = ""
-    weights_sha256: str = ""
-    paths: list[str] = field(default_factory=list)
+    paths: list[str]
+
+    def subset(self, rows: np.ndarray) -> LabelledSamples:
+        return replace(self, labels=self.labels[rows], paths=[self.paths[i] for i in rows])
+
+
+@dataclass
+class ArtifactSet:
+    """One space's artifacts φ(x) − φ(x*), (n, *space.artifact_shape) float32."""
+
+    samples: LabelledSamples
+    space: Space
+    artifacts: np.ndarray
+    backbone: BackboneWeights | None = None  # the sl/ssl weights the artifacts were made with
+
+
+@dataclass
+class PixelSet:
+    """The decoded images of an artifacts file, (n, S, S, 3) uint8 (what baselines train on)."""
+
+    samples: LabelledSamples
+    pixels: np.ndarray
 
 
 @contextlib.contextmanager
@@ -267,15 +263,14 @@ def _open_artifacts(path: str | os.PathLike):
         yield handle
 
 
-def _sample_fields(handle) -> dict:
-    """The ArtifactSet fields every space shares: labels, names, size, index hash, paths."""
-    return {
-        "labels": handle["samples/label"][...].astype(np.int64),
-        "label_names": json_attr(handle.attrs, "label_names"),
-        "image_size": int(handle.attrs["image_size"]),
-        "index_hash": str(handle.attrs["index_hash"]),
-        "paths": list(handle["samples/path"].asstr()[...]),
-    }
+def _samples(handle) -> LabelledSamples:
+    return LabelledSamples(
+        labels=handle["samples/label"][...].astype(np.int64),
+        label_names=json_attr(handle.attrs, "label_names"),
+        image_size=int(handle.attrs["image_size"]),
+        index_hash=str(handle.attrs["index_hash"]),
+        paths=list(handle["samples/path"].asstr()[...]),
+    )
 
 
 def artifact_spaces(path: str | os.PathLike) -> list[Space]:
@@ -295,16 +290,13 @@ def load_artifacts(path: str | os.PathLike, space: Space) -> ArtifactSet:
         if space.value not in held:
             raise UsageError(f"{path} has no {space.value!r} artifacts (it holds: {', '.join(held)})")
         group = handle[f"spaces/{space.value}"]
-        return ArtifactSet(
-            artifacts=group["artifacts"][...],
-            space=space,
-            weights_source=str(group.attrs.get("weights_source", "")),
-            weights_sha256=str(group.attrs.get("weights_sha256", "")),
-            **_sample_fields(handle),
-        )
+        backbone = None
+        if space.needs_backbone:
+            backbone = BackboneWeights(str(group.attrs["weights_source"]), str(group.attrs["weights_sha256"]))
+        return ArtifactSet(_samples(handle), space, group["artifacts"][...], backbone)
 
 
-def load_samples(path: str | os.PathLike) -> ArtifactSet:
-    """The decoded images of an artifacts file as an ArtifactSet of (n, S, S, 3) uint8 (``space`` None)."""
+def load_pixels(path: str | os.PathLike) -> PixelSet:
+    """The decoded images of an artifacts file."""
     with _open_artifacts(path) as handle:
-        return ArtifactSet(artifacts=handle["samples/pixels"][...], space=None, **_sample_fields(handle))
+        return PixelSet(_samples(handle), handle["samples/pixels"][...])

@@ -16,13 +16,11 @@ import numpy as np
 
 from .artifacts import compute_artifacts
 from .errors import FormatError, MismatchError, UsageError
-from .export import file_sha256
-from .formats import ONNX_METADATA_KEY, provenance
-from .inputs import attributor_inputs
-from .images import DEFAULT_MAX_PIXELS, DecodedImage, FailedImage, count_images, decode_folder, display_path
+from .formats import ONNX_METADATA_KEY, file_sha256, provenance
+from .images import DecodedImage, FailedImage, decode_folder, display_path
+from .inputs import InputKind, attributor_inputs
 from .manifold import RealIndex
-from .progress import SILENT, Progress
-from .runtime import compute_threads
+from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import Embedder, PixelEmbedder, Space, pixels_to_float
 
 
@@ -65,7 +63,7 @@ class OnnxAttributor:
         self.space = Space(self.card["space"])
         self.image_size = int(self.card["image_size"])
         self.index_hash: str = self.card["index_hash"]
-        self.input_kind: str = self.card.get("input", "artifact")
+        self.input_kind = InputKind(self.card.get("input", InputKind.ARTIFACT.value))
         self.sha256 = file_sha256(self.path)
         self.embedder: Embedder = PixelEmbedder(self.space)
         if self.space.needs_backbone:
@@ -122,21 +120,14 @@ class Attribution:
         self,
         model: str | os.PathLike,
         index: str | os.PathLike,
+        *,
         top_k: int = 3,
-        batch_size: int = 64,
-        workers: int = 1,
-        threads: int | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        settings: RunSettings = DEFAULT_SETTINGS,
     ) -> None:
         if top_k < 1:
-            raise UsageError("--top-k must be at least 1")
-        if batch_size < 1:
-            raise UsageError("--batch-size must be at least 1")
-        threads = compute_threads(workers, threads)
-        import faiss
-
-        faiss.omp_set_num_threads(threads)
-        self.model = OnnxAttributor(model, threads)
+            raise UsageError(f"top_k must be at least 1, got {top_k}")
+        self.settings = settings
+        self.model = OnnxAttributor(model, settings.compute_threads)
         self.index = RealIndex(index)
         try:
             self.model.check_index(self.index)
@@ -144,7 +135,6 @@ class Attribution:
             self.index.close()
             raise
         self.top_k = min(top_k, len(self.model.classes))
-        self.batch_size, self.workers, self.max_pixels = batch_size, workers, max_pixels
 
     def __enter__(self) -> Attribution:
         return self
@@ -166,14 +156,11 @@ class Attribution:
             "suspects": [display_path(os.path.abspath(root)) for root in roots],
         }
 
-    def count(self, roots: Sequence[str | os.PathLike]) -> int:
-        return count_images(roots)
-
-    def rows(self, roots: Sequence[str | os.PathLike], progress: Progress = SILENT) -> Iterator[AttributionRow]:
+    def rows(self, roots: Sequence[str | os.PathLike]) -> Iterator[AttributionRow]:
         """Attribute every image under ``roots``, in discovery order, one row per file."""
         space = self.model.space
         embedders = {space: self.model.embedder}
-        for batch in decode_folder(roots, self.model.image_size, self.batch_size, self.workers, self.max_pixels):
+        for batch in decode_folder(roots, self.model.image_size, self.settings):
             decoded = [item for item in batch if isinstance(item, DecodedImage)]
             results: dict[int, AttributionRow] = {}
             if decoded:
@@ -202,4 +189,4 @@ class Attribution:
                     yield AttributionRow(display_path(item.path), item.sha256, error=item.error)
                 else:
                     yield results[id(item)]
-            progress.advance(len(batch))
+            self.settings.progress.advance(len(batch))

@@ -15,7 +15,6 @@ to their scale).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -25,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import ExportParityError, UsageError
-from .formats import ONNX_METADATA_KEY, atomic_output, utc_now
-from .spaces import Space, load_backbone
+from .errors import ExportParityError, MismatchError, UsageError
+from .formats import ONNX_METADATA_KEY, atomic_output, file_sha256, utc_now
+from .spaces import BackboneWeights, Space, load_backbone
+from .train import load_checkpoint
 
 DEFAULT_TOLERANCE = 1e-4
 OPSET = 18
@@ -41,14 +41,6 @@ class ExportResult:
     max_embedding_diff: float | None
     tolerance: float
     seconds: float
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def backbone_path_for(model_path: str | os.PathLike) -> Path:
@@ -122,7 +114,9 @@ def _check_backbone(module, path: Path, image_size: int, tolerance: float) -> fl
         got = session.run(["embedding"], {"image": images})[0]
         worst = max(worst, float(np.abs(got - expected).max() / max(1e-6, np.abs(expected).max())))
     if worst > tolerance * 10:  # ResNet50's 50 layers accumulate more float32 rounding than a head
-        raise ExportParityError(f"backbone ONNX differs from PyTorch by {worst:.2e} (relative), over {tolerance * 10:.0e}")
+        raise ExportParityError(
+            f"backbone ONNX differs from PyTorch by {worst:.2e} (relative), over {tolerance * 10:.0e}"
+        )
     return worst
 
 
@@ -167,16 +161,17 @@ def export_onnx(
     """
     import torch
 
-    from .errors import MismatchError
-    from .spaces import BackboneWeights
-    from .train import load_checkpoint
-
     started = time.perf_counter()
     out = Path(out)
     if out.suffix != ".onnx":
-        raise UsageError(f"--out must end in .onnx, got {out}")
+        raise UsageError(f"the ONNX model file must end in .onnx, got {out}")
     model, metadata = load_checkpoint(checkpoint)
     input_shape = tuple(metadata["input_shape"])
+    if metadata.get("space") is None:
+        raise UsageError(
+            f"{checkpoint} was trained on {metadata.get('input')} inputs, which no embedding space gives at "
+            "attribution time; only attributors trained by `manifpt train` can be exported"
+        )
     space = Space(metadata["space"])
     card = {**metadata, "exported_utc": utc_now(), "exported_by": __version__, "parity_tolerance": tolerance}
     embedding_diff = None

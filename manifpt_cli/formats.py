@@ -7,24 +7,28 @@ readers check both and raise :class:`FormatError` on anything else.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .errors import FormatError
+from .errors import FormatError, UsageError
 
 FORMAT_VERSION = 1
 INDEX_FORMAT = "manifpt-real-index"
 ARTIFACTS_FORMAT = "manifpt-artifacts"
 CHECKPOINT_FORMAT = "manifpt-attributor"
+ZOO_FORMAT = "manifpt-zoo-generator"
 ONNX_METADATA_KEY = "manifpt"  # ONNX metadata_props key holding the JSON model card
 
-RESIZE_POLICY = "centre-crop to square, then Lanczos (shrink) / bicubic (enlarge) to size×size; untouched if already size×size"
+RESIZE_POLICY = (
+    "centre-crop to square, then Lanczos (shrink) / bicubic (enlarge) to size×size; untouched if already size×size"
+)
 METRIC = "squared_l2"
 
 
@@ -52,6 +56,41 @@ def check_format(attrs: Mapping, expected: str, path: str | os.PathLike) -> None
         )
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# First bytes of the files people point manifpt at by mistake, to say what a file is instead.
+_SIGNATURES = (
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (a manifpt index or artifacts file?)"),
+    (b"PK\x03\x04", "a zip archive (a PyTorch checkpoint?)"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+)
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    """A few words on what ``path`` holds, judged by its first bytes and name, for error messages."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(8)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if not start:
+        return "an empty file"
+    for signature, kind in _SIGNATURES:
+        if start.startswith(signature):
+            return kind
+    if os.fspath(path).lower().endswith(".onnx"):
+        return "an ONNX model, judging by its name"
+    return "not a file manifpt recognises"
+
+
 def json_attr(attrs: Mapping, key: str):
     """Decode a JSON-valued HDF5/ONNX attribute."""
     value = attrs[key]
@@ -76,7 +115,41 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             temporary.unlink()
 
 
-# --- HDF5 helpers shared by the index and artifacts writers -------------------------------------
+# --- PyTorch checkpoints (attributors and zoo generators) ---------------------------------------
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: Mapping, metadata: dict) -> None:
+    """Write ``{"state_dict", "metadata": "<JSON>"}`` atomically; loads with ``weights_only=True``."""
+    import torch
+
+    with atomic_output(path) as partial:
+        torch.save({"state_dict": dict(state_dict), "metadata": json.dumps(metadata)}, partial)
+
+
+def load_checkpoint_payload(path: str | os.PathLike, expected: str) -> tuple[dict, dict]:
+    """(state dict, metadata) of a checkpoint of format ``expected``, read once and safely.
+
+    Raises:
+        UsageError: there is no such file.
+        FormatError: the file is not a manifpt checkpoint of that format and version.
+    """
+    import torch
+
+    if not os.path.isfile(path):
+        raise UsageError(f"no such checkpoint file: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        metadata = json.loads(payload["metadata"])
+        state = payload["state_dict"]
+    except Exception:
+        raise FormatError(
+            f"{path} is not a {expected} checkpoint: it is {describe_file(path)}, or a damaged one"
+        ) from None
+    check_format(metadata, expected, path)
+    return state, metadata
+
+
+# --- HDF5 files of decoded samples (the index and the artifacts file) ---------------------------
 
 
 def h5_string_dtype():
@@ -86,21 +159,94 @@ def h5_string_dtype():
     return h5py.string_dtype("utf-8")
 
 
-def create_growing(group, name: str, row_shape: tuple[int, ...] = (), dtype="f4"):
+def _create_growing(group, name: str, row_shape: Sequence[int] = (), dtype="f4"):
     """An empty dataset that grows along axis 0, chunked at about 1 MiB."""
     row_bytes = 4 * int(np.prod(row_shape)) if row_shape else 64
     rows = max(1, min(1024, 2**20 // row_bytes))
-    return group.create_dataset(name, (0, *row_shape), maxshape=(None, *row_shape), dtype=dtype, chunks=(rows, *row_shape))
+    return group.create_dataset(
+        name, (0, *row_shape), maxshape=(None, *row_shape), dtype=dtype, chunks=(rows, *row_shape)
+    )
 
 
-def append_rows(dataset, rows) -> None:
-    """Append ``rows`` to a dataset made by :func:`create_growing`."""
+def _append_rows(dataset, rows) -> None:
     start = dataset.shape[0]
     dataset.resize(start + len(rows), axis=0)
     dataset[start:] = rows
 
 
-def write_string_columns(group, **columns: list[str]) -> None:
-    """Write equal-length lists of strings as UTF-8 string datasets of ``group``."""
-    for name, values in columns.items():
-        group.create_dataset(name, data=values, dtype=h5_string_dtype())
+# A per-sample column: (shape of one row, HDF5 dtype).
+Column = tuple[tuple[int, ...], object]
+
+
+class SampleFile:
+    """Streams decoded samples, their per-space data and their failures into one HDF5 file.
+
+    It owns the layout both sample files share: ``/<rows>/path`` (absolute, display-safe UTF-8),
+    ``/<rows>/sha256`` and any further per-sample columns, ``/spaces/<space>/<dataset>``,
+    ``/failures/path`` and ``/failures/error`` (plus extra failure columns), and the root
+    attributes with ``format``, ``format_version`` and provenance. Open it with :func:`sample_file`.
+    """
+
+    def __init__(self, handle, rows: str, columns: Mapping[str, Column], failure_columns: Sequence[str]) -> None:
+        self.handle = handle
+        group = handle.create_group(rows)
+        self._rows = {"path": _create_growing(group, "path", dtype=h5_string_dtype())}
+        self._rows["sha256"] = _create_growing(group, "sha256", dtype="S64")
+        for name, (shape, dtype) in columns.items():
+            self._rows[name] = _create_growing(group, name, shape, dtype)
+        self._spaces: dict[str, dict] = {}
+        self._failures: dict[str, list[str]] = {name: [] for name in ("path", "error", *failure_columns)}
+        self.n_rows = 0
+
+    def add_space(self, space: str, datasets: Mapping[str, Column], **attrs) -> None:
+        """Create ``/spaces/<space>`` with growing ``datasets`` and the group's attributes."""
+        group = self.handle.create_group(f"spaces/{space}")
+        group.attrs.update(attrs)
+        self._spaces[space] = {
+            name: _create_growing(group, name, shape, dtype) for name, (shape, dtype) in datasets.items()
+        }
+
+    def space_group(self, space: str):
+        return self.handle[f"spaces/{space}"]
+
+    def append(self, paths: Sequence[str], sha256: Sequence[str], **columns) -> None:
+        """Append one batch of samples: their paths, SHA-256s and every other per-sample column."""
+        from .images import display_path
+
+        _append_rows(self._rows["path"], np.array([display_path(os.path.abspath(p)) for p in paths], dtype=object))
+        _append_rows(self._rows["sha256"], np.array([s.encode() for s in sha256], dtype="S64"))
+        for name, values in columns.items():
+            _append_rows(self._rows[name], values)
+        self.n_rows += len(paths)
+
+    def append_space(self, space: str, **datasets) -> None:
+        """Append the same batch's rows to ``space``'s datasets."""
+        for name, values in datasets.items():
+            _append_rows(self._spaces[space][name], values)
+
+    def fail(self, path: str, error: str, **extra: str) -> None:
+        """Record a file that could not be used, with the reason."""
+        from .images import display_path
+
+        self._failures["path"].append(display_path(os.path.abspath(path)))
+        self._failures["error"].append(error)
+        for name, value in extra.items():
+            self._failures[name].append(value)
+
+    def finish(self, fmt: str, **attrs) -> None:
+        """Write the failures and the root attributes (format, version, provenance, ``attrs``)."""
+        group = self.handle.create_group("failures")
+        for name, values in self._failures.items():
+            group.create_dataset(name, data=values, dtype=h5_string_dtype())
+        self.handle.attrs.update(format=fmt, format_version=FORMAT_VERSION, **provenance(), **attrs)
+
+
+@contextlib.contextmanager
+def sample_file(
+    out: str | os.PathLike, rows: str, columns: Mapping[str, Column] = (), failure_columns: Sequence[str] = ()
+) -> Iterator[SampleFile]:
+    """A :class:`SampleFile` written atomically to ``out``: it appears only if the block succeeds."""
+    import h5py
+
+    with atomic_output(out) as partial, h5py.File(partial, "w") as handle:
+        yield SampleFile(handle, rows, dict(columns), failure_columns)

@@ -28,9 +28,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageDecodeError, UsageError
+from .settings import DEFAULT_MAX_PIXELS, RunSettings
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
-DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels: far above any generator output or photo
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -133,9 +133,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
         return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8)).convert("RGB")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -245,15 +243,17 @@ def iter_batches(items: Iterable[T], batch_size: int) -> Iterator[list[T]]:
 
 
 def decode_folder(
-    roots: Iterable[str | os.PathLike],
-    size: int,
-    batch_size: int,
-    workers: int = 1,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    roots: Iterable[str | os.PathLike], size: int, settings: RunSettings
 ) -> Iterator[list[DecodedImage | FailedImage]]:
     """Discover and decode everything under ``roots``, in batches, in discovery order."""
-    results = ordered_map(lambda found: try_decode(found, size, max_pixels), discover_images(roots), workers)
-    yield from iter_batches(results, batch_size)
+    decode = lambda found: try_decode(found, size, settings.max_pixels)  # noqa: E731
+    yield from iter_batches(ordered_map(decode, discover_images(roots), settings.workers), settings.batch_size)
+
+
+def split_batch(batch: list[DecodedImage | FailedImage]) -> tuple[list[DecodedImage], list[FailedImage]]:
+    """(decoded images, failed files) of one batch, each in discovery order."""
+    decoded = [item for item in batch if isinstance(item, DecodedImage)]
+    return decoded, [item for item in batch if isinstance(item, FailedImage)]
 
 
 def count_images(roots: Iterable[str | os.PathLike]) -> int:

@@ -5,52 +5,91 @@
 - ``image+artifact``: both stacked on the channel axis, (6, S, S), for the image spaces. Weak
   generators whose content differs from real photos are often easier to tell apart on pixels;
   subtracting the nearest real image removes that signal and adds the neighbour's structure.
+- ``spectrum``: a baseline's hand-made features of the image (research only; not exportable).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import Enum
 
 import numpy as np
 
-from .artifacts import ArtifactSet, load_artifacts, load_samples
-from .errors import UsageError
-from .spaces import Space, pixels_to_float
-
-INPUT_KINDS = ("artifact", "image", "image+artifact")
+from .artifacts import ArtifactSet, LabelledSamples, PixelSet, artifact_spaces, load_artifacts, load_pixels
+from .spaces import BackboneWeights, Space, default_arch, pixels_to_float
 
 
-def attributor_inputs(kind: str, pixels: np.ndarray, artifacts: np.ndarray) -> np.ndarray:
+class InputKind(str, Enum):
+    """What an attributor's input array holds; the value is stored in checkpoints and model cards."""
+
+    ARTIFACT = "artifact"
+    IMAGE = "image"
+    IMAGE_ARTIFACT = "image+artifact"
+    SPECTRUM = "spectrum"
+
+
+def attributor_inputs(kind: InputKind, pixels: np.ndarray, artifacts: np.ndarray) -> np.ndarray:
     """The network input for (n, S, S, 3) uint8 ``pixels`` and their (n, *shape) ``artifacts``."""
-    if kind == "artifact":
+    if kind is InputKind.ARTIFACT:
         return artifacts
-    if kind == "image":
+    if kind is InputKind.IMAGE:
         return pixels_to_float(pixels)
-    if kind == "image+artifact":
+    if kind is InputKind.IMAGE_ARTIFACT:
         return np.concatenate([pixels_to_float(pixels), artifacts.astype(np.float32, copy=False)], axis=1)
-    raise UsageError(f"unknown attributor input {kind!r}; known: {', '.join(INPUT_KINDS)}")
+    raise ValueError(f"{kind.value} inputs are not built from pixels and artifacts")
 
 
 @dataclass
-class Candidate:
-    """One input ``--space auto`` tries: its name, kind, the space whose neighbour it needs, and data."""
+class TrainingSet:
+    """What an attributor trains on: one input per labelled sample, and what those inputs are.
 
-    name: str
-    kind: str
-    space: Space
-    data: ArtifactSet
+    ``space`` is the embedding space whose nearest real image the input needs (for ``image``, the
+    space attribution still reports a manifold distance in); None for baseline inputs, which
+    cannot be exported.
+    """
+
+    samples: LabelledSamples
+    inputs: np.ndarray  # (n, *input_shape)
+    kind: InputKind
+    name: str  # how tables name it: "freq", "image+rgb", "yu19", ...
+    space: Space | None = None
+    backbone: BackboneWeights | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.inputs.shape[1:])
+
+    @property
+    def default_arch(self) -> str:
+        return default_arch(self.input_shape)
+
+    def subset(self, rows: np.ndarray) -> TrainingSet:
+        return replace(self, samples=self.samples.subset(rows), inputs=self.inputs[rows])
 
 
-def auto_candidates(artifacts_path, spaces: list[Space]) -> list[Candidate]:
+def artifact_training_set(data: ArtifactSet) -> TrainingSet:
+    """A space's artifacts as attributor inputs (ManiFPT itself)."""
+    return TrainingSet(data.samples, data.artifacts, InputKind.ARTIFACT, data.space.value, data.space, data.backbone)
+
+
+def pixel_training_set(pixels: PixelSet, kind: InputKind, name: str, inputs: np.ndarray) -> TrainingSet:
+    """A training set computed from the decoded images alone (baselines)."""
+    return TrainingSet(pixels.samples, inputs, kind, name)
+
+
+def auto_candidates(artifacts_path) -> list[TrainingSet]:
     """Every space's artifacts, the raw image, and image+artifact for each image space."""
-    candidates = [Candidate(space.value, "artifact", space, load_artifacts(artifacts_path, space)) for space in spaces]
+    spaces = artifact_spaces(artifacts_path)
+    per_space = {space: load_artifacts(artifacts_path, space) for space in spaces}
+    candidates = [artifact_training_set(data) for data in per_space.values()]
     image_spaces = [space for space in spaces if not space.needs_backbone]
     if image_spaces:
-        pixels = load_samples(artifacts_path).artifacts
-        first = candidates[spaces.index(image_spaces[0])].data
-        candidates.append(Candidate("image", "image", image_spaces[0], replace(first, artifacts=attributor_inputs("image", pixels, first.artifacts))))
+        pixels = load_pixels(artifacts_path).pixels
+        first = per_space[image_spaces[0]]
+        image = attributor_inputs(InputKind.IMAGE, pixels, first.artifacts)
+        candidates.append(TrainingSet(first.samples, image, InputKind.IMAGE, "image", first.space))
         for space in image_spaces:
-            base = candidates[spaces.index(space)].data
-            joint = attributor_inputs("image+artifact", pixels, base.artifacts)
-            candidates.append(Candidate(f"image+{space.value}", "image+artifact", space, replace(base, artifacts=joint)))
+            data = per_space[space]
+            joint = attributor_inputs(InputKind.IMAGE_ARTIFACT, pixels, data.artifacts)
+            candidates.append(TrainingSet(data.samples, joint, InputKind.IMAGE_ARTIFACT, f"image+{space.value}", space))
     return candidates

@@ -28,23 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UsageError
-from .formats import (
-    FORMAT_VERSION,
-    INDEX_FORMAT,
-    METRIC,
-    RESIZE_POLICY,
-    append_rows,
-    atomic_output,
-    check_format,
-    create_growing,
-    h5_string_dtype,
-    provenance,
-    write_string_columns,
-)
-from .images import DEFAULT_MAX_PIXELS, DecodedImage, FailedImage, count_images, decode_folder, display_path
-from .progress import SILENT, Progress
-from .runtime import compute_threads, configure_threads
+from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, sample_file
+from .images import FailedImage, count_images, decode_folder, display_path, split_batch
+from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import Embedder, Space, make_embedder
+
 
 @dataclass
 class IndexBuildResult:
@@ -76,31 +64,25 @@ def build_index(
     roots: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     spaces: Sequence[Space],
+    *,
     size: int = 32,
     faiss_factory: str = "Flat",
     weights: dict[Space, str | None] | None = None,
-    batch_size: int = 64,
-    workers: int = 1,
-    threads: int | None = None,
-    device: str = "cpu",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    progress: Progress = SILENT,
+    settings: RunSettings = DEFAULT_SETTINGS,
 ) -> IndexBuildResult:
     """Embed every real image under ``roots`` in each space and write the index to ``out``.
 
     Files that cannot be decoded are listed in ``/failures`` and in the result, never fatal.
 
     Raises:
-        UsageError: no decodable image was found, or a bad option.
+        UsageError: no decodable image was found, or a bad argument.
         WeightsNotFoundError: sl/ssl weights are missing.
     """
     import faiss
-    import h5py
 
     started = time.perf_counter()
-    configure_threads(compute_threads(workers, threads))
     weights = weights or {}
-    embedders: dict[Space, Embedder] = {s: make_embedder(s, weights.get(s), device) for s in spaces}
+    embedders: dict[Space, Embedder] = {s: make_embedder(s, weights.get(s), settings.device) for s in spaces}
     total = count_images(roots)
     if total == 0:
         raise UsageError(f"no image files found under: {', '.join(display_path(r) for r in roots)}")
@@ -108,50 +90,47 @@ def build_index(
     failures: list[FailedImage] = []
     file_digest = hashlib.sha256()
     space_digests = {space: hashlib.sha256() for space in spaces}
-    n_images = 0
-    with atomic_output(out) as partial, h5py.File(partial, "w") as handle:
-        files = handle.create_group("files")
-        paths_ds = create_growing(files, "path", dtype=h5_string_dtype())
-        sha_ds = create_growing(files, "sha256", dtype="S64")
-        groups = {}
+    progress = settings.progress
+    with sample_file(out, "files") as writer:
         for space, embedder in embedders.items():
-            dim = int(np.prod(space.artifact_shape(size)))
-            group = handle.create_group(f"spaces/{space.value}")
-            create_growing(group, "embeddings", (dim,))
-            group.attrs.update(
+            shape = space.artifact_shape(size)
+            dim = int(np.prod(shape))
+            backbone = getattr(embedder, "weights", None)
+            extra = {"weights_source": backbone.source, "weights_sha256": backbone.sha256} if backbone else {}
+            writer.add_space(
+                space.value,
+                {"embeddings": ((dim,), "f4")},
                 embedding_space=space.value,
                 dim=dim,
-                shape=json.dumps(space.artifact_shape(size)),
+                shape=json.dumps(shape),
                 metric=METRIC,
                 faiss_factory=faiss_factory,
+                **extra,
             )
-            backbone = getattr(embedder, "weights", None)
-            if backbone is not None:
-                group.attrs.update(weights_source=backbone.source, weights_sha256=backbone.sha256)
-            groups[space] = group
 
         progress.start("Embedding real images", total)
-        for batch in decode_folder(roots, size, batch_size, workers, max_pixels):
-            decoded = [item for item in batch if isinstance(item, DecodedImage)]
-            failures.extend(item for item in batch if isinstance(item, FailedImage))
+        for batch in decode_folder(roots, size, settings):
+            decoded, failed = split_batch(batch)
+            failures.extend(failed)
+            for item in failed:
+                writer.fail(item.path, item.error)
             if decoded:
                 pixels = np.stack([item.pixels for item in decoded])
-                shas = [item.sha256.encode() for item in decoded]
-                append_rows(paths_ds, np.array([display_path(os.path.abspath(item.path)) for item in decoded], dtype=object))
-                append_rows(sha_ds, np.array(shas, dtype="S64"))
+                shas = [item.sha256 for item in decoded]
+                writer.append([item.path for item in decoded], shas)
                 for sha in shas:
-                    file_digest.update(sha)
+                    file_digest.update(sha.encode())
                 for space, embedder in embedders.items():
                     vectors = np.ascontiguousarray(embedder(pixels), dtype=np.float32)
-                    append_rows(groups[space]["embeddings"], vectors)
+                    writer.append_space(space.value, embeddings=vectors)
                     space_digests[space].update(vectors.tobytes())
-                n_images += len(decoded)
             progress.advance(len(batch))
-        if n_images == 0:
+        if writer.n_rows == 0:
             raise UsageError(f"none of the {total} files under the real folders could be decoded (see the errors)")
 
         progress.start("Building FAISS indexes", len(spaces))
-        for space, group in groups.items():
+        for space in spaces:
+            group = writer.space_group(space.value)
             index = build_faiss_index(group["embeddings"][...], faiss_factory)
             group.create_dataset("faiss_index", data=faiss.serialize_index(index))
             progress.advance(1)
@@ -159,23 +138,16 @@ def build_index(
         index_hash = hashlib.sha256(f"{INDEX_FORMAT}:{size}".encode() + file_digest.digest())
         for space in spaces:
             index_hash.update(space.value.encode() + space_digests[space].digest())
-        write_string_columns(
-            handle.create_group("failures"),
-            path=[display_path(os.path.abspath(f.path)) for f in failures],
-            error=[f.error for f in failures],
-        )
-        handle.attrs.update(
-            format=INDEX_FORMAT,
-            format_version=FORMAT_VERSION,
+        writer.finish(
+            INDEX_FORMAT,
             image_size=size,
-            n_images=n_images,
+            n_images=writer.n_rows,
             spaces=json.dumps([s.value for s in spaces]),
             index_hash=index_hash.hexdigest(),
             resize_policy=RESIZE_POLICY,
-            **provenance(),
         )
     return IndexBuildResult(
-        os.fspath(out), n_images, list(spaces), index_hash.hexdigest(), failures, time.perf_counter() - started
+        os.fspath(out), writer.n_rows, list(spaces), index_hash.hexdigest(), failures, time.perf_counter() - started
     )
 
 

@@ -8,29 +8,19 @@ hash, backbone weights, architecture and the training configuration with its his
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .artifacts import ArtifactSet, load_artifacts
-from .errors import FormatError, UsageError
-from .formats import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_output, provenance
+from .artifacts import load_artifacts
+from .errors import UsageError
+from .formats import CHECKPOINT_FORMAT, FORMAT_VERSION, load_checkpoint_payload, provenance, save_checkpoint
+from .inputs import TrainingSet, artifact_training_set, auto_candidates
 from .progress import SILENT, Progress
-from .runtime import compute_threads, configure_threads
+from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import Space
-
-
-def default_arch(space: Space) -> str:
-    """The small CNN for image-shaped artifacts, an MLP for 2048-d feature artifacts.
-
-    The paper's attributor is ResNet50-based (``--arch resnet50``). On CPU and at ~50 images per
-    class the small CNN was both ~10× faster and more accurate than resnet18 (README, "Choosing an
-    attributor"), so it is the default; pass ``--arch resnet50`` for the paper's setting on a GPU.
-    """
-    return "mlp" if space.needs_backbone else "small"
 
 
 @dataclass
@@ -106,8 +96,9 @@ def _evaluate(model, x, y, batch_size: int) -> tuple[float, float]:
 
 
 def fit(
-    data: ArtifactSet,
+    data: TrainingSet,
     config: TrainConfig,
+    *,
     device: str = "cpu",
     progress: Progress = SILENT,
     augment=None,
@@ -122,33 +113,33 @@ def fit(
 
     from models import create_model
 
-    if config.arch is None and data.space is None:
-        raise UsageError("inputs that are not artifacts need an explicit architecture")
-    arch = config.arch or default_arch(data.space)
-    what = f"{data.space.value} artifacts" if data.space else "inputs"
-    n_classes = len(data.label_names)
-    present = np.unique(data.labels)
+    if config.epochs < 1:
+        raise UsageError(f"epochs must be at least 1, got {config.epochs}")
+    arch = config.arch or data.default_arch
+    labels = data.samples.labels
+    n_classes = len(data.samples.label_names)
+    present = np.unique(labels)
     if len(present) < 2:
         raise UsageError(f"training needs at least two classes with samples; found {len(present)}")
-    train_idx, val_idx = stratified_split(data.labels, config.val_fraction, config.seed)
+    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
     if len(val_idx) == 0:
         raise UsageError("too few samples for a validation split: give each class at least two images")
 
     torch.manual_seed(config.seed)
     try:
-        model = create_model(arch, data.artifacts.shape[1:], n_classes)
+        model = create_model(arch, data.input_shape, n_classes)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    mean, std = _standardize_stats(data.artifacts[train_idx].astype(np.float32, copy=False))
+    inputs = data.inputs.astype(np.float32, copy=False)
+    mean, std = _standardize_stats(inputs[train_idx])
     model.standardize.mean.copy_(torch.from_numpy(mean))
     model.standardize.std.copy_(torch.from_numpy(std))
     model.to(device)
 
-    artifacts = data.artifacts.astype(np.float32, copy=False)
-    x_train = torch.from_numpy(artifacts[train_idx]).to(device)
-    y_train = torch.from_numpy(data.labels[train_idx]).to(device)
-    x_val = torch.from_numpy(artifacts[val_idx]).to(device)
-    y_val = torch.from_numpy(data.labels[val_idx]).to(device)
+    x_train = torch.from_numpy(inputs[train_idx]).to(device)
+    y_train = torch.from_numpy(labels[train_idx]).to(device)
+    x_val = torch.from_numpy(inputs[val_idx]).to(device)
+    y_val = torch.from_numpy(labels[val_idx]).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
     generator = torch.Generator().manual_seed(config.seed)
@@ -156,7 +147,7 @@ def fit(
     history: list[EpochStats] = []
     best_state, best = None, None
     batch_size = min(config.batch_size, len(x_train))
-    progress.start(f"Training {arch} on {what}", config.epochs)
+    progress.start(f"Training {arch} on {data.name}", config.epochs)
     for epoch in range(1, config.epochs + 1):
         model.train()
         order = torch.randperm(len(x_train), generator=generator).to(device)
@@ -177,8 +168,10 @@ def fit(
         val_loss, val_accuracy = _evaluate(model, x_val, y_val, 256)
         stats = EpochStats(epoch, total_loss / n_used, correct / n_used, val_loss, val_accuracy)
         history.append(stats)
-        if best is None or val_accuracy > best.val_accuracy or (
-            val_accuracy == best.val_accuracy and val_loss < best.val_loss
+        if (
+            best is None
+            or val_accuracy > best.val_accuracy
+            or (val_accuracy == best.val_accuracy and val_loss < best.val_loss)
         ):
             best = stats
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -194,13 +187,13 @@ def fit(
         "format_version": FORMAT_VERSION,
         **provenance(),
         "arch": arch,
-        "input_shape": list(data.artifacts.shape[1:]),
-        "classes": list(data.label_names),
+        "input_shape": list(data.input_shape),
+        "classes": list(data.samples.label_names),
         "space": data.space.value if data.space else None,
-        "input": "artifact",
-        "image_size": data.image_size,
-        "index_hash": data.index_hash,
-        "backbone": {"source": data.weights_source, "sha256": data.weights_sha256} if data.space and data.space.needs_backbone else None,
+        "input": data.kind.value,
+        "image_size": data.samples.image_size,
+        "index_hash": data.samples.index_hash,
+        "backbone": {"source": data.backbone.source, "sha256": data.backbone.sha256} if data.backbone else None,
         "training": {
             **asdict(config),
             "arch": arch,
@@ -214,90 +207,63 @@ def fit(
     return model, metadata, history
 
 
-def save_checkpoint(path: str | os.PathLike, model, metadata: dict) -> None:
-    """Write a state dict plus JSON metadata, atomically."""
-    import torch
-
-    with atomic_output(path) as partial:
-        torch.save({"state_dict": model.state_dict(), "metadata": json.dumps(metadata)}, partial)
-
-
 def load_checkpoint(path: str | os.PathLike):
-    """Load a checkpoint safely (``weights_only=True``); returns (model in eval mode, metadata).
+    """Load an attributor checkpoint safely (``weights_only=True``); returns (model in eval mode, metadata).
 
     Raises:
         FormatError: the file is not a manifpt attributor checkpoint.
     """
-    import torch
-
     from models import create_model
 
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        metadata = json.loads(payload["metadata"])
-    except FileNotFoundError:
-        raise UsageError(f"no such checkpoint: {path}") from None
-    except Exception as exc:
-        raise FormatError(f"{path} is not a manifpt checkpoint (or is corrupt): {exc}") from None
-    if metadata.get("format") != CHECKPOINT_FORMAT or metadata.get("format_version") != FORMAT_VERSION:
-        raise FormatError(f"{path} is not a {CHECKPOINT_FORMAT} v{FORMAT_VERSION} checkpoint")
+    state, metadata = load_checkpoint_payload(path, CHECKPOINT_FORMAT)
     model = create_model(metadata["arch"], metadata["input_shape"], len(metadata["classes"]))
-    model.load_state_dict(payload["state_dict"])
+    model.load_state_dict(state)
     return model.eval(), metadata
 
 
 def train_auto(
     artifacts_path: str | os.PathLike,
     out: str | os.PathLike,
+    *,
     config: TrainConfig | None = None,
-    device: str = "cpu",
-    threads: int | None = None,
-    progress: Progress = SILENT,
+    settings: RunSettings = DEFAULT_SETTINGS,
 ) -> TrainResult:
     """``--space auto``: train on every candidate input, keep the best on the validation split only.
 
     Every candidate sees the same seeded train/validation split (the split depends only on the
     labels and the seed). The choice and the whole validation table go into the metadata.
     """
-    from .artifacts import artifact_spaces
-    from .inputs import auto_candidates
-
     started = time.perf_counter()
-    configure_threads(compute_threads(1, threads))
     config = config or TrainConfig()
     table, best = [], None
-    for candidate in auto_candidates(artifacts_path, artifact_spaces(artifacts_path)):
-        progress.log(f"auto: trying {candidate.name}")
-        model, metadata, history = fit(candidate.data, config, device, progress)
-        metadata["input"] = candidate.kind
+    for candidate in auto_candidates(artifacts_path):
+        settings.progress.log(f"auto: trying {candidate.name}")
+        model, metadata, history = fit(candidate, config, device=settings.device, progress=settings.progress)
         accuracy = metadata["training"]["val_accuracy"]
         table.append({"input": candidate.name, "arch": metadata["arch"], "val_accuracy": accuracy})
         if best is None or accuracy > best[1]["training"]["val_accuracy"]:
             best = (model, metadata, history, candidate.name)
     model, metadata, history, chosen = best
     metadata["auto"] = {"chosen": chosen, "validation": table}
-    metadata["training"]["artifacts_file"] = os.path.abspath(os.fspath(artifacts_path))
-    save_checkpoint(out, model, metadata)
-    return TrainResult(os.fspath(out), metadata, history, time.perf_counter() - started)
+    return _save(out, model, metadata, history, artifacts_path, started)
 
 
 def train_attributor(
     artifacts_path: str | os.PathLike,
     space: Space,
     out: str | os.PathLike,
+    *,
     config: TrainConfig | None = None,
-    device: str = "cpu",
-    threads: int | None = None,
-    progress: Progress = SILENT,
+    settings: RunSettings = DEFAULT_SETTINGS,
 ) -> TrainResult:
     """Load one space of an artifacts file, train an attributor and save the best checkpoint to ``out``."""
     started = time.perf_counter()
-    configure_threads(compute_threads(1, threads))
-    config = config or TrainConfig()
-    if config.epochs < 1:
-        raise UsageError("--epochs must be at least 1")
-    data = load_artifacts(artifacts_path, space)
-    model, metadata, history = fit(data, config, device, progress)
+    data = artifact_training_set(load_artifacts(artifacts_path, space))
+    model, metadata, history = fit(data, config or TrainConfig(), device=settings.device, progress=settings.progress)
+    return _save(out, model, metadata, history, artifacts_path, started)
+
+
+def _save(out, model, metadata: dict, history, artifacts_path, started: float) -> TrainResult:
     metadata["training"]["artifacts_file"] = os.path.abspath(os.fspath(artifacts_path))
-    save_checkpoint(out, model, metadata)
+    save_checkpoint(out, model.state_dict(), metadata)
     return TrainResult(os.fspath(out), metadata, history, time.perf_counter() - started)

@@ -8,11 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .attributors import ATTRIBUTOR_BUILDERS, Attributor, Standardize, build_attributor
-from .backbones import FEATURE_DIM, ResNet50Embedding
+from .backbones import ResNet50Embedding
 
 __all__ = [
     "Attributor",
-    "FEATURE_DIM",
     "ResNet50Embedding",
     "Standardize",
     "create_model",

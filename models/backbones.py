@@ -18,7 +18,6 @@ from torchvision.models import resnet50
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONE_INPUT_SIZE = 224
-FEATURE_DIM = 2048
 
 
 class ResNet50Embedding(nn.Module):

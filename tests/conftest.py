@@ -14,9 +14,8 @@ os.environ.setdefault("COLUMNS", "200")  # pin Rich's console width for stable o
 
 import numpy as np
 import pytest
+from manifpt_cli.research.samples import bundled_photo_paths, random_crops
 from PIL import Image, ImageFilter
-
-from manifpt_cli.samples import bundled_photo_paths, random_crops
 
 SIZE = 32
 
@@ -93,9 +92,3 @@ def artifacts_file(real_index, dataset, tmp_path_factory) -> Path:
     sources = [(name, str(dataset / "train" / name)) for name in SOURCES]
     extract_artifacts(real_index, sources, out)
     return out
-
-
-@pytest.fixture
-def torch_device() -> str:
-    """Tests marked gpu run on TORCH_DEVICE (e.g. cuda); everything else on the CPU."""
-    return os.environ.get("TORCH_DEVICE", "cpu")

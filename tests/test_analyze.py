@@ -6,9 +6,9 @@ import csv
 
 import numpy as np
 import pytest
+from manifpt_cli.research.analyze import cluster_fingerprints, fingerprint_summaries
 from typer.testing import CliRunner
 
-from manifpt_cli.analyze import cluster_fingerprints, fingerprint_summaries
 from manifpt_cli.cli import app
 from manifpt_cli.errors import UsageError
 
@@ -21,7 +21,10 @@ def test_clusters_that_follow_a_factor_score_one():
     centres = {"tconv": rng.normal(0, 1, 16) * 10, "nearest": rng.normal(0, 1, 16) * 10}
     upsample = ["tconv"] * 3 + ["nearest"] * 3
     summaries = {n: centres[u] + rng.normal(0, 0.1, 16) for n, u in zip(names, upsample)}
-    factors = {n: {"upsample": u, "loss": ["ns", "hinge"][i % 2], "norm": "batch"} for i, (n, u) in enumerate(zip(names, upsample))}
+    factors = {
+        n: {"upsample": u, "loss": ["ns", "hinge"][i % 2], "norm": "batch"}
+        for i, (n, u) in enumerate(zip(names, upsample))
+    }
     analysis = cluster_fingerprints(summaries, factors)
     scores = {row["factor"]: row["nmi"] for row in analysis.scores}
     assert scores["upsample"] == pytest.approx(1.0)
@@ -43,10 +46,25 @@ def test_too_few_matched_generators_is_a_usage_error():
 
 def test_analyze_clusters_cli_with_a_factors_csv(artifacts_file, tmp_path):
     factors = tmp_path / "factors.csv"
-    factors.write_text("generator,operation,domain\njpeg,compress,frequency\nblur,filter,spatial\n"
-                       "nearest,resample,spatial\nnoise,additive,spatial\n")  # fmt: skip
-    result = CliRunner().invoke(app, ["analyze", "clusters", "--artifacts", str(artifacts_file), "--space", "freq",
-                                      "--factors", str(factors), "--out", str(tmp_path / "out")])  # fmt: skip
+    factors.write_text(
+        "generator,operation,domain\njpeg,compress,frequency\nblur,filter,spatial\n"
+        "nearest,resample,spatial\nnoise,additive,spatial\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "analyze",
+            "clusters",
+            "--artifacts",
+            str(artifacts_file),
+            "--space",
+            "freq",
+            "--factors",
+            str(factors),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     with open(tmp_path / "out" / "clusters.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -60,17 +78,22 @@ def test_analyze_clusters_cli_with_a_factors_csv(artifacts_file, tmp_path):
 
 def test_zoo_generators_through_extract_evaluate_and_clusters(tmp_path, dataset):
     """The issue's setting in small: real photos → zoo generators → artifacts → evaluate + clusters."""
-    from manifpt_cli.analyze import analyze_clusters
+    from manifpt_cli.research.analyze import analyze_clusters
+    from manifpt_cli.research.evaluate import evaluate
+    from manifpt_cli.research.zoo import make_design, sample_generator, train_generator
+
     from manifpt_cli.artifacts import extract_artifacts
-    from manifpt_cli.evaluate import evaluate
     from manifpt_cli.manifold import build_index
     from manifpt_cli.spaces import Space
     from manifpt_cli.train import TrainConfig
-    from manifpt_cli.zoo import make_design, sample_generator, train_generator
 
     zoo = tmp_path / "zoo"
-    plan = [("gan-tconv", "gan", "tconv", "batch", "ns"), ("gan-nearest", "gan", "nearest", "batch", "hinge"),
-            ("vae-tconv", "vae", "tconv", "batch", None), ("flow", "flow", None, None, None)]  # fmt: skip
+    plan = [
+        ("gan-tconv", "gan", "tconv", "batch", "ns"),
+        ("gan-nearest", "gan", "nearest", "batch", "hinge"),
+        ("vae-tconv", "vae", "tconv", "batch", None),
+        ("flow", "flow", None, None, None),
+    ]
     for name, family, upsample, norm, loss in plan:
         design = make_design(family, upsample, norm, loss, size=16, width=8)
         train_generator([dataset / "real"], zoo / name, design, iters=5, batch_size=8)

@@ -10,7 +10,8 @@ from manifpt_cli.artifacts import extract_artifacts, load_artifacts
 from manifpt_cli.errors import MismatchError, UsageError
 from manifpt_cli.images import decode_image
 from manifpt_cli.manifold import RealIndex, build_index
-from manifpt_cli.spaces import PixelEmbedder, Space
+from manifpt_cli.settings import RunSettings
+from manifpt_cli.spaces import FEATURE_DIM, PixelEmbedder, Space
 
 from .conftest import SIZE, SOURCES
 
@@ -30,11 +31,12 @@ def test_artifact_is_embedding_minus_nearest_real_embedding(artifacts_file, real
 
 def test_labels_and_metadata(artifacts_file, real_index):
     data = load_artifacts(artifacts_file, Space.RGB)
-    assert data.label_names == list(SOURCES)
+    assert data.samples.label_names == list(SOURCES)
     assert data.artifacts.shape[1:] == (3, SIZE, SIZE)
-    assert np.bincount(data.labels).tolist() == [len(data.labels) // 4] * 4
+    labels = data.samples.labels
+    assert np.bincount(labels).tolist() == [len(labels) // 4] * 4
     with RealIndex(real_index) as index:
-        assert data.index_hash == index.index_hash
+        assert data.samples.index_hash == index.index_hash
 
 
 def test_real_class_uses_leave_one_out(tmp_path, real_index, dataset):
@@ -53,7 +55,9 @@ def test_bad_files_and_bad_options(tmp_path, real_index, dataset):
     for path in sorted((dataset / "train" / "jpeg").iterdir())[:4]:
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "zero.png").write_bytes(b"")
-    result = extract_artifacts(real_index, [("jpeg", str(folder)), ("blur", str(dataset / "train" / "blur"))], tmp_path / "a.h5")
+    result = extract_artifacts(
+        real_index, [("jpeg", str(folder)), ("blur", str(dataset / "train" / "blur"))], tmp_path / "a.h5"
+    )
     assert result.counts["jpeg"] == 4 and [name for name, _ in result.failures] == ["jpeg"]
     with pytest.raises(UsageError, match="unique"):
         extract_artifacts(real_index, [("real", str(folder))], tmp_path / "b.h5", real=folder)
@@ -73,7 +77,7 @@ def test_feature_space_needs_the_index_weights(tmp_path, dataset):
     out = tmp_path / "sl_artifacts.h5"
     extract_artifacts(index, [("a", str(folder))], out)  # finds random:1 again from the index record
     data = load_artifacts(out, Space.SL)
-    assert data.artifacts.shape == (6, 2048) and data.weights_source == "random:1"
+    assert data.artifacts.shape == (6, FEATURE_DIM) and data.backbone.source == "random:1"
     with pytest.raises(MismatchError, match="not the ones index"):
         extract_artifacts(index, [("a", str(folder))], tmp_path / "x.h5", weights={Space.SL: "random:2"})
 
@@ -83,6 +87,10 @@ def test_interrupted_extract_leaves_nothing_under_the_final_name(tmp_path, real_
 
     out = tmp_path / "artifacts.h5"
     with pytest.raises(KeyboardInterrupt):
-        extract_artifacts(real_index, [("jpeg", str(dataset / "train" / "jpeg"))], out, batch_size=8,
-                          progress=InterruptAfter(2))  # fmt: skip
+        extract_artifacts(
+            real_index,
+            [("jpeg", str(dataset / "train" / "jpeg"))],
+            out,
+            settings=RunSettings(batch_size=8, progress=InterruptAfter(2)),
+        )
     assert list(tmp_path.iterdir()) == []

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from manifpt_cli.research.baselines import BASELINES, azimuthal_spectrum, blur_jpeg_augment, parse_baselines
 from typer.testing import CliRunner
 
-from manifpt_cli.artifacts import load_samples
-from manifpt_cli.baselines import BASELINES, azimuthal_spectrum, blur_jpeg_augment, parse_baselines
+from manifpt_cli.artifacts import load_pixels
 from manifpt_cli.cli import app
 from manifpt_cli.errors import UsageError
 
@@ -47,15 +47,31 @@ def test_parse_baselines():
 
 
 def test_samples_keep_the_decoded_pixels(artifacts_file):
-    samples = load_samples(artifacts_file)
-    assert samples.artifacts.dtype == np.uint8 and samples.artifacts.shape[1:] == (32, 32, 3)
-    assert samples.label_names == list(SOURCES)
+    samples = load_pixels(artifacts_file)
+    assert samples.pixels.dtype == np.uint8 and samples.pixels.shape[1:] == (32, 32, 3)
+    assert samples.samples.label_names == list(SOURCES)
 
 
 def test_benchmark_table_comes_from_the_runs(real_index, dataset, tmp_path):
     sources = [arg for name in SOURCES for arg in ("--source", f"{name}={dataset / 'train' / name}")]
-    result = CliRunner().invoke(app, ["benchmark", "--index", str(real_index), *sources, "--out", str(tmp_path),
-                                      "--seeds", "1", "--epochs", "2", "--baseline-arch", "small", "-q"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "benchmark",
+            "--index",
+            str(real_index),
+            *sources,
+            "--out",
+            str(tmp_path),
+            "--seeds",
+            "1",
+            "--epochs",
+            "2",
+            "--baseline-arch",
+            "small",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     with open(tmp_path / "table.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -65,5 +81,8 @@ def test_benchmark_table_comes_from_the_runs(real_index, dataset, tmp_path):
         metrics = json.loads((tmp_path / folder / "metrics.json").read_text())
         assert float(row["accuracy_mean"]) == pytest.approx(metrics["accuracy_mean"], abs=1e-4)
         assert float(row["fd_ratio_inputs"]) == pytest.approx(metrics["fd_ratio_inputs"], rel=1e-3, abs=1e-4)
-        assert metrics["runs"][0]["test_size"] == json.loads((tmp_path / "rgb" / "metrics.json").read_text())["runs"][0]["test_size"]
+        assert (
+            metrics["runs"][0]["test_size"]
+            == json.loads((tmp_path / "rgb" / "metrics.json").read_text())["runs"][0]["test_size"]
+        )
     assert "ManiFPT freq" in (tmp_path / "table.md").read_text() and "durall20" in result.stdout

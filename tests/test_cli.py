@@ -52,8 +52,19 @@ def read_csv(path: Path) -> list[dict]:
 
 def test_attribute_csv_report_is_complete_and_accurate(workflow):
     out = workflow["work"] / "report.csv"
-    result = run("attribute", workflow["suspects"], "--model", workflow["model"], "--index", workflow["index"],
-                 "--report", "csv", "--out", out, code=3)  # fmt: skip
+    result = run(
+        "attribute",
+        workflow["suspects"],
+        "--model",
+        workflow["model"],
+        "--index",
+        workflow["index"],
+        "--report",
+        "csv",
+        "--out",
+        out,
+        code=3,
+    )
     rows = read_csv(out)
     n_files = sum(1 for _ in workflow["suspects"].rglob("*") if _.is_file())
     assert len(rows) == n_files, "every file is a row, the broken one included"
@@ -74,8 +85,18 @@ def test_attribute_csv_report_is_complete_and_accurate(workflow):
 
 
 def test_attribute_json_report_carries_the_header(workflow):
-    result = run("attribute", workflow["suspects"] / "blur", "--model", workflow["model"], "--index", workflow["index"],
-                 "--report", "json", "--top-k", "2")  # fmt: skip
+    result = run(
+        "attribute",
+        workflow["suspects"] / "blur",
+        "--model",
+        workflow["model"],
+        "--index",
+        workflow["index"],
+        "--report",
+        "json",
+        "--top-k",
+        "2",
+    )
     report = json.loads(result.stdout)
     assert report["header"]["space"] == "freq" and len(report["header"]["model_sha256"]) == 64
     assert len(report["rows"]) == len(list((workflow["suspects"] / "blur").iterdir()))
@@ -100,8 +121,17 @@ def test_model_for_another_index_is_refused(workflow, dataset, tmp_path):
 
 
 def test_usage_errors_exit_2(workflow):
-    result = run("attribute", workflow["suspects"], "--model", workflow["model"], "--index", workflow["index"],
-                 "--report", "pdf", code=2)  # fmt: skip
+    result = run(
+        "attribute",
+        workflow["suspects"],
+        "--model",
+        workflow["model"],
+        "--index",
+        workflow["index"],
+        "--report",
+        "pdf",
+        code=2,
+    )
     assert "pdf" in result.stderr
     run("index", "build", workflow["suspects"], "--out", workflow["work"] / "x.h5", "--space", "pixels", code=2)
 
@@ -136,8 +166,18 @@ def test_feature_space_workflow_with_random_weights(dataset, tmp_path):
             shutil.copy(path, fakes / name)
     index, art, ckpt, model = (tmp_path / n for n in ("sl.h5", "sl_art.h5", "sl.pt", "sl.onnx"))
     run("index", "build", real, "--out", index, "--space", "sl", "--weights", "random:0", "-q")
-    run("extract", "--index", index, "--source", f"blur={fakes / 'blur'}", "--source", f"noise={fakes / 'noise'}",
-        "--out", art, "-q")  # fmt: skip
+    run(
+        "extract",
+        "--index",
+        index,
+        "--source",
+        f"blur={fakes / 'blur'}",
+        "--source",
+        f"noise={fakes / 'noise'}",
+        "--out",
+        art,
+        "-q",
+    )
     run("train", "--artifacts", art, "--space", "sl", "--epochs", "2", "--batch-size", "4", "--out", ckpt, "-q")
     run("export", ckpt, "--out", model)
     assert (tmp_path / "sl.backbone.onnx").is_file()
@@ -151,6 +191,20 @@ def test_empty_suspect_folder_is_a_usage_error(workflow, tmp_path):
     result = run("attribute", tmp_path / "empty", "--model", workflow["model"], "--index", workflow["index"], code=2)
     assert "no image files" in result.stderr
     out = workflow["work"] / "threaded.csv"
-    run("attribute", workflow["suspects"] / "blur", "--model", workflow["model"], "--index", workflow["index"],
-        "--report", "csv", "--out", out, "--workers", "2", "--threads", "1")  # fmt: skip
+    run(
+        "attribute",
+        workflow["suspects"] / "blur",
+        "--model",
+        workflow["model"],
+        "--index",
+        workflow["index"],
+        "--report",
+        "csv",
+        "--out",
+        out,
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+    )
     assert len(read_csv(out)) == len(list((workflow["suspects"] / "blur").iterdir()))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from manifpt_cli.research.evaluate import match_labels
 from typer.testing import CliRunner
 
 from manifpt_cli.cli import app
 from manifpt_cli.errors import UsageError
-from manifpt_cli.evaluate import match_labels
 
 
 def test_match_by_name_keeps_shared_classes():
@@ -18,8 +18,14 @@ def test_match_by_name_keeps_shared_classes():
 
 
 def test_match_by_design_factor():
-    factors = {"sngan": {"family": "gan"}, "dcgan": {"family": "gan"}, "nvae": {"family": "vae"},
-               "stylegan": {"family": "gan"}, "betavae": {"family": "vae"}, "glow": {"family": "flow"}}  # fmt: skip
+    factors = {
+        "sngan": {"family": "gan"},
+        "dcgan": {"family": "gan"},
+        "nvae": {"family": "vae"},
+        "stylegan": {"family": "gan"},
+        "betavae": {"family": "vae"},
+        "glow": {"family": "flow"},
+    }
     match = match_labels(["sngan", "nvae", "glow"], ["dcgan", "stylegan", "betavae"], by="family", factors=factors)
     assert match.classes == ["gan", "vae"] and match.dropped_train == ["glow"] and match.dropped_test == []
     with pytest.raises(UsageError, match="no 'family' value for: other"):
@@ -36,21 +42,69 @@ def test_cross_dataset_cli(real_index, dataset, artifacts_file, tmp_path):
     other = tmp_path / "other.h5"
     extract_artifacts(real_index, [(renamed[n], str(dataset / "suspects" / n)) for n in renamed], other)
     factors = tmp_path / "factors.csv"
-    factors.write_text("generator,process\njpeg,compression\njpeg_q15,compression\nblur,filter\n"
-                       "nearest,resampling\nnoise,additive\n")  # fmt: skip
+    factors.write_text(
+        "generator,process\njpeg,compression\njpeg_q15,compression\nblur,filter\nnearest,resampling\nnoise,additive\n"
+    )
     runner = CliRunner()
-    by_name = runner.invoke(app, ["evaluate", "--artifacts", str(artifacts_file), "--test-artifacts", str(other),
-                                  "--space", "freq", "--out", str(tmp_path / "a"), "--seeds", "1", "--epochs", "3"])  # fmt: skip
+    by_name = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--artifacts",
+            str(artifacts_file),
+            "--test-artifacts",
+            str(other),
+            "--space",
+            "freq",
+            "--out",
+            str(tmp_path / "a"),
+            "--seeds",
+            "1",
+            "--epochs",
+            "3",
+        ],
+    )
     assert by_name.exit_code == 0, by_name.stderr
     assert "left out of the training set: jpeg" in by_name.stderr and "jpeg_q15" in by_name.stderr
-    by_factor = runner.invoke(app, ["evaluate", "--artifacts", str(artifacts_file), "--test-artifacts", str(other),
-                                    "--space", "freq", "--out", str(tmp_path / "b"), "--seeds", "1", "--epochs", "3",
-                                    "--match-by", "process", "--factors", str(factors)])  # fmt: skip
+    by_factor = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--artifacts",
+            str(artifacts_file),
+            "--test-artifacts",
+            str(other),
+            "--space",
+            "freq",
+            "--out",
+            str(tmp_path / "b"),
+            "--seeds",
+            "1",
+            "--epochs",
+            "3",
+            "--match-by",
+            "process",
+            "--factors",
+            str(factors),
+        ],
+    )
     assert by_factor.exit_code == 0, by_factor.stderr
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["classes"] == ["additive", "compression", "filter", "resampling"]
     assert metrics["protocol"]["cross_dataset"] is True
     assert metrics["runs"][0]["test_size"] == sum(1 for _ in (dataset / "suspects").rglob("*.png"))
-    bad = runner.invoke(app, ["evaluate", "--artifacts", str(artifacts_file), "--space", "freq", "--out", str(tmp_path / "c"),
-                              "--match-by", "process"])  # fmt: skip
+    bad = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--artifacts",
+            str(artifacts_file),
+            "--space",
+            "freq",
+            "--out",
+            str(tmp_path / "c"),
+            "--match-by",
+            "process",
+        ],
+    )
     assert bad.exit_code == 2

@@ -14,9 +14,20 @@ from manifpt_cli.report import COLUMNS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 COMMANDS = [
-    ["index", "build"], ["index", "info"], ["extract"], ["train"], ["export"], ["attribute"],
-    ["zoo", "train"], ["zoo", "sample"], ["zoo", "list"], ["demo"], ["evaluate"], ["benchmark"], ["analyze", "clusters"],
-]  # fmt: skip
+    ["index", "build"],
+    ["index", "info"],
+    ["extract"],
+    ["train"],
+    ["export"],
+    ["attribute"],
+    ["zoo", "train"],
+    ["zoo", "sample"],
+    ["zoo", "list"],
+    ["demo"],
+    ["evaluate"],
+    ["benchmark"],
+    ["analyze", "clusters"],
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

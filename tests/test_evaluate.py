@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from manifpt_cli.research.evaluate import confusion_matrix, evaluate, fisher_ratio, per_class_scores
 from typer.testing import CliRunner
 
 from manifpt_cli.cli import app
-from manifpt_cli.evaluate import confusion_matrix, evaluate, fisher_ratio, per_class_scores
 from manifpt_cli.spaces import Space
 from manifpt_cli.train import TrainConfig
 
@@ -20,7 +20,9 @@ def test_fisher_ratio_matches_the_scatter_matrix_definition():
     labels = np.repeat([0, 1, 2], [10, 15, 20])
     x = rng.normal(size=(45, 4)) + labels[:, None] * np.array([1.0, 0.5, 0.0, 2.0])
     mu = x.mean(0)
-    s_b = sum((labels == c).sum() * np.outer(x[labels == c].mean(0) - mu, x[labels == c].mean(0) - mu) for c in range(3))
+    s_b = sum(
+        (labels == c).sum() * np.outer(x[labels == c].mean(0) - mu, x[labels == c].mean(0) - mu) for c in range(3)
+    )
     s_w = sum((x[labels == c] - x[labels == c].mean(0)).T @ (x[labels == c] - x[labels == c].mean(0)) for c in range(3))
     assert fisher_ratio(x, labels) == pytest.approx(np.trace(s_b) / np.trace(s_w))
 
@@ -38,14 +40,26 @@ def test_per_class_scores_from_a_known_confusion():
     confusion = confusion_matrix(truth, predicted, 3)
     assert confusion.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
     scores = per_class_scores(confusion, ["a", "b", "c"])
-    assert scores[0] == {"class": "a", "precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8), "support": 3}
+    assert scores[0] == {
+        "class": "a",
+        "precision": 1.0,
+        "recall": pytest.approx(2 / 3),
+        "f1": pytest.approx(0.8),
+        "support": 3,
+    }
     assert scores[1]["precision"] == pytest.approx(0.5) and scores[1]["recall"] == pytest.approx(0.5)
     assert scores[2]["precision"] == pytest.approx(0.5) and scores[2]["recall"] == 1.0
 
 
 def test_evaluate_writes_consistent_metrics_and_figures(artifacts_file, tmp_path):
-    result = evaluate(artifacts_file, Space.FREQ, tmp_path / "eval", seeds=2, test_fraction=0.25,
-                      config=TrainConfig(arch="small", epochs=4))  # fmt: skip
+    result = evaluate(
+        artifacts_file,
+        Space.FREQ,
+        tmp_path / "eval",
+        seeds=2,
+        test_fraction=0.25,
+        config=TrainConfig(arch="small", epochs=4),
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["accuracy_mean"] == pytest.approx(np.mean([r["accuracy"] for r in metrics["runs"]]))
     test_size = metrics["runs"][0]["test_size"]
@@ -61,7 +75,22 @@ def test_evaluate_writes_consistent_metrics_and_figures(artifacts_file, tmp_path
 
 
 def test_evaluate_cli(artifacts_file, tmp_path):
-    result = CliRunner().invoke(app, ["evaluate", "--artifacts", str(artifacts_file), "--space", "rgb", "--out",
-                                      str(tmp_path / "e"), "--seeds", "1", "--epochs", "2", "-q"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--artifacts",
+            str(artifacts_file),
+            "--space",
+            "rgb",
+            "--out",
+            str(tmp_path / "e"),
+            "--seeds",
+            "1",
+            "--epochs",
+            "2",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert "accuracy" in result.stdout and "FD ratio" in result.stdout

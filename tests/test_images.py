@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from manifpt_cli.errors import ImageDecodeError, UsageError
+from manifpt_cli.settings import RunSettings
 from manifpt_cli.images import (
     DecodedImage,
     FailedImage,
@@ -195,7 +196,7 @@ def test_one_bad_file_is_one_error_row_the_rest_decode(tmp_path):
     bad = _bad_files(tmp_path / "mixed")
     for i in range(5):
         save(tmp_path / "mixed" / f"good_{i}.png", gradient())
-    results = [item for batch in decode_folder([tmp_path / "mixed"], SIZE, batch_size=3) for item in batch]
+    results = [item for batch in decode_folder([tmp_path / "mixed"], SIZE, RunSettings(batch_size=3)) for item in batch]
     failed = {Path(item.path).name for item in results if isinstance(item, FailedImage)}
     decoded = [item for item in results if isinstance(item, DecodedImage)]
     assert failed == {path.name for path in bad.values()}
@@ -287,8 +288,8 @@ def test_worker_threads_keep_order_and_results(tmp_path):
     for i in range(23):
         save(folder / f"img_{i:02d}.png", gradient(40 + i, 36))
     (folder / "img_07.png").write_bytes(b"broken")
-    serial = [item for batch in decode_folder([folder], SIZE, batch_size=5, workers=1) for item in batch]
-    threaded = [item for batch in decode_folder([folder], SIZE, batch_size=5, workers=3) for item in batch]
+    serial = [item for batch in decode_folder([folder], SIZE, RunSettings(batch_size=5, workers=1)) for item in batch]
+    threaded = [item for batch in decode_folder([folder], SIZE, RunSettings(batch_size=5, workers=3)) for item in batch]
     assert [item.path for item in serial] == [item.path for item in threaded]
     for one, other in zip(serial, threaded):
         assert type(one) is type(other)

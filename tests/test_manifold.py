@@ -11,6 +11,7 @@ import pytest
 from manifpt_cli.errors import FormatError, UsageError
 from manifpt_cli.manifold import RealIndex, build_index, describe_index
 from manifpt_cli.progress import Progress
+from manifpt_cli.settings import RunSettings
 from manifpt_cli.spaces import PixelEmbedder, Space
 
 from .conftest import SIZE, write_crops
@@ -41,7 +42,7 @@ def test_index_layout_and_attributes(real_index):
 def test_faiss_neighbour_is_the_exact_nearest(real_index, dataset, space):
     from manifpt_cli.images import decode_folder
 
-    batch = next(decode_folder([dataset / "suspects" / "blur"], SIZE, batch_size=12))
+    batch = next(decode_folder([dataset / "suspects" / "blur"], SIZE, RunSettings(batch_size=12)))
     queries = PixelEmbedder(space)(np.stack([item.pixels for item in batch]))
     with RealIndex(real_index) as index:
         found = index.nearest(space, queries)
@@ -110,7 +111,9 @@ def test_interrupted_build_leaves_nothing_under_the_final_name(tmp_path, dataset
     out = tmp_path / "real.h5"
     out.write_bytes(b"an older file that must survive")
     with pytest.raises(KeyboardInterrupt):
-        build_index([dataset / "real"], out, [Space.RGB], size=SIZE, batch_size=16, progress=InterruptAfter(2))
+        build_index(
+            [dataset / "real"], out, [Space.RGB], size=SIZE, settings=RunSettings(batch_size=16, progress=InterruptAfter(2))
+        )
     assert out.read_bytes() == b"an older file that must survive"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["real.h5"], "no partial file left behind"
 

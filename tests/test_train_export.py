@@ -10,24 +10,25 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from manifpt_cli.artifacts import ArtifactSet
+from manifpt_cli.artifacts import LabelledSamples
 from manifpt_cli.errors import FormatError, UsageError
 from manifpt_cli.export import export_onnx
-from manifpt_cli.spaces import Space, load_backbone
-from manifpt_cli.train import TrainConfig, fit, load_checkpoint, save_checkpoint, stratified_split, train_attributor
+from manifpt_cli.formats import save_checkpoint
+from manifpt_cli.inputs import InputKind, TrainingSet
+from manifpt_cli.spaces import FEATURE_DIM, BackboneWeights, Space, load_backbone
+from manifpt_cli.train import TrainConfig, fit, load_checkpoint, stratified_split, train_attributor
 from models import create_model, list_models
 
 
-def toy_artifacts(space: Space, n_per_class: int = 12, classes: int = 3) -> ArtifactSet:
+def toy_artifacts(space: Space, n_per_class: int = 12, classes: int = 3) -> TrainingSet:
     """Artifacts whose class is encoded in their mean, so a network can learn them in a few steps."""
     rng = np.random.default_rng(0)
     shape = space.artifact_shape(16)
     labels = np.repeat(np.arange(classes), n_per_class)
     artifacts = (rng.normal(0, 1, (len(labels), *shape)) + labels.reshape(-1, *[1] * len(shape))).astype(np.float32)
-    return ArtifactSet(
-        artifacts, labels, [f"model_{i}" for i in range(classes)], space, 16, "f" * 64,
-        weights_source="random:0" if space.needs_backbone else "", weights_sha256="e" * 64 if space.needs_backbone else "",
-    )  # fmt: skip
+    samples = LabelledSamples(labels, [f"model_{i}" for i in range(classes)], 16, "f" * 64, [""] * len(labels))
+    backbone = BackboneWeights("random:0", "e" * 64) if space.needs_backbone else None
+    return TrainingSet(samples, artifacts, InputKind.ARTIFACT, space.value, space, backbone)
 
 
 def test_stratified_split_keeps_every_class_on_both_sides():
@@ -43,36 +44,38 @@ def test_every_attributor_trains_saves_and_exports(tmp_path, arch):
     space = Space.SL if arch == "mlp" else Space.RGB
     data = toy_artifacts(space)
     model, metadata, history = fit(data, TrainConfig(arch=arch, epochs=2, batch_size=8))
-    assert len(history) == 2 and metadata["classes"] == data.label_names
+    assert len(history) == 2 and metadata["classes"] == data.samples.label_names
     checkpoint = tmp_path / f"{arch}.pt"
-    save_checkpoint(checkpoint, model, metadata)
+    save_checkpoint(checkpoint, model.state_dict(), metadata)
     payload = torch.load(checkpoint, weights_only=True)  # no pickled code: plain tensors and a JSON string
     assert set(payload) == {"state_dict", "metadata"} and json.loads(payload["metadata"])["arch"] == arch
     if space is Space.RGB:
         result = export_onnx(checkpoint, tmp_path / f"{arch}.onnx")
         assert result.max_probability_diff <= 1e-4
         session = ort.InferenceSession(str(tmp_path / f"{arch}.onnx"), providers=["CPUExecutionProvider"])
-        probabilities = session.run(["probabilities"], {"artifact": data.artifacts[:5]})[0]
+        probabilities = session.run(["probabilities"], {"artifact": data.inputs[:5]})[0]
         assert probabilities.shape == (5, 3) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
 
 
 def test_training_learns_separable_artifacts():
-    model, metadata, _ = fit(toy_artifacts(Space.RGB, n_per_class=20), TrainConfig(arch="small", epochs=8, batch_size=8))
+    model, metadata, _ = fit(
+        toy_artifacts(Space.RGB, n_per_class=20), TrainConfig(arch="small", epochs=8, batch_size=8)
+    )
     assert metadata["training"]["val_accuracy"] >= 0.8
 
 
 def test_standardisation_statistics_travel_with_the_weights(tmp_path):
     data = toy_artifacts(Space.RGB)
-    data.artifacts = data.artifacts * 50 + 7
+    data.inputs = data.inputs * 50 + 7
     model, metadata, _ = fit(data, TrainConfig(arch="small", epochs=1, batch_size=8))
-    save_checkpoint(tmp_path / "m.pt", model, metadata)
+    save_checkpoint(tmp_path / "m.pt", model.state_dict(), metadata)
     loaded, _ = load_checkpoint(tmp_path / "m.pt")
-    assert loaded.standardize.mean.mean().item() == pytest.approx(data.artifacts.mean(), rel=0.05)
+    assert loaded.standardize.mean.mean().item() == pytest.approx(data.inputs.mean(), rel=0.05)
 
 
 def test_export_writes_the_model_card(tmp_path, artifacts_file):
     checkpoint = tmp_path / "rgb.pt"
-    train_attributor(artifacts_file, Space.RGB, checkpoint, TrainConfig(arch="small", epochs=1))
+    train_attributor(artifacts_file, Space.RGB, checkpoint, config=TrainConfig(arch="small", epochs=1))
     export_onnx(checkpoint, tmp_path / "rgb.onnx")
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "rgb.onnx")).metadata_props}
     card = json.loads(props["manifpt"])
@@ -85,29 +88,31 @@ def test_feature_space_export_ships_the_backbone(tmp_path):
     data = toy_artifacts(Space.SL)
     model, metadata, _ = fit(data, TrainConfig(arch="mlp", epochs=1, batch_size=8))
     metadata["backbone"] = {"source": "random:0", "sha256": load_backbone(Space.SL, "random:0")[1].sha256}
-    save_checkpoint(tmp_path / "sl.pt", model, metadata)
+    save_checkpoint(tmp_path / "sl.pt", model.state_dict(), metadata)
     result = export_onnx(tmp_path / "sl.pt", tmp_path / "sl.onnx")
     assert result.backbone_path.endswith("sl.backbone.onnx") and result.max_embedding_diff < 1e-3
     session = ort.InferenceSession(result.backbone_path, providers=["CPUExecutionProvider"])
-    assert session.run(["embedding"], {"image": np.random.rand(3, 3, 16, 16).astype(np.float32)})[0].shape == (3, 2048)
+    assert session.run(["embedding"], {"image": np.random.rand(3, 3, 16, 16).astype(np.float32)})[0].shape == (3, FEATURE_DIM)
 
 
 def test_bad_checkpoints_and_options(tmp_path, artifacts_file):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(FormatError, match="not a manifpt checkpoint"):
+    with pytest.raises(FormatError, match="not a manifpt-attributor checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(UsageError, match="choose one of: mlp, resnet18, resnet50, small"):
-        train_attributor(artifacts_file, Space.RGB, tmp_path / "x.pt", TrainConfig(arch="nope", epochs=1))
-    with pytest.raises(UsageError, match="--out must end in .onnx"):
+        train_attributor(artifacts_file, Space.RGB, tmp_path / "x.pt", config=TrainConfig(arch="nope", epochs=1))
+    with pytest.raises(UsageError, match="must end in .onnx"):
         export_onnx(tmp_path / "junk.pt", tmp_path / "model.bin")
     assert create_model("mlp", (3, 4, 4), 2)(torch.zeros(2, 3, 4, 4)).shape == (2, 2)
 
 
-def test_space_auto_picks_on_validation_and_attributes_with_the_chosen_input(tmp_path, artifacts_file, real_index, dataset):
+def test_space_auto_picks_on_validation_and_attributes_with_the_chosen_input(
+    tmp_path, artifacts_file, real_index, dataset
+):
     from manifpt_cli.attribute import Attribution
     from manifpt_cli.train import train_auto
 
-    result = train_auto(artifacts_file, tmp_path / "auto.pt", TrainConfig(epochs=2))
+    result = train_auto(artifacts_file, tmp_path / "auto.pt", config=TrainConfig(epochs=2))
     table = result.metadata["auto"]["validation"]
     assert [row["input"] for row in table] == ["rgb", "freq", "image", "image+rgb", "image+freq"]
     best = max(table, key=lambda row: row["val_accuracy"])
@@ -125,11 +130,10 @@ def test_joint_input_model_attributes(tmp_path, artifacts_file, real_index, data
     from manifpt_cli.attribute import Attribution
     from manifpt_cli.inputs import auto_candidates
 
-    joint = next(c for c in auto_candidates(artifacts_file, [Space.RGB, Space.FREQ]) if c.name == "image+freq")
-    model, metadata, _ = fit(joint.data, TrainConfig(epochs=1))
-    metadata["input"] = joint.kind
-    assert metadata["input_shape"] == [6, 32, 32]
-    save_checkpoint(tmp_path / "joint.pt", model, metadata)
+    joint = next(c for c in auto_candidates(artifacts_file) if c.name == "image+freq")
+    model, metadata, _ = fit(joint, TrainConfig(epochs=1))
+    assert metadata["input"] == "image+artifact" and metadata["input_shape"] == [6, 32, 32]
+    save_checkpoint(tmp_path / "joint.pt", model.state_dict(), metadata)
     export_onnx(tmp_path / "joint.pt", tmp_path / "joint.onnx")
     with Attribution(tmp_path / "joint.onnx", real_index) as run:
         assert all(row.ok for row in run.rows([dataset / "suspects" / "blur"]))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from manifpt_cli.research.zoo import list_zoo, make_design, read_zoo_metadata, sample_generator, train_generator
 from PIL import Image
 from typer.testing import CliRunner
 
 from manifpt_cli.cli import app
 from manifpt_cli.errors import UsageError
-from manifpt_cli.zoo import list_zoo, make_design, read_zoo_metadata, sample_generator, train_generator
 
 FAMILIES = [
     ("gan", "tconv", "batch", "ns"),
@@ -62,16 +62,52 @@ def test_design_choices_a_family_lacks_are_refused():
 def test_zoo_cli_train_sample_list(tmp_path, dataset):
     runner = CliRunner()
     zoo = tmp_path / "zoo"
-    result = runner.invoke(app, ["zoo", "train", "--real", str(dataset / "real"), "--out", str(zoo / "tiny-gan"),
-                                 "--family", "gan", "--upsample", "nearest", "--loss", "hinge", "--size", "16",
-                                 "--iters", "2", "--batch-size", "8", "-q"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "zoo",
+            "train",
+            "--real",
+            str(dataset / "real"),
+            "--out",
+            str(zoo / "tiny-gan"),
+            "--family",
+            "gan",
+            "--upsample",
+            "nearest",
+            "--loss",
+            "hinge",
+            "--size",
+            "16",
+            "--iters",
+            "2",
+            "--batch-size",
+            "8",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
-    result = runner.invoke(app, ["zoo", "sample", str(zoo / "tiny-gan"), "--n", "3", "--out", str(tmp_path / "s"), "-q"])
+    result = runner.invoke(
+        app, ["zoo", "sample", str(zoo / "tiny-gan"), "--n", "3", "--out", str(tmp_path / "s"), "-q"]
+    )
     assert result.exit_code == 0 and len(list((tmp_path / "s").iterdir())) == 3
     result = runner.invoke(app, ["zoo", "list", str(zoo)])
     assert result.exit_code == 0 and "tiny-gan" in result.stdout and "hinge" in result.stdout
     assert [m["name"] for m in list_zoo(zoo)] == ["tiny-gan"]
-    result = runner.invoke(app, ["zoo", "train", "--real", str(dataset / "real"), "--out", str(zoo / "x"),
-                                 "--family", "vae", "--loss", "hinge"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "zoo",
+            "train",
+            "--real",
+            str(dataset / "real"),
+            "--out",
+            str(zoo / "x"),
+            "--family",
+            "vae",
+            "--loss",
+            "hinge",
+        ],
+    )
     assert result.exit_code == 2 and "GAN loss" in result.stderr
     assert not (zoo / "x").exists()

@@ -18,21 +18,26 @@ def clusters(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts file whose classes are generators.")],
     space: Annotated[str, typer.Option("--space", help="Space whose artifacts are the fingerprints.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for clusters.csv, distances.csv and PNG figures.")],
-    zoo: Annotated[Optional[Path], typer.Option("--zoo", help="Zoo folder: design factors from its checkpoints.")] = None,
+    zoo: Annotated[
+        Optional[Path], typer.Option("--zoo", help="Zoo folder: design factors from its checkpoints.")
+    ] = None,
     factors: Annotated[
         Optional[Path], typer.Option("--factors", help="CSV: a 'generator' column, then one column per design factor.")
     ] = None,
 ) -> None:
     """Cluster generators' fingerprints and score each design factor by NMI (the paper's Table 5)."""
-    from ..analyze import analyze_clusters
     from ..spaces import parse_spaces
 
     with errors_to_exit():
+        from ..research.analyze import analyze_clusters
+
         chosen = parse_spaces(space)
         if len(chosen) != 1:
             raise typer.BadParameter("analyse one space at a time", param_hint="--space")
         result = analyze_clusters(artifacts, chosen[0], out, zoo, factors)
-    table = Table("design factor", "values", "NMI", title=f"{len(result.generators)} generators, {chosen[0].value} fingerprints")
+    table = Table(
+        "design factor", "values", "NMI", title=f"{len(result.generators)} generators, {chosen[0].value} fingerprints"
+    )
     for row in result.scores:
         table.add_row(row["factor"], str(row["values"]), f"{row['nmi']:.3f}")
     stdout.print(table)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Column, Table
 
-from ..errors import UsageError
 from ..report import ReportFormat
 from .console import RichProgress, errors_to_exit, stderr, stdout
-from .options import DEFAULT_MAX, BatchSize, MaxPixels, Quiet, Threads, Workers
+from .options import DEFAULT_MAX, BatchSize, MaxPixels, Quiet, Threads, Workers, run_settings
 
 
 def _file_format(report: ReportFormat, out: Path | None) -> ReportFormat | None:
@@ -24,7 +21,9 @@ def _file_format(report: ReportFormat, out: Path | None) -> ReportFormat | None:
         return None
     suffix = out.suffix.lower().lstrip(".")
     if suffix not in ("csv", "json"):
-        raise typer.BadParameter(f"with --report table, --out must end in .csv or .json (got {out.name})", param_hint="--out")
+        raise typer.BadParameter(
+            f"with --report table, --out must end in .csv or .json (got {out.name})", param_hint="--out"
+        )
     return ReportFormat(suffix)
 
 
@@ -35,7 +34,9 @@ def attribution_table(rows) -> Table:
     for row in rows:
         if row.ok:
             runner = f"{row.top_k[1][0]} ({row.top_k[1][1]:.2f})" if len(row.top_k) > 1 else "—"
-            table.add_row(row.path, row.predicted, f"{row.probability:.3f}", runner, f"{row.manifold_distance:.4g}", "ok")
+            table.add_row(
+                row.path, row.predicted, f"{row.probability:.3f}", runner, f"{row.manifold_distance:.4g}", "ok"
+            )
         else:
             table.add_row(row.path, "", "", "", "", f"[red]error: {row.error}[/]")
     return table
@@ -46,11 +47,14 @@ def attribute(
     model: Annotated[Path, typer.Option("--model", "-m", help="Attributor exported by `manifpt export` (NAME.onnx).")],
     index: Annotated[Path, typer.Option("--index", help="The real-manifold index the model was trained against.")],
     report: Annotated[
-        ReportFormat, typer.Option("--report", help="table: Rich table on the terminal; csv/json: machine-readable rows.")
+        ReportFormat,
+        typer.Option("--report", help="table: Rich table on the terminal; csv/json: machine-readable rows."),
     ] = ReportFormat.TABLE,
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", help="Write the csv/json report here (a CSV also gets FILE.meta.json) [default: stdout]."),
+        typer.Option(
+            "--out", "-o", help="Write the csv/json report here (a CSV also gets FILE.meta.json) [default: stdout]."
+        ),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many ranked sources each row lists.")] = 3,
     batch_size: BatchSize = 64,
@@ -64,31 +68,28 @@ def attribute(
     Exit codes: 0 every file attributed; 3 finished, but some files failed (each is an error row);
     1 the run could not start (e.g. the model does not match the index); 2 usage error.
     """
-    from ..attribute import Attribution
-    from ..report import open_report
+    from ..casework import ReportTarget, run_attribution
 
     file_format = _file_format(report, out)
-    with errors_to_exit(), Attribution(model, index, top_k, batch_size, workers, threads, max_pixels) as run:
-        header = run.header(suspects)
-        total = run.count(suspects)
-        if total == 0:
-            raise UsageError(f"no image files under: {', '.join(map(str, suspects))} (searched recursively)")
-        kept, predicted, failed = [], Counter(), 0
-        writer_context = open_report(file_format, out, header) if file_format else contextlib.nullcontext()
-        with RichProgress(quiet) as progress, writer_context as writer:
-            progress.start("Attributing", total)
-            for row in run.rows(suspects, progress):
-                if writer is not None:
-                    writer.write(row)
-                if report is ReportFormat.TABLE:
-                    kept.append(row)
-                predicted[row.predicted] += row.ok
-                failed += not row.ok
-        if report is ReportFormat.TABLE:
-            stdout.print(attribution_table(kept))
-        summary = ", ".join(f"{name} {count}" for name, count in predicted.most_common() if count)
-        stderr.print(f"[green]{total - failed} attributed[/] ({summary or 'none'}), [red]{failed} failed[/]")
-        if out is not None:
-            stderr.print(f"report → {out}" + (f" (provenance: {out}.meta.json)" if file_format is ReportFormat.CSV else ""))
-        if failed:
-            raise typer.Exit(3)
+    kept = []
+    with errors_to_exit(), RichProgress(quiet) as progress:
+        settings = run_settings(
+            progress, batch_size=batch_size, workers=workers, threads=threads, max_pixels=max_pixels
+        )
+        summary = run_attribution(
+            model,
+            index,
+            suspects,
+            reports=[ReportTarget(file_format, out)] if file_format else [],
+            top_k=top_k,
+            settings=settings,
+            on_row=kept.append if report is ReportFormat.TABLE else None,
+        )
+    if report is ReportFormat.TABLE:
+        stdout.print(attribution_table(kept))
+    tally = ", ".join(f"{name} {count}" for name, count in summary.predicted.most_common())
+    stderr.print(f"[green]{summary.attributed} attributed[/] ({tally or 'none'}), [red]{summary.failed} failed[/]")
+    if out is not None:
+        sidecar = f" (provenance: {out}.meta.json)" if file_format is ReportFormat.CSV else ""
+        stderr.print(f"report → {out}{sidecar}")
+    raise typer.Exit(summary.exit_code)

@@ -9,26 +9,32 @@ import typer
 from rich.markdown import Markdown
 
 from .console import RichProgress, errors_to_exit, stderr, stdout
-from .options import Device, Quiet, RandomWeights, SlWeights, SslWeights, Threads, backbone_weights
+from .options import Device, Quiet, RandomWeights, SlWeights, SslWeights, Threads, backbone_weights, run_settings
 
 
 def benchmark(
     index: Annotated[Path, typer.Option("--index", help="Real-manifold index from `manifpt index build`.")],
     source: Annotated[list[str], typer.Option("--source", help="NAME=DIR: a source model and its images; repeat.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for artifacts.h5, per-method evaluations and table.md/.csv.")],
-    real: Annotated[Optional[Path], typer.Option("--real", help="Folder of real images to add as class 'real'.")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for artifacts.h5, per-method evaluations and table.md/.csv.")
+    ],
+    real: Annotated[
+        Optional[Path], typer.Option("--real", help="Folder of real images to add as class 'real'.")
+    ] = None,
     spaces: Annotated[
         Optional[str], typer.Option("--spaces", help="ManiFPT spaces to compare [default: every space of the index].")
     ] = None,
-    baselines: Annotated[
-        str, typer.Option("--baselines", help="all, none, or some of yu19,durall20,wang20.")
-    ] = "all",
+    baselines: Annotated[str, typer.Option("--baselines", help="all, none, or some of yu19,durall20,wang20.")] = "all",
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Training runs per method (seeds 0..N-1).")] = 3,
-    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of each class held out per seed.")] = 0.2,
+    test_fraction: Annotated[
+        float, typer.Option("--test-fraction", help="Share of each class held out per seed.")
+    ] = 0.2,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs per run, for every method.")] = 30,
     baseline_arch: Annotated[
         Optional[str],
-        typer.Option("--baseline-arch", help="Override yu19/wang20's network (e.g. small for a fast CPU run) [default: theirs]."),
+        typer.Option(
+            "--baseline-arch", help="Override yu19/wang20's network (e.g. small for a fast CPU run) [default: theirs]."
+        ),
     ] = None,
     sl_weights: SlWeights = None,
     ssl_weights: SslWeights = None,
@@ -39,20 +45,32 @@ def benchmark(
 ) -> None:
     """Compare ManiFPT's spaces with baselines on your generators: a table shaped like the paper's Table 2."""
     from ..artifacts import parse_source
-    from ..baselines import parse_baselines
-    from ..benchmark import run_benchmark
-    from ..spaces import check_device, parse_spaces
+    from ..spaces import parse_spaces
     from ..train import TrainConfig
 
     with errors_to_exit():
-        check_device(device)
+        from ..research.baselines import parse_baselines
+        from ..research.benchmark import run_benchmark
+
         chosen_spaces = parse_spaces(spaces) if spaces else None
         chosen_baselines = parse_baselines(baselines)
+        sources = [parse_source(text) for text in source]
         with RichProgress(quiet, unit="") as progress:
             result = run_benchmark(
-                index, [parse_source(text) for text in source], out, chosen_spaces, chosen_baselines, real, seeds,
-                test_fraction, TrainConfig(epochs=epochs), baseline_arch,
-                backbone_weights(sl_weights, ssl_weights, weights), device, threads, progress,
-            )  # fmt: skip
+                index,
+                sources,
+                out,
+                spaces=chosen_spaces,
+                baselines=chosen_baselines,
+                real=real,
+                seeds=seeds,
+                test_fraction=test_fraction,
+                config=TrainConfig(epochs=epochs),
+                baseline_arch=baseline_arch,
+                weights=backbone_weights(sl_weights, ssl_weights, weights),
+                settings=run_settings(progress, threads=threads, device=device),
+            )
     stdout.print(Markdown(result.table_markdown.read_text(encoding="utf-8")))
-    stderr.print(f"table → {result.table_markdown}, {result.table_csv}; per-method figures in {result.out_dir}/<method>/")
+    stderr.print(
+        f"table → {result.table_markdown}, {result.table_csv}; per-method figures in {result.out_dir}/<method>/"
+    )

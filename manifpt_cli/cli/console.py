@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.progress import Progress as RichBar
 from rich.text import Text
 
-from ..errors import ManifptError
+from ..errors import ManifptError, missing_extra
 from ..progress import Progress
 
 stdout = Console(soft_wrap=False)
@@ -79,14 +79,23 @@ class RichProgress(Progress):
             self.bar.console.print(message, highlight=False)
 
 
+def _fail(exc: ManifptError) -> None:
+    stderr.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(exc.exit_code) from None
+
+
 @contextlib.contextmanager
 def errors_to_exit() -> Iterator[None]:
     """Turn a ManifptError into a red message on stderr and its exit code (no traceback, no locals)."""
     try:
         yield
     except ManifptError as exc:
-        stderr.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(exc.exit_code) from None
+        _fail(exc)
+    except ModuleNotFoundError as exc:
+        extra = missing_extra(exc)
+        if extra is None:
+            raise
+        _fail(extra)
     except KeyboardInterrupt:
         stderr.print("[yellow]interrupted: no partial output was kept under the final name[/]")
         raise typer.Exit(130) from None

@@ -13,35 +13,45 @@ from rich.table import Table
 
 from .attribute import attribution_table
 from .console import RichProgress, errors_to_exit, stderr, stdout
+from .options import run_settings
 
 SHOWN_ROWS = 15
 
 
 def demo(
     workdir: Annotated[
-        Optional[Path], typer.Option("--workdir", help="Keep every file here to inspect and re-run steps [default: a temp folder].")
+        Optional[Path],
+        typer.Option("--workdir", help="Keep every file here to inspect and re-run steps [default: a temp folder]."),
     ] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="A reduced run (fewer iterations and images), as CI uses.")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A reduced run (fewer iterations and images), as CI uses.")
+    ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seeds crops, generators, samples and training.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Run the whole workflow offline on photographs bundled with scikit-image, with a zoo of 5 generators."""
-    from ..demo import DemoPlan, run_demo
-
     work = workdir or Path(tempfile.mkdtemp(prefix="manifpt-demo-"))
     with errors_to_exit(), RichProgress(quiet) as progress:
+        from ..research.demo import DemoPlan, run_demo
+
         plan = DemoPlan.quick() if quick else DemoPlan()
-        result = run_demo(work, plan, seed, progress, step=lambda message: progress.log(f"[bold cyan]▶[/] {message}"))
+        settings = run_settings(progress)
+        step = lambda message: progress.log(f"[bold cyan]▶[/] {message}")  # noqa: E731
+        result = run_demo(work, plan, seed=seed, settings=settings, step=step)
     shown = result.rows[:: max(1, len(result.rows) // SHOWN_ROWS)][:SHOWN_ROWS]
     stdout.print(attribution_table([replace(row, path=os.path.relpath(row.path, result.workdir)) for row in shown]))
-    stdout.print(f"(a sample of {min(SHOWN_ROWS, len(result.rows))} of {len(result.rows)} rows; all are in the reports)")
+    stdout.print(
+        f"(a sample of {min(SHOWN_ROWS, len(result.rows))} of {len(result.rows)} rows; all are in the reports)"
+    )
     scores = Table("true source", "correct", "images", "accuracy", title="Attribution of held-out suspects")
     for source, (correct, total) in sorted(result.per_source.items()):
         scores.add_row(source, str(correct), str(total), f"{correct / total:.2f}")
     stdout.print(scores)
     chance = 1 / max(1, len(result.per_source))
-    stdout.print(f"[bold]accuracy {result.accuracy:.3f}[/] over {len(result.rows)} suspects (chance {chance:.3f}), "
-                 f"{result.seconds:.0f} s in all")  # fmt: skip
+    n_rows = len(result.rows)
+    stdout.print(
+        f"[bold]accuracy {result.accuracy:.3f}[/] over {n_rows} suspects (chance {chance:.3f}), {result.seconds:.0f} s in all"
+    )
     stdout.print(f"reports: {result.reports['csv']} (+ .meta.json), {result.reports['json']}")
     stderr.print(f"\nEverything is in {result.workdir}. Each step again, with the normal commands:")
     for command in result.commands:

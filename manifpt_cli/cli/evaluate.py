@@ -9,14 +9,16 @@ import typer
 from rich.table import Table
 
 from .console import RichProgress, errors_to_exit, stderr, stdout
-from .options import Device, Quiet, Threads
+from .options import Device, Quiet, Threads, run_settings
 
 
 def evaluate(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Labelled artifacts file from `manifpt extract`.")],
     space: Annotated[str, typer.Option("--space", help="Which space's artifacts to evaluate: rgb, freq, sl or ssl.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, CSV tables and PNG figures.")],
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Training runs (seeds 0..N-1); accuracy is mean ± std.")] = 3,
+    seeds: Annotated[
+        int, typer.Option("--seeds", min=1, help="Training runs (seeds 0..N-1); accuracy is mean ± std.")
+    ] = 3,
     test_fraction: Annotated[
         float, typer.Option("--test-fraction", help="Share of each class held out for testing, per seed.")
     ] = 0.2,
@@ -25,15 +27,23 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Artifacts per optimisation step.")] = 64,
     test_artifacts: Annotated[
         Optional[Path],
-        typer.Option("--test-artifacts", help="Cross-dataset: train on all of --artifacts, test on this other dataset's artifacts."),
+        typer.Option(
+            "--test-artifacts",
+            help="Cross-dataset: train on all of --artifacts, test on this other dataset's artifacts.",
+        ),
     ] = None,
     match_by: Annotated[
         Optional[str],
-        typer.Option("--match-by", help="Cross-dataset: match classes by this design factor (e.g. family) instead of by name."),
+        typer.Option(
+            "--match-by", help="Cross-dataset: match classes by this design factor (e.g. family) instead of by name."
+        ),
     ] = None,
-    zoo: Annotated[Optional[Path], typer.Option("--zoo", help="Design factors for --match-by, from zoo checkpoints.")] = None,
+    zoo: Annotated[
+        Optional[Path], typer.Option("--zoo", help="Design factors for --match-by, from zoo checkpoints.")
+    ] = None,
     factors: Annotated[
-        Optional[Path], typer.Option("--factors", help="Design factors for --match-by, from a CSV (generator,factor,...).")
+        Optional[Path],
+        typer.Option("--factors", help="Design factors for --match-by, from a CSV (generator,factor,...)."),
     ] = None,
     device: Device = "cpu",
     threads: Threads = None,
@@ -44,38 +54,67 @@ def evaluate(
     With --test-artifacts it runs the cross-dataset protocol instead: train on one dataset's
     generators, test on another's, classes matched by name or by a design factor (--match-by).
     """
-    from ..analyze import csv_factors, zoo_factors
-    from ..evaluate import evaluate as run_evaluation
-    from ..evaluate import evaluate_cross_dataset
-    from ..spaces import check_device, parse_spaces
+    from ..spaces import parse_spaces
     from ..train import TrainConfig
 
     with errors_to_exit():
+        from ..research.analyze import csv_factors, zoo_factors
+        from ..research.evaluate import evaluate as run_evaluation
+        from ..research.evaluate import evaluate_cross_dataset
+
         spaces = parse_spaces(space)
         if len(spaces) != 1:
             raise typer.BadParameter("evaluate one space at a time", param_hint="--space")
         if (match_by or zoo or factors) and test_artifacts is None:
             raise typer.BadParameter("--match-by, --zoo and --factors go with --test-artifacts")
-        check_device(device)
         config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size)
         design = zoo_factors(zoo) if zoo else csv_factors(factors) if factors else None
         with RichProgress(quiet, unit="") as progress:
+            settings = run_settings(progress, threads=threads, device=device)
             if test_artifacts is None:
-                result = run_evaluation(artifacts, spaces[0], out, seeds, test_fraction, config, device, threads, progress)
+                result = run_evaluation(
+                    artifacts,
+                    spaces[0],
+                    out,
+                    seeds=seeds,
+                    test_fraction=test_fraction,
+                    config=config,
+                    settings=settings,
+                )
             else:
-                result, match = evaluate_cross_dataset(artifacts, test_artifacts, spaces[0], out, match_by, design,
-                                                       seeds, config, device, threads, progress)  # fmt: skip
+                result, match = evaluate_cross_dataset(
+                    artifacts,
+                    test_artifacts,
+                    spaces[0],
+                    out,
+                    by=match_by,
+                    factors=design,
+                    seeds=seeds,
+                    config=config,
+                    settings=settings,
+                )
         if test_artifacts is not None:
             stderr.print(f"classes matched by {match.by}: {', '.join(match.classes)}")
             for side, dropped in (("training", match.dropped_train), ("test", match.dropped_test)):
                 if dropped:
                     stderr.print(f"[yellow]not shared, left out of the {side} set:[/] {', '.join(dropped)}")
-    table = Table("class", "precision", "recall", "F1", "test images", title=f"{result.name} / {result.arch}, pooled over {seeds} seed(s)")
+    table = Table(
+        "class",
+        "precision",
+        "recall",
+        "F1",
+        "test images",
+        title=f"{result.name} / {result.arch}, pooled over {seeds} seed(s)",
+    )
     for row in result.per_class:
-        table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+        table.add_row(
+            row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"])
+        )
     stdout.print(table)
     stdout.print(
         f"[bold]accuracy {result.accuracy_mean:.3f} ± {result.accuracy_std:.3f}[/] over {seeds} seed(s); "
         f"FD ratio: artifacts {result.fd_ratio_inputs:.3f}, attributor features {result.fd_ratio_features_mean:.3f}"
     )
-    stderr.print(f"wrote {', '.join(p.name for p in result.files.values())} to {result.out_dir} ({result.seconds:.0f} s)")
+    stderr.print(
+        f"wrote {', '.join(p.name for p in result.files.values())} to {result.out_dir} ({result.seconds:.0f} s)"
+    )

@@ -13,10 +13,14 @@ from .console import errors_to_exit, stderr
 
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from `manifpt train`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write (NAME.onnx; sl/ssl add NAME.backbone.onnx).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="ONNX file to write (NAME.onnx; sl/ssl add NAME.backbone.onnx).")
+    ],
     weights: Annotated[
         Optional[str],
-        typer.Option("--weights", help="sl/ssl backbone weights FILE (or random:SEED) if not where the index found them."),
+        typer.Option(
+            "--weights", help="sl/ssl backbone weights FILE (or random:SEED) if not where the index found them."
+        ),
     ] = None,
     tolerance: Annotated[
         float, typer.Option("--tolerance", min=0.0, help="Largest allowed |ONNX Runtime − PyTorch| on probabilities.")
@@ -27,6 +31,8 @@ def export(
 
     with errors_to_exit():
         result = export_onnx(checkpoint, out, weights, tolerance)
-    stderr.print(f"[green]wrote {result.path}[/] (max |Δp| ONNX Runtime vs PyTorch {result.max_probability_diff:.1e} ≤ {tolerance:.0e})")
+    stderr.print(
+        f"[green]wrote {result.path}[/] (max |Δp| ONNX Runtime vs PyTorch {result.max_probability_diff:.1e} ≤ {tolerance:.0e})"
+    )
     if result.backbone_path:
         stderr.print(f"[green]wrote {result.backbone_path}[/] (max relative |Δφ| {result.max_embedding_diff:.1e})")

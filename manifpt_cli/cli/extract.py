@@ -22,6 +22,7 @@ from .options import (
     Threads,
     Workers,
     backbone_weights,
+    run_settings,
 )
 
 
@@ -52,22 +53,26 @@ def extract(
     Exit 0 when every file was used, 3 when some could not be decoded (listed; the rest are kept).
     """
     from ..artifacts import extract_artifacts, parse_source
-    from ..spaces import check_device, parse_spaces
+    from ..spaces import parse_spaces
 
     with errors_to_exit():
         sources = [parse_source(text) for text in source]
         spaces = parse_spaces(space) if space else None
-        check_device(device)
         with RichProgress(quiet) as progress:
+            settings = run_settings(
+                progress, batch_size=batch_size, workers=workers, threads=threads, device=device, max_pixels=max_pixels
+            )
+            weights_by_space = backbone_weights(sl_weights, ssl_weights, weights)
             result = extract_artifacts(
-                index, sources, out, spaces, real, backbone_weights(sl_weights, ssl_weights, weights),
-                batch_size, workers, threads, device, max_pixels, progress,
-            )  # fmt: skip
+                index, sources, out, spaces=spaces, real=real, weights=weights_by_space, settings=settings
+            )
         table = Table("class", "images", title=f"artifacts → {out}")
         for name, count in result.counts.items():
             table.add_row(name, str(count))
         stderr.print(table)
-        stderr.print(f"[green]{result.n_samples} artifacts[/] in {', '.join(s.value for s in result.spaces)} ({result.seconds:.1f} s)")
+        stderr.print(
+            f"[green]{result.n_samples} artifacts[/] in {', '.join(s.value for s in result.spaces)} ({result.seconds:.1f} s)"
+        )
         if result.failures:
             print_failures([(f.path, f"[{name}] {f.error}") for name, f in result.failures])
             raise typer.Exit(3)

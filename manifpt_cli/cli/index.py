@@ -22,6 +22,7 @@ from .options import (
     Threads,
     Workers,
     backbone_weights,
+    run_settings,
 )
 
 app = typer.Typer(help="Build and inspect real-manifold indexes (HDF5 + FAISS).", no_args_is_help=True)
@@ -34,9 +35,14 @@ def build(
     space: Annotated[
         str, typer.Option("--space", help="Comma-separated spaces: rgb, freq, sl, ssl (sl/ssl need ResNet50 weights).")
     ] = "rgb,freq",
-    size: Annotated[int, typer.Option("--size", min=8, help="Images are centre-cropped and resized to SIZE×SIZE.")] = 32,
+    size: Annotated[
+        int, typer.Option("--size", min=8, help="Images are centre-cropped and resized to SIZE×SIZE.")
+    ] = 32,
     faiss_factory: Annotated[
-        str, typer.Option("--faiss", help="FAISS index-factory string; 'Flat' is exact search (e.g. 'IVF256,Flat' is faster).")
+        str,
+        typer.Option(
+            "--faiss", help="FAISS index-factory string; 'Flat' is exact search (e.g. 'IVF256,Flat' is faster)."
+        ),
     ] = "Flat",
     sl_weights: SlWeights = None,
     ssl_weights: SslWeights = None,
@@ -53,16 +59,17 @@ def build(
     Exit 0 when every file was indexed, 3 when some could not be decoded (listed; the rest are indexed).
     """
     from ..manifold import build_index
-    from ..spaces import check_device, parse_spaces
+    from ..spaces import parse_spaces
 
-    with errors_to_exit():
+    with errors_to_exit(), RichProgress(quiet) as progress:
         spaces = parse_spaces(space)
-        check_device(device)
-        with RichProgress(quiet) as progress:
-            result = build_index(
-                real_dirs, out, spaces, size, faiss_factory, backbone_weights(sl_weights, ssl_weights, weights),
-                batch_size, workers, threads, device, max_pixels, progress,
-            )  # fmt: skip
+        settings = run_settings(
+            progress, batch_size=batch_size, workers=workers, threads=threads, device=device, max_pixels=max_pixels
+        )
+        weights_by_space = backbone_weights(sl_weights, ssl_weights, weights)
+        result = build_index(
+            real_dirs, out, spaces, size=size, faiss_factory=faiss_factory, weights=weights_by_space, settings=settings
+        )
         stderr.print(
             f"[green]indexed {result.n_images} real images[/] in {', '.join(s.value for s in spaces)} "
             f"→ {out} ({result.seconds:.1f} s, index hash {result.index_hash[:12]}…)"
@@ -80,12 +87,25 @@ def info(index: Annotated[Path, typer.Argument(help="Index file written by `mani
     with errors_to_exit():
         summary = describe_index(index)
     stdout.print(f"[bold]{summary['path']}[/]")
-    for key in ("n_images", "n_failures", "image_size", "index_hash", "manifpt_version", "created_utc", "format_version"):
+    for key in (
+        "n_images",
+        "n_failures",
+        "image_size",
+        "index_hash",
+        "manifpt_version",
+        "created_utc",
+        "format_version",
+    ):
         stdout.print(f"  {key:<16} {summary[key]}", highlight=False)
     table = Table("space", "dim", "FAISS", "vectors", "weights", "weights sha256")
     for space in summary["spaces"]:
+        weights_source, weights_sha256 = space["weights_source"] or "—", space["weights_sha256"][:16] or "—"
         table.add_row(
-            space["space"], str(space["dim"]), space["faiss_factory"], str(space["faiss_ntotal"]),
-            space["weights_source"] or "—", space["weights_sha256"][:16] or "—",
-        )  # fmt: skip
+            space["space"],
+            str(space["dim"]),
+            space["faiss_factory"],
+            str(space["faiss_ntotal"]),
+            weights_source,
+            weights_sha256,
+        )
     stdout.print(table)

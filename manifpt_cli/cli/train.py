@@ -9,31 +9,43 @@ import typer
 from rich.table import Table
 
 from .console import RichProgress, errors_to_exit, stderr
-from .options import Device, Quiet, Threads
+from .options import Device, Quiet, Threads, run_settings
 
 
 def train(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts file from `manifpt extract`.")],
     space: Annotated[
         str,
-        typer.Option("--space", help="rgb, freq, sl or ssl; or auto: try every space, the image, and image+artifact, keep the best on validation."),
+        typer.Option(
+            "--space",
+            help="rgb, freq, sl or ssl; or auto: try every space, the image, and image+artifact, keep the best on validation.",
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (NAME.pt: state dict + JSON metadata).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Checkpoint to write (NAME.pt: state dict + JSON metadata).")
+    ],
     arch: Annotated[
         Optional[str],
-        typer.Option("--arch", help="resnet50 (the paper's), resnet18, small or mlp [default: small for rgb/freq, mlp for sl/ssl]."),
+        typer.Option(
+            "--arch",
+            help="resnet50 (the paper's), resnet18, small or mlp [default: small for rgb/freq, mlp for sl/ssl].",
+        ),
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs; the best epoch on validation is kept.")] = 30,
+    epochs: Annotated[
+        int, typer.Option("--epochs", min=1, help="Training epochs; the best epoch on validation is kept.")
+    ] = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Artifacts per optimisation step.")] = 64,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate (cosine decay).")] = 1e-3,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each class held out for validation.")] = 0.2,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Share of each class held out for validation.")
+    ] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the split, the initial weights and the batch order.")] = 0,
     device: Device = "cpu",
     threads: Threads = None,
     quiet: Quiet = False,
 ) -> None:
     """Train an attributor (cross-entropy) on one space's artifacts; keep the best validation checkpoint."""
-    from ..spaces import check_device, parse_spaces
+    from ..spaces import parse_spaces
     from ..train import TrainConfig, train_attributor, train_auto
 
     with errors_to_exit():
@@ -41,13 +53,15 @@ def train(
         spaces = [] if auto else parse_spaces(space)
         if not auto and len(spaces) != 1:
             raise typer.BadParameter("train one space at a time (or --space auto)", param_hint="--space")
-        check_device(device)
-        config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed)
+        config = TrainConfig(
+            arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed
+        )
         with RichProgress(quiet, unit="") as progress:
+            settings = run_settings(progress, threads=threads, device=device)
             if auto:
-                result = train_auto(artifacts, out, config, device, threads, progress)
+                result = train_auto(artifacts, out, config=config, settings=settings)
             else:
-                result = train_attributor(artifacts, spaces[0], out, config, device, threads, progress)
+                result = train_attributor(artifacts, spaces[0], out, config=config, settings=settings)
         if auto:
             table = Table("input", "arch", "validation accuracy", title="--space auto (validation split only)")
             for row in result.metadata["auto"]["validation"]:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .console import RichProgress, errors_to_exit, stderr, stdout
-from .options import Device, Quiet, Threads, Workers
+from .options import Device, Quiet, Threads, Workers, run_settings
 
 app = typer.Typer(help="A reference zoo of small generators with known design choices.", no_args_is_help=True)
 
@@ -20,7 +20,8 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to create (its name is the model's name).")],
     family: Annotated[str, typer.Option("--family", help="gan, vae, flow or diffusion.")],
     upsample: Annotated[
-        Optional[str], typer.Option("--upsample", help="tconv, nearest, bilinear or pixelshuffle [default: per family].")
+        Optional[str],
+        typer.Option("--upsample", help="tconv, nearest, bilinear or pixelshuffle [default: per family]."),
     ] = None,
     norm: Annotated[Optional[str], typer.Option("--norm", help="batch, group or none [default: per family].")] = None,
     loss: Annotated[
@@ -37,14 +38,12 @@ def train(
     quiet: Quiet = False,
 ) -> None:
     """Train a small generator on real images and record every design choice in its checkpoint."""
-    from ..spaces import check_device
-    from ..zoo import make_design, train_generator
+    with errors_to_exit(), RichProgress(quiet, unit="it") as progress:
+        from ..research.zoo import make_design, train_generator
 
-    with errors_to_exit():
-        check_device(device)
+        settings = run_settings(progress, workers=workers, threads=threads, device=device)
         design = make_design(family, upsample, norm, loss, size, width)
-        with RichProgress(quiet, unit="it") as progress:
-            result = train_generator(real, out, design, iters, batch_size, seed, device, workers, threads, progress)
+        result = train_generator(real, out, design, iters=iters, batch_size=batch_size, seed=seed, settings=settings)
         losses = "  ".join(f"{k} {v:.4f}" for k, v in result.final_losses.items())
         stderr.print(f"[green]saved {result.path}[/] ({result.seconds:.1f} s; final {losses})")
 
@@ -59,13 +58,11 @@ def sample(
     quiet: Quiet = False,
 ) -> None:
     """Write N samples of a zoo generator as PNG files."""
-    from ..spaces import check_device
-    from ..zoo import sample_generator
+    with errors_to_exit(), RichProgress(quiet) as progress:
+        from ..research.zoo import sample_generator
 
-    with errors_to_exit():
-        check_device(device)
-        with RichProgress(quiet) as progress:
-            written = sample_generator(model, n, out, seed, device=device, progress=progress)
+        settings = run_settings(progress, device=device)
+        written = sample_generator(model, n, out, seed=seed, settings=settings)
     stderr.print(f"[green]wrote {len(written)} images[/] to {out}")
 
 
@@ -74,13 +71,25 @@ def list_models(
     root: Annotated[Path, typer.Argument(help="Folder searched for zoo models.")] = Path("models_dir/zoo"),
 ) -> None:
     """Show the trained zoo models and their design choices."""
-    from ..zoo import list_zoo
-
     with errors_to_exit():
+        from ..research.zoo import list_zoo
+
         found = list_zoo(root)
-    table = Table("name", "family", "upsampling", "norm", "loss", "depth", "skips", "iters", "trained on", title=str(root))
+    table = Table(
+        "name", "family", "upsampling", "norm", "loss", "depth", "skips", "iters", "trained on", title=str(root)
+    )
     for meta in found:
         d, t = meta["design"], meta["training"]
-        table.add_row(meta["name"], d["family"], d["upsample"], d["norm"], d["loss"], str(d["depth"]),
-                      "yes" if d["skip_connections"] else "no", str(t["iters"]), f"{t['n_real']} images")  # fmt: skip
+        skips, trained_on = "yes" if d["skip_connections"] else "no", f"{t['n_real']} images"
+        table.add_row(
+            meta["name"],
+            d["family"],
+            d["upsample"],
+            d["norm"],
+            d["loss"],
+            str(d["depth"]),
+            skips,
+            str(t["iters"]),
+            trained_on,
+        )
     stdout.print(table)

@@ -8,7 +8,6 @@ analysis groups generators by these design fields.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -16,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FormatError, UsageError
-from .formats import FORMAT_VERSION, atomic_output, provenance
-from .images import DecodedImage, decode_folder
-from .progress import SILENT, Progress
-from .runtime import compute_threads, configure_threads
+from ..errors import UsageError
+from ..formats import FORMAT_VERSION, ZOO_FORMAT, load_checkpoint_payload, provenance, save_checkpoint
+from ..images import decode_folder, split_batch
+from ..settings import DEFAULT_SETTINGS, RunSettings
+from .generators import GAN, NORMS, UPSAMPLINGS, VAE, Diffusion, Flow
 
-ZOO_FORMAT = "manifpt-zoo-generator"
 CHECKPOINT_NAME = "generator.pt"
 FAMILIES = ("gan", "vae", "flow", "diffusion")
 GAN_LOSSES = ("ns", "hinge", "lsgan", "wgan-gp")
@@ -52,11 +50,15 @@ class Design:
     skip_connections: bool = False
 
 
-def make_design(family: str, upsample: str | None = None, norm: str | None = None, loss: str | None = None,
-                size: int = 32, width: int = 32) -> Design:  # fmt: skip
+def make_design(
+    family: str,
+    upsample: str | None = None,
+    norm: str | None = None,
+    loss: str | None = None,
+    size: int = 32,
+    width: int = 32,
+) -> Design:
     """Fill in a family's defaults and refuse choices the family does not have."""
-    from models.generators import NORMS, UPSAMPLINGS
-
     if family not in FAMILIES:
         raise UsageError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}")
     default_upsample, default_norm, default_loss = FAMILY_DEFAULTS[family]
@@ -79,8 +81,6 @@ def make_design(family: str, upsample: str | None = None, norm: str | None = Non
 
 
 def build_generator(design: Design):
-    from models.generators import GAN, VAE, Diffusion, Flow
-
     if design.family == "gan":
         return GAN(design.size, design.latent_dim, design.width, design.upsample, design.norm)
     if design.family == "vae":
@@ -90,9 +90,9 @@ def build_generator(design: Design):
     return Diffusion(design.size, design.width, design.upsample, design.norm)
 
 
-def load_real_images(roots, size: int, workers: int = 1) -> np.ndarray:
+def load_real_images(roots, size: int, settings: RunSettings = DEFAULT_SETTINGS) -> np.ndarray:
     """All decodable images under ``roots`` as (N, size, size, 3) uint8 (undecodable files are skipped)."""
-    decoded = [item.pixels for batch in decode_folder(roots, size, 256, workers) for item in batch if isinstance(item, DecodedImage)]
+    decoded = [item.pixels for batch in decode_folder(roots, size, settings) for item in split_batch(batch)[0]]
     if not decoded:
         raise UsageError("no decodable real image found to train the generator on")
     return np.stack(decoded)
@@ -142,22 +142,23 @@ def train_generator(
     real_dirs,
     out_dir: str | os.PathLike,
     design: Design,
+    *,
     iters: int = 2000,
     batch_size: int = 64,
     seed: int = 0,
-    device: str = "cpu",
-    workers: int = 1,
-    threads: int | None = None,
-    progress: Progress = SILENT,
+    settings: RunSettings = DEFAULT_SETTINGS,
 ) -> ZooTrainResult:
-    """Train one zoo generator on the real images under ``real_dirs``; writes ``out_dir/generator.pt``."""
+    """Train one zoo generator on the real images under ``real_dirs``; writes ``out_dir/generator.pt``.
+
+    ``batch_size`` is the number of real images per optimisation step.
+    """
     import torch
 
     if iters < 1:
-        raise UsageError("--iters must be at least 1")
+        raise UsageError(f"iters must be at least 1, got {iters}")
     started = time.perf_counter()
-    configure_threads(compute_threads(workers, threads))
-    real = torch.from_numpy(load_real_images(real_dirs, design.size, workers)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    device, progress = settings.device, settings.progress
+    real = torch.from_numpy(load_real_images(real_dirs, design.size, settings)).permute(0, 3, 1, 2).float() / 127.5 - 1
     torch.manual_seed(seed)
     model = build_generator(design).to(device)
     real = real.to(device)
@@ -202,14 +203,18 @@ def train_generator(
         "name": name,
         "design": asdict(design),
         "training": {
-            "iters": iters, "batch_size": batch_size, "lr": lr, "seed": seed, "n_real": len(real),
-            "real": [os.path.abspath(os.fspath(r)) for r in real_dirs], "final_losses": losses,
+            "iters": iters,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "n_real": len(real),
+            "real": [os.path.abspath(os.fspath(r)) for r in real_dirs],
+            "final_losses": losses,
             "seconds": round(time.perf_counter() - started, 1),
         },
-    }  # fmt: skip
+    }
     path = Path(out_dir) / CHECKPOINT_NAME
-    with atomic_output(path) as partial:
-        torch.save({"state_dict": model.state_dict(), "metadata": json.dumps(metadata)}, partial)
+    save_checkpoint(path, model.state_dict(), metadata)
     return ZooTrainResult(os.fspath(path), design, losses, time.perf_counter() - started)
 
 
@@ -218,29 +223,23 @@ def _checkpoint_path(model_dir: str | os.PathLike) -> Path:
     return path if path.is_file() else path / CHECKPOINT_NAME
 
 
-def read_zoo_metadata(model_dir: str | os.PathLike) -> dict:
-    """The JSON metadata of a zoo model (folder or its generator.pt), loaded safely."""
-    import torch
-
+def _read(model_dir: str | os.PathLike) -> tuple[dict, dict]:
     path = _checkpoint_path(model_dir)
     if not path.is_file():
         raise UsageError(f"no zoo model at {model_dir} (expected {path})")
-    try:
-        metadata = json.loads(torch.load(path, map_location="cpu", weights_only=True)["metadata"])
-    except Exception as exc:
-        raise FormatError(f"{path} is not a zoo generator checkpoint: {exc}") from None
-    if metadata.get("format") != ZOO_FORMAT:
-        raise FormatError(f"{path} is not a {ZOO_FORMAT} file")
-    return metadata
+    return load_checkpoint_payload(path, ZOO_FORMAT)
+
+
+def read_zoo_metadata(model_dir: str | os.PathLike) -> dict:
+    """The JSON metadata of a zoo model (folder or its generator.pt), loaded safely."""
+    return _read(model_dir)[1]
 
 
 def load_generator(model_dir: str | os.PathLike):
-    """(generator module in eval mode, metadata)."""
-    import torch
-
-    metadata = read_zoo_metadata(model_dir)
+    """(generator module in eval mode, metadata), from one safe read of the checkpoint."""
+    state, metadata = _read(model_dir)
     model = build_generator(Design(**metadata["design"]))
-    model.load_state_dict(torch.load(_checkpoint_path(model_dir), map_location="cpu", weights_only=True)["state_dict"])
+    model.load_state_dict(state)
     return model.eval(), metadata
 
 
@@ -248,17 +247,18 @@ def sample_generator(
     model_dir: str | os.PathLike,
     n: int,
     out_dir: str | os.PathLike,
+    *,
     seed: int = 0,
     batch_size: int = 100,
-    device: str = "cpu",
-    progress: Progress = SILENT,
+    settings: RunSettings = DEFAULT_SETTINGS,
 ) -> list[Path]:
     """Write ``n`` PNG samples to ``out_dir``; the same seed gives the same images."""
     import torch
     from PIL import Image
 
     if n < 1:
-        raise UsageError("--n must be at least 1")
+        raise UsageError(f"n must be at least 1, got {n}")
+    device, progress = settings.device, settings.progress
     model, metadata = load_generator(model_dir)
     model.to(device)
     out = Path(out_dir)

@@ -64,7 +64,11 @@ class ConvDecoder(nn.Module):
         self.project = nn.Linear(latent_dim, channels[0] * 16)
         blocks: list[nn.Module] = [norm_layer(norm, channels[0]), nn.ReLU(inplace=True)]
         for i in range(levels):
-            blocks += [upsample_block(upsample, channels[i], channels[i + 1]), norm_layer(norm, channels[i + 1]), nn.ReLU(inplace=True)]
+            blocks += [
+                upsample_block(upsample, channels[i], channels[i + 1]),
+                norm_layer(norm, channels[i + 1]),
+                nn.ReLU(inplace=True),
+            ]
         blocks += [nn.Conv2d(channels[-1], 3, 3, padding=1), nn.Tanh()]
         self.body = nn.Sequential(*blocks)
 
@@ -82,7 +86,11 @@ class ConvEncoder(nn.Module):
         channels = 3
         for i in range(levels):
             out = width * 2**i
-            layers += [nn.Conv2d(channels, out, 4, stride=2, padding=1), norm_layer(norm, out), nn.LeakyReLU(0.2, inplace=True)]
+            layers += [
+                nn.Conv2d(channels, out, 4, stride=2, padding=1),
+                norm_layer(norm, out),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
             channels = out
         layers += [nn.Flatten(), nn.Linear(channels * 16, out_features)]
         self.body = nn.Sequential(*layers)
@@ -94,7 +102,9 @@ class ConvEncoder(nn.Module):
 class GAN(nn.Module):
     """Generator + discriminator; the discriminator has no normalisation (safe for WGAN-GP)."""
 
-    def __init__(self, size: int = 32, latent_dim: int = 64, width: int = 32, upsample: str = "tconv", norm: str = "batch") -> None:
+    def __init__(
+        self, size: int = 32, latent_dim: int = 64, width: int = 32, upsample: str = "tconv", norm: str = "batch"
+    ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.generator = ConvDecoder(latent_dim, size, width, upsample, norm)
@@ -105,7 +115,9 @@ class GAN(nn.Module):
 
 
 class VAE(nn.Module):
-    def __init__(self, size: int = 32, latent_dim: int = 64, width: int = 32, upsample: str = "tconv", norm: str = "batch") -> None:
+    def __init__(
+        self, size: int = 32, latent_dim: int = 64, width: int = 32, upsample: str = "tconv", norm: str = "batch"
+    ) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.encoder = ConvEncoder(size, width, norm, 2 * latent_dim)
@@ -130,10 +142,12 @@ class AffineCoupling(nn.Module):
         self.flip = flip
         half = channels // 2
         self.net = nn.Sequential(
-            nn.Conv2d(half, hidden, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(half, hidden, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 1),
+            nn.ReLU(inplace=True),
             nn.Conv2d(hidden, 2 * half, 3, padding=1),
-        )  # fmt: skip
+        )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -210,7 +224,9 @@ class UNet(nn.Module):
     def __init__(self, width: int = 32, upsample: str = "nearest", norm: str = "group") -> None:
         super().__init__()
         self.time_dim = width * 4
-        self.time_mlp = nn.Sequential(nn.Linear(width, self.time_dim), nn.SiLU(), nn.Linear(self.time_dim, self.time_dim))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(width, self.time_dim), nn.SiLU(), nn.Linear(self.time_dim, self.time_dim)
+        )
         self.width = width
         self.stem = nn.Conv2d(3, width, 3, padding=1)
         self.down1 = ResBlock(width, width, self.time_dim, norm)
@@ -235,8 +251,15 @@ class UNet(nn.Module):
 class Diffusion(nn.Module):
     """DDPM training (linear β schedule, ε-prediction), deterministic DDIM sampling in few steps."""
 
-    def __init__(self, size: int = 32, width: int = 32, upsample: str = "nearest", norm: str = "group",
-                 timesteps: int = 1000, sample_steps: int = 20) -> None:  # fmt: skip
+    def __init__(
+        self,
+        size: int = 32,
+        width: int = 32,
+        upsample: str = "nearest",
+        norm: str = "group",
+        timesteps: int = 1000,
+        sample_steps: int = 20,
+    ) -> None:
         super().__init__()
         _levels(size)
         self.size, self.timesteps, self.sample_steps = size, timesteps, sample_steps

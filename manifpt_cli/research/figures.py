@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .formats import atomic_output
+from ..formats import atomic_output
 
 
 def pyplot():

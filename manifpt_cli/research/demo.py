@@ -17,15 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifacts import extract_artifacts
-from .attribute import Attribution, AttributionRow
-from .export import export_onnx
-from .manifold import build_index
-from .progress import SILENT, Progress
-from .report import ReportFormat, open_report
+from ..artifacts import extract_artifacts
+from ..attribute import AttributionRow
+from ..casework import ReportTarget, run_attribution
+from ..export import export_onnx
+from ..manifold import build_index
+from ..report import ReportFormat
+from ..settings import DEFAULT_SETTINGS, RunSettings
+from ..spaces import Space
+from ..train import TrainConfig, train_attributor
 from .samples import bundled_photo_paths, write_photo_crops
-from .spaces import Space
-from .train import TrainConfig, train_attributor
 from .zoo import make_design, sample_generator, train_generator
 
 # (name, family, upsampling, normalisation, loss): four families' worth of design choices.
@@ -56,8 +57,15 @@ class DemoPlan:
 
     @classmethod
     def quick(cls) -> DemoPlan:
-        return cls(n_real=240, n_real_heldout=60, gan_iters=40, other_iters=30, n_train_per_source=40,
-                   n_suspects_per_source=12, epochs=6)  # fmt: skip
+        return cls(
+            n_real=240,
+            n_real_heldout=60,
+            gan_iters=40,
+            other_iters=30,
+            n_train_per_source=40,
+            n_suspects_per_source=12,
+            epochs=6,
+        )
 
 
 @dataclass
@@ -78,7 +86,8 @@ def _commands(work: Path, plan: DemoPlan, sources: list[str]) -> list[str]:
     first = ZOO[0]
     return [
         f"manifpt zoo train --real {w}/real --out {w}/zoo/{first[0]} --family {first[1]} --upsample {first[2]} "
-        f"--norm {first[3]} --loss {first[4]} --width {plan.zoo_width} --iters {plan.gan_iters} --batch-size {plan.zoo_batch_size}",
+        f"--norm {first[3]} --loss {first[4]} --width {plan.zoo_width} --iters {plan.gan_iters} "
+        f"--batch-size {plan.zoo_batch_size}",
         f"manifpt zoo sample {w}/zoo/{first[0]} --n {plan.n_suspects_per_source} --out {w}/suspects/{first[0]} --seed 2",
         f"manifpt zoo list {w}/zoo",
         f"manifpt index build {w}/real --out {w}/real.h5 --space rgb,freq --size {plan.size}",
@@ -92,8 +101,9 @@ def _commands(work: Path, plan: DemoPlan, sources: list[str]) -> list[str]:
 def run_demo(
     workdir: str | os.PathLike,
     plan: DemoPlan | None = None,
+    *,
     seed: int = 0,
-    progress: Progress = SILENT,
+    settings: RunSettings = DEFAULT_SETTINGS,
     step: Callable[[str], None] = lambda message: None,
 ) -> DemoResult:
     """Run the demo in ``workdir`` (kept for inspection); ``step`` hears a line per stage."""
@@ -116,35 +126,38 @@ def run_demo(
         step(f"Training zoo generator {name}")
         design = make_design(family, upsample, norm, loss, size=plan.size, width=plan.zoo_width)
         iters = plan.gan_iters if family == "gan" else plan.other_iters
-        train_generator([work / "real"], work / "zoo" / name, design, iters=iters, batch_size=plan.zoo_batch_size,
-                        seed=seed, progress=progress)  # fmt: skip
-        sample_generator(work / "zoo" / name, plan.n_train_per_source, work / "train" / name, seed=seed + 1, progress=progress)
-        sample_generator(work / "zoo" / name, plan.n_suspects_per_source, work / "suspects" / name, seed=seed + 2, progress=progress)
+        model = work / "zoo" / name
+        train_generator(
+            [work / "real"], model, design, iters=iters, batch_size=plan.zoo_batch_size, seed=seed, settings=settings
+        )
+        sample_generator(model, plan.n_train_per_source, work / "train" / name, seed=seed + 1, settings=settings)
+        sample_generator(model, plan.n_suspects_per_source, work / "suspects" / name, seed=seed + 2, settings=settings)
         sources.append(name)
 
     step("Building the real-manifold index (rgb, freq)")
-    build_index([work / "real"], work / "real.h5", [Space.RGB, Space.FREQ], plan.size, progress=progress)
+    build_index([work / "real"], work / "real.h5", [Space.RGB, Space.FREQ], size=plan.size, settings=settings)
     step("Extracting artifacts")
-    extract_artifacts(work / "real.h5", [(name, str(work / "train" / name)) for name in sources], work / "artifacts.h5",
-                      real=work / "train" / "real", progress=progress)  # fmt: skip
+    labelled = [(name, str(work / "train" / name)) for name in sources]
+    extract_artifacts(
+        work / "real.h5", labelled, work / "artifacts.h5", real=work / "train" / "real", settings=settings
+    )
     step(f"Training the attributor on {plan.space.value} artifacts")
     config = TrainConfig(epochs=plan.epochs, seed=seed)
-    train_attributor(work / "artifacts.h5", plan.space, work / "attributor.pt", config, progress=progress)
+    train_attributor(work / "artifacts.h5", plan.space, work / "attributor.pt", config=config, settings=settings)
     step("Exporting to ONNX")
     export_onnx(work / "attributor.pt", work / "attributor.onnx")
 
     step("Attributing the held-out suspects")
     reports = {"csv": work / "report.csv", "json": work / "report.json"}
     rows: list[AttributionRow] = []
-    with Attribution(work / "attributor.onnx", work / "real.h5") as run:
-        header = run.header([work / "suspects"])
-        progress.start("Attributing", run.count([work / "suspects"]))
-        with open_report(ReportFormat.CSV, reports["csv"], header) as csv_writer, \
-                open_report(ReportFormat.JSON, reports["json"], header) as json_writer:  # fmt: skip
-            for row in run.rows([work / "suspects"], progress):
-                csv_writer.write(row)
-                json_writer.write(row)
-                rows.append(row)
+    run_attribution(
+        work / "attributor.onnx",
+        work / "real.h5",
+        [work / "suspects"],
+        reports=[ReportTarget(ReportFormat.CSV, reports["csv"]), ReportTarget(ReportFormat.JSON, reports["json"])],
+        settings=settings,
+        on_row=rows.append,
+    )
 
     per_source: dict[str, tuple[int, int]] = {}
     for row in rows:
@@ -152,4 +165,5 @@ def run_demo(
         correct, total = per_source.get(truth, (0, 0))
         per_source[truth] = (correct + (row.predicted == truth), total + 1)
     accuracy = sum(c for c, _ in per_source.values()) / max(1, len(rows))
-    return DemoResult(work, rows, accuracy, per_source, reports, _commands(work, plan, sources), time.perf_counter() - started)
+    commands = _commands(work, plan, sources)
+    return DemoResult(work, rows, accuracy, per_source, reports, commands, time.perf_counter() - started)

@@ -15,18 +15,14 @@ harness (same samples, same seeded splits, same training loop) as the ManiFPT sp
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from .artifacts import ArtifactSet
-from .errors import UsageError
-from .spaces import pixels_to_float
-
-
-def raw_pixels(pixels: np.ndarray) -> np.ndarray:
-    """(N, S, S, 3) uint8 → (N, 3, S, S) float32 in [0, 1]."""
-    return pixels_to_float(pixels)
+from ..artifacts import PixelSet
+from ..errors import UsageError
+from ..inputs import InputKind, TrainingSet, pixel_training_set
+from ..spaces import pixels_to_float
 
 
 def azimuthal_spectrum(pixels: np.ndarray) -> np.ndarray:
@@ -72,16 +68,27 @@ class Baseline:
     name: str
     reference: str
     arch: str
-    input_kind: str  # what the network reads: "image" or "spectrum"
-    inputs: Callable[[np.ndarray], np.ndarray]
+    input_kind: InputKind  # what the network reads: the image, or a spectrum
+    inputs: Callable[[np.ndarray], np.ndarray]  # (N, S, S, 3) uint8 → network inputs
     augment: Callable[[int], Callable] | None = None
 
 
 BASELINES = {
-    "yu19": Baseline("yu19", "Yu et al. 2019: CNN on raw pixels", "small", "image", raw_pixels),
-    "durall20": Baseline("durall20", "Durall et al. 2020: azimuthal power spectrum", "mlp", "spectrum", azimuthal_spectrum),
-    "wang20": Baseline("wang20", "Wang et al. 2020: ResNet50, blur + JPEG augmentation", "resnet50", "image",
-                       raw_pixels, blur_jpeg_augment),  # fmt: skip
+    baseline.name: baseline
+    for baseline in (
+        Baseline("yu19", "Yu et al. 2019: CNN on raw pixels", "small", InputKind.IMAGE, pixels_to_float),
+        Baseline(
+            "durall20", "Durall et al. 2020: azimuthal power spectrum", "mlp", InputKind.SPECTRUM, azimuthal_spectrum
+        ),
+        Baseline(
+            "wang20",
+            "Wang et al. 2020: ResNet50, blur + JPEG augmentation",
+            "resnet50",
+            InputKind.IMAGE,
+            pixels_to_float,
+            blur_jpeg_augment,
+        ),
+    )
 }
 
 
@@ -100,6 +107,6 @@ def parse_baselines(text: str) -> list[Baseline]:
     return chosen
 
 
-def baseline_inputs(samples: ArtifactSet, baseline: Baseline) -> ArtifactSet:
+def baseline_inputs(pixels: PixelSet, baseline: Baseline) -> TrainingSet:
     """The baseline's inputs for the decoded samples (same rows and labels, so the same splits)."""
-    return replace(samples, artifacts=baseline.inputs(samples.artifacts))
+    return pixel_training_set(pixels, baseline.input_kind, baseline.name, baseline.inputs(pixels.pixels))

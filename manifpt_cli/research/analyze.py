@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import load_artifacts
-from .errors import UsageError
+from ..artifacts import load_artifacts
+from ..errors import UsageError
+from ..formats import atomic_output
+from ..spaces import Space
 from .figures import pyplot, save_figure
-from .formats import atomic_output
-from .spaces import Space
 
 ZOO_FACTORS = ("family", "upsample", "norm", "loss", "depth", "skip_connections")
 
@@ -129,7 +129,8 @@ def analyze_clusters(
         raise UsageError("give the design factors with exactly one of --zoo DIR or --factors CSV")
     factors = zoo_factors(zoo_dir) if zoo_dir is not None else csv_factors(factors_csv)
     data = load_artifacts(artifacts_path, space)
-    analysis = cluster_fingerprints(fingerprint_summaries(data.artifacts, data.labels, data.label_names), factors)
+    summaries = fingerprint_summaries(data.artifacts, data.samples.labels, data.samples.label_names)
+    analysis = cluster_fingerprints(summaries, factors)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = ("clusters.csv", "distances.csv", "linkage.csv", "dendrogram.png", "heatmap.png")

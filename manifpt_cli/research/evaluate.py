@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import ArtifactSet, load_artifacts
-from .errors import UsageError
+from ..artifacts import load_artifacts
+from ..errors import UsageError
+from ..formats import atomic_output, provenance
+from ..inputs import TrainingSet, artifact_training_set
+from ..settings import DEFAULT_SETTINGS, RunSettings
+from ..spaces import Space
+from ..train import TrainConfig, fit, stratified_split
 from .figures import pyplot, save_figure
-from .formats import atomic_output, provenance
-from .progress import SILENT, Progress
-from .runtime import compute_threads, configure_threads
-from .spaces import Space
-from .train import TrainConfig, fit, stratified_split
 
 
 def fisher_ratio(features: np.ndarray, labels: np.ndarray) -> float:
@@ -62,7 +62,15 @@ def per_class_scores(confusion: np.ndarray, classes: list[str]) -> list[dict]:
         precision = tp / predicted if predicted else 0.0
         recall = tp / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        rows.append({"class": name, "precision": float(precision), "recall": float(recall), "f1": float(f1), "support": int(actual)})
+        rows.append(
+            {
+                "class": name,
+                "precision": float(precision),
+                "recall": float(recall),
+                "f1": float(f1),
+                "support": int(actual),
+            }
+        )
     return rows
 
 
@@ -106,10 +114,6 @@ class Evaluation:
         return per_class_scores(self.confusion, self.classes)
 
 
-def _subset(data: ArtifactSet, rows: np.ndarray) -> ArtifactSet:
-    return replace(data, artifacts=data.artifacts[rows], labels=data.labels[rows], paths=[data.paths[i] for i in rows])
-
-
 def _predict(model, artifacts: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(predicted labels, penultimate features) in eval mode."""
     import torch
@@ -149,7 +153,9 @@ def _plot_confusion(path: Path, confusion: np.ndarray, classes: list[str]) -> No
     save_figure(fig, path)
 
 
-def _tsne(path_png: Path, path_csv: Path, features: np.ndarray, labels: np.ndarray, classes: list[str], seed: int) -> None:
+def _tsne(
+    path_png: Path, path_csv: Path, features: np.ndarray, labels: np.ndarray, classes: list[str], seed: int
+) -> None:
     plt = pyplot()
     from sklearn.manifold import TSNE
 
@@ -169,80 +175,88 @@ def evaluate(
     artifacts_path: str | os.PathLike,
     space: Space,
     out_dir: str | os.PathLike,
+    *,
     seeds: int = 3,
     test_fraction: float = 0.2,
     config: TrainConfig | None = None,
-    device: str = "cpu",
-    threads: int | None = None,
-    progress: Progress = SILENT,
+    settings: RunSettings = DEFAULT_SETTINGS,
 ) -> Evaluation:
     """Evaluate one space of an artifacts file; writes metrics, tables and figures to ``out_dir``."""
-    configure_threads(compute_threads(1, threads))
-    data = load_artifacts(artifacts_path, space)
-    return evaluate_set(data, out_dir, space.value, seeds, test_fraction, config, device, progress,
-                        source=os.path.abspath(os.fspath(artifacts_path)))  # fmt: skip
+    data = artifact_training_set(load_artifacts(artifacts_path, space))
+    source = os.path.abspath(os.fspath(artifacts_path))
+    return evaluate_set(
+        data, out_dir, seeds=seeds, test_fraction=test_fraction, config=config, settings=settings, source=source
+    )
 
 
 def evaluate_set(
-    data: ArtifactSet,
+    data: TrainingSet,
     out_dir: str | os.PathLike,
-    name: str,
+    *,
     seeds: int = 3,
     test_fraction: float = 0.2,
     config: TrainConfig | None = None,
-    device: str = "cpu",
-    progress: Progress = SILENT,
+    settings: RunSettings = DEFAULT_SETTINGS,
     augment=None,
     source: str = "",
-    test_data: ArtifactSet | None = None,
+    test_data: TrainingSet | None = None,
 ) -> Evaluation:
-    """Train and test on ``data`` ``seeds`` times (the protocol above); ``name`` labels the outputs.
+    """Train and test on ``data`` ``seeds`` times (the protocol above); ``data.name`` labels the outputs.
 
     With ``test_data`` (cross-dataset), each seed trains on all of ``data`` (its own validation
     split still picks the epoch) and tests on all of ``test_data``, which must use the same labels.
     """
     started = time.perf_counter()
     if seeds < 1:
-        raise UsageError("--seeds must be at least 1")
+        raise UsageError(f"seeds must be at least 1, got {seeds}")
     config = config or TrainConfig()
-    n_classes = len(data.label_names)
+    name, classes, labels = data.name, data.samples.label_names, data.samples.labels
+    n_classes = len(classes)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     runs: list[SeedResult] = []
     last_features = last_labels = None
     for seed in range(seeds):
-        progress.log(f"{name}: seed {seed + 1}/{seeds}")
+        settings.progress.log(f"{name}: seed {seed + 1}/{seeds}")
         if test_data is None:
-            rest, test = stratified_split(data.labels, test_fraction, seed)
-            train_part, test_inputs, truth = _subset(data, rest), data.artifacts[test], data.labels[test]
+            rest, test = stratified_split(labels, test_fraction, seed)
+            train_part, test_inputs, truth = data.subset(rest), data.inputs[test], labels[test]
         else:
-            train_part, test_inputs, truth = data, test_data.artifacts, test_data.labels
-        model, metadata, _ = fit(train_part, replace(config, seed=seed), device, progress, augment)
+            train_part, test_inputs, truth = data, test_data.inputs, test_data.samples.labels
+        model, metadata, _ = fit(
+            train_part, replace(config, seed=seed), device=settings.device, progress=settings.progress, augment=augment
+        )
         predicted, features = _predict(model, test_inputs)
         confusion += confusion_matrix(truth, predicted, n_classes)
-        runs.append(SeedResult(seed, float((predicted == truth).mean()), fisher_ratio(features, truth),
-                               metadata["training"]["best_epoch"], int(len(truth))))  # fmt: skip
+        accuracy = float((predicted == truth).mean())
+        best_epoch = metadata["training"]["best_epoch"]
+        runs.append(SeedResult(seed, accuracy, fisher_ratio(features, truth), best_epoch, int(len(truth))))
         last_features, last_labels = features, truth
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    inputs = data.artifacts.astype(np.float32, copy=False)
-    result = Evaluation(name, data.label_names, metadata["arch"], runs, confusion, fisher_ratio(inputs, data.labels), out)
-    files = {name: out / name for name in ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "tsne.csv", "tsne.png")}
-    _write_csv(files["per_class.csv"], ["class", "precision", "recall", "f1", "support"],
-               [list(row.values()) for row in result.per_class])  # fmt: skip
-    _write_csv(files["confusion.csv"], ["true \\ predicted", *data.label_names],
-               [[label, *map(int, row)] for label, row in zip(data.label_names, confusion)])  # fmt: skip
-    _plot_confusion(files["confusion.png"], confusion, data.label_names)
-    _tsne(files["tsne.png"], files["tsne.csv"], last_features, last_labels, data.label_names, seeds - 1)
+    fd_inputs = fisher_ratio(data.inputs.astype(np.float32, copy=False), labels)
+    result = Evaluation(name, classes, metadata["arch"], runs, confusion, fd_inputs, out)
+    outputs = ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "tsne.csv", "tsne.png")
+    files = {output: out / output for output in outputs}
+    per_class_rows = [list(row.values()) for row in result.per_class]
+    _write_csv(files["per_class.csv"], ["class", "precision", "recall", "f1", "support"], per_class_rows)
+    confusion_rows = [[label, *map(int, row)] for label, row in zip(classes, confusion)]
+    _write_csv(files["confusion.csv"], ["true \\ predicted", *classes], confusion_rows)
+    _plot_confusion(files["confusion.png"], confusion, classes)
+    _tsne(files["tsne.png"], files["tsne.csv"], last_features, last_labels, classes, seeds - 1)
     result.seconds = time.perf_counter() - started
     metrics = {
         **provenance(),
         "source": source,
         "name": name,
         "arch": result.arch,
-        "classes": data.label_names,
-        "protocol": {"seeds": seeds, "test_fraction": None if test_data else test_fraction,
-                     "cross_dataset": test_data is not None, **asdict(config)},  # fmt: skip
+        "classes": classes,
+        "protocol": {
+            "seeds": seeds,
+            "test_fraction": None if test_data else test_fraction,
+            "cross_dataset": test_data is not None,
+            **asdict(config),
+        },
         "accuracy_mean": result.accuracy_mean,
         "accuracy_std": result.accuracy_std,
         "fd_ratio_inputs": result.fd_ratio_inputs,
@@ -258,14 +272,14 @@ def evaluate_set(
     return result
 
 
-def relabel(data: ArtifactSet, mapping: dict[str, str], names: list[str]) -> ArtifactSet:
+def relabel(data: TrainingSet, mapping: dict[str, str], names: list[str]) -> TrainingSet:
     """Map each class through ``mapping`` onto ``names``; classes mapped to nothing are dropped."""
     new_index = {name: i for i, name in enumerate(names)}
-    old_to_new = np.array([new_index.get(mapping.get(old, ""), -1) for old in data.label_names])
-    labels = old_to_new[data.labels]
+    old_to_new = np.array([new_index.get(mapping.get(old, ""), -1) for old in data.samples.label_names])
+    labels = old_to_new[data.samples.labels]
     keep = np.flatnonzero(labels >= 0)
-    return replace(data, artifacts=data.artifacts[keep], labels=labels[keep], label_names=list(names),
-                   paths=[data.paths[i] for i in keep])  # fmt: skip
+    kept = data.subset(keep)
+    return replace(kept, samples=replace(kept.samples, labels=labels[keep], label_names=list(names)))
 
 
 @dataclass
@@ -280,8 +294,12 @@ class LabelMatch:
     dropped_test: list[str]
 
 
-def match_labels(train_names: list[str], test_names: list[str], by: str | None = None,
-                 factors: dict[str, dict[str, str]] | None = None) -> LabelMatch:  # fmt: skip
+def match_labels(
+    train_names: list[str],
+    test_names: list[str],
+    by: str | None = None,
+    factors: dict[str, dict[str, str]] | None = None,
+) -> LabelMatch:
     """Match classes by name, or by the value of design factor ``by`` (from ``factors``).
 
     Only classes present on both sides are kept; the rest are listed as dropped.
@@ -298,13 +316,12 @@ def match_labels(train_names: list[str], test_names: list[str], by: str | None =
             raise UsageError(f"no {by!r} value for: {', '.join(missing)} (add them to the factors)")
         train_map = {name: lookup[name] for name in train_names}
         test_map = {name: lookup[name] for name in test_names}
-    shared = sorted(set(train_map[n] for n in train_names) & set(test_map[n] for n in test_names))
+    shared = sorted({train_map[n] for n in train_names} & {test_map[n] for n in test_names})
     if len(shared) < 2:
         raise UsageError(f"the datasets share fewer than two classes when matched by {by or 'name'}: {shared}")
-    return LabelMatch(
-        by or "name", shared, train_map, test_map,
-        [n for n in train_names if train_map[n] not in shared], [n for n in test_names if test_map[n] not in shared],
-    )  # fmt: skip
+    dropped_train = [n for n in train_names if train_map[n] not in shared]
+    dropped_test = [n for n in test_names if test_map[n] not in shared]
+    return LabelMatch(by or "name", shared, train_map, test_map, dropped_train, dropped_test)
 
 
 def evaluate_cross_dataset(
@@ -312,22 +329,28 @@ def evaluate_cross_dataset(
     test_path: str | os.PathLike,
     space: Space,
     out_dir: str | os.PathLike,
+    *,
     by: str | None = None,
     factors: dict[str, dict[str, str]] | None = None,
     seeds: int = 3,
     config: TrainConfig | None = None,
-    device: str = "cpu",
-    threads: int | None = None,
-    progress: Progress = SILENT,
+    settings: RunSettings = DEFAULT_SETTINGS,
 ) -> tuple[Evaluation, LabelMatch]:
     """Train on one dataset's generators, test on another's (the paper's Table 4 protocol)."""
-    configure_threads(compute_threads(1, threads))
-    train, test = load_artifacts(train_path, space), load_artifacts(test_path, space)
-    if train.artifacts.shape[1:] != test.artifacts.shape[1:]:
-        raise UsageError(f"artifact shapes differ: {train.artifacts.shape[1:]} vs {test.artifacts.shape[1:]} (same --size?)")
-    match = match_labels(train.label_names, test.label_names, by, factors)
-    train_set = relabel(train, match.train_mapping, match.classes)
+    train = artifact_training_set(load_artifacts(train_path, space))
+    test = artifact_training_set(load_artifacts(test_path, space))
+    if train.input_shape != test.input_shape:
+        raise UsageError(f"artifact shapes differ: {train.input_shape} vs {test.input_shape} (same image size?)")
+    match = match_labels(train.samples.label_names, test.samples.label_names, by, factors)
+    train_set = replace(relabel(train, match.train_mapping, match.classes), name=f"{space.value} cross-dataset")
     test_set = relabel(test, match.test_mapping, match.classes)
-    evaluation = evaluate_set(train_set, out_dir, f"{space.value} cross-dataset", seeds, 0.0, config, device, progress,
-                              source=os.path.abspath(os.fspath(train_path)), test_data=test_set)  # fmt: skip
+    evaluation = evaluate_set(
+        train_set,
+        out_dir,
+        seeds=seeds,
+        config=config,
+        settings=settings,
+        source=os.path.abspath(os.fspath(train_path)),
+        test_data=test_set,
+    )
     return evaluation, match

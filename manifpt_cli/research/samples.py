@@ -15,10 +15,22 @@ from PIL import Image
 
 # Colour photographs only (no synthetic test patterns); grayscale photos are converted to RGB.
 SKIMAGE_PHOTOS = (
-    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-    "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png",
-    "camera.png", "moon.png", "coins.png", "grass.png", "gravel.png", "brick.png",
-)  # fmt: skip
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "ihc.png",
+    "camera.png",
+    "moon.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "brick.png",
+)
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 
 

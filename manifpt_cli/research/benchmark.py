@@ -12,17 +12,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .artifacts import extract_artifacts, load_samples
+from ..artifacts import extract_artifacts, load_pixels
+from ..formats import atomic_output
+from ..inputs import InputKind, auto_candidates
+from ..settings import DEFAULT_SETTINGS, RunSettings
+from ..spaces import Space
+from ..train import TrainConfig
 from .baselines import Baseline, baseline_inputs
 from .evaluate import Evaluation, evaluate_set
-from .formats import atomic_output
-from .inputs import auto_candidates
-from .progress import SILENT, Progress
-from .runtime import compute_threads, configure_threads
-from .spaces import Space
-from .train import TrainConfig
 
-COLUMNS = ("method", "input", "arch", "accuracy_mean", "accuracy_std", "fd_ratio_features", "fd_ratio_inputs", "seconds")
+COLUMNS = (
+    "method",
+    "input",
+    "arch",
+    "accuracy_mean",
+    "accuracy_std",
+    "fd_ratio_features",
+    "fd_ratio_inputs",
+    "seconds",
+)
 
 
 @dataclass
@@ -35,12 +43,17 @@ class BenchmarkResult:
     def rows(self) -> list[dict]:
         return [
             {
-                "method": method, "input": what, "arch": e.arch, "accuracy_mean": round(e.accuracy_mean, 4),
-                "accuracy_std": round(e.accuracy_std, 4), "fd_ratio_features": round(e.fd_ratio_features_mean, 4),
-                "fd_ratio_inputs": round(e.fd_ratio_inputs, 4), "seconds": round(e.seconds, 1),
+                "method": method,
+                "input": what,
+                "arch": e.arch,
+                "accuracy_mean": round(e.accuracy_mean, 4),
+                "accuracy_std": round(e.accuracy_std, 4),
+                "fd_ratio_features": round(e.fd_ratio_features_mean, 4),
+                "fd_ratio_inputs": round(e.fd_ratio_inputs, 4),
+                "seconds": round(e.seconds, 1),
             }
             for method, what, e in self.evaluations
-        ]  # fmt: skip
+        ]
 
 
 def markdown_table(rows: list[dict], classes: list[str], seeds: int) -> str:
@@ -55,8 +68,8 @@ def markdown_table(rows: list[dict], classes: list[str], seeds: int) -> str:
         accuracy = f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_std']:.1f}"
         if row["accuracy_mean"] == best:
             accuracy = f"**{accuracy}**"
-        lines.append(f"| {row['method']} | {row['input']} | {row['arch']} | {accuracy} | "
-                     f"{row['fd_ratio_features']:.2f} | {row['fd_ratio_inputs']:.3f} |")  # fmt: skip
+        features, inputs = f"{row['fd_ratio_features']:.2f}", f"{row['fd_ratio_inputs']:.3f}"
+        lines.append(f"| {row['method']} | {row['input']} | {row['arch']} | {accuracy} | {features} | {inputs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -64,6 +77,7 @@ def run_benchmark(
     index_path: str | os.PathLike,
     sources: Sequence[tuple[str, str]],
     out_dir: str | os.PathLike,
+    *,
     spaces: Sequence[Space] | None = None,
     baselines: Sequence[Baseline] = (),
     real: str | os.PathLike | None = None,
@@ -72,35 +86,38 @@ def run_benchmark(
     config: TrainConfig | None = None,
     baseline_arch: str | None = None,
     weights: dict[Space, str | None] | None = None,
-    device: str = "cpu",
-    threads: int | None = None,
-    progress: Progress = SILENT,
+    settings: RunSettings = DEFAULT_SETTINGS,
 ) -> BenchmarkResult:
     """Extract artifacts, evaluate every space and baseline with one protocol, write the table."""
-    configure_threads(compute_threads(1, threads))
     config = config or TrainConfig()
     out = Path(out_dir)
     artifacts = out / "artifacts.h5"
-    extracted = extract_artifacts(index_path, sources, artifacts, spaces, real, weights, device=device,
-                                  threads=threads, progress=progress)  # fmt: skip
+    extracted = extract_artifacts(
+        index_path, sources, artifacts, spaces=spaces, real=real, weights=weights, settings=settings
+    )
+    protocol = {"seeds": seeds, "test_fraction": test_fraction, "settings": settings}
     result = BenchmarkResult(out)
     # The spaces' artifacts, then image+artifact for each image space. The bare image is yu19's
     # input with yu19's network, so it appears once, as the yu19 row.
-    for candidate in auto_candidates(artifacts, extracted.spaces):
-        if candidate.kind == "image":
+    for candidate in auto_candidates(artifacts):
+        if candidate.kind is InputKind.IMAGE:
             continue
-        evaluation = evaluate_set(candidate.data, out / candidate.name.replace("+", "_"), candidate.name, seeds,
-                                  test_fraction, config, device, progress)  # fmt: skip
-        method = f"ManiFPT {candidate.name}" if candidate.kind == "artifact" else f"joint {candidate.name}"
-        result.evaluations.append((method, candidate.kind, evaluation))
-    samples = load_samples(artifacts) if baselines else None
+        folder = out / candidate.name.replace("+", "_")
+        evaluation = evaluate_set(candidate, folder, config=config, **protocol)
+        method = f"ManiFPT {candidate.name}" if candidate.kind is InputKind.ARTIFACT else f"joint {candidate.name}"
+        result.evaluations.append((method, candidate.kind.value, evaluation))
+    pixels = load_pixels(artifacts) if baselines else None
     for baseline in baselines:
-        arch = baseline_arch if baseline_arch and baseline.input_kind == "image" else baseline.arch
+        arch = baseline_arch if baseline_arch and baseline.input_kind is InputKind.IMAGE else baseline.arch
+        augment = baseline.augment(0) if baseline.augment else None
         evaluation = evaluate_set(
-            baseline_inputs(samples, baseline), out / baseline.name, baseline.name, seeds, test_fraction,
-            replace(config, arch=arch), device, progress, baseline.augment(0) if baseline.augment else None,
-        )  # fmt: skip
-        result.evaluations.append((baseline.name, baseline.input_kind, evaluation))
+            baseline_inputs(pixels, baseline),
+            out / baseline.name,
+            config=replace(config, arch=arch),
+            augment=augment,
+            **protocol,
+        )
+        result.evaluations.append((baseline.name, baseline.input_kind.value, evaluation))
 
     rows = result.rows()
     result.table_markdown, result.table_csv = out / "table.md", out / "table.csv"

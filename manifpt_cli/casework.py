@@ -1,0 +1,88 @@
+"""One attribution run, from folders of suspects to written reports: what `manifpt attribute` does.
+
+The CLI and scripts call :func:`run_attribution` and only render its :class:`AttributionSummary`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .attribute import Attribution, AttributionRow
+from .errors import EXIT_OK, EXIT_PARTIAL, UsageError
+from .images import count_images, display_path
+from .report import ReportFormat, open_report
+from .settings import DEFAULT_SETTINGS, RunSettings
+
+
+@dataclass(frozen=True)
+class ReportTarget:
+    """One report to write: its format and file (None: standard output)."""
+
+    format: ReportFormat
+    out: str | os.PathLike | None = None
+
+
+@dataclass
+class AttributionSummary:
+    """What a run attributed: counts, the provenance header, and where the reports went."""
+
+    header: dict
+    total: int = 0
+    failed: int = 0
+    predicted: Counter = field(default_factory=Counter)
+    reports: list[ReportTarget] = field(default_factory=list)
+
+    @property
+    def attributed(self) -> int:
+        return self.total - self.failed
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every file was attributed, 3 when some failed (README, "Exit codes")."""
+        return EXIT_PARTIAL if self.failed else EXIT_OK
+
+
+def run_attribution(
+    model: str | os.PathLike,
+    index: str | os.PathLike,
+    suspects: Sequence[str | os.PathLike],
+    *,
+    reports: Sequence[ReportTarget] = (),
+    top_k: int = 3,
+    settings: RunSettings = DEFAULT_SETTINGS,
+    on_row: Callable[[AttributionRow], None] | None = None,
+) -> AttributionSummary:
+    """Attribute every image under ``suspects`` and stream the rows into each of ``reports``.
+
+    ``on_row`` sees every row as it is written (the CLI keeps them for its terminal table).
+
+    Raises:
+        UsageError: no image file under ``suspects``; a report format that is not a file format.
+        MismatchError, FormatError: the model and index do not belong together, or are unreadable.
+    """
+    for target in reports:
+        if target.format is ReportFormat.TABLE:
+            raise UsageError("the table is drawn by the CLI; reports are written as csv or json")
+    with Attribution(model, index, top_k=top_k, settings=settings) as run:
+        total = count_images(suspects)
+        if total == 0:
+            folders = ", ".join(display_path(root) for root in suspects)
+            raise UsageError(f"no image files under: {folders} (searched recursively)")
+        summary = AttributionSummary(run.header(suspects), reports=list(reports))
+        with contextlib.ExitStack() as stack:
+            writers = [stack.enter_context(open_report(t.format, t.out, summary.header)) for t in reports]
+            settings.progress.start("Attributing", total)
+            for row in run.rows(suspects):
+                for writer in writers:
+                    writer.write(row)
+                if on_row is not None:
+                    on_row(row)
+                summary.total += 1
+                summary.failed += not row.ok
+                if row.ok:
+                    summary.predicted[row.predicted] += 1
+    return summary

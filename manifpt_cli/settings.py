@@ -1,0 +1,92 @@
+"""Run settings shared by every stage: built once (the CLI does it in ``cli/options.py``), applied once.
+
+Decode workers plus compute threads never exceed the cores: by default the compute libraries get
+the cores that ``workers`` leaves free. Library entry points take a :class:`RunSettings` keyword
+argument; scripts build one, call :meth:`RunSettings.apply` once, and pass it on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+from .progress import SILENT, Progress
+
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels: far above any generator output or photo
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run uses the machine; none of these change a result.
+
+    Attributes:
+        batch_size: images per batch through embedding, search and the attributor.
+        workers: threads decoding image files.
+        threads: compute threads for PyTorch, FAISS and ONNX Runtime; None: the cores
+            ``workers`` leaves free.
+        device: PyTorch device for backbones, training and generators (``cpu``, ``cuda``, ...).
+        max_pixels: images whose header declares more pixels are refused before decoding.
+        progress: where progress is reported (the CLI plugs in a Rich bar).
+    """
+
+    batch_size: int = 64
+    workers: int = 1
+    threads: int | None = None
+    device: str = "cpu"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: Progress = field(default=SILENT, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "workers", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"threads must be at least 1 (or None for automatic), got {self.threads}")
+
+    @property
+    def compute_threads(self) -> int:
+        """Threads for PyTorch, FAISS and ONNX Runtime."""
+        if self.threads:
+            return self.threads
+        return max(1, cpu_count() - (self.workers - 1))
+
+    def apply(self) -> None:
+        """Give FAISS and PyTorch the compute-thread budget (once per process, before heavy work).
+
+        PyTorch is not imported for this: where it is not loaded yet, ``OMP_NUM_THREADS`` tells
+        it the budget when (if ever) it loads, so attribution never pays for importing it.
+        """
+        import faiss
+
+        threads = self.compute_threads
+        faiss.omp_set_num_threads(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+        else:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+
+    def check_device(self) -> None:
+        """Refuse an invalid or unavailable ``device`` early (PyTorch is imported only for non-CPU)."""
+        if self.device == "cpu":
+            return
+        import torch
+
+        try:
+            parsed = torch.device(self.device)
+        except RuntimeError as exc:
+            raise UsageError(f"invalid device {self.device!r}: {exc}") from None
+        if parsed.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"device {self.device!r} asked for CUDA, but torch sees no CUDA device here; use cpu")
+
+
+DEFAULT_SETTINGS = RunSettings()
