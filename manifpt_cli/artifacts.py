@@ -88,14 +88,6 @@ def index_embedders(
     return embedders
 
 
-def parse_source(text: str) -> tuple[str, str]:
-    """``NAME=DIR`` → (NAME, DIR)."""
-    name, sep, folder = text.partition("=")
-    if not sep or not name.strip() or not folder:
-        raise UsageError(f"--source takes NAME=DIR (as in --source stylegan2=./fakes/stylegan2), got {text!r}")
-    return name.strip(), folder
-
-
 @dataclass
 class ExtractResult:
     """What :func:`extract_artifacts` wrote."""
@@ -119,9 +111,11 @@ def _labelled_folders(sources: Sequence[tuple[str, str]], real: str | os.PathLik
     names = [name for name, _ in folders]
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
-        raise UsageError(f"class names must be unique; repeated: {', '.join(duplicated)} ('real' is --real's)")
+        raise UsageError(
+            f"class names must be unique; repeated: {', '.join(duplicated)} ('real' names the real folder's class)"
+        )
     if not folders:
-        raise UsageError("give at least one --source NAME=DIR (and optionally --real DIR)")
+        raise UsageError("give at least one source (a class name and its folder)")
     return folders
 
 

@@ -46,28 +46,3 @@ class ExportParityError(ManifptError):
 
 class MissingExtraError(UsageError):
     """The command needs an optional part of manifpt that this installation lacks."""
-
-
-# Top-level modules of the optional extras (pyproject.toml), and the extra that installs each.
-EXTRA_OF_MODULE = {
-    "torch": "train",
-    "torchvision": "train",
-    "onnx": "train",
-    "onnxscript": "train",
-    "sklearn": "train",
-    "skimage": "train",
-    "matplotlib": "train",
-    "scipy": "train",
-}
-
-
-def missing_extra(exc: ModuleNotFoundError) -> MissingExtraError | None:
-    """The error to show when an optional dependency is missing, or None for any other module."""
-    module = (exc.name or "").partition(".")[0]
-    extra = EXTRA_OF_MODULE.get(module)
-    if extra is None:
-        return None
-    return MissingExtraError(
-        f"this needs {module}, which is part of manifpt's optional [{extra}] extra and is not installed here. "
-        f'Install it with: pip install "manifpt[{extra}]" (from a source checkout: pip install -e ".[{extra}]")'
-    )

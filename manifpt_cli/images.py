@@ -182,7 +182,7 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
             if width * height > max_pixels:
                 raise ImageDecodeError(
                     f"refused: header declares {width}×{height} pixels, over the limit of "
-                    f"{max_pixels:,} (raise --max-pixels if the image is genuine)"
+                    f"{max_pixels:,} (raise max_pixels, --max-pixels, if the image is genuine)"
                 )
             image.seek(0)  # first frame of animated/multi-page files
             image = ImageOps.exif_transpose(image)

@@ -60,7 +60,7 @@ class TrainResult:
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val): ``val_fraction`` of every class (at least one where a class has two or more)."""
     if not 0 < val_fraction < 1:
-        raise UsageError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        raise UsageError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     rng = np.random.default_rng(seed)
     train, val = [], []
     for label in np.unique(labels):

@@ -14,8 +14,9 @@ os.environ.setdefault("COLUMNS", "200")  # pin Rich's console width for stable o
 
 import numpy as np
 import pytest
-from manifpt_cli.research.samples import bundled_photo_paths, random_crops
 from PIL import Image, ImageFilter
+
+from manifpt_cli.research.samples import bundled_photo_paths, random_crops
 
 SIZE = 32
 

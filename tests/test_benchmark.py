@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from manifpt_cli.research.baselines import BASELINES, azimuthal_spectrum, blur_jpeg_augment, parse_baselines
 from typer.testing import CliRunner
 
 from manifpt_cli.artifacts import load_pixels
 from manifpt_cli.cli import app
 from manifpt_cli.errors import UsageError
+from manifpt_cli.research.baselines import BASELINES, azimuthal_spectrum, blur_jpeg_augment, parse_baselines
 
 from .conftest import SOURCES
 

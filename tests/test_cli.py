@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -104,9 +105,17 @@ def test_attribute_json_report_carries_the_header(workflow):
 
 
 def test_attribute_table_on_the_terminal(workflow):
-    result = run("attribute", workflow["suspects"] / "jpeg", "--model", workflow["model"], "--index", workflow["index"])
-    assert "predicted source" in result.stdout and "jpeg" in result.stdout
-    assert "attributed" in result.stderr
+    folder = workflow["suspects"] / "jpeg"
+    args = (folder, "--model", workflow["model"], "--index", workflow["index"])
+    rows = json.loads(run("attribute", *args, "--report", "json").stdout)["rows"]
+    result = run("attribute", *args)
+    assert "predicted source" in result.stdout
+    # Every row's predicted-source cell and status cell, not the paths (which contain "jpeg" too).
+    for label in {row["predicted"] for row in rows}:
+        shown = re.findall(rf"│ {re.escape(label)} +│ \d\.\d{{3}} +│", result.stdout)
+        assert len(shown) == sum(row["predicted"] == label for row in rows), label
+    assert len(re.findall(r"│ ok +│", result.stdout)) == len(rows) == len(list(folder.iterdir()))
+    assert f"{len(rows)} attributed" in result.stderr
 
 
 def test_model_for_another_index_is_refused(workflow, dataset, tmp_path):

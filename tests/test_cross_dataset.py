@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from manifpt_cli.research.evaluate import match_labels
 from typer.testing import CliRunner
 
 from manifpt_cli.cli import app
 from manifpt_cli.errors import UsageError
+from manifpt_cli.research.evaluate import match_labels
 
 
 def test_match_by_name_keeps_shared_classes():

@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
-from manifpt_cli.research.evaluate import confusion_matrix, evaluate, fisher_ratio, per_class_scores
 from typer.testing import CliRunner
 
 from manifpt_cli.cli import app
+from manifpt_cli.research.evaluate import confusion_matrix, evaluate, fisher_ratio, per_class_scores
 from manifpt_cli.spaces import Space
 from manifpt_cli.train import TrainConfig
 

@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from manifpt_cli.errors import ImageDecodeError, UsageError
-from manifpt_cli.settings import RunSettings
 from manifpt_cli.images import (
     DecodedImage,
     FailedImage,
@@ -26,6 +25,7 @@ from manifpt_cli.images import (
     display_path,
     try_decode,
 )
+from manifpt_cli.settings import RunSettings
 
 SIZE = 32
 

@@ -112,7 +112,11 @@ def test_interrupted_build_leaves_nothing_under_the_final_name(tmp_path, dataset
     out.write_bytes(b"an older file that must survive")
     with pytest.raises(KeyboardInterrupt):
         build_index(
-            [dataset / "real"], out, [Space.RGB], size=SIZE, settings=RunSettings(batch_size=16, progress=InterruptAfter(2))
+            [dataset / "real"],
+            out,
+            [Space.RGB],
+            size=SIZE,
+            settings=RunSettings(batch_size=16, progress=InterruptAfter(2)),
         )
     assert out.read_bytes() == b"an older file that must survive"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["real.h5"], "no partial file left behind"

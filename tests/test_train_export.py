@@ -92,7 +92,10 @@ def test_feature_space_export_ships_the_backbone(tmp_path):
     result = export_onnx(tmp_path / "sl.pt", tmp_path / "sl.onnx")
     assert result.backbone_path.endswith("sl.backbone.onnx") and result.max_embedding_diff < 1e-3
     session = ort.InferenceSession(result.backbone_path, providers=["CPUExecutionProvider"])
-    assert session.run(["embedding"], {"image": np.random.rand(3, 3, 16, 16).astype(np.float32)})[0].shape == (3, FEATURE_DIM)
+    assert session.run(["embedding"], {"image": np.random.rand(3, 3, 16, 16).astype(np.float32)})[0].shape == (
+        3,
+        FEATURE_DIM,
+    )
 
 
 def test_bad_checkpoints_and_options(tmp_path, artifacts_file):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from manifpt_cli.research.zoo import list_zoo, make_design, read_zoo_metadata, sample_generator, train_generator
 from PIL import Image
 from typer.testing import CliRunner
 
 from manifpt_cli.cli import app
 from manifpt_cli.errors import UsageError
+from manifpt_cli.research.zoo import list_zoo, make_design, read_zoo_metadata, sample_generator, train_generator
 
 FAMILIES = [
     ("gan", "tconv", "batch", "ns"),
@@ -27,6 +27,8 @@ def test_each_family_trains_and_samples(tmp_path, dataset, family, upsample, nor
     design = make_design(family, upsample, norm, loss, size=16, width=8)
     model_dir = tmp_path / "zoo" / f"{family}-{design.upsample}"
     result = train_generator([dataset / "real"], model_dir, design, iters=3, batch_size=8, seed=0)
+    expected = {"gan": {"d", "g"}, "vae": {"recon", "kl"}, "flow": {"bpd"}, "diffusion": {"mse"}}[family]
+    assert set(result.final_losses) == expected
     assert all(np.isfinite(v) for v in result.final_losses.values())
     written = sample_generator(model_dir, 5, tmp_path / "samples", seed=1, batch_size=2)
     assert len(written) == 5

@@ -28,7 +28,7 @@ def clusters(
     """Cluster generators' fingerprints and score each design factor by NMI (the paper's Table 5)."""
     from ..spaces import parse_spaces
 
-    with errors_to_exit():
+    with errors_to_exit(needs="train"):
         from ..research.analyze import analyze_clusters
 
         chosen = parse_spaces(space)

@@ -9,7 +9,17 @@ import typer
 from rich.markdown import Markdown
 
 from .console import RichProgress, errors_to_exit, stderr, stdout
-from .options import Device, Quiet, RandomWeights, SlWeights, SslWeights, Threads, backbone_weights, run_settings
+from .options import (
+    Device,
+    Quiet,
+    RandomWeights,
+    SlWeights,
+    SslWeights,
+    Threads,
+    backbone_weights,
+    parse_source,
+    run_settings,
+)
 
 
 def benchmark(
@@ -44,11 +54,10 @@ def benchmark(
     quiet: Quiet = False,
 ) -> None:
     """Compare ManiFPT's spaces with baselines on your generators: a table shaped like the paper's Table 2."""
-    from ..artifacts import parse_source
     from ..spaces import parse_spaces
     from ..train import TrainConfig
 
-    with errors_to_exit():
+    with errors_to_exit(needs="train"):
         from ..research.baselines import parse_baselines
         from ..research.benchmark import run_benchmark
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,7 +19,8 @@ from rich.progress import (
 from rich.progress import Progress as RichBar
 from rich.text import Text
 
-from ..errors import ManifptError, missing_extra
+from ..errors import ManifptError
+from ..extras import missing_extra, require_extra
 from ..progress import Progress
 
 stdout = Console(soft_wrap=False)
@@ -54,7 +56,7 @@ class RichProgress(Progress):
             TimeRemainingColumn(),
             console=stderr,
             transient=True,
-            disable=quiet,
+            disable=quiet or not stderr.is_terminal,
         )
         self.task = None
 
@@ -80,14 +82,20 @@ class RichProgress(Progress):
 
 
 def _fail(exc: ManifptError) -> None:
-    stderr.print(f"[bold red]error:[/] {exc}", highlight=False)
+    stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
     raise typer.Exit(exc.exit_code) from None
 
 
 @contextlib.contextmanager
-def errors_to_exit() -> Iterator[None]:
-    """Turn a ManifptError into a red message on stderr and its exit code (no traceback, no locals)."""
+def errors_to_exit(needs: str | None = None) -> Iterator[None]:
+    """Turn a ManifptError into a red message on stderr and its exit code (no traceback, no locals).
+
+    ``needs`` names an optional extra the command cannot run without; its absence is reported
+    before any work starts.
+    """
     try:
+        if needs:
+            require_extra(needs)
         yield
     except ManifptError as exc:
         _fail(exc)

@@ -31,7 +31,7 @@ def demo(
 ) -> None:
     """Run the whole workflow offline on photographs bundled with scikit-image, with a zoo of 5 generators."""
     work = workdir or Path(tempfile.mkdtemp(prefix="manifpt-demo-"))
-    with errors_to_exit(), RichProgress(quiet) as progress:
+    with errors_to_exit(needs="train"), RichProgress(quiet) as progress:
         from ..research.demo import DemoPlan, run_demo
 
         plan = DemoPlan.quick() if quick else DemoPlan()

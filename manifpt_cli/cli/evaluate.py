@@ -57,7 +57,7 @@ def evaluate(
     from ..spaces import parse_spaces
     from ..train import TrainConfig
 
-    with errors_to_exit():
+    with errors_to_exit(needs="train"):
         from ..research.analyze import csv_factors, zoo_factors
         from ..research.evaluate import evaluate as run_evaluation
         from ..research.evaluate import evaluate_cross_dataset

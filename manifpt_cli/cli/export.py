@@ -29,7 +29,7 @@ def export(
     """Export an attributor to ONNX with its model card, and check ONNX Runtime against PyTorch."""
     from ..export import export_onnx
 
-    with errors_to_exit():
+    with errors_to_exit(needs="train"):
         result = export_onnx(checkpoint, out, weights, tolerance)
     stderr.print(
         f"[green]wrote {result.path}[/] (max |Δp| ONNX Runtime vs PyTorch {result.max_probability_diff:.1e} ≤ {tolerance:.0e})"

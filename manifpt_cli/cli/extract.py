@@ -22,6 +22,7 @@ from .options import (
     Threads,
     Workers,
     backbone_weights,
+    parse_source,
     run_settings,
 )
 
@@ -52,7 +53,7 @@ def extract(
 
     Exit 0 when every file was used, 3 when some could not be decoded (listed; the rest are kept).
     """
-    from ..artifacts import extract_artifacts, parse_source
+    from ..artifacts import extract_artifacts
     from ..spaces import parse_spaces
 
     with errors_to_exit():

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import UsageError
 from ..progress import Progress
 from ..settings import DEFAULT_MAX_PIXELS, RunSettings, cpu_count
 from ..spaces import Space
@@ -84,3 +85,11 @@ def backbone_weights(sl: Path | None, ssl: Path | None, random: str | None) -> d
         Space.SL: str(sl) if sl else random,
         Space.SSL: str(ssl) if ssl else random,
     }
+
+
+def parse_source(text: str) -> tuple[str, str]:
+    """``--source NAME=DIR`` → (NAME, DIR)."""
+    name, sep, folder = text.partition("=")
+    if not sep or not name.strip() or not folder:
+        raise UsageError(f"--source takes NAME=DIR (as in --source stylegan2=./fakes/stylegan2), got {text!r}")
+    return name.strip(), folder

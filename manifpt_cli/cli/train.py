@@ -48,7 +48,7 @@ def train(
     from ..spaces import parse_spaces
     from ..train import TrainConfig, train_attributor, train_auto
 
-    with errors_to_exit():
+    with errors_to_exit(needs="train"):
         auto = space.strip().lower() == "auto"
         spaces = [] if auto else parse_spaces(space)
         if not auto and len(spaces) != 1:

@@ -38,7 +38,7 @@ def train(
     quiet: Quiet = False,
 ) -> None:
     """Train a small generator on real images and record every design choice in its checkpoint."""
-    with errors_to_exit(), RichProgress(quiet, unit="it") as progress:
+    with errors_to_exit(needs="train"), RichProgress(quiet, unit="it") as progress:
         from ..research.zoo import make_design, train_generator
 
         settings = run_settings(progress, workers=workers, threads=threads, device=device)
@@ -58,7 +58,7 @@ def sample(
     quiet: Quiet = False,
 ) -> None:
     """Write N samples of a zoo generator as PNG files."""
-    with errors_to_exit(), RichProgress(quiet) as progress:
+    with errors_to_exit(needs="train"), RichProgress(quiet) as progress:
         from ..research.zoo import sample_generator
 
         settings = run_settings(progress, device=device)
@@ -71,7 +71,7 @@ def list_models(
     root: Annotated[Path, typer.Argument(help="Folder searched for zoo models.")] = Path("models_dir/zoo"),
 ) -> None:
     """Show the trained zoo models and their design choices."""
-    with errors_to_exit():
+    with errors_to_exit(needs="train"):
         from ..research.zoo import list_zoo
 
         found = list_zoo(root)

@@ -126,7 +126,7 @@ def analyze_clusters(
 ) -> ClusterAnalysis:
     """Run the analysis on one space of an artifacts file; writes CSV tables and PNG figures."""
     if (zoo_dir is None) == (factors_csv is None):
-        raise UsageError("give the design factors with exactly one of --zoo DIR or --factors CSV")
+        raise UsageError("give the design factors with exactly one of zoo_dir (--zoo) or factors_csv (--factors)")
     factors = zoo_factors(zoo_dir) if zoo_dir is not None else csv_factors(factors_csv)
     data = load_artifacts(artifacts_path, space)
     summaries = fingerprint_summaries(data.artifacts, data.samples.labels, data.samples.label_names)

@@ -309,7 +309,9 @@ def match_labels(
         train_map, test_map = identity, identity
     else:
         if not factors:
-            raise UsageError(f"matching by {by!r} needs design factors (--zoo DIR or --factors CSV)")
+            raise UsageError(
+                f"matching by {by!r} needs design factors (factors; --zoo DIR or --factors CSV on the command line)"
+            )
         lookup = {name: values.get(by, "") for name, values in factors.items()}
         missing = [name for name in train_names + test_names if not lookup.get(name)]
         if missing:

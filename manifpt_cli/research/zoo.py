@@ -65,7 +65,7 @@ def make_design(
     if family == "flow" and (upsample not in (None, default_upsample) or norm not in (None, default_norm)):
         raise UsageError("a flow's upsampling is fixed (pixelshuffle unsqueeze) and it has no normalisation")
     if family != "gan" and loss not in (None, default_loss):
-        raise UsageError(f"--loss chooses a GAN loss; a {family} trains with its own ({default_loss})")
+        raise UsageError(f"loss chooses a GAN loss; a {family} trains with its own ({default_loss})")
     design = Design(family, upsample or default_upsample, norm or default_norm, loss or default_loss, size, width)
     if design.upsample not in UPSAMPLINGS:
         raise UsageError(f"unknown upsampling {design.upsample!r}; choose one of: {', '.join(UPSAMPLINGS)}")
@@ -74,7 +74,7 @@ def make_design(
     if family == "gan" and design.loss not in GAN_LOSSES:
         raise UsageError(f"unknown GAN loss {design.loss!r}; choose one of: {', '.join(GAN_LOSSES)}")
     if size < 16 or size & (size - 1):
-        raise UsageError(f"zoo generators need a power-of-two --size ≥ 16, got {size}")
+        raise UsageError(f"zoo generators need a power-of-two size ≥ 16, got {size}")
     design.depth = int(np.log2(size)) - 2 if family in ("gan", "vae") else (6 if family == "flow" else 2)
     design.skip_connections = family == "diffusion"
     return design
