@@ -64,7 +64,9 @@ def test_index_build_and_attribute_without_the_extras(dataset, real_index, expor
 
     report = tmp_path / "report.csv"
     suspects = dataset / "suspects"
-    result = lean("attribute", suspects, "--model", exported_model, "--index", index, "--report", "csv", "--out", report)
+    result = lean(
+        "attribute", suspects, "--model", exported_model, "--index", index, "--report", "csv", "--out", report
+    )
     assert result.returncode == 0, result.stderr
     with open(report, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))

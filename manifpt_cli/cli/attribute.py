@@ -10,7 +10,7 @@ from rich.table import Column, Table
 
 from ..report import ReportFormat
 from .console import RichProgress, errors_to_exit, stderr, stdout
-from .options import DEFAULT_MAX, BatchSize, MaxPixels, Quiet, Threads, Workers, run_settings
+from .options import DECODING, RunOptions, run_options
 
 
 def _file_format(report: ReportFormat, out: Path | None) -> ReportFormat | None:
@@ -42,6 +42,7 @@ def attribution_table(rows) -> Table:
     return table
 
 
+@run_options(*DECODING, "threads", "quiet")
 def attribute(
     suspects: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or files of suspect images.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Attributor exported by `manifpt export` (NAME.onnx).")],
@@ -53,15 +54,12 @@ def attribute(
     out: Annotated[
         Optional[Path],
         typer.Option(
-            "--out", "-o", help="Write the csv/json report here (a CSV also gets FILE.meta.json) [default: stdout]."
+            "--out", "-o", help="Write the csv/json report here (a CSV also gets FILE.meta.json) \\[default: stdout]."
         ),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many ranked sources each row lists.")] = 3,
-    batch_size: BatchSize = 64,
-    workers: Workers = 1,
-    threads: Threads = None,
-    max_pixels: MaxPixels = DEFAULT_MAX,
-    quiet: Quiet = False,
+    *,
+    options: RunOptions,
 ) -> None:
     """Name the source model of every suspect image (ONNX Runtime + FAISS; no PyTorch at run time).
 
@@ -72,10 +70,8 @@ def attribute(
 
     file_format = _file_format(report, out)
     kept = []
-    with errors_to_exit(), RichProgress(quiet) as progress:
-        settings = run_settings(
-            progress, batch_size=batch_size, workers=workers, threads=threads, max_pixels=max_pixels
-        )
+    with errors_to_exit(), RichProgress(options.quiet) as progress:
+        settings = options.settings(progress)
         summary = run_attribution(
             model,
             index,

@@ -9,19 +9,10 @@ import typer
 from rich.markdown import Markdown
 
 from .console import RichProgress, errors_to_exit, stderr, stdout
-from .options import (
-    Device,
-    Quiet,
-    RandomWeights,
-    SlWeights,
-    SslWeights,
-    Threads,
-    backbone_weights,
-    parse_source,
-    run_settings,
-)
+from .options import BACKBONES, COMPUTE, RunOptions, parse_source, run_options
 
 
+@run_options(*BACKBONES, *COMPUTE, "quiet")
 def benchmark(
     index: Annotated[Path, typer.Option("--index", help="Real-manifold index from `manifpt index build`.")],
     source: Annotated[list[str], typer.Option("--source", help="NAME=DIR: a source model and its images; repeat.")],
@@ -32,7 +23,7 @@ def benchmark(
         Optional[Path], typer.Option("--real", help="Folder of real images to add as class 'real'.")
     ] = None,
     spaces: Annotated[
-        Optional[str], typer.Option("--spaces", help="ManiFPT spaces to compare [default: every space of the index].")
+        Optional[str], typer.Option("--spaces", help="ManiFPT spaces to compare \\[default: every space of the index].")
     ] = None,
     baselines: Annotated[str, typer.Option("--baselines", help="all, none, or some of yu19,durall20,wang20.")] = "all",
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Training runs per method (seeds 0..N-1).")] = 3,
@@ -43,15 +34,11 @@ def benchmark(
     baseline_arch: Annotated[
         Optional[str],
         typer.Option(
-            "--baseline-arch", help="Override yu19/wang20's network (e.g. small for a fast CPU run) [default: theirs]."
+            "--baseline-arch", help="Override yu19/wang20's network (e.g. small for a fast CPU run) \\[default: theirs]."
         ),
     ] = None,
-    sl_weights: SlWeights = None,
-    ssl_weights: SslWeights = None,
-    weights: RandomWeights = None,
-    device: Device = "cpu",
-    threads: Threads = None,
-    quiet: Quiet = False,
+    *,
+    options: RunOptions,
 ) -> None:
     """Compare ManiFPT's spaces with baselines on your generators: a table shaped like the paper's Table 2."""
     from ..spaces import parse_spaces
@@ -64,7 +51,7 @@ def benchmark(
         chosen_spaces = parse_spaces(spaces) if spaces else None
         chosen_baselines = parse_baselines(baselines)
         sources = [parse_source(text) for text in source]
-        with RichProgress(quiet, unit="") as progress:
+        with RichProgress(options.quiet, unit="") as progress:
             result = run_benchmark(
                 index,
                 sources,
@@ -76,8 +63,8 @@ def benchmark(
                 test_fraction=test_fraction,
                 config=TrainConfig(epochs=epochs),
                 baseline_arch=baseline_arch,
-                weights=backbone_weights(sl_weights, ssl_weights, weights),
-                settings=run_settings(progress, threads=threads, device=device),
+                weights=options.backbone_weights(),
+                settings=options.settings(progress),
             )
     stdout.print(Markdown(result.table_markdown.read_text(encoding="utf-8")))
     stderr.print(

@@ -13,29 +13,31 @@ from rich.table import Table
 
 from .attribute import attribution_table
 from .console import RichProgress, errors_to_exit, stderr, stdout
-from .options import run_settings
+from .options import RunOptions, run_options
 
 SHOWN_ROWS = 15
 
 
+@run_options("quiet")
 def demo(
     workdir: Annotated[
         Optional[Path],
-        typer.Option("--workdir", help="Keep every file here to inspect and re-run steps [default: a temp folder]."),
+        typer.Option("--workdir", help="Keep every file here to inspect and re-run steps \\[default: a temp folder]."),
     ] = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="A reduced run (fewer iterations and images), as CI uses.")
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seeds crops, generators, samples and training.")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    *,
+    options: RunOptions,
 ) -> None:
     """Run the whole workflow offline on photographs bundled with scikit-image, with a zoo of 5 generators."""
     work = workdir or Path(tempfile.mkdtemp(prefix="manifpt-demo-"))
-    with errors_to_exit(needs="train"), RichProgress(quiet) as progress:
+    with errors_to_exit(needs="train"), RichProgress(options.quiet) as progress:
         from ..research.demo import DemoPlan, run_demo
 
         plan = DemoPlan.quick() if quick else DemoPlan()
-        settings = run_settings(progress)
+        settings = options.settings(progress)
         step = lambda message: progress.log(f"[bold cyan]▶[/] {message}")  # noqa: E731
         result = run_demo(work, plan, seed=seed, settings=settings, step=step)
     shown = result.rows[:: max(1, len(result.rows) // SHOWN_ROWS)][:SHOWN_ROWS]

@@ -9,9 +9,10 @@ import typer
 from rich.table import Table
 
 from .console import RichProgress, errors_to_exit, stderr, stdout
-from .options import Device, Quiet, Threads, run_settings
+from .options import COMPUTE, RunOptions, run_options
 
 
+@run_options(*COMPUTE, "quiet")
 def evaluate(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Labelled artifacts file from `manifpt extract`.")],
     space: Annotated[str, typer.Option("--space", help="Which space's artifacts to evaluate: rgb, freq, sl or ssl.")],
@@ -22,7 +23,7 @@ def evaluate(
     test_fraction: Annotated[
         float, typer.Option("--test-fraction", help="Share of each class held out for testing, per seed.")
     ] = 0.2,
-    arch: Annotated[Optional[str], typer.Option("--arch", help="Attributor architecture [default: per space].")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Attributor architecture \\[default: per space].")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs per run.")] = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Artifacts per optimisation step.")] = 64,
     test_artifacts: Annotated[
@@ -45,9 +46,8 @@ def evaluate(
         Optional[Path],
         typer.Option("--factors", help="Design factors for --match-by, from a CSV (generator,factor,...)."),
     ] = None,
-    device: Device = "cpu",
-    threads: Threads = None,
-    quiet: Quiet = False,
+    *,
+    options: RunOptions,
 ) -> None:
     """Accuracy over seeds, per-class precision/recall/F1, confusion matrix, FD ratios and a t-SNE plot.
 
@@ -69,8 +69,8 @@ def evaluate(
             raise typer.BadParameter("--match-by, --zoo and --factors go with --test-artifacts")
         config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size)
         design = zoo_factors(zoo) if zoo else csv_factors(factors) if factors else None
-        with RichProgress(quiet, unit="") as progress:
-            settings = run_settings(progress, threads=threads, device=device)
+        with RichProgress(options.quiet, unit="") as progress:
+            settings = options.settings(progress)
             if test_artifacts is None:
                 result = run_evaluation(
                     artifacts,

@@ -10,23 +10,10 @@ from rich.table import Table
 
 from .console import RichProgress, errors_to_exit, stderr
 from .failures import print_failures
-from .options import (
-    DEFAULT_MAX,
-    BatchSize,
-    Device,
-    MaxPixels,
-    Quiet,
-    RandomWeights,
-    SlWeights,
-    SslWeights,
-    Threads,
-    Workers,
-    backbone_weights,
-    parse_source,
-    run_settings,
-)
+from .options import BACKBONES, COMPUTE, DECODING, RunOptions, parse_source, run_options
 
 
+@run_options(*BACKBONES, *DECODING, *COMPUTE, "quiet")
 def extract(
     index: Annotated[Path, typer.Option("--index", help="Real-manifold index from `manifpt index build`.")],
     source: Annotated[
@@ -37,17 +24,10 @@ def extract(
         Optional[Path], typer.Option("--real", help="Folder of real images to add as class 'real' (leave-one-out).")
     ] = None,
     space: Annotated[
-        Optional[str], typer.Option("--space", help="Comma-separated spaces [default: every space of the index].")
+        Optional[str], typer.Option("--space", help="Comma-separated spaces \\[default: every space of the index].")
     ] = None,
-    sl_weights: SlWeights = None,
-    ssl_weights: SslWeights = None,
-    weights: RandomWeights = None,
-    batch_size: BatchSize = 64,
-    workers: Workers = 1,
-    threads: Threads = None,
-    device: Device = "cpu",
-    max_pixels: MaxPixels = DEFAULT_MAX,
-    quiet: Quiet = False,
+    *,
+    options: RunOptions,
 ) -> None:
     """Compute artifacts φ(x) − φ(x*) of labelled images against their nearest real image.
 
@@ -59,13 +39,11 @@ def extract(
     with errors_to_exit():
         sources = [parse_source(text) for text in source]
         spaces = parse_spaces(space) if space else None
-        with RichProgress(quiet) as progress:
-            settings = run_settings(
-                progress, batch_size=batch_size, workers=workers, threads=threads, device=device, max_pixels=max_pixels
-            )
-            weights_by_space = backbone_weights(sl_weights, ssl_weights, weights)
+        with RichProgress(options.quiet) as progress:
+            settings = options.settings(progress)
+            weights = options.backbone_weights()
             result = extract_artifacts(
-                index, sources, out, spaces=spaces, real=real, weights=weights_by_space, settings=settings
+                index, sources, out, spaces=spaces, real=real, weights=weights, settings=settings
             )
         table = Table("class", "images", title=f"artifacts → {out}")
         for name, count in result.counts.items():

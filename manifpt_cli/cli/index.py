@@ -10,25 +10,13 @@ from rich.table import Table
 
 from .console import RichProgress, errors_to_exit, stderr, stdout
 from .failures import print_failures
-from .options import (
-    DEFAULT_MAX,
-    BatchSize,
-    Device,
-    MaxPixels,
-    Quiet,
-    RandomWeights,
-    SlWeights,
-    SslWeights,
-    Threads,
-    Workers,
-    backbone_weights,
-    run_settings,
-)
+from .options import BACKBONES, COMPUTE, DECODING, RunOptions, run_options
 
 app = typer.Typer(help="Build and inspect real-manifold indexes (HDF5 + FAISS).", no_args_is_help=True)
 
 
 @app.command("build")
+@run_options(*BACKBONES, *DECODING, *COMPUTE, "quiet")
 def build(
     real_dirs: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or files of real images.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index file to write (HDF5).")],
@@ -44,15 +32,8 @@ def build(
             "--faiss", help="FAISS index-factory string; 'Flat' is exact search (e.g. 'IVF256,Flat' is faster)."
         ),
     ] = "Flat",
-    sl_weights: SlWeights = None,
-    ssl_weights: SslWeights = None,
-    weights: RandomWeights = None,
-    batch_size: BatchSize = 64,
-    workers: Workers = 1,
-    threads: Threads = None,
-    device: Device = "cpu",
-    max_pixels: MaxPixels = DEFAULT_MAX,
-    quiet: Quiet = False,
+    *,
+    options: RunOptions,
 ) -> None:
     """Embed every real image in each space and store embeddings + FAISS indexes in one HDF5 file.
 
@@ -61,14 +42,12 @@ def build(
     from ..manifold import build_index
     from ..spaces import parse_spaces
 
-    with errors_to_exit(), RichProgress(quiet) as progress:
+    with errors_to_exit(), RichProgress(options.quiet) as progress:
         spaces = parse_spaces(space)
-        settings = run_settings(
-            progress, batch_size=batch_size, workers=workers, threads=threads, device=device, max_pixels=max_pixels
-        )
-        weights_by_space = backbone_weights(sl_weights, ssl_weights, weights)
+        settings = options.settings(progress)
+        weights = options.backbone_weights()
         result = build_index(
-            real_dirs, out, spaces, size=size, faiss_factory=faiss_factory, weights=weights_by_space, settings=settings
+            real_dirs, out, spaces, size=size, faiss_factory=faiss_factory, weights=weights, settings=settings
         )
         stderr.print(
             f"[green]indexed {result.n_images} real images[/] in {', '.join(s.value for s in spaces)} "

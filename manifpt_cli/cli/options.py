@@ -1,7 +1,16 @@
-"""Options shared by several commands: one definition, one help text."""
+"""Options shared by several commands: one definition, one help text, one place that builds the
+run's :class:`RunSettings`.
+
+A command declares its own options and asks for the shared ones with :func:`run_options`, which
+adds them to its signature (as sqlite-utils' ``output_options`` does for Click) and hands the
+command one :class:`RunOptions` instead of a dozen parameters.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,79 +21,134 @@ from ..progress import Progress
 from ..settings import DEFAULT_MAX_PIXELS, RunSettings, cpu_count
 from ..spaces import Space
 
-BatchSize = Annotated[
-    int, typer.Option("--batch-size", min=1, help="Images per batch through the embedding and search.")
-]
-Workers = Annotated[int, typer.Option("--workers", min=1, help="Threads decoding image files.")]
-Threads = Annotated[
-    Optional[int],
-    typer.Option(
-        "--threads",
-        min=1,
-        help="Compute threads for PyTorch, FAISS and ONNX Runtime "
-        f"[default: cores left after --workers; {cpu_count()} cores here].",
+# name → (annotation, default) of every shared option.
+SHARED_OPTIONS = {
+    "batch_size": (
+        Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch through the embedding and search.")],
+        64,
     ),
-]
-Device = Annotated[
-    str, typer.Option("--device", help="PyTorch device for embeddings and training: cpu, cuda, cuda:1, ...")
-]
-MaxPixels = Annotated[
-    int,
-    typer.Option(
-        "--max-pixels", min=1, help="Refuse images whose header declares more pixels than this (decompression bombs)."
+    "workers": (Annotated[int, typer.Option("--workers", min=1, help="Threads decoding image files.")], 1),
+    "threads": (
+        Annotated[
+            Optional[int],
+            typer.Option(
+                "--threads",
+                min=1,
+                show_default=False,
+                help="Compute threads for PyTorch, FAISS and ONNX Runtime "
+                f"\\[default: the cores --workers leaves free; {cpu_count()} cores here].",
+            ),
+        ],
+        None,
     ),
-]
-SlWeights = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--sl-weights", help="ImageNet ResNet50 state dict for 'sl' [default: the torch hub cache under TORCH_HOME]."
+    "device": (
+        Annotated[str, typer.Option("--device", help="PyTorch device for backbones and training: cpu, cuda, cuda:1.")],
+        "cpu",
     ),
-]
-SslWeights = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--ssl-weights",
-        help="Barlow Twins ResNet50 state dict for 'ssl' [default: the torch hub cache under TORCH_HOME].",
+    "max_pixels": (
+        Annotated[
+            int,
+            typer.Option("--max-pixels", min=1, help="Refuse images whose header declares more pixels than this."),
+        ],
+        DEFAULT_MAX_PIXELS,
     ),
-]
-RandomWeights = Annotated[
-    Optional[str],
-    typer.Option(
-        "--weights",
-        help="'random:SEED' builds sl/ssl backbones with seeded random weights, for tests only; recorded in every output.",
+    "sl_weights": (
+        Annotated[
+            Optional[Path],
+            typer.Option(
+                "--sl-weights",
+                show_default=False,
+                help="ImageNet ResNet50 state dict for 'sl' \\[default: the torch hub cache under TORCH_HOME].",
+            ),
+        ],
+        None,
     ),
-]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")]
+    "ssl_weights": (
+        Annotated[
+            Optional[Path],
+            typer.Option(
+                "--ssl-weights",
+                show_default=False,
+                help="Barlow Twins ResNet50 state dict for 'ssl' \\[default: the torch hub cache under TORCH_HOME].",
+            ),
+        ],
+        None,
+    ),
+    "weights": (
+        Annotated[
+            Optional[str],
+            typer.Option(
+                "--weights",
+                show_default=False,
+                help="'random:SEED' builds sl/ssl backbones with seeded random weights, for tests only; "
+                "recorded in every output.",
+            ),
+        ],
+        None,
+    ),
+    "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")], False),
+}
+DECODING = ("batch_size", "workers", "max_pixels")
+COMPUTE = ("threads", "device")
+BACKBONES = ("sl_weights", "ssl_weights", "weights")
 
-DEFAULT_MAX = DEFAULT_MAX_PIXELS
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The shared options a command was given (defaults for those it does not offer)."""
+
+    batch_size: int = 64
+    workers: int = 1
+    threads: int | None = None
+    device: str = "cpu"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    sl_weights: Path | None = None
+    ssl_weights: Path | None = None
+    weights: str | None = None
+    quiet: bool = False
+
+    def settings(self, progress: Progress) -> RunSettings:
+        """The command's one RunSettings, checked and applied (thread budget) before any work."""
+        settings = RunSettings(self.batch_size, self.workers, self.threads, self.device, self.max_pixels, progress)
+        settings.check_device()
+        settings.apply()
+        return settings
+
+    def backbone_weights(self) -> dict[Space, str | None]:
+        """Per-space weights arguments (an explicit file wins over random:SEED)."""
+        if self.weights is not None and not self.weights.startswith("random:"):
+            raise typer.BadParameter(
+                "--weights takes random:SEED (as in random:0); use --sl-weights/--ssl-weights for files"
+            )
+        return {
+            Space.SL: str(self.sl_weights) if self.sl_weights else self.weights,
+            Space.SSL: str(self.ssl_weights) if self.ssl_weights else self.weights,
+        }
 
 
-def run_settings(
-    progress: Progress,
-    *,
-    batch_size: int = 64,
-    workers: int = 1,
-    threads: int | None = None,
-    device: str = "cpu",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> RunSettings:
-    """The one RunSettings of a command, checked and applied (thread budget) before any work."""
-    settings = RunSettings(batch_size, workers, threads, device, max_pixels, progress)
-    settings.check_device()
-    settings.apply()
-    return settings
+def run_options(*names: str):
+    """Add the shared options ``names`` to a command; it receives them as ``options: RunOptions``."""
 
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [parameter for name, parameter in signature.parameters.items() if name != "options"]
+        shared = []
+        for name in names:
+            annotation, default = SHARED_OPTIONS[name]
+            shared.append(
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            )
 
-def backbone_weights(sl: Path | None, ssl: Path | None, random: str | None) -> dict[Space, str | None]:
-    """Per-space weights arguments from the three options (an explicit file wins over random:SEED)."""
-    if random is not None and not random.startswith("random:"):
-        raise typer.BadParameter(
-            "--weights takes random:SEED (as in random:0); use --sl-weights/--ssl-weights for files"
-        )
-    return {
-        Space.SL: str(sl) if sl else random,
-        Space.SSL: str(ssl) if ssl else random,
-    }
+        @functools.wraps(command)
+        def with_options(**kwargs):
+            given = {name: kwargs.pop(name) for name in names}
+            return command(**kwargs, options=RunOptions(**given))
+
+        with_options.__signature__ = signature.replace(parameters=own + shared)
+        with_options.__annotations__ = {p.name: p.annotation for p in own + shared}
+        return with_options
+
+    return decorate
 
 
 def parse_source(text: str) -> tuple[str, str]:

@@ -9,9 +9,10 @@ import typer
 from rich.table import Table
 
 from .console import RichProgress, errors_to_exit, stderr
-from .options import Device, Quiet, Threads, run_settings
+from .options import COMPUTE, RunOptions, run_options
 
 
+@run_options(*COMPUTE, "quiet")
 def train(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts file from `manifpt extract`.")],
     space: Annotated[
@@ -28,7 +29,7 @@ def train(
         Optional[str],
         typer.Option(
             "--arch",
-            help="resnet50 (the paper's), resnet18, small or mlp [default: small for rgb/freq, mlp for sl/ssl].",
+            help="resnet50 (the paper's), resnet18, small or mlp \\[default: small for rgb/freq, mlp for sl/ssl].",
         ),
     ] = None,
     epochs: Annotated[
@@ -40,9 +41,8 @@ def train(
         float, typer.Option("--val-fraction", help="Share of each class held out for validation.")
     ] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the split, the initial weights and the batch order.")] = 0,
-    device: Device = "cpu",
-    threads: Threads = None,
-    quiet: Quiet = False,
+    *,
+    options: RunOptions,
 ) -> None:
     """Train an attributor (cross-entropy) on one space's artifacts; keep the best validation checkpoint."""
     from ..spaces import parse_spaces
@@ -56,8 +56,8 @@ def train(
         config = TrainConfig(
             arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed
         )
-        with RichProgress(quiet, unit="") as progress:
-            settings = run_settings(progress, threads=threads, device=device)
+        with RichProgress(options.quiet, unit="") as progress:
+            settings = options.settings(progress)
             if auto:
                 result = train_auto(artifacts, out, config=config, settings=settings)
             else:

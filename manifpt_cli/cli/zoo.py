@@ -9,39 +9,38 @@ import typer
 from rich.table import Table
 
 from .console import RichProgress, errors_to_exit, stderr, stdout
-from .options import Device, Quiet, Threads, Workers, run_settings
+from .options import COMPUTE, RunOptions, run_options
 
 app = typer.Typer(help="A reference zoo of small generators with known design choices.", no_args_is_help=True)
 
 
 @app.command("train")
+@run_options("workers", *COMPUTE, "quiet")
 def train(
     real: Annotated[list[Path], typer.Option("--real", help="Folder of real training images (repeatable).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to create (its name is the model's name).")],
     family: Annotated[str, typer.Option("--family", help="gan, vae, flow or diffusion.")],
     upsample: Annotated[
         Optional[str],
-        typer.Option("--upsample", help="tconv, nearest, bilinear or pixelshuffle [default: per family]."),
+        typer.Option("--upsample", help="tconv, nearest, bilinear or pixelshuffle \\[default: per family]."),
     ] = None,
-    norm: Annotated[Optional[str], typer.Option("--norm", help="batch, group or none [default: per family].")] = None,
+    norm: Annotated[Optional[str], typer.Option("--norm", help="batch, group or none \\[default: per family].")] = None,
     loss: Annotated[
-        Optional[str], typer.Option("--loss", help="GAN loss: ns, hinge, lsgan or wgan-gp [default: ns].")
+        Optional[str], typer.Option("--loss", help="GAN loss: ns, hinge, lsgan or wgan-gp \\[default: ns].")
     ] = None,
     size: Annotated[int, typer.Option("--size", help="Image size (a power of two ≥ 16).")] = 32,
     width: Annotated[int, typer.Option("--width", min=4, help="Base channel width of the networks.")] = 32,
     iters: Annotated[int, typer.Option("--iters", min=1, help="Optimisation steps.")] = 2000,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Real images per step.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the weights and the batches.")] = 0,
-    device: Device = "cpu",
-    workers: Workers = 1,
-    threads: Threads = None,
-    quiet: Quiet = False,
+    *,
+    options: RunOptions,
 ) -> None:
     """Train a small generator on real images and record every design choice in its checkpoint."""
-    with errors_to_exit(needs="train"), RichProgress(quiet, unit="it") as progress:
+    with errors_to_exit(needs="train"), RichProgress(options.quiet, unit="it") as progress:
         from ..research.zoo import make_design, train_generator
 
-        settings = run_settings(progress, workers=workers, threads=threads, device=device)
+        settings = options.settings(progress)
         design = make_design(family, upsample, norm, loss, size, width)
         result = train_generator(real, out, design, iters=iters, batch_size=batch_size, seed=seed, settings=settings)
         losses = "  ".join(f"{k} {v:.4f}" for k, v in result.final_losses.items())
@@ -49,19 +48,20 @@ def train(
 
 
 @app.command("sample")
+@run_options("device", "quiet")
 def sample(
     model: Annotated[Path, typer.Argument(help="Zoo model folder (or its generator.pt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write PNG samples into.")],
     n: Annotated[int, typer.Option("--n", min=1, help="How many images.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="The same seed gives the same images.")] = 0,
-    device: Device = "cpu",
-    quiet: Quiet = False,
+    *,
+    options: RunOptions,
 ) -> None:
     """Write N samples of a zoo generator as PNG files."""
-    with errors_to_exit(needs="train"), RichProgress(quiet) as progress:
+    with errors_to_exit(needs="train"), RichProgress(options.quiet) as progress:
         from ..research.zoo import sample_generator
 
-        settings = run_settings(progress, device=device)
+        settings = options.settings(progress)
         written = sample_generator(model, n, out, seed=seed, settings=settings)
     stderr.print(f"[green]wrote {len(written)} images[/] to {out}")
 
