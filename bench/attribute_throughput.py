@@ -73,13 +73,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from manifpt_cli.runtime import compute_threads, configure_threads
 
     from manifpt_cli.artifacts import extract_artifacts
     from manifpt_cli.attribute import Attribution, OnnxAttributor
     from manifpt_cli.export import export_onnx
     from manifpt_cli.images import decode_folder
     from manifpt_cli.manifold import RealIndex, build_index
+    from manifpt_cli.settings import RunSettings
     from manifpt_cli.spaces import PixelEmbedder, Space
     from manifpt_cli.train import TrainConfig, load_checkpoint, train_attributor
 
@@ -97,21 +97,23 @@ def main() -> None:
     )
 
     index = work / "real.h5"
-    t_index, _ = timed(lambda: build_index([work / "real"], index, [space], size=32, batch_size=512))
+    settings = RunSettings(batch_size=args.batch_size)
+    settings.apply()
+    threads = settings.compute_threads
+    build_settings = RunSettings(batch_size=512)
+    t_index, _ = timed(lambda: build_index([work / "real"], index, [space], size=32, settings=build_settings))
     extract_artifacts(
         index,
         [("plain", str(work / "suspects" / "plain")), ("noisy", str(work / "suspects" / "noisy"))],
         work / "art.h5",
         spaces=[space],
     )
-    train_attributor(work / "art.h5", space, work / "m.pt", TrainConfig(arch=args.arch, epochs=1))
+    train_attributor(work / "art.h5", space, work / "m.pt", config=TrainConfig(arch=args.arch, epochs=1))
     export_onnx(work / "m.pt", work / "m.onnx")
-    threads = compute_threads(1)
-    configure_threads(threads)
     n = len(suspects)
 
     # (a) end to end
-    with Attribution(work / "m.onnx", index, batch_size=args.batch_size) as run:
+    with Attribution(work / "m.onnx", index, settings=settings) as run:
         warm_up = sorted((work / "suspects" / "plain").iterdir())[: args.batch_size]
         sum(1 for _ in run.rows(warm_up))  # FAISS index load, ORT's first run
         t_end_to_end, counted = timed(lambda: sum(1 for _ in run.rows([work / "suspects"])))
@@ -119,7 +121,7 @@ def main() -> None:
 
     # (b) ONNX attributor alone, same artifacts
     with RealIndex(index) as real_index:
-        decoded = [item for batch in decode_folder([work / "suspects"], 32, args.batch_size) for item in batch]
+        decoded = [item for batch in decode_folder([work / "suspects"], 32, settings) for item in batch]
         pixels = np.stack([item.pixels for item in decoded])
         queries = PixelEmbedder(space)(pixels)
         found = real_index.nearest(space, queries)
@@ -143,7 +145,7 @@ def main() -> None:
     def reference_pipeline() -> int:
         done = 0
         with torch.inference_mode():
-            for batch in decode_folder(reference_files, 32, args.batch_size):
+            for batch in decode_folder(reference_files, 32, settings):
                 px = np.stack([item.pixels for item in batch])
                 q = PixelEmbedder(space)(px)
                 ids = brute_force_ids(q)

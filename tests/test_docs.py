@@ -50,4 +50,5 @@ def test_exit_codes_are_documented():
 def test_readme_commands_are_the_ci_commands():
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert "python3 -m pytest -q" in ci and "python3 -m pytest -q" in README
-    assert '-e ".[test]"' in ci and 'pip install -e ".[test]" && manifpt demo' in README
+    assert '-e ".[all,test]"' in ci and 'pip install -e ".[all,test]" && manifpt demo' in README
+    assert "ruff check" in ci and "ruff format --check" in ci

@@ -62,6 +62,11 @@ def test_index_build_and_attribute_without_the_extras(dataset, real_index, expor
     with RealIndex(index) as lean_index, RealIndex(real_index) as full_index:
         assert lean_index.index_hash == full_index.index_hash, "the same files give the same index"
 
+    artifacts = tmp_path / "artifacts.h5"
+    sources = [arg for name in SOURCES[:2] for arg in ("--source", f"{name}={dataset / 'train' / name}")]
+    extracted = lean("extract", "--index", index, *sources, "--out", artifacts, "-q")
+    assert extracted.returncode == 0 and artifacts.is_file(), extracted.stderr
+
     report = tmp_path / "report.csv"
     suspects = dataset / "suspects"
     result = lean(

@@ -34,7 +34,8 @@ def benchmark(
     baseline_arch: Annotated[
         Optional[str],
         typer.Option(
-            "--baseline-arch", help="Override yu19/wang20's network (e.g. small for a fast CPU run) \\[default: theirs]."
+            "--baseline-arch",
+            help="Override yu19/wang20's network (e.g. small for a fast CPU run) \\[default: theirs].",
         ),
     ] = None,
     *,

@@ -23,7 +23,9 @@ def evaluate(
     test_fraction: Annotated[
         float, typer.Option("--test-fraction", help="Share of each class held out for testing, per seed.")
     ] = 0.2,
-    arch: Annotated[Optional[str], typer.Option("--arch", help="Attributor architecture \\[default: per space].")] = None,
+    arch: Annotated[
+        Optional[str], typer.Option("--arch", help="Attributor architecture \\[default: per space].")
+    ] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs per run.")] = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Artifacts per optimisation step.")] = 64,
     test_artifacts: Annotated[
