@@ -10,6 +10,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # the run could not be done (bad index, missing weights, mismatched model, ...)
 EXIT_USAGE = 2  # wrong options or arguments (Click's convention)
 EXIT_PARTIAL = 3  # the run finished, but some input files failed; each one is an error row
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), the shell's convention
 
 
 class ManifptError(Exception):

@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.progress import Progress as RichBar
 from rich.text import Text
 
-from ..errors import ManifptError
+from ..errors import EXIT_INTERRUPTED, ManifptError
 from ..extras import missing_extra, require_extra
 from ..progress import Progress
 
@@ -106,4 +106,4 @@ def errors_to_exit(needs: str | None = None) -> Iterator[None]:
         _fail(extra)
     except KeyboardInterrupt:
         stderr.print("[yellow]interrupted: no partial output was kept under the final name[/]")
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None

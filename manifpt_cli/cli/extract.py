@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from ..errors import EXIT_PARTIAL
 from .console import RichProgress, errors_to_exit, stderr
 from .failures import print_failures
 from .options import BACKBONES, COMPUTE, DECODING, RunOptions, parse_source, run_options
@@ -54,4 +55,4 @@ def extract(
         )
         if result.failures:
             print_failures([(f.path, f"[{name}] {f.error}") for name, f in result.failures])
-            raise typer.Exit(3)
+            raise typer.Exit(EXIT_PARTIAL)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..errors import EXIT_PARTIAL
 from .console import RichProgress, errors_to_exit, stderr, stdout
 from .failures import print_failures
 from .options import BACKBONES, COMPUTE, DECODING, RunOptions, run_options
@@ -55,7 +56,7 @@ def build(
         )
         if result.failures:
             print_failures([(f.path, f.error) for f in result.failures])
-            raise typer.Exit(3)
+            raise typer.Exit(EXIT_PARTIAL)
 
 
 @app.command("info")
