@@ -15,6 +15,7 @@ from .errors import UsageError
 from .progress import SILENT, Progress
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels: far above any generator output or photo
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20  # 256 MiB: a bigger "image" is refused without being read
 
 
 def cpu_count() -> int:
@@ -36,6 +37,8 @@ class RunSettings:
             ``workers`` leaves free.
         device: PyTorch device for backbones, training and generators (``cpu``, ``cuda``, ...).
         max_pixels: images whose header declares more pixels are refused before decoding.
+        max_file_bytes: files larger than this are refused without being read.
+        sniff: find images by their content, whatever their name (default: by extension).
         progress: where progress is reported (the CLI plugs in a Rich bar).
     """
 
@@ -45,9 +48,11 @@ class RunSettings:
     device: str = "cpu"
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: Progress = field(default=SILENT, compare=False)
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    sniff: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "workers", "max_pixels"):
+        for name in ("batch_size", "workers", "max_pixels", "max_file_bytes"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
