@@ -29,6 +29,7 @@ from .errors import MismatchError, UsageError
 from .formats import ARTIFACTS_FORMAT, check_format, json_attr, sample_file
 from .images import FailedImage, count_images, decode_folder, display_path, split_batch
 from .manifold import Neighbours, RealIndex
+from .outputs import check_outputs
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import BackboneWeights, Embedder, Space, TorchBackboneEmbedder, load_backbone, make_embedder
 
@@ -128,28 +129,31 @@ def extract_artifacts(
     real: str | os.PathLike | None = None,
     weights: dict[Space, str | None] | None = None,
     settings: RunSettings = DEFAULT_SETTINGS,
+    overwrite: bool = False,
 ) -> ExtractResult:
     """Compute artifacts for every image of every labelled folder and write them to ``out``.
 
     ``sources`` are (class name, folder) pairs; ``real`` adds a ``real`` class whose images are
-    never their own neighbour. Undecodable files are listed, never fatal.
+    never their own neighbour. Undecodable files are listed, never fatal. ``out`` may be none of
+    the inputs, and an existing ``out`` is replaced only with ``overwrite``.
     """
     started = time.perf_counter()
     folders = _labelled_folders(sources, real)
+    check_outputs([out], inputs=[index_path, *(folder for _, folder in folders)], overwrite=overwrite)
     label_names = [name for name, _ in folders]
     progress = settings.progress
     with RealIndex(index_path) as index:
         spaces = list(spaces) if spaces else index.spaces
         embedders = index_embedders(index, spaces, weights, settings.device)
         size = index.image_size
-        totals = {name: count_images([folder]) for name, folder in folders}
+        totals = {name: count_images([folder], sniff=settings.sniff) for name, folder in folders}
         empty = [f"{name}={display_path(folder)}" for name, folder in folders if totals[name] == 0]
         if empty:
             raise UsageError(f"no image files in: {', '.join(empty)}")
         counts = dict.fromkeys(label_names, 0)
         failures: list[tuple[str, FailedImage]] = []
         columns = {"label": ((), "i4"), "pixels": ((size, size, 3), "u1")}
-        with sample_file(out, "samples", columns, failure_columns=["label"]) as writer:
+        with sample_file(out, "samples", columns, failure_columns=["label"], overwrite=overwrite) as writer:
             for space in spaces:
                 shape = space.artifact_shape(size)
                 backbone = index.backbone_weights(space) if space.needs_backbone else None
@@ -169,9 +173,11 @@ def extract_artifacts(
             progress.start("Extracting artifacts", sum(totals.values()))
             for label, (name, folder) in enumerate(folders):
                 for batch in decode_folder([folder], size, settings):
-                    decoded, failed = split_batch(batch)
+                    decoded, failed, not_images = split_batch(batch)
                     for item in failed:
                         fail(name, item)
+                    for item in not_images:
+                        fail(name, FailedImage(item.path, f"skipped: {item.reason}"))
                     if decoded:
                         pixels = np.stack([item.pixels for item in decoded])
                         shas = [item.sha256 for item in decoded]

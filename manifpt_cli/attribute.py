@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import __version__
 from .artifacts import compute_artifacts
 from .errors import FormatError, MismatchError, UsageError
-from .formats import ONNX_METADATA_KEY, file_sha256, provenance
-from .images import DecodedImage, FailedImage, decode_folder, display_path
+from .formats import ONNX_METADATA_KEY, describe_file, file_sha256, provenance
+from .images import DecodedImage, FailedImage, SkippedFile, decode_folder, display_path
 from .inputs import InputKind, attributor_inputs
-from .manifold import RealIndex
+from .integrity import ONNX_DIGEST_KEY, verify_onnx
+from .manifold import RERANKED_CANDIDATES, RealIndex
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import Embedder, PixelEmbedder, Space, pixels_to_float
 
@@ -51,20 +53,37 @@ class OnnxAttributor:
     """An exported attributor with its model card; ``embedder`` computes its space's φ."""
 
     def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
+        """Load and verify an exported model: its digest, its card, and the card against the graph.
+
+        Raises:
+            UsageError: no such file, or a file of another kind (the message says which).
+            FormatError: not a manifpt model, damaged, or altered since export (IntegrityError).
+        """
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise UsageError(f"no such model file: {self.path}")
+        kind = describe_file(self.path)
+        if not kind.startswith(("an ONNX", "not a file")):
+            raise UsageError(
+                f"{self.path} is {kind}, not an ONNX model; attribute takes the .onnx from `manifpt export`"
+            )
         self.session = _session(self.path, threads)
         props = self.session.get_modelmeta().custom_metadata_map
         if ONNX_METADATA_KEY not in props:
             raise FormatError(f"{self.path} has no manifpt model card; export it with `manifpt export`")
-        self.card = json.loads(props[ONNX_METADATA_KEY])
-        self.classes: list[str] = self.card["classes"]
-        self.space = Space(self.card["space"])
-        self.image_size = int(self.card["image_size"])
-        self.index_hash: str = self.card["index_hash"]
-        self.input_kind = InputKind(self.card.get("input", InputKind.ARTIFACT.value))
+        self.digest = verify_onnx(self.path, props.get(ONNX_DIGEST_KEY))
         self.sha256 = file_sha256(self.path)
+        try:
+            self.card = json.loads(props[ONNX_METADATA_KEY])
+            self.classes: list[str] = list(self.card["classes"])
+            self.space = Space(self.card["space"])
+            self.image_size = int(self.card["image_size"])
+            self.index_hash: str = str(self.card["index_hash"])
+            self.input_kind = InputKind(self.card.get("input", InputKind.ARTIFACT.value))
+            input_shape = [int(d) for d in self.card["input_shape"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FormatError(f"{self.path} has a damaged model card ({type(exc).__name__}: {exc})") from None
+        self._check_graph(input_shape)
         self.embedder: Embedder = PixelEmbedder(self.space)
         if self.space.needs_backbone:
             backbone = os.path.join(os.path.dirname(self.path), self.card["backbone_file"])
@@ -73,6 +92,18 @@ class OnnxAttributor:
             if file_sha256(backbone) != self.card["backbone_onnx_sha256"]:
                 raise MismatchError(f"{backbone} is not the backbone exported with {self.path} (SHA-256 differs)")
             self.embedder = OnnxBackboneEmbedder(self.space, _session(backbone, threads))
+
+    def _check_graph(self, input_shape: list[int]) -> None:
+        """The card must describe the graph: its input shape and its number of classes."""
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        problems = []
+        if "artifact" not in inputs or list(inputs["artifact"][1:]) != input_shape:
+            problems.append(f"the graph's input {inputs} is not the card's {input_shape}")
+        if "probabilities" not in outputs or outputs["probabilities"][-1] != len(self.classes):
+            problems.append(f"the graph's outputs {outputs} do not give the card's {len(self.classes)} classes")
+        if problems:
+            raise FormatError(f"{self.path}: the model card does not match the model ({'; '.join(problems)})")
 
     def predict(self, artifacts: np.ndarray) -> np.ndarray:
         """(n, *input_shape) artifacts → (n, n_classes) probabilities."""
@@ -94,9 +125,36 @@ class OnnxAttributor:
             )
 
 
+def search_parameters(index) -> dict:
+    """The FAISS parameters that change what an approximate search returns (none for flat search)."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIVF):
+        return {"nprobe": int(index.nprobe), "nlist": int(index.nlist)}
+    if isinstance(index, faiss.IndexHNSW):
+        return {"efSearch": int(index.hnsw.efSearch)}
+    return {}
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of manifpt and of the libraries that shape a row."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"manifpt": __version__, "python": platform.python_version()}
+    for name in ("numpy", "pillow", "h5py", "faiss-cpu", "onnxruntime"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
 @dataclass
 class AttributionRow:
-    """One suspect file's result; ``error`` is set (and the prediction empty) when it failed."""
+    """One suspect file's result; ``error`` says why (and the prediction is empty) when it failed or
+    was skipped."""
 
     path: str
     sha256: str
@@ -107,10 +165,16 @@ class AttributionRow:
     nearest_real: str = ""
     original_size: tuple[int, int] | None = None
     error: str = ""
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``error`` (could not be attributed) or ``skipped`` (not taken for an image)."""
+        return "skipped" if self.skipped else "error" if self.error else "ok"
 
     @property
     def ok(self) -> bool:
-        return not self.error
+        return self.status == "ok"
 
 
 class Attribution:
@@ -128,7 +192,7 @@ class Attribution:
             raise UsageError(f"top_k must be at least 1, got {top_k}")
         self.settings = settings
         self.model = OnnxAttributor(model, settings.compute_threads)
-        self.index = RealIndex(index)
+        self.index = RealIndex(index, verify=[self.model.space])
         try:
             self.model.check_index(self.index)
         except Exception:
@@ -143,17 +207,41 @@ class Attribution:
         self.index.close()
 
     def header(self, roots: Sequence[str | os.PathLike]) -> dict:
-        """Provenance for the report: what was run, on what, with which model and index."""
+        """Provenance for the report: what was run, on what, with which model and index, what the
+        integrity checks found, and every setting and library version that can change a row."""
+        space = self.model.space
+        faiss_factory = str(self.index.space_attrs(space)["faiss_factory"])
+        settings = self.settings
         return {
             **provenance(),
             "model": os.path.abspath(self.model.path),
             "model_sha256": self.model.sha256,
             "index": os.path.abspath(self.index.path),
             "index_hash": self.index.index_hash,
-            "space": self.model.space.value,
+            "space": space.value,
             "image_size": self.model.image_size,
             "classes": self.model.classes,
             "suspects": [display_path(os.path.abspath(root)) for root in roots],
+            "verification": {
+                "model": {"digest": self.model.digest, "result": "matches the digest sealed at export"},
+                "index": {**self.index.verification, "result": "matches its index_hash"},
+            },
+            "search": {
+                "faiss_factory": faiss_factory,
+                "exact": faiss_factory == "Flat",
+                "parameters": search_parameters(self.index.faiss_index(space)),
+                "reranked_candidates": RERANKED_CANDIDATES,
+            },
+            "settings": {
+                "top_k": self.top_k,
+                "batch_size": settings.batch_size,
+                "workers": settings.workers,
+                "threads": settings.compute_threads,
+                "max_pixels": settings.max_pixels,
+                "max_file_bytes": settings.max_file_bytes,
+                "sniff": settings.sniff,
+            },
+            "versions": library_versions(),
         }
 
     def rows(self, roots: Sequence[str | os.PathLike]) -> Iterator[AttributionRow]:
@@ -177,6 +265,8 @@ class Attribution:
                     row = AttributionRow(display_path(item.path), item.sha256, original_size=item.original_size)
                     if not has_neighbour[i]:
                         row.error = "no real neighbour in the index other than the image itself"
+                    elif not np.isfinite(probabilities[i]).all():
+                        row.error = "the model gave non-finite probabilities (NaN or infinity) for this image"
                     else:
                         order = np.argsort(-probabilities[i])[: self.top_k]
                         row.top_k = [(self.model.classes[j], float(probabilities[i, j])) for j in order]
@@ -187,6 +277,8 @@ class Attribution:
             for item in batch:
                 if isinstance(item, FailedImage):
                     yield AttributionRow(display_path(item.path), item.sha256, error=item.error)
+                elif isinstance(item, SkippedFile):
+                    yield AttributionRow(display_path(item.path), "", error=item.reason, skipped=True)
                 else:
                     yield results[id(item)]
             self.settings.progress.advance(len(batch))

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from .attribute import Attribution, AttributionRow
 from .errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from .images import count_images, display_path
-from .report import ReportFormat, open_report
+from .outputs import check_outputs
+from .report import ReportFormat, open_report, sidecar_path
 from .settings import DEFAULT_SETTINGS, RunSettings
 
 
@@ -33,12 +34,13 @@ class AttributionSummary:
     header: dict
     total: int = 0
     failed: int = 0
+    skipped: int = 0
     predicted: Counter = field(default_factory=Counter)
     reports: list[ReportTarget] = field(default_factory=list)
 
     @property
     def attributed(self) -> int:
-        return self.total - self.failed
+        return self.total - self.failed - self.skipped
 
     @property
     def exit_code(self) -> int:
@@ -55,10 +57,13 @@ def run_attribution(
     top_k: int = 3,
     settings: RunSettings = DEFAULT_SETTINGS,
     on_row: Callable[[AttributionRow], None] | None = None,
+    overwrite: bool = False,
 ) -> AttributionSummary:
     """Attribute every image under ``suspects`` and stream the rows into each of ``reports``.
 
-    ``on_row`` sees every row as it is written (the CLI keeps them for its terminal table).
+    ``on_row`` sees every row as it is written (the CLI keeps them for its terminal table). No
+    report may be one of the inputs or lie in a suspect folder; an existing report (or its
+    ``.meta.json``) is replaced only with ``overwrite``.
 
     Raises:
         UsageError: no image file under ``suspects``; a report format that is not a file format.
@@ -67,14 +72,21 @@ def run_attribution(
     for target in reports:
         if target.format is ReportFormat.TABLE:
             raise UsageError("the table is drawn by the CLI; reports are written as csv or json")
+    files = [t.out for t in reports if t.out is not None]
+    files += [sidecar_path(t.out) for t in reports if t.out is not None and t.format is ReportFormat.CSV]
+    check_outputs(files, inputs=[model, index, *suspects], overwrite=overwrite)
+    if len({os.path.realpath(f) for f in files}) < len(files):
+        raise UsageError("two reports would be written to the same file")
     with Attribution(model, index, top_k=top_k, settings=settings) as run:
-        total = count_images(suspects)
+        total = count_images(suspects, sniff=settings.sniff)
         if total == 0:
             folders = ", ".join(display_path(root) for root in suspects)
             raise UsageError(f"no image files under: {folders} (searched recursively)")
         summary = AttributionSummary(run.header(suspects), reports=list(reports))
         with contextlib.ExitStack() as stack:
-            writers = [stack.enter_context(open_report(t.format, t.out, summary.header)) for t in reports]
+            writers = [
+                stack.enter_context(open_report(t.format, t.out, summary.header, overwrite=overwrite)) for t in reports
+            ]
             settings.progress.start("Attributing", total)
             for row in run.rows(suspects):
                 for writer in writers:
@@ -82,7 +94,8 @@ def run_attribution(
                 if on_row is not None:
                     on_row(row)
                 summary.total += 1
-                summary.failed += not row.ok
+                summary.failed += row.status == "error"
+                summary.skipped += row.skipped
                 if row.ok:
                     summary.predicted[row.predicted] += 1
     return summary

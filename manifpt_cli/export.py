@@ -25,7 +25,9 @@ import numpy as np
 
 from . import __version__
 from .errors import ExportParityError, MismatchError, UsageError
-from .formats import ONNX_METADATA_KEY, atomic_output, file_sha256, utc_now
+from .formats import ONNX_METADATA_KEY, file_sha256, utc_now
+from .integrity import ONNX_DIGEST_KEY, ONNX_DIGEST_PLACEHOLDER, seal_onnx
+from .outputs import atomic_outputs, check_outputs
 from .spaces import BackboneWeights, Space, load_backbone
 from .train import load_checkpoint
 
@@ -147,13 +149,16 @@ def _check_attributor(model, path: Path, input_shape: tuple[int, ...], tolerance
 def export_onnx(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
+    *,
     backbone_weights: str | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export a checkpoint to ``out`` (plus ``*.backbone.onnx`` for sl/ssl) and verify it.
 
     ``backbone_weights`` overrides where the sl/ssl weights are read from; they must be the ones the
-    index was built with (checked by SHA-256).
+    index was built with (checked by SHA-256). The model (and its backbone) are written together,
+    sealed with a digest of the whole file (see :mod:`manifpt_cli.integrity`).
 
     Raises:
         ExportParityError: ONNX Runtime disagrees with PyTorch beyond ``tolerance``.
@@ -165,6 +170,10 @@ def export_onnx(
     out = Path(out)
     if out.suffix != ".onnx":
         raise UsageError(f"the ONNX model file must end in .onnx, got {out}")
+    if os.fspath(checkpoint).lower().endswith(".onnx") and os.path.isfile(checkpoint):
+        raise UsageError(
+            f"{checkpoint} is already an ONNX model; export takes the checkpoint (.pt) from `manifpt train`"
+        )
     model, metadata = load_checkpoint(checkpoint)
     input_shape = tuple(metadata["input_shape"])
     if metadata.get("space") is None:
@@ -173,12 +182,15 @@ def export_onnx(
             "attribution time; only attributors trained by `manifpt train` can be exported"
         )
     space = Space(metadata["space"])
+    backbone_out = backbone_path_for(out) if space.needs_backbone else None
+    outputs = [out, backbone_out] if backbone_out else [out]
+    check_outputs(outputs, inputs=[checkpoint, *([backbone_weights] if backbone_weights else [])], overwrite=overwrite)
     card = {**metadata, "exported_utc": utc_now(), "exported_by": __version__, "parity_tolerance": tolerance}
     embedding_diff = None
-    backbone_out = None
 
-    with atomic_output(out) as partial_model:
-        if space.needs_backbone:
+    with atomic_outputs(outputs, overwrite=overwrite) as partials:
+        if backbone_out:
+            partial_backbone = partials[1]
             recorded = metadata["backbone"]
             module, found = load_backbone(space, backbone_weights or BackboneWeights(**recorded).load_argument)
             if found.sha256 != recorded["sha256"]:
@@ -186,18 +198,17 @@ def export_onnx(
                     f"the {space.value} weights from {found.source} are not those the model was trained with "
                     f"({recorded['source']}); pass the right file with --{space.value}-weights"
                 )
-            backbone_out = backbone_path_for(out)
-            with atomic_output(backbone_out) as partial_backbone:
-                example = torch.rand(2, 3, metadata["image_size"], metadata["image_size"])
-                _to_onnx(module, example, partial_backbone, "image", ["embedding"])
-                _set_metadata(
-                    partial_backbone,
-                    {ONNX_METADATA_KEY: json.dumps({"role": "backbone", "space": space.value, **recorded})},
-                )
-                embedding_diff = _check_backbone(module, partial_backbone, metadata["image_size"], tolerance)
-                card["backbone_file"] = backbone_out.name
-                card["backbone_onnx_sha256"] = file_sha256(partial_backbone)
+            example = torch.rand(2, 3, metadata["image_size"], metadata["image_size"])
+            _to_onnx(module, example, partial_backbone, "image", ["embedding"])
+            _set_metadata(
+                partial_backbone,
+                {ONNX_METADATA_KEY: json.dumps({"role": "backbone", "space": space.value, **recorded})},
+            )
+            embedding_diff = _check_backbone(module, partial_backbone, metadata["image_size"], tolerance)
+            card["backbone_file"] = backbone_out.name
+            card["backbone_onnx_sha256"] = file_sha256(partial_backbone)
 
+        partial_model = partials[0]
         example = torch.zeros(2, *input_shape)
         _to_onnx(_with_probabilities(model), example, partial_model, "artifact", ["logits", "probabilities"])
         probability_diff = _check_attributor(model, partial_model, input_shape, tolerance)
@@ -211,8 +222,10 @@ def export_onnx(
                 "image_size": str(metadata["image_size"]),
                 "index_hash": metadata["index_hash"],
                 "manifpt_version": __version__,
+                ONNX_DIGEST_KEY: ONNX_DIGEST_PLACEHOLDER,
             },
         )
+        seal_onnx(partial_model)
     return ExportResult(
         os.fspath(out),
         os.fspath(backbone_out) if backbone_out else None,

@@ -12,14 +12,14 @@ import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from .errors import FormatError, UsageError
+from .outputs import atomic_output
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: index_hash covers the FAISS indexes and settings; model digests (manifpt 0.2)
 INDEX_FORMAT = "manifpt-real-index"
 ARTIFACTS_FORMAT = "manifpt-artifacts"
 CHECKPOINT_FORMAT = "manifpt-attributor"
@@ -97,32 +97,14 @@ def json_attr(attrs: Mapping, key: str):
     return json.loads(value.decode() if isinstance(value, bytes) else value)
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
-
-    An interrupted or failed run (Ctrl-C included) leaves nothing under the final name, and an
-    earlier complete file there stays intact until the new one is whole.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    try:
-        yield temporary
-        os.replace(temporary, final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-
-
 # --- PyTorch checkpoints (attributors and zoo generators) ---------------------------------------
 
 
-def save_checkpoint(path: str | os.PathLike, state_dict: Mapping, metadata: dict) -> None:
+def save_checkpoint(path: str | os.PathLike, state_dict: Mapping, metadata: dict, *, overwrite: bool = False) -> None:
     """Write ``{"state_dict", "metadata": "<JSON>"}`` atomically; loads with ``weights_only=True``."""
     import torch
 
-    with atomic_output(path) as partial:
+    with atomic_output(path, overwrite=overwrite) as partial:
         torch.save({"state_dict": dict(state_dict), "metadata": json.dumps(metadata)}, partial)
 
 
@@ -243,10 +225,15 @@ class SampleFile:
 
 @contextlib.contextmanager
 def sample_file(
-    out: str | os.PathLike, rows: str, columns: Mapping[str, Column] = (), failure_columns: Sequence[str] = ()
+    out: str | os.PathLike,
+    rows: str,
+    columns: Mapping[str, Column] = (),
+    failure_columns: Sequence[str] = (),
+    *,
+    overwrite: bool = False,
 ) -> Iterator[SampleFile]:
     """A :class:`SampleFile` written atomically to ``out``: it appears only if the block succeeds."""
     import h5py
 
-    with atomic_output(out) as partial, h5py.File(partial, "w") as handle:
+    with atomic_output(out, overwrite=overwrite) as partial, h5py.File(partial, "w") as handle:
         yield SampleFile(handle, rows, dict(columns), failure_columns)

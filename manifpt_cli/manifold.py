@@ -18,7 +18,6 @@ neighbour: index entries whose file SHA-256 equals the query's are skipped (leav
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -27,9 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UsageError
-from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, sample_file
-from .images import FailedImage, count_images, decode_folder, display_path, split_batch
+from .errors import FormatError, UsageError
+from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, describe_file, sample_file
+from .images import FailedImage, SkippedFile, count_images, decode_folder, display_path, split_batch
+from .integrity import IntegrityError, index_digest, space_digest, verify_index
+from .outputs import check_outputs
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import Embedder, Space, make_embedder
 
@@ -43,6 +44,7 @@ class IndexBuildResult:
     spaces: list[Space]
     index_hash: str
     failures: list[FailedImage] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -69,10 +71,13 @@ def build_index(
     faiss_factory: str = "Flat",
     weights: dict[Space, str | None] | None = None,
     settings: RunSettings = DEFAULT_SETTINGS,
+    overwrite: bool = False,
 ) -> IndexBuildResult:
     """Embed every real image under ``roots`` in each space and write the index to ``out``.
 
     Files that cannot be decoded are listed in ``/failures`` and in the result, never fatal.
+    ``out`` may not be one of the real images or lie in their folders, and an existing ``out`` is
+    replaced only with ``overwrite``.
 
     Raises:
         UsageError: no decodable image was found, or a bad argument.
@@ -81,17 +86,17 @@ def build_index(
     import faiss
 
     started = time.perf_counter()
+    check_outputs([out], inputs=roots, overwrite=overwrite)
     weights = weights or {}
     embedders: dict[Space, Embedder] = {s: make_embedder(s, weights.get(s), settings.device) for s in spaces}
-    total = count_images(roots)
+    total = count_images(roots, sniff=settings.sniff)
     if total == 0:
         raise UsageError(f"no image files found under: {', '.join(display_path(r) for r in roots)}")
 
     failures: list[FailedImage] = []
-    file_digest = hashlib.sha256()
-    space_digests = {space: hashlib.sha256() for space in spaces}
+    skipped: list[SkippedFile] = []
     progress = settings.progress
-    with sample_file(out, "files") as writer:
+    with sample_file(out, "files", overwrite=overwrite) as writer:
         for space, embedder in embedders.items():
             shape = space.artifact_shape(size)
             dim = int(np.prod(shape))
@@ -110,23 +115,26 @@ def build_index(
 
         progress.start("Embedding real images", total)
         for batch in decode_folder(roots, size, settings):
-            decoded, failed = split_batch(batch)
+            decoded, failed, not_images = split_batch(batch)
             failures.extend(failed)
+            skipped.extend(not_images)
             for item in failed:
                 writer.fail(item.path, item.error)
+            for item in not_images:
+                writer.fail(item.path, f"skipped: {item.reason}")
             if decoded:
                 pixels = np.stack([item.pixels for item in decoded])
-                shas = [item.sha256 for item in decoded]
-                writer.append([item.path for item in decoded], shas)
-                for sha in shas:
-                    file_digest.update(sha.encode())
+                writer.append([item.path for item in decoded], [item.sha256 for item in decoded])
                 for space, embedder in embedders.items():
-                    vectors = np.ascontiguousarray(embedder(pixels), dtype=np.float32)
-                    writer.append_space(space.value, embeddings=vectors)
-                    space_digests[space].update(vectors.tobytes())
+                    writer.append_space(
+                        space.value, embeddings=np.ascontiguousarray(embedder(pixels), dtype=np.float32)
+                    )
             progress.advance(len(batch))
         if writer.n_rows == 0:
-            raise UsageError(f"none of the {total} files under the real folders could be decoded (see the errors)")
+            raise UsageError(
+                f"none of the {total} files under the real folders could be decoded "
+                f"({len(failures)} failed, {len(skipped)} skipped as not images)"
+            )
 
         progress.start("Building FAISS indexes", len(spaces))
         for space in spaces:
@@ -135,20 +143,25 @@ def build_index(
             group.create_dataset("faiss_index", data=faiss.serialize_index(index))
             progress.advance(1)
 
-        index_hash = hashlib.sha256(f"{INDEX_FORMAT}:{size}".encode() + file_digest.digest())
-        for space in spaces:
-            index_hash.update(space.value.encode() + space_digests[space].digest())
         writer.finish(
             INDEX_FORMAT,
             image_size=size,
             n_images=writer.n_rows,
             spaces=json.dumps([s.value for s in spaces]),
-            index_hash=index_hash.hexdigest(),
             resize_policy=RESIZE_POLICY,
         )
-    return IndexBuildResult(
-        os.fspath(out), writer.n_rows, list(spaces), index_hash.hexdigest(), failures, time.perf_counter() - started
-    )
+        # The digests are computed from what the file holds, by the code that verifies it on opening.
+        digests = {}
+        for space in spaces:
+            group = writer.space_group(space.value)
+            digests[space.value] = group.attrs["digest"] = space_digest(group)
+        index_hash = writer.handle.attrs["index_hash"] = index_digest(writer.handle, digests)
+    seconds = time.perf_counter() - started
+    return IndexBuildResult(os.fspath(out), writer.n_rows, list(spaces), index_hash, failures, skipped, seconds)
+
+
+RERANKED_CANDIDATES = 8  # FAISS candidates whose exact distance decides the neighbour
+EXACT_CHUNK_BYTES = 64 * 2**20  # memory for exact re-ranking at a time
 
 
 @dataclass
@@ -162,25 +175,45 @@ class Neighbours:
 class RealIndex:
     """A read-only real-manifold index file. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, verify: Sequence[Space] | None = None) -> None:
+        """Open and verify an index: its structure, the digests of the spaces in ``verify`` (default:
+        all) and the root ``index_hash``.
+
+        Raises:
+            UsageError: no such file.
+            FormatError: not an index of this format version, damaged, or altered (IntegrityError).
+        """
         import h5py
 
         self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise UsageError(f"no such index file: {self.path} (build one with `manifpt index build`)")
         try:
             self._file = h5py.File(self.path, "r")
-        except (OSError, FileNotFoundError) as exc:
-            raise UsageError(f"cannot open index {self.path}: {exc}") from None
+        except OSError:
+            raise FormatError(
+                f"{self.path} is not a readable manifpt index: it is {describe_file(self.path)}, or truncated. "
+                "Indexes are written by `manifpt index build`"
+            ) from None
         try:
             check_format(self._file.attrs, INDEX_FORMAT, self.path)
-        except Exception:
+            attrs = self._file.attrs
+            self.image_size = int(attrs["image_size"])
+            self.n_images = int(attrs["n_images"])
+            self.index_hash = str(attrs["index_hash"])
+            self.spaces = [Space(name) for name in json.loads(attrs["spaces"])]
+            checked = self.spaces if verify is None else [space for space in verify if space in self.spaces]
+            self.verification = verify_index(self._file, self.path, [space.value for space in checked])
+            self._sha256 = self._file["files/sha256"][...]
+        except IntegrityError:
             self._file.close()
             raise
-        attrs = self._file.attrs
-        self.image_size = int(attrs["image_size"])
-        self.n_images = int(attrs["n_images"])
-        self.index_hash = str(attrs["index_hash"])
-        self.spaces = [Space(name) for name in json.loads(attrs["spaces"])]
-        self._sha256 = self._file["files/sha256"][...]
+        except (KeyError, ValueError, TypeError, OSError) as exc:
+            self._file.close()
+            raise FormatError(f"{self.path} is a damaged manifpt index ({type(exc).__name__}: {exc})") from None
+        except BaseException:
+            self._file.close()
+            raise
         self._faiss: dict[Space, object] = {}
         self._paths: list[str] | None = None
 
@@ -223,7 +256,16 @@ class RealIndex:
         if space not in self._faiss:
             import faiss
 
-            self._faiss[space] = faiss.deserialize_index(self._group(space)["faiss_index"][...])
+            try:
+                index = faiss.deserialize_index(self._group(space)["faiss_index"][...])
+            except RuntimeError as exc:
+                message = str(exc).splitlines()[0]
+                raise FormatError(
+                    f"index {self.path}: the {space.value} FAISS index cannot be read: {message}"
+                ) from None
+            if index.ntotal != self.n_images or index.d != int(self._group(space).attrs["dim"]):
+                raise FormatError(f"index {self.path}: the {space.value} FAISS index does not match the image list")
+            self._faiss[space] = index
         return self._faiss[space]
 
     def embeddings(self, space: Space, ids: np.ndarray) -> np.ndarray:
@@ -249,31 +291,51 @@ class RealIndex:
         return self._group(space)["embeddings"][...]
 
     def nearest(self, space: Space, queries: np.ndarray, query_sha256: Sequence[str] | None = None) -> Neighbours:
-        """Nearest real image of each query row, skipping index entries with the query's own SHA-256."""
+        """Nearest real image of each query row, skipping index entries with the query's own SHA-256.
+
+        FAISS proposes ``RERANKED_CANDIDATES`` candidates; their distances are then recomputed
+        exactly (float64, per row), and the smallest wins, ties going to the lowest index row. So a
+        row's neighbour and distance do not depend on how queries are batched or threaded (FAISS's
+        own distances change in the last digits with the batch size).
+        """
         index = self.faiss_index(space)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n = len(queries)
         ids = np.full(n, -1, dtype=np.int64)
-        distances = np.full(n, np.inf, dtype=np.float32)
+        distances = np.full(n, np.inf, dtype=np.float64)
         own = np.array([s.encode() for s in query_sha256], dtype="S64") if query_sha256 is not None else None
         todo = np.arange(n)
-        k = 1 if own is None else 2
+        k = RERANKED_CANDIDATES
         while len(todo):
             k = min(k, self.n_images)
-            found_d, found_i = index.search(queries[todo], k)
-            unresolved = []
-            for row, (cand_d, cand_i) in zip(todo, zip(found_d, found_i)):
-                valid = cand_i >= 0
-                if own is not None:
-                    valid &= self._sha256[np.clip(cand_i, 0, None)] != own[row]
-                hits = np.flatnonzero(valid)
-                if len(hits):
-                    ids[row], distances[row] = cand_i[hits[0]], cand_d[hits[0]]
-                elif k < self.n_images and (cand_i >= 0).all():
-                    unresolved.append(row)  # all k were copies of the query itself: look further
-            todo = np.array(unresolved, dtype=np.int64)
+            _, candidates = index.search(queries[todo], k)
+            valid = candidates >= 0
+            if own is not None:
+                valid &= self._sha256[np.clip(candidates, 0, None)] != own[todo, None]
+            exact = self._exact_distances(space, queries[todo], candidates)
+            exact[~valid] = np.inf
+            found = np.isfinite(exact).any(axis=1)
+            closest = exact == exact.min(axis=1, keepdims=True)
+            best = np.where(closest & valid, candidates, np.iinfo(np.int64).max).min(axis=1)
+            ids[todo[found]] = best[found]
+            distances[todo[found]] = exact.min(axis=1)[found]
+            # All k candidates were copies of the query itself: look further.
+            todo = todo[~found & (k < self.n_images) & (candidates >= 0).all(axis=1)]
             k *= 4
         return Neighbours(ids, distances)
+
+    def _exact_distances(self, space: Space, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """(m, k) squared L2 distances in float64 between each query and its candidates, in chunks."""
+        m, k = candidates.shape
+        dim = queries.shape[1]
+        out = np.empty((m, k), dtype=np.float64)
+        rows = max(1, EXACT_CHUNK_BYTES // (k * dim * 8))
+        for start in range(0, m, rows):
+            block = candidates[start : start + rows]
+            vectors = self.embeddings(space, np.clip(block, 0, None).ravel()).reshape(len(block), k, dim)
+            difference = vectors.astype(np.float64) - queries[start : start + rows, None, :].astype(np.float64)
+            out[start : start + rows] = np.square(difference).sum(axis=2)
+        return out
 
 
 def describe_index(path: str | os.PathLike) -> dict:

@@ -19,7 +19,8 @@ from enum import Enum
 from typing import TextIO
 
 from .attribute import AttributionRow
-from .formats import atomic_output
+from .formats import file_sha256
+from .outputs import atomic_outputs
 
 COLUMNS = (
     "path",
@@ -45,7 +46,8 @@ class ReportFormat(str, Enum):
 
 
 def _number(value: float) -> float | None:
-    return None if math.isnan(value) else round(value, 6)
+    """A JSON-safe number: NaN and infinities (never in an ``ok`` row) become null."""
+    return round(value, 6) if math.isfinite(value) else None
 
 
 def row_record(row: AttributionRow) -> dict:
@@ -54,7 +56,7 @@ def row_record(row: AttributionRow) -> dict:
     width, height = row.original_size or (None, None)
     return {
         "path": row.path,
-        "status": "ok" if row.ok else "error",
+        "status": row.status,
         "predicted": row.predicted,
         "probability": _number(row.probability),
         "runner_up": runner_up[0],
@@ -69,30 +71,43 @@ def row_record(row: AttributionRow) -> dict:
     }
 
 
+# OWASP's advice against CSV injection: a cell a spreadsheet would read as a formula starts with a quote.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(cell: object) -> object:
+    """Prefix text cells that a spreadsheet would run as a formula with ``'`` (numbers are left alone)."""
+    if isinstance(cell, str) and cell.startswith(FORMULA_STARTS):
+        return "'" + cell
+    return cell
+
+
 def _csv_record(row: AttributionRow) -> dict:
     record = row_record(row)
     record["top_k"] = ";".join(f"{k['label']}:{k['probability']:.6f}" for k in record["top_k"])
-    return {key: "" if value is None else value for key, value in record.items()}
+    return {key: "" if value is None else neutralise(value) for key, value in record.items()}
 
 
 class ReportWriter:
-    """Writes rows as they come to ``out`` (or stdout when ``out`` is None)."""
+    """Writes rows as they come to ``stream``; :meth:`close` completes the file."""
 
     def __init__(self, fmt: ReportFormat, stream: TextIO, header: dict) -> None:
         self.format = fmt
         self.stream = stream
         self.first = True
         if fmt is ReportFormat.CSV:
-            self.csv = csv.DictWriter(stream, fieldnames=COLUMNS, lineterminator="\n")
+            # RFC 4180 line ends: the csv module then quotes any field holding \r or \n, so a file
+            # name with a line break stays one record.
+            self.csv = csv.DictWriter(stream, fieldnames=COLUMNS, lineterminator="\r\n")
             self.csv.writeheader()
         elif fmt is ReportFormat.JSON:
-            stream.write('{\n"header": ' + json.dumps(header, ensure_ascii=False) + ',\n"rows": [')
+            stream.write('{\n"header": ' + _json(header) + ',\n"rows": [')
 
     def write(self, row: AttributionRow) -> None:
         if self.format is ReportFormat.CSV:
             self.csv.writerow(_csv_record(row))
         elif self.format is ReportFormat.JSON:
-            self.stream.write(("\n" if self.first else ",\n") + json.dumps(row_record(row), ensure_ascii=False))
+            self.stream.write(("\n" if self.first else ",\n") + _json(row_record(row)))
         self.first = False
 
     def close(self) -> None:
@@ -101,22 +116,41 @@ class ReportWriter:
         self.stream.flush()
 
 
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+
+
 def sidecar_path(report: str | os.PathLike) -> str:
     return f"{os.fspath(report)}.meta.json"
 
 
 @contextlib.contextmanager
-def open_report(fmt: ReportFormat, out: str | os.PathLike | None, header: dict) -> Iterator[ReportWriter]:
-    """A writer for ``fmt``; with ``out``, written atomically (and a CSV sidecar beside it)."""
+def open_report(
+    fmt: ReportFormat, out: str | os.PathLike | None, header: dict, *, overwrite: bool = False
+) -> Iterator[ReportWriter]:
+    """A writer for ``fmt``.
+
+    With ``out``, the report (and for CSV its ``.meta.json`` sidecar, which records the report's
+    SHA-256) is written atomically: after any interruption both are the new ones or both are
+    unchanged. Without ``out`` it streams to standard output; if the run fails there, the JSON is
+    left unterminated, so no parser takes it for a whole report.
+    """
     if out is None:
         writer = ReportWriter(fmt, sys.stdout, header)
-        yield writer
+        try:
+            yield writer
+        finally:
+            sys.stdout.flush()
         writer.close()
         return
-    with atomic_output(out) as partial, open(partial, "w", encoding="utf-8", newline="") as stream:
-        writer = ReportWriter(fmt, stream, header)
-        yield writer
-        writer.close()
-    if fmt is ReportFormat.CSV:
-        with atomic_output(sidecar_path(out)) as partial, open(partial, "w", encoding="utf-8") as stream:
-            json.dump(header, stream, indent=2, ensure_ascii=False)
+    files = [out, sidecar_path(out)] if fmt is ReportFormat.CSV else [out]
+    with atomic_outputs(files, overwrite=overwrite) as partials:
+        with open(partials[0], "w", encoding="utf-8", newline="") as stream:
+            writer = ReportWriter(fmt, stream, header)
+            yield writer
+            writer.close()
+        if fmt is ReportFormat.CSV:
+            provenance = {**header, "report": os.path.basename(out), "report_sha256": file_sha256(partials[0])}
+            partials[1].write_text(
+                json.dumps(provenance, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8"
+            )

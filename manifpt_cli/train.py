@@ -18,6 +18,7 @@ from .artifacts import load_artifacts
 from .errors import UsageError
 from .formats import CHECKPOINT_FORMAT, FORMAT_VERSION, load_checkpoint_payload, provenance, save_checkpoint
 from .inputs import TrainingSet, artifact_training_set, auto_candidates
+from .outputs import check_outputs
 from .progress import SILENT, Progress
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import Space
@@ -227,6 +228,7 @@ def train_auto(
     *,
     config: TrainConfig | None = None,
     settings: RunSettings = DEFAULT_SETTINGS,
+    overwrite: bool = False,
 ) -> TrainResult:
     """``--space auto``: train on every candidate input, keep the best on the validation split only.
 
@@ -234,6 +236,7 @@ def train_auto(
     labels and the seed). The choice and the whole validation table go into the metadata.
     """
     started = time.perf_counter()
+    check_outputs([out], inputs=[artifacts_path], overwrite=overwrite)
     config = config or TrainConfig()
     table, best = [], None
     for candidate in auto_candidates(artifacts_path):
@@ -245,7 +248,7 @@ def train_auto(
             best = (model, metadata, history, candidate.name)
     model, metadata, history, chosen = best
     metadata["auto"] = {"chosen": chosen, "validation": table}
-    return _save(out, model, metadata, history, artifacts_path, started)
+    return _save(out, model, metadata, history, artifacts_path, started, overwrite)
 
 
 def train_attributor(
@@ -255,15 +258,17 @@ def train_attributor(
     *,
     config: TrainConfig | None = None,
     settings: RunSettings = DEFAULT_SETTINGS,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Load one space of an artifacts file, train an attributor and save the best checkpoint to ``out``."""
     started = time.perf_counter()
+    check_outputs([out], inputs=[artifacts_path], overwrite=overwrite)
     data = artifact_training_set(load_artifacts(artifacts_path, space))
     model, metadata, history = fit(data, config or TrainConfig(), device=settings.device, progress=settings.progress)
-    return _save(out, model, metadata, history, artifacts_path, started)
+    return _save(out, model, metadata, history, artifacts_path, started, overwrite)
 
 
-def _save(out, model, metadata: dict, history, artifacts_path, started: float) -> TrainResult:
+def _save(out, model, metadata: dict, history, artifacts_path, started: float, overwrite: bool) -> TrainResult:
     metadata["training"]["artifacts_file"] = os.path.abspath(os.fspath(artifacts_path))
-    save_checkpoint(out, model.state_dict(), metadata)
+    save_checkpoint(out, model.state_dict(), metadata, overwrite=overwrite)
     return TrainResult(os.fspath(out), metadata, history, time.perf_counter() - started)

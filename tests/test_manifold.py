@@ -25,7 +25,7 @@ def brute_force_nearest(database: np.ndarray, queries: np.ndarray) -> tuple[np.n
 def test_index_layout_and_attributes(real_index):
     with h5py.File(real_index) as handle:
         attrs = handle.attrs
-        assert attrs["format"] == "manifpt-real-index" and attrs["format_version"] == 1
+        assert attrs["format"] == "manifpt-real-index" and attrs["format_version"] == 2
         assert attrs["image_size"] == SIZE and len(attrs["index_hash"]) == 64
         n = attrs["n_images"]
         assert handle["files/path"].shape == (n,) and handle["files/sha256"].shape == (n,)
@@ -117,6 +117,7 @@ def test_interrupted_build_leaves_nothing_under_the_final_name(tmp_path, dataset
             [Space.RGB],
             size=SIZE,
             settings=RunSettings(batch_size=16, progress=InterruptAfter(2)),
+            overwrite=True,
         )
     assert out.read_bytes() == b"an older file that must survive"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["real.h5"], "no partial file left behind"

@@ -42,7 +42,7 @@ def attribution_table(rows) -> Table:
     return table
 
 
-@run_options(*DECODING, "threads", "quiet")
+@run_options(*DECODING, "threads", "quiet", "overwrite")
 def attribute(
     suspects: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or files of suspect images.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Attributor exported by `manifpt export` (NAME.onnx).")],
@@ -80,6 +80,7 @@ def attribute(
             top_k=top_k,
             settings=settings,
             on_row=kept.append if report is ReportFormat.TABLE else None,
+            overwrite=options.overwrite,
         )
     if report is ReportFormat.TABLE:
         stdout.print(attribution_table(kept))

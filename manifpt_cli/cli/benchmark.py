@@ -12,7 +12,7 @@ from .console import RichProgress, errors_to_exit, stderr, stdout
 from .options import BACKBONES, COMPUTE, RunOptions, parse_source, run_options
 
 
-@run_options(*BACKBONES, *COMPUTE, "quiet")
+@run_options(*BACKBONES, *COMPUTE, "quiet", "overwrite")
 def benchmark(
     index: Annotated[Path, typer.Option("--index", help="Real-manifold index from `manifpt index build`.")],
     source: Annotated[list[str], typer.Option("--source", help="NAME=DIR: a source model and its images; repeat.")],

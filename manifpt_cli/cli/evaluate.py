@@ -12,7 +12,7 @@ from .console import RichProgress, errors_to_exit, stderr, stdout
 from .options import COMPUTE, RunOptions, run_options
 
 
-@run_options(*COMPUTE, "quiet")
+@run_options(*COMPUTE, "quiet", "overwrite")
 def evaluate(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Labelled artifacts file from `manifpt extract`.")],
     space: Annotated[str, typer.Option("--space", help="Which space's artifacts to evaluate: rgb, freq, sl or ssl.")],

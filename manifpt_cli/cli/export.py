@@ -9,8 +9,10 @@ import typer
 
 from ..export import DEFAULT_TOLERANCE
 from .console import errors_to_exit, stderr
+from .options import RunOptions, run_options
 
 
+@run_options("overwrite")
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from `manifpt train`.")],
     out: Annotated[
@@ -25,12 +27,16 @@ def export(
     tolerance: Annotated[
         float, typer.Option("--tolerance", min=0.0, help="Largest allowed |ONNX Runtime − PyTorch| on probabilities.")
     ] = DEFAULT_TOLERANCE,
+    *,
+    options: RunOptions,
 ) -> None:
     """Export an attributor to ONNX with its model card, and check ONNX Runtime against PyTorch."""
     from ..export import export_onnx
 
     with errors_to_exit(needs="train"):
-        result = export_onnx(checkpoint, out, weights, tolerance)
+        result = export_onnx(
+            checkpoint, out, backbone_weights=weights, tolerance=tolerance, overwrite=options.overwrite
+        )
     stderr.print(
         f"[green]wrote {result.path}[/] (max |Δp| ONNX Runtime vs PyTorch {result.max_probability_diff:.1e} ≤ {tolerance:.0e})"
     )

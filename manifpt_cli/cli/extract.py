@@ -14,7 +14,7 @@ from .failures import print_failures
 from .options import BACKBONES, COMPUTE, DECODING, RunOptions, parse_source, run_options
 
 
-@run_options(*BACKBONES, *DECODING, *COMPUTE, "quiet")
+@run_options(*BACKBONES, *DECODING, *COMPUTE, "quiet", "overwrite")
 def extract(
     index: Annotated[Path, typer.Option("--index", help="Real-manifold index from `manifpt index build`.")],
     source: Annotated[
@@ -44,7 +44,14 @@ def extract(
             settings = options.settings(progress)
             weights = options.backbone_weights()
             result = extract_artifacts(
-                index, sources, out, spaces=spaces, real=real, weights=weights, settings=settings
+                index,
+                sources,
+                out,
+                spaces=spaces,
+                real=real,
+                weights=weights,
+                settings=settings,
+                overwrite=options.overwrite,
             )
         table = Table("class", "images", title=f"artifacts → {out}")
         for name, count in result.counts.items():

@@ -17,7 +17,7 @@ app = typer.Typer(help="Build and inspect real-manifold indexes (HDF5 + FAISS)."
 
 
 @app.command("build")
-@run_options(*BACKBONES, *DECODING, *COMPUTE, "quiet")
+@run_options(*BACKBONES, *DECODING, *COMPUTE, "quiet", "overwrite")
 def build(
     real_dirs: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or files of real images.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index file to write (HDF5).")],
@@ -48,7 +48,14 @@ def build(
         settings = options.settings(progress)
         weights = options.backbone_weights()
         result = build_index(
-            real_dirs, out, spaces, size=size, faiss_factory=faiss_factory, weights=weights, settings=settings
+            real_dirs,
+            out,
+            spaces,
+            size=size,
+            faiss_factory=faiss_factory,
+            weights=weights,
+            settings=settings,
+            overwrite=options.overwrite,
         )
         stderr.print(
             f"[green]indexed {result.n_images} real images[/] in {', '.join(s.value for s in spaces)} "

@@ -87,6 +87,13 @@ SHARED_OPTIONS = {
         None,
     ),
     "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")], False),
+    "overwrite": (
+        Annotated[
+            bool,
+            typer.Option("--overwrite", help="Replace existing output files (inputs are never overwritten)."),
+        ],
+        False,
+    ),
 }
 DECODING = ("batch_size", "workers", "max_pixels")
 COMPUTE = ("threads", "device")
@@ -106,6 +113,7 @@ class RunOptions:
     ssl_weights: Path | None = None
     weights: str | None = None
     quiet: bool = False
+    overwrite: bool = False
 
     def settings(self, progress: Progress) -> RunSettings:
         """The command's one RunSettings, checked and applied (thread budget) before any work."""

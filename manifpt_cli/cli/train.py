@@ -12,7 +12,7 @@ from .console import RichProgress, errors_to_exit, stderr
 from .options import COMPUTE, RunOptions, run_options
 
 
-@run_options(*COMPUTE, "quiet")
+@run_options(*COMPUTE, "quiet", "overwrite")
 def train(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts file from `manifpt extract`.")],
     space: Annotated[
@@ -59,9 +59,11 @@ def train(
         with RichProgress(options.quiet, unit="") as progress:
             settings = options.settings(progress)
             if auto:
-                result = train_auto(artifacts, out, config=config, settings=settings)
+                result = train_auto(artifacts, out, config=config, settings=settings, overwrite=options.overwrite)
             else:
-                result = train_attributor(artifacts, spaces[0], out, config=config, settings=settings)
+                result = train_attributor(
+                    artifacts, spaces[0], out, config=config, settings=settings, overwrite=options.overwrite
+                )
         if auto:
             table = Table("input", "arch", "validation accuracy", title="--space auto (validation split only)")
             for row in result.metadata["auto"]["validation"]:

@@ -15,7 +15,7 @@ app = typer.Typer(help="A reference zoo of small generators with known design ch
 
 
 @app.command("train")
-@run_options("workers", *COMPUTE, "quiet")
+@run_options("workers", *COMPUTE, "quiet", "overwrite")
 def train(
     real: Annotated[list[Path], typer.Option("--real", help="Folder of real training images (repeatable).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to create (its name is the model's name).")],
@@ -42,7 +42,16 @@ def train(
 
         settings = options.settings(progress)
         design = make_design(family, upsample, norm, loss, size, width)
-        result = train_generator(real, out, design, iters=iters, batch_size=batch_size, seed=seed, settings=settings)
+        result = train_generator(
+            real,
+            out,
+            design,
+            iters=iters,
+            batch_size=batch_size,
+            seed=seed,
+            settings=settings,
+            overwrite=options.overwrite,
+        )
         losses = "  ".join(f"{k} {v:.4f}" for k, v in result.final_losses.items())
         stderr.print(f"[green]saved {result.path}[/] ({result.seconds:.1f} s; final {losses})")
 

@@ -147,6 +147,7 @@ def train_generator(
     batch_size: int = 64,
     seed: int = 0,
     settings: RunSettings = DEFAULT_SETTINGS,
+    overwrite: bool = False,
 ) -> ZooTrainResult:
     """Train one zoo generator on the real images under ``real_dirs``; writes ``out_dir/generator.pt``.
 
@@ -214,7 +215,8 @@ def train_generator(
         },
     }
     path = Path(out_dir) / CHECKPOINT_NAME
-    save_checkpoint(path, model.state_dict(), metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a zoo is a tree of model folders; the CLI prints where
+    save_checkpoint(path, model.state_dict(), metadata, overwrite=overwrite)
     return ZooTrainResult(os.fspath(path), design, losses, time.perf_counter() - started)
 
 

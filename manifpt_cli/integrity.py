@@ -1,0 +1,186 @@
+"""Digests that bind what attribution uses to what was built, checked every time a file is opened.
+
+Index (HDF5): ``index_hash`` is a SHA-256 over everything attribution reads: the image size, the
+resize policy, the list of spaces, every file path and file SHA-256, and for each space its
+attributes (dimension, shape, metric, FAISS factory, backbone weights), its embeddings and its
+serialised FAISS index. Each space also stores its own ``digest``; opening an index recomputes
+the digests of the spaces it will search and the root hash, and refuses any difference. Links to
+other files and objects manifpt did not write are refused too.
+
+ONNX model: the metadata key ``manifpt_digest`` holds a SHA-256 of the whole file with that value
+zeroed, so the graph, the weights and the model card are all covered, and the check needs no ONNX
+package (the lean install has none).
+
+What this catches: corruption, truncation, careless or deliberate edits of a file by someone who
+does not recompute the digest, files swapped or mixed up. What it cannot catch: someone who
+rebuilds a file and its digests with their own tool. Against that, keep the digests of the
+files you used (they are in every report) in your case notes, and compare with ``manifpt verify``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from .errors import FormatError
+
+SPACE_DIGEST_ATTRS = ("embedding_space", "dim", "shape", "metric", "faiss_factory", "weights_source", "weights_sha256")
+ROOT_DIGEST_ATTRS = ("format", "format_version", "image_size", "n_images", "spaces", "resize_policy")
+ROWS_PER_CHUNK = 4096
+ONNX_DIGEST_KEY = "manifpt_digest"
+ONNX_DIGEST_PLACEHOLDER = "0" * 64
+
+
+class IntegrityError(FormatError):
+    """A file's content does not match its recorded digest, or holds objects manifpt did not write."""
+
+
+def _attr_text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return str(value.item())
+    return str(value)
+
+
+def _update_attrs(digest, attrs, keys) -> None:
+    digest.update(json.dumps({key: _attr_text(attrs[key]) for key in keys if key in attrs}, sort_keys=True).encode())
+
+
+def _update_dataset(digest, dataset) -> None:
+    """Shape, type and every element of a dataset, read in chunks (memory stays bounded)."""
+    digest.update(json.dumps([list(dataset.shape), str(dataset.dtype)]).encode())
+    if dataset.dtype.kind == "O":  # variable-length strings: length-prefixed, so no two lists collide
+        for start in range(0, len(dataset), ROWS_PER_CHUNK):
+            for value in dataset[start : start + ROWS_PER_CHUNK]:
+                data = value if isinstance(value, bytes) else str(value).encode()
+                digest.update(len(data).to_bytes(8, "little") + data)
+        return
+    for start in range(0, len(dataset), ROWS_PER_CHUNK):
+        digest.update(np.ascontiguousarray(dataset[start : start + ROWS_PER_CHUNK]).tobytes())
+
+
+def space_digest(group) -> str:
+    """SHA-256 over one space's attributes, embeddings and FAISS index."""
+    digest = hashlib.sha256(b"manifpt-space")
+    _update_attrs(digest, group.attrs, SPACE_DIGEST_ATTRS)
+    for name in ("embeddings", "faiss_index"):
+        _update_dataset(digest, group[name])
+    return digest.hexdigest()
+
+
+def index_digest(handle, space_digests: dict[str, str]) -> str:
+    """The root ``index_hash``: the index's attributes and file list, then each space's digest."""
+    digest = hashlib.sha256(b"manifpt-index")
+    _update_attrs(digest, handle.attrs, ROOT_DIGEST_ATTRS)
+    for name in ("files/path", "files/sha256"):
+        _update_dataset(digest, handle[name])
+    for space in json.loads(_attr_text(handle.attrs["spaces"])):
+        digest.update(space.encode() + space_digests[space].encode())
+    return digest.hexdigest()
+
+
+EXPECTED_INDEX_OBJECTS = {
+    "files",
+    "files/path",
+    "files/sha256",
+    "failures",
+    "failures/path",
+    "failures/error",
+    "spaces",
+}
+EXPECTED_SPACE_OBJECTS = ("", "/embeddings", "/faiss_index")
+
+
+def check_structure(handle, path: str, spaces: list[str]) -> None:
+    """Refuse links (to other files or elsewhere in this one) and objects manifpt does not write."""
+    import h5py
+
+    expected = set(EXPECTED_INDEX_OBJECTS)
+    expected.update(f"spaces/{space}{suffix}" for space in spaces for suffix in EXPECTED_SPACE_OBJECTS)
+    links: list[tuple[str, object]] = []
+    handle.visititems_links(lambda name, link: links.append((name, link)))  # raising inside h5py's walk is unsafe
+    for name, link in links:
+        if not isinstance(link, h5py.HardLink):
+            raise IntegrityError(
+                f"index {path} holds a {type(link).__name__} at /{name}; manifpt writes no links, so the file "
+                "was altered (it may point at data elsewhere). Rebuild it with `manifpt index build`"
+            )
+    found = [name for name, _ in links]
+    unexpected = sorted(set(found) - expected)
+    missing = sorted(expected - set(found))
+    if unexpected or missing:
+        detail = "; ".join(
+            part
+            for part in (
+                f"unexpected: {', '.join('/' + n for n in unexpected)}" if unexpected else "",
+                f"missing: {', '.join('/' + n for n in missing)}" if missing else "",
+            )
+            if part
+        )
+        raise IntegrityError(f"index {path} is not laid out as manifpt writes it ({detail}); it was altered or damaged")
+
+
+def verify_index(handle, path: str, spaces_to_check: list[str]) -> dict:
+    """Recompute the digests of ``spaces_to_check`` and the root hash; raise IntegrityError on any difference.
+
+    Returns what was checked, for the report header.
+    """
+    spaces = json.loads(_attr_text(handle.attrs["spaces"]))
+    check_structure(handle, path, spaces)
+    digests = {}
+    for space in spaces:
+        group = handle[f"spaces/{space}"]
+        stored = _attr_text(group.attrs.get("digest", ""))
+        if space in spaces_to_check:
+            recomputed = space_digest(group)
+            if recomputed != stored:
+                raise IntegrityError(
+                    f"index {path}: the {space} space's embeddings, FAISS index or settings do not match its recorded "
+                    "digest; the file was edited or damaged. Rebuild it with `manifpt index build`"
+                )
+        digests[space] = stored
+    root = index_digest(handle, digests)
+    if root != _attr_text(handle.attrs["index_hash"]):
+        raise IntegrityError(
+            f"index {path} does not match its index_hash (its file list, image size, spaces or a space digest were "
+            "changed); the file was edited or damaged. Rebuild it with `manifpt index build`"
+        )
+    return {"index_hash": root, "verified_spaces": sorted(spaces_to_check), "structure": "ok"}
+
+
+# --- ONNX models -------------------------------------------------------------------------------
+
+
+def onnx_digest(data: bytes, stored: str) -> str:
+    """SHA-256 of an ONNX file's bytes with its stored digest value zeroed (it appears exactly once)."""
+    marker = stored.encode()
+    if data.count(marker) != 1:
+        raise IntegrityError("the model's digest entry is missing or ambiguous")
+    return hashlib.sha256(data.replace(marker, ONNX_DIGEST_PLACEHOLDER.encode())).hexdigest()
+
+
+def seal_onnx(path: str | os.PathLike) -> str:
+    """Replace the placeholder digest written into ``path``'s metadata by the file's real digest."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    digest = onnx_digest(data, ONNX_DIGEST_PLACEHOLDER)
+    with open(path, "wb") as handle:
+        handle.write(data.replace(ONNX_DIGEST_PLACEHOLDER.encode(), digest.encode()))
+    return digest
+
+
+def verify_onnx(path: str | os.PathLike, stored: str | None) -> str:
+    """Check an ONNX file against its ``manifpt_digest``; returns it."""
+    if not stored:
+        raise IntegrityError(f"{path} carries no manifpt digest; export it with this version of `manifpt export`")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if onnx_digest(data, stored) != stored:
+        raise IntegrityError(
+            f"{path} does not match its recorded digest: its graph, weights or model card were changed after export"
+        )
+    return stored
