@@ -1,23 +1,52 @@
 """Stage 1: find image files and decode them into uint8 RGB arrays of one fixed size.
 
+One bad file is always one row (a :class:`FailedImage` or a :class:`SkippedFile`), whatever it is;
+the other files go on.
+
 Policy (README, "How images are read"):
-- Discovery is recursive, sorted, case-insensitive on the extension, follows directory symlinks
-  but never enters the same directory twice (symlink loops end there).
+- Discovery walks each folder root without recursion (any depth), in a sorted, deterministic order:
+  a folder's files, then its subfolders, depth-first. It follows folder symlinks but never enters
+  the same folder (device, inode) twice, so symlink loops end. A folder that cannot be listed is
+  one error row.
+- Which files are candidates: by default, files whose extension (case-insensitive) is one Pillow
+  can read (:func:`image_extensions`: ``.jpg``, ``.png``, ``.gif``, ``.jfif``, ``.ico``, ``.ppm``,
+  ``.tga``, ...). Every other file under a root is reported as skipped ("not an image file
+  name"), never silently ignored. With ``sniff`` every file is a candidate, recognised by its
+  content. A file given directly as a root is always a candidate.
+- Only regular files are opened. The path is ``stat``-ed first (following symlinks): a FIFO,
+  socket, device or folder is refused without being opened (so a FIFO never hangs the run), and
+  the file is opened non-blocking and checked again with ``fstat``, against a swap in between.
+- A file larger than ``max_file_bytes`` is refused from its size, without being read; reading
+  never takes more than ``max_file_bytes`` + 1 bytes, even from a file that grows meanwhile.
 - Decoding reads the file once (its SHA-256 comes from those bytes), refuses images whose header
   declares more than ``max_pixels`` pixels before any pixel is allocated, applies the EXIF
-  orientation, and converts every mode to 8-bit RGB: alpha is composited on white, 16-bit and
-  32-bit integer images are scaled to 8 bits, CMYK/YCbCr/LAB/palette go through Pillow.
+  orientation (only when the tag is present and not 1), and converts every mode to 8-bit RGB:
+  alpha is composited on white, 16-bit and 32-bit integer images are scaled to 8 bits (the scale
+  is chosen from the whole image), CMYK/YCbCr/LAB/palette go through Pillow.
 - Size: centre-crop to a square on the shorter side, then resize to ``size``×``size``
   (Lanczos when shrinking, bicubic when enlarging). An image already ``size``×``size`` is left
-  untouched, so a generator's own pixels reach the embedding unchanged.
+  untouched, so a generator's own pixels reach the embedding unchanged; so is one whose square
+  crop is already ``size``×``size``.
+- Memory stays near one decoded copy of the image: the centre crop is the ``box`` of the resize
+  (the filter near the square's edges may see the pixels just outside it, as in a resize of the
+  whole picture), and RGB, RGBA, L, LA and the 16/32-bit and float modes are resized in their own
+  mode and converted afterwards.
+- Reduced JPEG decoding: a JPEG whose shorter side is at least 4 × ``size`` is decoded at a
+  reduced scale by libjpeg's DCT scaling (1/2, 1/4 or 1/8, :meth:`PIL.Image.Image.draft`), always
+  keeping at least 2 × ``size`` pixels on the shorter side, before the exact Lanczos resize. The
+  result differs slightly from a full decode of such a large JPEG; smaller JPEGs (and every
+  ``size``×``size`` image) are decoded in full.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import os
+import stat
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,28 +54,88 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from .errors import ImageDecodeError, UsageError
-from .settings import DEFAULT_MAX_PIXELS, RunSettings
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+from .settings import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, RunSettings
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def display_path(path: str | os.PathLike) -> str:
-    """A printable form of any path: bytes that are not UTF-8 become ``\\xNN`` escapes."""
-    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """Lower-case extensions (with the dot) of every format this Pillow can read.
+
+    Formats Pillow can only write (``.pdf``, ``.palm``) are left out, and so are its "stub"
+    formats (HDF5, GRIB, BUFR, WMF) unless a handler has been registered to load them. Computed
+    once, on first use: it loads every Pillow plugin.
+    """
+    Image.init()
+    readable = set()
+    for name, (factory, _accept) in Image.OPEN.items():
+        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
+            if getattr(sys.modules.get(factory.__module__), "_handler", None) is None:
+                continue
+        readable.add(name)
+    if "JPEG" in readable:
+        readable.add("MPO")  # multi-picture JPEGs are opened by the JPEG plugin
+    return frozenset(ext.lower() for ext, name in Image.registered_extensions().items() if name in readable)
+
+
+def __getattr__(name: str) -> frozenset[str]:
+    if name == "IMAGE_EXTENSIONS":  # kept for callers of the former constant, computed lazily
+        return image_extensions()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """A printable, reversible form of any path (:func:`path_from_display` is its inverse).
+
+    The path's bytes are read as UTF-8; a byte that is not valid UTF-8 is written ``\\xNN`` and a
+    literal backslash is written ``\\\\``, so no two paths share a display form. Everything else
+    (control characters, quotes, commas) is kept as it is: writers quote it as their format needs.
+    """
+    raw = os.fsencode(path)
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", errors="backslashreplace")
+
+
+def path_from_display(text: str) -> bytes:
+    """The path (as bytes, ready for ``open`` or :func:`os.fsdecode`) that :func:`display_path` showed as ``text``.
+
+    Raises:
+        ValueError: ``text`` has a backslash that starts neither ``\\\\`` nor ``\\xNN``.
+    """
+    out = bytearray()
+    position = 0
+    while True:
+        backslash = text.find("\\", position)
+        if backslash < 0:
+            out += text[position:].encode("utf-8")
+            return bytes(out)
+        out += text[position:backslash].encode("utf-8")
+        escape = text[backslash + 1 : backslash + 4]
+        if escape[:1] == "\\":
+            out.append(0x5C)
+            position = backslash + 2
+        elif len(escape) == 3 and escape[0] == "x" and all(c in "0123456789abcdefABCDEF" for c in escape[1:]):
+            out.append(int(escape[1:], 16))
+            position = backslash + 4
+        else:
+            raise ValueError(f"not a displayed path: stray backslash at character {backslash} of {text!r}")
 
 
 @dataclass(frozen=True)
 class FoundFile:
-    """One discovered candidate; ``error`` is set when its directory could not be listed."""
+    """One discovered entry.
+
+    ``error`` is set when its folder could not be listed; ``skipped`` says why a file under a root
+    is not a candidate (its name is not an image file name and ``sniff`` is off).
+    """
 
     path: str
     error: str | None = None
+    skipped: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,99 +157,269 @@ class FailedImage:
     sha256: str = ""
 
 
-def discover_images(roots: Iterable[str | os.PathLike]) -> Iterator[FoundFile]:
-    """Yield image files under ``roots`` (files given directly are yielded as they are).
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file under a root that was not read, with the reason as a sentence."""
+
+    path: str
+    reason: str
+
+
+DecodeResult = DecodedImage | FailedImage | SkippedFile
+
+
+def _skip_reason(name: str) -> str:
+    extension = os.path.splitext(name)[1]
+    shown = f"extension '{display_path(extension)}'" if extension else "no extension"
+    return f"not an image file name ({shown}); use sniff/--sniff to check contents"
+
+
+def _walk(root: str, sniff: bool, visited: set[tuple[int, int]]) -> Iterator[FoundFile]:
+    """Every entry under the folder ``root``, depth-first with an explicit stack (no recursion).
+
+    The order is the one ``os.walk(topdown=True)`` gives with sorted names: a folder's files in
+    sorted order when the folder is visited, then its subfolders in sorted order.
+    """
+    extensions = image_extensions()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            info = os.stat(folder)
+        except OSError as exc:
+            yield FoundFile(folder, f"cannot read folder: {exc.strerror or exc}")
+            continue
+        key = (info.st_dev, info.st_ino)
+        if key in visited:  # a symlink back into a folder already walked, or a root given twice
+            continue
+        visited.add(key)
+        files: list[str] = []
+        folders: list[str] = []
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        is_folder = entry.is_dir()  # follows symlinks
+                    except OSError:  # e.g. a symlink loop: a file candidate, reported when read
+                        is_folder = False
+                    (folders if is_folder else files).append(entry.name)
+        except OSError as exc:
+            yield FoundFile(folder, f"cannot list folder: {exc.strerror or exc}")
+            continue
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if sniff or os.path.splitext(name)[1].lower() in extensions:
+                yield FoundFile(path)
+            else:
+                yield FoundFile(path, skipped=_skip_reason(name))
+        stack.extend(os.path.join(folder, name) for name in sorted(folders, reverse=True))
+
+
+def discover_images(roots: Iterable[str | os.PathLike], sniff: bool = False) -> Iterator[FoundFile]:
+    """Yield every entry under ``roots``: candidates, unlistable folders and skipped files.
+
+    A file given directly as a root is always a candidate. Under a folder, a file is a candidate
+    when its extension is an image extension (:func:`image_extensions`), or whatever its name
+    with ``sniff``; any other file is yielded with ``skipped`` set.
 
     Raises:
         UsageError: a root does not exist.
     """
     visited: set[tuple[int, int]] = set()
     for root in roots:
-        root = os.fspath(root)
+        root = os.fsdecode(root)
         if not os.path.lexists(root):
             raise UsageError(f"no such file or folder: {display_path(root)}")
-        if not os.path.isdir(root):
+        if os.path.isdir(root):
+            yield from _walk(root, sniff, visited)
+        else:
             yield FoundFile(root)
-            continue
-        walk_errors: list[OSError] = []
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=walk_errors.append):
-            while walk_errors:
-                failure = walk_errors.pop()
-                yield FoundFile(failure.filename or dirpath, f"cannot list folder: {failure.strerror}")
-            try:
-                stat = os.stat(dirpath)
-            except OSError as exc:
-                yield FoundFile(dirpath, f"cannot read folder: {exc.strerror}")
-                dirnames[:] = []
-                continue
-            key = (stat.st_dev, stat.st_ino)
-            if key in visited:  # a symlink back into a folder already walked
-                dirnames[:] = []
-                continue
-            visited.add(key)
-            dirnames.sort()
-            for name in sorted(filenames):
-                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                    yield FoundFile(os.path.join(dirpath, name))
-        for failure in walk_errors:
-            yield FoundFile(failure.filename or root, f"cannot list folder: {failure.strerror}")
 
 
-def _read_bytes(path: str) -> bytes:
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+# Non-blocking: should the path become a FIFO between stat and open, open must not wait for a writer.
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_BINARY", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+def _check_regular(info: os.stat_result, max_file_bytes: int) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
+        raise ImageDecodeError(f"not a regular file ({kind}); it was not opened")
+    if info.st_size > max_file_bytes:
+        raise ImageDecodeError(
+            f"file is {info.st_size:,} bytes, over the limit of {max_file_bytes:,} "
+            "(raise max_file_bytes, --max-file-bytes, if it is genuine)"
+        )
+
+
+def _read_error(exc: OSError) -> ImageDecodeError:
+    if isinstance(exc, PermissionError):
+        return ImageDecodeError("permission denied: the file cannot be read")
+    if isinstance(exc, FileNotFoundError):
+        return ImageDecodeError("file not found (removed, or a dangling symbolic link)")
+    if exc.errno == errno.ELOOP:
+        return ImageDecodeError("symbolic link loop: the link never reaches a file")
+    return ImageDecodeError(f"cannot read the file: {exc.strerror or exc}")
+
+
+def _read_bounded(fd: int, expected: int, max_file_bytes: int) -> bytes:
+    """At most ``max_file_bytes`` bytes from ``fd``; more means the file grew past the limit."""
+    chunks: list[bytes] = []
+    total = 0
+    want = min(expected, max_file_bytes) + 1  # one byte past the stat size tells whether it grew
+    while total <= max_file_bytes:
+        chunk = os.read(fd, min(max(want - total, 1 << 20), max_file_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > max_file_bytes:
+        raise ImageDecodeError(
+            f"file grew past the limit of {max_file_bytes:,} bytes while being read "
+            "(raise max_file_bytes, --max-file-bytes, if it is genuine)"
+        )
+    return b"".join(chunks)  # one chunk (the usual case) is returned without a copy
+
+
+def _read_regular_file(path: str, max_file_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``max_file_bytes`` bytes."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except IsADirectoryError:
-        raise ImageDecodeError("is a folder, not an image file") from None
-    except PermissionError:
-        raise ImageDecodeError("permission denied: the file cannot be read") from None
-    except FileNotFoundError:
-        raise ImageDecodeError("file not found (removed, or a dangling symbolic link)") from None
+        _check_regular(os.stat(path), max_file_bytes)  # nothing that is not a regular file is opened
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ImageDecodeError("symbolic link loop: the link never reaches a file") from None
-        raise ImageDecodeError(f"cannot read the file: {exc.strerror or exc}") from None
+        raise _read_error(exc) from None
+    try:
+        info = os.fstat(fd)
+        _check_regular(info, max_file_bytes)  # the path may have been swapped since the stat
+        return _read_bounded(fd, info.st_size, max_file_bytes)
+    except OSError as exc:
+        raise _read_error(exc) from None
+    finally:
+        os.close(fd)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB (alpha composited on white)."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        scaled = np.clip(np.round(values * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(scaled).convert("RGB")
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+# Modes resized as they are, then converted to RGB (alpha is composited on white before resizing).
+_RESIZED_AS_IS = ("RGB", "L", *_DEEP_MODES)
+
+
+def _oriented(image: Image.Image) -> Image.Image:
+    """``image`` turned by its EXIF orientation; the same object when the tag is absent or 1."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    method = _ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return image if method is None else image.transpose(method)
+
+
+def _depth_scale(image: Image.Image) -> float | None:
+    """The factor that brings a 16-bit, 32-bit integer or float image to 0–255, from the whole image.
+
+    16-bit: 65535 → 255. 32-bit integer: the same when any value is above 255, else unchanged.
+    Float: values up to 1.0 are taken as 0–1 (× 255), else unchanged. None for 8-bit modes.
+    """
+    if image.mode.startswith("I;16"):
+        return 255.0 / 65535.0
+    if image.mode == "I":
+        return 255.0 / 65535.0 if max(image.getextrema()[1], 0) > 255 else 1.0
     if image.mode == "F":
+        return 255.0 if max(image.getextrema()[1], 0) <= 1.0 else 1.0
+    return None
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """An image with alpha (or a transparent palette) composited on white, as RGB.
+
+    Done in bands of rows, so the only full-size allocation is the RGB result; the compositing is
+    the same pixel for pixel as on the whole image at once.
+    """
+    width, height = image.size
+    result = Image.new("RGB", (width, height))
+    rows = max(1, (1 << 20) // max(width, 1))
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(top + rows, height))).convert("RGBA")
+        background = Image.new("RGBA", band.size, (255, 255, 255, 255))
+        result.paste(Image.alpha_composite(background, band).convert("RGB"), (0, top))
+    return result
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+
+
+def _resizable(image: Image.Image) -> Image.Image:
+    """``image`` in a mode that Lanczos/bicubic resize correctly, alpha already composited on white."""
+    if _has_alpha(image):
+        return _on_white(image)
+    if image.mode == "1":
+        return image.convert("L")
+    return image.convert("RGB")  # palette, CMYK, YCbCr, LAB, HSV, ...: Pillow's own conversion
+
+
+def _rgb_pixels(image: Image.Image, depth_scale: float | None) -> np.ndarray:
+    """(height, width, 3) uint8 of any mode (alpha composited on white, deep modes scaled)."""
+    if depth_scale is not None:
         values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8)).convert("RGB")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+        gray = np.clip(np.round(values * depth_scale), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if _has_alpha(image):
+        image = _on_white(image)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
-def _square_resize(image: Image.Image, size: int) -> Image.Image:
+def _fit(image: Image.Image, size: int) -> np.ndarray:
+    """Centre-crop ``image`` to a square, resize it to ``size``×``size`` and make it uint8 RGB."""
+    depth_scale = _depth_scale(image)  # chosen from the whole image, before any crop
     width, height = image.size
     if (width, height) == (size, size):
-        return image
+        return _rgb_pixels(image, depth_scale)
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    square = image.crop((left, top, left + side, top + side))
+    box = (left, top, left + side, top + side)
     if side == size:
-        return square
+        return _rgb_pixels(image.crop(box), depth_scale)
+    if image.mode not in _RESIZED_AS_IS:
+        image = _resizable(image)
     resample = Image.Resampling.LANCZOS if side > size else Image.Resampling.BICUBIC
-    return square.resize((size, size), resample=resample)
+    # Crop first: resize(box=...) would read pixels beyond the square into the edge of the output.
+    square = image.crop(box) if (width, height) != (side, side) else image
+    return _rgb_pixels(square.resize((size, size), resample=resample), depth_scale)
 
 
-def decode_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_image(
+    path: str,
+    size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> DecodedImage:
     """Read and decode one file into a (size, size, 3) uint8 array.
 
     Raises:
-        ImageDecodeError: the file is missing, unreadable, not an image, truncated, or too large.
+        ImageDecodeError: the file is missing, unreadable, not a regular file, over
+            ``max_file_bytes``, not an image, truncated, or over ``max_pixels``.
     """
-    data = _read_bytes(path)
+    data = _read_regular_file(path, max_file_bytes)
     sha256 = hashlib.sha256(data).hexdigest()
     try:
         return DecodedImage(path, *_decode_bytes(data, size, max_pixels), sha256)
@@ -185,9 +444,12 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
                     f"{max_pixels:,} (raise max_pixels, --max-pixels, if the image is genuine)"
                 )
             image.seek(0)  # first frame of animated/multi-page files
-            image = ImageOps.exif_transpose(image)
-            rgb = _square_resize(_to_rgb(image), size)
-            pixels = np.asarray(rgb, dtype=np.uint8).copy()
+            if image.format in ("JPEG", "MPO") and min(width, height) >= 4 * size:
+                # DCT scaling by 1/2, 1/4 or 1/8, keeping at least 2 × size on the shorter side.
+                image.draft("RGB", (2 * size, 2 * size))
+            image.load()
+            image = _oriented(image)  # rebinding frees the unturned copy before the resize
+            pixels = _fit(image, size)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -201,12 +463,19 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
     return pixels, (width, height)
 
 
-def try_decode(found: FoundFile, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage | FailedImage:
-    """Decode one discovered file, turning any failure into a :class:`FailedImage`."""
+def try_decode(
+    found: FoundFile,
+    size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> DecodeResult:
+    """Decode one discovered entry: a :class:`SkippedFile` for a skipped one, any failure a :class:`FailedImage`."""
     if found.error:
         return FailedImage(found.path, found.error)
+    if found.skipped:
+        return SkippedFile(found.path, found.skipped)
     try:
-        return decode_image(found.path, size, max_pixels)
+        return decode_image(found.path, size, max_pixels, max_file_bytes)
     except ImageDecodeError as exc:
         return FailedImage(found.path, str(exc), getattr(exc, "sha256", ""))
 
@@ -242,20 +511,30 @@ def iter_batches(items: Iterable[T], batch_size: int) -> Iterator[list[T]]:
         yield batch
 
 
-def decode_folder(
-    roots: Iterable[str | os.PathLike], size: int, settings: RunSettings
-) -> Iterator[list[DecodedImage | FailedImage]]:
-    """Discover and decode everything under ``roots``, in batches, in discovery order."""
-    decode = lambda found: try_decode(found, size, settings.max_pixels)  # noqa: E731
-    yield from iter_batches(ordered_map(decode, discover_images(roots), settings.workers), settings.batch_size)
+def decode_folder(roots: Iterable[str | os.PathLike], size: int, settings: RunSettings) -> Iterator[list[DecodeResult]]:
+    """Discover and decode everything under ``roots``, in batches, in discovery order.
+
+    Discovery honours ``settings.sniff``; decoding ``settings.max_pixels`` and ``settings.max_file_bytes``.
+    Every discovered entry is one item: decoded, failed or skipped.
+    """
+
+    def decode(found: FoundFile) -> DecodeResult:
+        return try_decode(found, size, settings.max_pixels, settings.max_file_bytes)
+
+    found = discover_images(roots, sniff=settings.sniff)
+    yield from iter_batches(ordered_map(decode, found, settings.workers), settings.batch_size)
 
 
-def split_batch(batch: list[DecodedImage | FailedImage]) -> tuple[list[DecodedImage], list[FailedImage]]:
-    """(decoded images, failed files) of one batch, each in discovery order."""
+def split_batch(batch: list[DecodeResult]) -> tuple[list[DecodedImage], list[FailedImage], list[SkippedFile]]:
+    """(decoded images, failed files, skipped files) of one batch, each in discovery order."""
     decoded = [item for item in batch if isinstance(item, DecodedImage)]
-    return decoded, [item for item in batch if isinstance(item, FailedImage)]
+    failed = [item for item in batch if isinstance(item, FailedImage)]
+    return decoded, failed, [item for item in batch if isinstance(item, SkippedFile)]
 
 
-def count_images(roots: Iterable[str | os.PathLike]) -> int:
-    """How many candidates ``discover_images`` will yield (for progress bars)."""
-    return sum(1 for _ in discover_images(roots))
+def count_images(roots: Iterable[str | os.PathLike], sniff: bool = False) -> int:
+    """How many entries ``discover_images`` will yield, skipped ones included (for progress totals).
+
+    Every discovered entry is one item of a batch from :func:`decode_folder`.
+    """
+    return sum(1 for _ in discover_images(roots, sniff=sniff))

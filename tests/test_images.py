@@ -5,8 +5,14 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
+import stat
 import struct
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -14,15 +20,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from manifpt_cli import images as images_module
 from manifpt_cli.errors import ImageDecodeError, UsageError
 from manifpt_cli.images import (
     DecodedImage,
     FailedImage,
     FoundFile,
+    SkippedFile,
+    count_images,
     decode_folder,
     decode_image,
     discover_images,
     display_path,
+    image_extensions,
+    path_from_display,
+    split_batch,
     try_decode,
 )
 from manifpt_cli.settings import RunSettings
@@ -207,7 +219,9 @@ def test_folder_named_like_an_image_is_searched_not_decoded(tmp_path):
     save(tmp_path / "photo.png" / "inside.png", gradient())
     found = list(discover_images([tmp_path]))
     assert [Path(f.path).name for f in found] == ["inside.png"]
-    with pytest.raises(ImageDecodeError, match="is a folder"):
+    # Only regular files are opened: the folder is refused from its stat (the message changed
+    # from "is a folder" when the open() error used to tell).
+    with pytest.raises(ImageDecodeError, match=r"not a regular file \(a folder\)"):
         decode_image(str(tmp_path / "photo.png"), SIZE)
 
 
@@ -236,16 +250,15 @@ def test_non_utf8_file_name_is_decoded_and_printable(tmp_path):
     shown.encode("utf-8")  # safe to write to any report
 
 
-def _decode_as_nobody(path: str) -> str:
-    """Decode ``path`` in a forked child running as uid 65534; return the error text it got."""
+def _as_nobody(task) -> str:
+    """Run ``task()`` in a forked child running as uid 65534; return the text it returned."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: drop root, try, report, exit without running pytest's teardown
         try:
             os.setgid(65534)
             os.setuid(65534)
-            result = try_decode(FoundFile(path), SIZE)
-            os.write(write_end, getattr(result, "error", "decoded").encode())
+            os.write(write_end, task().encode())
         finally:
             os._exit(0)
     os.close(write_end)
@@ -253,6 +266,11 @@ def _decode_as_nobody(path: str) -> str:
         message = reader.read()
     os.waitpid(pid, 0)
     return message
+
+
+def _decode_as_nobody(path: str) -> str:
+    """Decode ``path`` in a forked child running as uid 65534; return the error text it got."""
+    return _as_nobody(lambda: getattr(try_decode(FoundFile(path), SIZE), "error", "decoded"))
 
 
 def test_unreadable_file_is_a_permission_error(tmp_path):
@@ -279,8 +297,18 @@ def test_discovery_is_recursive_sorted_and_case_insensitive(tmp_path):
     for name in ("b/Z.JPG", "a/y.Png", "a/x.webp", "c/readme.txt", "c/w.TIFF", "c/v.bmp", "d.jpeg"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    found = [os.path.relpath(f.path, tmp_path) for f in discover_images([tmp_path])]
-    assert found == ["d.jpeg", "a/x.webp", "a/y.Png", "b/Z.JPG", "c/v.bmp", "c/w.TIFF"]
+    found = list(discover_images([tmp_path]))
+    # readme.txt is no longer dropped silently: it comes in its place, marked as skipped.
+    assert [os.path.relpath(f.path, tmp_path) for f in found] == [
+        "d.jpeg",
+        "a/x.webp",
+        "a/y.Png",
+        "b/Z.JPG",
+        "c/readme.txt",
+        "c/v.bmp",
+        "c/w.TIFF",
+    ]
+    assert [f.skipped is not None for f in found] == [False] * 4 + [True] + [False] * 2
 
 
 def test_worker_threads_keep_order_and_results(tmp_path):
@@ -295,3 +323,413 @@ def test_worker_threads_keep_order_and_results(tmp_path):
         assert type(one) is type(other)
         if isinstance(one, DecodedImage):
             assert np.array_equal(one.pixels, other.pixels) and one.sha256 == other.sha256
+
+
+def test_split_batch_returns_decoded_failed_and_skipped(tmp_path):
+    save(tmp_path / "a.png", gradient())
+    (tmp_path / "b.png").write_bytes(b"broken")
+    (tmp_path / "c.txt").write_text("notes")
+    (batch,) = decode_folder([tmp_path], SIZE, RunSettings(batch_size=10))
+    decoded, failed, skipped = split_batch(batch)  # a 3-tuple since skipped files became rows
+    assert [Path(item.path).name for item in decoded] == ["a.png"]
+    assert [Path(item.path).name for item in failed] == ["b.png"]
+    assert [Path(item.path).name for item in skipped] == ["c.txt"]
+    assert count_images([tmp_path]) == len(batch) == 3, "every discovered entry is one item"
+
+
+# --- only regular files are opened ---------------------------------------------------------------
+
+
+def _finishes(task, unblock, timeout: float = 20.0):
+    """``task()``'s result; fail (after calling ``unblock`` to free the thread) if it hangs."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = task()
+        except BaseException as exc:  # re-raised in the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        unblock()
+        thread.join(5)
+        pytest.fail(f"still running after {timeout} s: a FIFO was opened and waited on")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _writer_for(fifo: Path):
+    """Opening the FIFO's write end (then closing it) frees a reader blocked on it."""
+
+    def unblock() -> None:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+    return unblock
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_fifo_named_like_an_image_is_one_row_and_never_opened(tmp_path):
+    save(tmp_path / "a.png", gradient())
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    for settings in (RunSettings(batch_size=4), RunSettings(batch_size=4, sniff=True, workers=2)):
+        results = _finishes(
+            lambda settings=settings: [i for b in decode_folder([tmp_path], SIZE, settings) for i in b],
+            _writer_for(fifo),
+        )
+        assert [type(item) for item in results] == [DecodedImage, FailedImage]
+        assert results[1].error.startswith("not a regular file (a FIFO)")
+    # Given directly as a root file it is a candidate too, and refused the same way.
+    (result,) = _finishes(lambda: next(decode_folder([fifo], SIZE, RunSettings())), _writer_for(fifo))
+    assert isinstance(result, FailedImage) and "not a regular file (a FIFO)" in result.error
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no Unix sockets on this platform")
+def test_socket_named_like_an_image_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative name keeps the socket path under the 108-byte limit
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind("s.png")
+        result = try_decode(next(discover_images([tmp_path])), SIZE)
+    assert isinstance(result, FailedImage) and result.error.startswith("not a regular file (a socket)")
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/dev/zero") or not stat.S_ISCHR(os.stat("/dev/zero").st_mode), reason="no /dev/zero"
+)
+def test_device_symlinked_as_an_image_is_refused(tmp_path):
+    os.symlink("/dev/zero", tmp_path / "zero.png")
+    (found,) = discover_images([tmp_path])
+    result = try_decode(found, SIZE)
+    assert isinstance(result, FailedImage)
+    assert result.error.startswith("not a regular file (a character device)") and result.sha256 == ""
+
+
+# --- the file-size limit ---------------------------------------------------------------------------
+
+
+def test_huge_sparse_file_is_refused_from_its_size_without_being_read(tmp_path):
+    big = tmp_path / "big.png"
+    with open(big, "wb") as handle:
+        handle.truncate(20 * 2**30)  # 20 GiB declared, no block written
+    started = time.perf_counter()
+    (result,) = next(decode_folder([tmp_path], SIZE, RunSettings()))
+    assert time.perf_counter() - started < 5
+    assert isinstance(result, FailedImage) and result.sha256 == "", "refused before a byte was read"
+    assert result.error == (
+        "file is 21,474,836,480 bytes, over the limit of 268,435,456 "
+        "(raise max_file_bytes, --max-file-bytes, if it is genuine)"
+    )
+
+
+def test_max_file_bytes_is_ours_to_set(tmp_path):
+    path = save(tmp_path / "g.png", gradient())
+    length = path.stat().st_size
+    assert decode_image(str(path), SIZE, max_file_bytes=length).pixels.shape == (SIZE, SIZE, 3)
+    with pytest.raises(ImageDecodeError, match=f"over the limit of {length - 1:,}"):
+        decode_image(str(path), SIZE, max_file_bytes=length - 1)
+    (batch,) = decode_folder([tmp_path], SIZE, RunSettings(max_file_bytes=length - 1))
+    assert isinstance(batch[0], FailedImage) and "over the limit" in batch[0].error
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="no /proc")
+def test_reading_is_bounded_even_when_the_file_is_bigger_than_its_stat_size(tmp_path):
+    # /proc files are regular files whose stat size is 0 but which read as hundreds of bytes: the
+    # same situation as a file growing between stat and read. Reading stops at the limit + 1.
+    assert os.stat("/proc/self/status").st_size == 0
+    os.symlink("/proc/self/status", tmp_path / "status.png")
+    with pytest.raises(ImageDecodeError, match="grew past the limit of 64 bytes"):
+        decode_image(str(tmp_path / "status.png"), SIZE, max_file_bytes=64)
+
+
+# --- discovery: any depth, every readable format, nothing silently ignored -----------------------
+
+
+def _nested(root: Path, depth: int) -> str:
+    """Make ``depth`` nested folders (iteratively: os.makedirs recurses); return the deepest."""
+    path = str(root)
+    for _ in range(depth):
+        path = os.path.join(path, "d")
+        os.mkdir(path)
+    return path
+
+
+def _remove_nested(root: Path, depth: int) -> None:
+    """Remove what :func:`_nested` made (shutil.rmtree recurses on Python 3.11)."""
+    deepest = os.path.join(str(root), *["d"] * depth)
+    for name in os.listdir(deepest):
+        os.remove(os.path.join(deepest, name))
+    for level in range(depth, 0, -1):
+        os.rmdir(os.path.join(str(root), *["d"] * level))
+
+
+def test_deeply_nested_folders_are_walked_without_recursion(tmp_path):
+    depth = 1500  # os.walk on Python 3.11 raises RecursionError near 1000
+    deepest = _nested(tmp_path, depth)
+    try:
+        save(Path(deepest) / "bottom.png", gradient())
+        (result,) = [item for batch in decode_folder([tmp_path], SIZE, RunSettings()) for item in batch]
+        assert isinstance(result, DecodedImage) and result.path == os.path.join(deepest, "bottom.png")
+    finally:
+        _remove_nested(tmp_path, depth)
+
+
+def test_walk_order_is_the_one_os_walk_gives(tmp_path):
+    for name in ("b/2.png", "b/1.png", "b/c/x.png", "a.png", "A/z.png", "a/b/y.png", "a/k.png", "e/f/g/h.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    os.symlink(tmp_path / "e", tmp_path / "b" / "link")  # a folder symlink, followed (before e itself)
+    expected, visited = [], set()  # the former os.walk-based discovery, as it was
+    for folder, subfolders, files in os.walk(tmp_path, followlinks=True):
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in visited:
+            subfolders[:] = []
+            continue
+        visited.add((info.st_dev, info.st_ino))
+        subfolders.sort()
+        expected += [os.path.join(folder, name) for name in sorted(files)]
+    found = [f.path for f in discover_images([tmp_path])]
+    assert found == expected
+    assert [Path(path).name for path in found].count("h.png") == 1, "e is entered once, through b/link"
+    assert str(tmp_path / "b" / "link" / "f" / "g" / "h.png") in found
+
+
+def test_unlistable_folder_is_one_error_row():
+    folder = Path(tempfile.mkdtemp(prefix="manifpt-perm-"))  # outside pytest's root-only tmp tree
+    try:
+        os.chmod(folder, 0o755)
+        save(folder / "a.png", gradient())
+        (folder / "locked").mkdir()
+        save(folder / "locked" / "hidden.png", gradient())
+        os.chmod(folder / "locked", 0)
+
+        def listing() -> str:
+            return "\n".join(f"{Path(f.path).name}|{f.error}" for f in discover_images([folder]))
+
+        rows = (_as_nobody(listing) if os.geteuid() == 0 else listing()).splitlines()
+        assert rows == ["a.png|None", "locked|cannot list folder: Permission denied"]
+    finally:
+        os.chmod(folder / "locked", 0o755)
+        shutil.rmtree(folder)
+
+
+def test_image_extensions_are_every_format_pillow_reads():
+    extensions = image_extensions()
+    for extension in (".gif", ".jfif", ".ico", ".ppm", ".tga", ".jpg", ".png", ".webp", ".tif", ".bmp", ".mpo"):
+        assert extension in extensions
+    assert ".pdf" not in extensions, "Pillow writes PDF but cannot read it"
+    assert ".h5" not in extensions, "a stub format without a handler cannot be decoded"
+    assert images_module.IMAGE_EXTENSIONS == extensions
+
+
+@pytest.mark.parametrize(
+    "name, fmt, kwargs",
+    [
+        ("anim.gif", "GIF", {}),
+        ("upper.GIF", "GIF", {}),
+        ("photo.jfif", "JPEG", {}),
+        ("icon.ico", "ICO", {"sizes": [(48, 40)]}),
+        ("pixmap.ppm", "PPM", {}),
+        ("targa.TGA", "TGA", {}),
+    ],
+)
+def test_every_readable_format_is_found_and_decoded(tmp_path, name, fmt, kwargs):
+    save(tmp_path / name, gradient(), format=fmt, **kwargs)
+    (batch,) = decode_folder([tmp_path], SIZE, RunSettings())
+    assert [type(item) for item in batch] == [DecodedImage]
+    assert batch[0].pixels.shape == (SIZE, SIZE, 3)
+
+
+def test_extensionless_image_is_skipped_unless_sniffing(tmp_path):
+    save(tmp_path / "noext", gradient(), format="PNG")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    plain = [item for batch in decode_folder([tmp_path], SIZE, RunSettings()) for item in batch]
+    assert plain == [
+        SkippedFile(
+            str(tmp_path / "noext"), "not an image file name (no extension); use sniff/--sniff to check contents"
+        ),
+        SkippedFile(
+            str(tmp_path / "notes.txt"),
+            "not an image file name (extension '.txt'); use sniff/--sniff to check contents",
+        ),
+    ]
+    assert count_images([tmp_path]) == 2
+    sniffed = [item for batch in decode_folder([tmp_path], SIZE, RunSettings(sniff=True)) for item in batch]
+    assert [type(item) for item in sniffed] == [DecodedImage, FailedImage]
+    assert "not an image" in sniffed[1].error
+    assert count_images([tmp_path], sniff=True) == 2
+    # A file given directly is a candidate whatever its name.
+    (direct,) = next(decode_folder([tmp_path / "noext"], SIZE, RunSettings()))
+    assert isinstance(direct, DecodedImage)
+
+
+def test_skipped_reason_is_printable_for_any_extension(tmp_path):
+    raw = os.path.join(os.fsencode(tmp_path), b"odd.t\xffxt")
+    with open(raw, "wb") as handle:
+        handle.write(b"x")
+    (found,) = discover_images([tmp_path])
+    assert found.skipped.startswith("not an image file name (extension '.t\\xffxt')")
+    found.skipped.encode("utf-8")
+    assert isinstance(try_decode(found, SIZE), SkippedFile)
+
+
+# --- display_path: reversible and collision-free -------------------------------------------------
+
+AWKWARD_NAMES = [
+    b"plain.png",
+    b"carriage\rreturn.png",
+    b"line\nbreak.png",
+    b"tab\there.png",
+    b"quote\"s'.png",
+    b"comma,name.png",
+    b"caf\xe9_\xff.png",
+    b"back\\slash.png",
+    b"\\xff.png",
+    b"\xff.png",
+    b"\\\\x41\\",
+    "ünï日本.png".encode(),
+    b"\xed\xa0\x80surrogate.png",
+]
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_display_path_round_trips(name):
+    shown = display_path(b"/suspects/" + name)
+    shown.encode("utf-8")  # always writable to a report
+    assert path_from_display(shown) == b"/suspects/" + name
+    assert path_from_display(display_path(os.fsdecode(name))) == name
+
+
+def test_display_path_has_no_collisions(tmp_path):
+    assert display_path(b"\\xff.png") == "\\\\xff.png"  # a file literally named \xff.png
+    assert display_path(b"\xff.png") == "\\xff.png"  # a file whose name is the byte 0xff
+    assert len({display_path(name) for name in AWKWARD_NAMES}) == len(AWKWARD_NAMES)
+    folder = os.fsencode(tmp_path)
+    for content, name in ((b"literal", b"\\xff.png"), (b"byte", b"\xff.png")):
+        with open(os.path.join(folder, name), "wb") as handle:
+            handle.write(content)
+    shown = [display_path(f.path) for f in discover_images([tmp_path])]
+    assert len(set(shown)) == 2
+    with open(path_from_display(shown[0]), "rb") as first, open(path_from_display(shown[1]), "rb") as second:
+        assert {first.read(), second.read()} == {b"literal", b"byte"}
+
+
+@pytest.mark.parametrize("text", ["a\\qb", "trailing\\", "short\\x4", "bad\\xzz"])
+def test_path_from_display_refuses_a_stray_backslash(text):
+    with pytest.raises(ValueError, match="stray backslash"):
+        path_from_display(text)
+
+
+# --- resizing in the source mode gives the old results ----------------------------------------------
+
+
+def _reference(image: Image.Image, size: int) -> np.ndarray:
+    """The policy on a square image: alpha on white, RGB, then one Lanczos resize of it all."""
+    if image.mode in ("RGBA", "LA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "Ptransparent", "1", "RGBA", "LA"])
+def test_resizing_before_converting_changes_no_pixel(tmp_path, mode):
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (96, 96, 4), dtype=np.uint8)
+    image = Image.fromarray(rgba, "RGBA")
+    kwargs = {}
+    if mode == "Ptransparent":
+        image, kwargs = image.convert("RGB").convert("P"), {"transparency": 7}
+    elif mode != "RGBA":
+        image = image.convert(mode)
+    path = save(tmp_path / "img.png", image, **kwargs)
+    assert np.array_equal(decode_image(str(path), SIZE).pixels, _reference(Image.open(path), SIZE))
+
+
+def test_deep_image_scale_comes_from_the_whole_image(tmp_path):
+    # 96×32 32-bit integer image: the bright (> 255) column is cropped away, but it still says
+    # the image spans 0–65535, so the kept value 200 becomes round(200 × 255 / 65535) = 1.
+    values = np.full((32, 96), 200, np.int32)
+    values[:, 0] = 60_000
+    path = save(tmp_path / "deep.tif", Image.fromarray(values, "I"))
+    assert Image.open(path).mode == "I"
+    assert (decode_image(str(path), SIZE).pixels == 1).all()
+    sixteen = save(tmp_path / "deep16.png", Image.fromarray(np.full((64, 64), 65535, np.uint16)))
+    assert (decode_image(str(sixteen), SIZE).pixels == 255).all()
+
+
+def test_jpeg_reduced_decoding(tmp_path):
+    big = save(tmp_path / "big.jpg", gradient(512, 400), quality=95)  # 400 ≥ 4 × 32: decoded at 1/4 scale
+    small = save(tmp_path / "small.jpg", gradient(100, 100), quality=95)  # 100 < 4 × 32: decoded in full
+
+    def full_decode(path: Path) -> np.ndarray:
+        image = Image.open(path).convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        return np.asarray(image.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.LANCZOS))
+
+    assert np.array_equal(decode_image(str(small), SIZE).pixels, full_decode(small))
+    reduced = decode_image(str(big), SIZE)
+    assert reduced.original_size == (512, 400), "the header size is reported, not the reduced one"
+    difference = np.abs(reduced.pixels.astype(int) - full_decode(big).astype(int))
+    assert difference.mean() < 2 and difference.max() < 40, "slightly different from a full decode"
+
+
+def test_orientation_one_is_the_same_as_none(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    plain = save(tmp_path / "plain.png", gradient(64, 48))
+    tagged = save(tmp_path / "tagged.png", gradient(64, 48), exif=exif.tobytes())
+    assert np.array_equal(decode_image(str(plain), SIZE).pixels, decode_image(str(tagged), SIZE).pixels)
+
+
+# --- bounded memory ------------------------------------------------------------------------------
+
+
+def zero_png(path: Path, width: int, height: int) -> Path:
+    """A zero-filled RGB PNG of width×height, written row by row (a few hundred KB on disk)."""
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (1 + 3 * width)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + _chunk(b"IDAT", data) + _chunk(b"IEND", b""))
+    return path
+
+
+_PEAK_RSS_SCRIPT = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+from manifpt_cli.images import decode_image
+decode_image(sys.argv[3], 32)  # warm up: imports and Pillow plugins
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+decoded = decode_image(sys.argv[2], 224)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert decoded.pixels.shape == (224, 224, 3) and decoded.original_size == (6000, 6000)
+print((after - before) * (1 if sys.platform == "darwin" else 1024))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs the resource module")
+def test_decoding_a_huge_png_keeps_one_copy_in_memory(tmp_path):
+    # Measured on Linux (Pillow 13): the peak RSS grows by about 143 MiB (one 4-byte-per-pixel
+    # RGB image: Pillow stores RGB as RGBX) where the former pipeline, with its EXIF-transpose copy,
+    # RGB conversion and crop, grew by about 418 MiB. The bound is that one copy plus 150 MB.
+    width = height = 6000
+    big = zero_png(tmp_path / "big.png", width, height)
+    small = save(tmp_path / "small.png", gradient())
+    repository = str(Path(images_module.__file__).resolve().parents[1])
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT, repository, str(big), str(small)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    growth = int(run.stdout.split()[-1])
+    bound = 4 * width * height + 150_000_000
+    assert growth <= bound, f"peak RSS grew by {growth / 2**20:.0f} MiB, over {bound / 2**20:.0f} MiB"

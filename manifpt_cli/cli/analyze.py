@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .console import errors_to_exit, stderr, stdout
+from .console import errors_to_exit, safe, stderr, stdout
 
 app = typer.Typer(help="Analyse the structure of fingerprints.", no_args_is_help=True)
 
@@ -43,4 +43,4 @@ def clusters(
     stdout.print(table)
     for factor, why in result.skipped.items():
         stderr.print(f"not scored: {factor} ({why})")
-    stderr.print(f"wrote {', '.join(p.name for p in result.files.values())} to {out}")
+    stderr.print(f"wrote {', '.join(p.name for p in result.files.values())} to {safe(out)}")

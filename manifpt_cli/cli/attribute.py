@@ -7,9 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Column, Table
+from rich.text import Text
 
 from ..report import ReportFormat
-from .console import RichProgress, errors_to_exit, stderr, stdout
+from .console import RichProgress, errors_to_exit, literal, safe, stderr, stdout
 from .options import DECODING, RunOptions, run_options
 
 
@@ -31,14 +32,14 @@ def attribution_table(rows) -> Table:
     """The terminal form of attribution rows."""
     table = Table("predicted source", "prob.", "runner-up", "dist. to real", "status")
     table.columns.insert(0, Column("file", overflow="fold", ratio=3))
-    for row in rows:
+    for row in rows:  # file names and labels are shown literally: they come from outside
         if row.ok:
-            runner = f"{row.top_k[1][0]} ({row.top_k[1][1]:.2f})" if len(row.top_k) > 1 else "—"
-            table.add_row(
-                row.path, row.predicted, f"{row.probability:.3f}", runner, f"{row.manifold_distance:.4g}", "ok"
-            )
+            runner = literal(f"{row.top_k[1][0]} ({row.top_k[1][1]:.2f})" if len(row.top_k) > 1 else "—")
+            distance = f"{row.manifold_distance:.4g}"
+            table.add_row(literal(row.path), literal(row.predicted), f"{row.probability:.3f}", runner, distance, "ok")
         else:
-            table.add_row(row.path, "", "", "", "", f"[red]error: {row.error}[/]")
+            style = "yellow" if row.skipped else "red"
+            table.add_row(literal(row.path), "", "", "", "", literal(f"{row.status}: {row.error}", style=style))
     return table
 
 
@@ -69,24 +70,36 @@ def attribute(
     from ..casework import ReportTarget, run_attribution
 
     file_format = _file_format(report, out)
+    streaming = file_format is not None and out is None
     kept = []
     with errors_to_exit(), RichProgress(options.quiet) as progress:
         settings = options.settings(progress)
-        summary = run_attribution(
-            model,
-            index,
-            suspects,
-            reports=[ReportTarget(file_format, out)] if file_format else [],
-            top_k=top_k,
-            settings=settings,
-            on_row=kept.append if report is ReportFormat.TABLE else None,
-            overwrite=options.overwrite,
-        )
+        try:
+            summary = run_attribution(
+                model,
+                index,
+                suspects,
+                reports=[ReportTarget(file_format, out)] if file_format else [],
+                top_k=top_k,
+                settings=settings,
+                on_row=kept.append if report is ReportFormat.TABLE else None,
+                overwrite=options.overwrite,
+            )
+        except BaseException:
+            if streaming:
+                stderr.print(
+                    f"[bold yellow]warning:[/] the {file_format.value} report on standard output is incomplete"
+                )
+            raise
     if report is ReportFormat.TABLE:
         stdout.print(attribution_table(kept))
     tally = ", ".join(f"{name} {count}" for name, count in summary.predicted.most_common())
-    stderr.print(f"[green]{summary.attributed} attributed[/] ({tally or 'none'}), [red]{summary.failed} failed[/]")
+    stderr.print(
+        f"[green]{summary.attributed} attributed[/] ({safe(tally or 'none')}), [red]{summary.failed} failed[/], "
+        f"{summary.skipped} skipped (not image files)",
+        highlight=False,
+    )
     if out is not None:
         sidecar = f" (provenance: {out}.meta.json)" if file_format is ReportFormat.CSV else ""
-        stderr.print(f"report → {out}{sidecar}")
+        stderr.print(Text("report → ") + literal(f"{out}{sidecar}"))
     raise typer.Exit(summary.exit_code)

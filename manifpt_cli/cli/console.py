@@ -27,6 +27,23 @@ stdout = Console(soft_wrap=False)
 stderr = Console(stderr=True)
 
 
+CONTROL_NAMES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
+
+
+def literal(text: object, style: str = "") -> Text:
+    """``text`` shown exactly as it is: no Rich markup is read from it, and control characters
+    (which could rewrite the terminal) are shown as escapes such as ``\\r``."""
+    shown = "".join(
+        CONTROL_NAMES.get(c, f"\\x{ord(c):02x}") if (ord(c) < 32 or ord(c) == 127) else c for c in str(text)
+    )
+    return Text(shown, style=style)
+
+
+def safe(text: object) -> str:
+    """``text`` made safe to put inside a markup string (see :func:`literal`)."""
+    return escape(literal(text).plain)
+
+
 class RateColumn(ProgressColumn):
     """Items per second, blank until Rich has measured a rate."""
 
@@ -56,6 +73,9 @@ class RichProgress(Progress):
             TimeRemainingColumn(),
             console=stderr,
             transient=True,
+            # Never capture stdout: with --report csv|json it carries the report and nothing else.
+            redirect_stdout=False,
+            redirect_stderr=False,
             disable=quiet or not stderr.is_terminal,
         )
         self.task = None
@@ -82,7 +102,7 @@ class RichProgress(Progress):
 
 
 def _fail(exc: ManifptError) -> None:
-    stderr.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+    stderr.print(Text("error: ", style="bold red") + literal(exc), highlight=False)
     raise typer.Exit(exc.exit_code) from None
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..export import DEFAULT_TOLERANCE
-from .console import errors_to_exit, stderr
+from .console import errors_to_exit, safe, stderr
 from .options import RunOptions, run_options
 
 
@@ -38,7 +38,10 @@ def export(
             checkpoint, out, backbone_weights=weights, tolerance=tolerance, overwrite=options.overwrite
         )
     stderr.print(
-        f"[green]wrote {result.path}[/] (max |Δp| ONNX Runtime vs PyTorch {result.max_probability_diff:.1e} ≤ {tolerance:.0e})"
+        f"[green]wrote {safe(result.path)}[/] "
+        f"(max |Δp| ONNX Runtime vs PyTorch {result.max_probability_diff:.1e} ≤ {tolerance:.0e})"
     )
     if result.backbone_path:
-        stderr.print(f"[green]wrote {result.backbone_path}[/] (max relative |Δφ| {result.max_embedding_diff:.1e})")
+        stderr.print(
+            f"[green]wrote {safe(result.backbone_path)}[/] (max relative |Δφ| {result.max_embedding_diff:.1e})"
+        )

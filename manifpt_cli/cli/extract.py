@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_PARTIAL
-from .console import RichProgress, errors_to_exit, stderr
+from .console import RichProgress, errors_to_exit, safe, stderr
 from .failures import print_failures
 from .options import BACKBONES, COMPUTE, DECODING, RunOptions, parse_source, run_options
 
@@ -53,7 +53,7 @@ def extract(
                 settings=settings,
                 overwrite=options.overwrite,
             )
-        table = Table("class", "images", title=f"artifacts → {out}")
+        table = Table("class", "images", title=f"artifacts → {safe(out)}")
         for name, count in result.counts.items():
             table.add_row(name, str(count))
         stderr.print(table)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .console import stderr
+from .console import literal, stderr
 
 MAX_LISTED = 50
 
@@ -13,7 +13,7 @@ def print_failures(failures: list[tuple[str, str]]) -> None:
     """A table of (path, reason) on stderr; long lists are cut, with the count."""
     table = Table("file", "error", title=f"{len(failures)} file(s) could not be read", title_style="bold yellow")
     for path, error in failures[:MAX_LISTED]:
-        table.add_row(path, error)
+        table.add_row(literal(path), literal(error))
     stderr.print(table)
     if len(failures) > MAX_LISTED:
         stderr.print(f"… and {len(failures) - MAX_LISTED} more (all are listed in the output file's /failures group)")

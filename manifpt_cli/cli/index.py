@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_PARTIAL
-from .console import RichProgress, errors_to_exit, stderr, stdout
+from .console import RichProgress, errors_to_exit, safe, stderr, stdout
 from .failures import print_failures
 from .options import BACKBONES, COMPUTE, DECODING, RunOptions, run_options
 
@@ -59,7 +59,7 @@ def build(
         )
         stderr.print(
             f"[green]indexed {result.n_images} real images[/] in {', '.join(s.value for s in spaces)} "
-            f"→ {out} ({result.seconds:.1f} s, index hash {result.index_hash[:12]}…)"
+            f"→ {safe(out)} ({result.seconds:.1f} s, index hash {result.index_hash[:12]}…)"
         )
         if result.failures:
             print_failures([(f.path, f.error) for f in result.failures])
@@ -73,7 +73,7 @@ def info(index: Annotated[Path, typer.Argument(help="Index file written by `mani
 
     with errors_to_exit():
         summary = describe_index(index)
-    stdout.print(f"[bold]{summary['path']}[/]")
+    stdout.print(f"[bold]{safe(summary['path'])}[/]")
     for key in (
         "n_images",
         "n_failures",

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .console import RichProgress, errors_to_exit, stderr
+from .console import RichProgress, errors_to_exit, safe, stderr
 from .options import COMPUTE, RunOptions, run_options
 
 
@@ -72,7 +72,7 @@ def train(
         chosen = result.metadata["auto"]["chosen"] if auto else spaces[0].value
         training = result.metadata["training"]
         stderr.print(
-            f"[green]saved {out}[/]: {training['arch']} on {chosen}, best epoch {training['best_epoch']}, "
+            f"[green]saved {safe(out)}[/]: {training['arch']} on {chosen}, best epoch {training['best_epoch']}, "
             f"validation accuracy {training['val_accuracy']:.3f} ({training['val_size']} held out, "
             f"{len(result.metadata['classes'])} classes, {result.seconds:.1f} s)"
         )

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .console import RichProgress, errors_to_exit, stderr, stdout
+from .console import RichProgress, errors_to_exit, safe, stderr, stdout
 from .options import COMPUTE, RunOptions, run_options
 
 app = typer.Typer(help="A reference zoo of small generators with known design choices.", no_args_is_help=True)
@@ -53,7 +53,7 @@ def train(
             overwrite=options.overwrite,
         )
         losses = "  ".join(f"{k} {v:.4f}" for k, v in result.final_losses.items())
-        stderr.print(f"[green]saved {result.path}[/] ({result.seconds:.1f} s; final {losses})")
+        stderr.print(f"[green]saved {safe(result.path)}[/] ({result.seconds:.1f} s; final {losses})")
 
 
 @app.command("sample")
@@ -72,7 +72,7 @@ def sample(
 
         settings = options.settings(progress)
         written = sample_generator(model, n, out, seed=seed, settings=settings)
-    stderr.print(f"[green]wrote {len(written)} images[/] to {out}")
+    stderr.print(f"[green]wrote {len(written)} images[/] to {safe(out)}")
 
 
 @app.command("list")
