@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from . import __version__
 from .errors import FormatError, UsageError
-from .outputs import atomic_output
+from .outputs import NoSpaceError, atomic_output
 
 FORMAT_VERSION = 2  # 2: index_hash covers the FAISS indexes and settings; model digests (manifpt 0.2)
 INDEX_FORMAT = "manifpt-real-index"
@@ -156,6 +157,8 @@ def _append_rows(dataset, rows) -> None:
     dataset[start:] = rows
 
 
+DISK_RESERVE_BYTES = 4 * 2**20  # room HDF5 needs to close a file cleanly
+
 # A per-sample column: (shape of one row, HDF5 dtype).
 Column = tuple[tuple[int, ...], object]
 
@@ -171,6 +174,7 @@ class SampleFile:
 
     def __init__(self, handle, rows: str, columns: Mapping[str, Column], failure_columns: Sequence[str]) -> None:
         self.handle = handle
+        self.folder = os.path.dirname(os.path.abspath(handle.filename))
         group = handle.create_group(rows)
         self._rows = {"path": _create_growing(group, "path", dtype=h5_string_dtype())}
         self._rows["sha256"] = _create_growing(group, "sha256", dtype="S64")
@@ -191,11 +195,31 @@ class SampleFile:
     def space_group(self, space: str):
         return self.handle[f"spaces/{space}"]
 
+    def ensure_space(self, nbytes: int) -> None:
+        """Refuse to write ``nbytes`` more unless the disk has them plus a reserve for HDF5's metadata.
+
+        HDF5 cannot recover from a full disk (h5py can crash the process when it closes such a
+        file), so manifpt stops before the disk is full, with a clear error and nothing kept.
+        """
+        free = shutil.disk_usage(self.folder).free
+        if free < nbytes + DISK_RESERVE_BYTES:
+            raise NoSpaceError(
+                f"no space left on the device holding {self.folder}: {free:,} bytes free, the output needs "
+                f"{nbytes:,} more (plus {DISK_RESERVE_BYTES:,} in reserve); nothing was written under the final name"
+            )
+
+    def add_blob(self, space: str, name: str, data: np.ndarray) -> None:
+        """Store one whole array (a serialised FAISS index) in ``space``'s group."""
+        self.ensure_space(data.nbytes)
+        self.space_group(space).create_dataset(name, data=data)
+
     def append(self, paths: Sequence[str], sha256: Sequence[str], **columns) -> None:
         """Append one batch of samples: their paths, SHA-256s and every other per-sample column."""
         from .images import display_path
 
-        _append_rows(self._rows["path"], np.array([display_path(os.path.abspath(p)) for p in paths], dtype=object))
+        shown = [display_path(os.path.abspath(p)) for p in paths]
+        self.ensure_space(sum(len(p) + 64 for p in shown) + sum(np.asarray(v).nbytes for v in columns.values()))
+        _append_rows(self._rows["path"], np.array(shown, dtype=object))
         _append_rows(self._rows["sha256"], np.array([s.encode() for s in sha256], dtype="S64"))
         for name, values in columns.items():
             _append_rows(self._rows[name], values)
@@ -203,6 +227,7 @@ class SampleFile:
 
     def append_space(self, space: str, **datasets) -> None:
         """Append the same batch's rows to ``space``'s datasets."""
+        self.ensure_space(sum(np.asarray(v).nbytes for v in datasets.values()))
         for name, values in datasets.items():
             _append_rows(self._spaces[space][name], values)
 

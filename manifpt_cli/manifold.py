@@ -140,7 +140,7 @@ def build_index(
         for space in spaces:
             group = writer.space_group(space.value)
             index = build_faiss_index(group["embeddings"][...], faiss_factory)
-            group.create_dataset("faiss_index", data=faiss.serialize_index(index))
+            writer.add_blob(space.value, "faiss_index", faiss.serialize_index(index))
             progress.advance(1)
 
         writer.finish(

@@ -71,8 +71,9 @@ def row_record(row: AttributionRow) -> dict:
     }
 
 
-# OWASP's advice against CSV injection: a cell a spreadsheet would read as a formula starts with a quote.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# OWASP's advice against CSV injection: a cell a spreadsheet would read as a formula starts with a
+# quote. A cell that already starts with a quote gets one more, so the rule can be undone exactly.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
 def neutralise(cell: object) -> object:
@@ -80,6 +81,11 @@ def neutralise(cell: object) -> object:
     if isinstance(cell, str) and cell.startswith(FORMULA_STARTS):
         return "'" + cell
     return cell
+
+
+def unneutralise(cell: str) -> str:
+    """The text :func:`neutralise` was given."""
+    return cell[1:] if cell.startswith("'") else cell
 
 
 def _csv_record(row: AttributionRow) -> dict:

@@ -16,6 +16,7 @@ from .export import export
 from .extract import extract
 from .index import app as index_app
 from .train import train
+from .verify import verify
 from .zoo import app as zoo_app
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.command("extract")(extract)
 app.command("train")(train)
 app.command("export")(export)
 app.command("attribute")(attribute)
+app.command("verify")(verify)
 app.command("evaluate")(evaluate)
 app.command("benchmark")(benchmark)
 app.add_typer(analyze_app, name="analyze")

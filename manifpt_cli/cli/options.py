@@ -18,7 +18,7 @@ import typer
 
 from ..errors import UsageError
 from ..progress import Progress
-from ..settings import DEFAULT_MAX_PIXELS, RunSettings, cpu_count
+from ..settings import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, RunSettings, cpu_count
 from ..spaces import Space
 
 # name → (annotation, default) of every shared option.
@@ -51,6 +51,22 @@ SHARED_OPTIONS = {
             typer.Option("--max-pixels", min=1, help="Refuse images whose header declares more pixels than this."),
         ],
         DEFAULT_MAX_PIXELS,
+    ),
+    "max_file_bytes": (
+        Annotated[
+            int,
+            typer.Option("--max-file-bytes", min=1, help="Refuse files larger than this, without reading them."),
+        ],
+        DEFAULT_MAX_FILE_BYTES,
+    ),
+    "sniff": (
+        Annotated[
+            bool,
+            typer.Option(
+                "--sniff", help="Find images by their content, whatever their name (default: by image file extension)."
+            ),
+        ],
+        False,
     ),
     "sl_weights": (
         Annotated[
@@ -95,7 +111,7 @@ SHARED_OPTIONS = {
         False,
     ),
 }
-DECODING = ("batch_size", "workers", "max_pixels")
+DECODING = ("batch_size", "workers", "max_pixels", "max_file_bytes", "sniff")
 COMPUTE = ("threads", "device")
 BACKBONES = ("sl_weights", "ssl_weights", "weights")
 
@@ -109,6 +125,8 @@ class RunOptions:
     threads: int | None = None
     device: str = "cpu"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    sniff: bool = False
     sl_weights: Path | None = None
     ssl_weights: Path | None = None
     weights: str | None = None
@@ -117,7 +135,16 @@ class RunOptions:
 
     def settings(self, progress: Progress) -> RunSettings:
         """The command's one RunSettings, checked and applied (thread budget) before any work."""
-        settings = RunSettings(self.batch_size, self.workers, self.threads, self.device, self.max_pixels, progress)
+        settings = RunSettings(
+            batch_size=self.batch_size,
+            workers=self.workers,
+            threads=self.threads,
+            device=self.device,
+            max_pixels=self.max_pixels,
+            progress=progress,
+            max_file_bytes=self.max_file_bytes,
+            sniff=self.sniff,
+        )
         settings.check_device()
         settings.apply()
         return settings

@@ -1,0 +1,119 @@
+"""Re-check a report against the files it names: every suspect, the model and the index.
+
+`manifpt verify REPORT` answers "are these still the files this report was made from?": each
+suspect file is hashed again and compared with the report's SHA-256, the model with the report
+header's ``model_sha256`` and its export digest, the index with its own digests and the header's
+``index_hash``, and a CSV report with the SHA-256 its ``.meta.json`` recorded.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+
+from .errors import FormatError, ManifptError, UsageError
+from .formats import file_sha256
+from .images import path_from_display
+from .report import sidecar_path, unneutralise
+
+MATCHES, CHANGED, MISSING = "matches", "changed", "missing"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One file compared with what the report recorded."""
+
+    what: str  # "suspect", "model", "index", "report"
+    path: str
+    result: str  # matches, changed, missing, or a sentence saying why it could not be checked
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result == MATCHES
+
+
+@dataclass
+class Verification:
+    report: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    def count(self, result: str) -> int:
+        return sum(check.result == result for check in self.checks)
+
+
+def _read_report(path: str) -> tuple[dict, list[dict], Check | None]:
+    """(header, rows, the check of the CSV against its sidecar) of a CSV or JSON report."""
+    try:
+        if path.lower().endswith(".json"):
+            with open(path, encoding="utf-8") as handle:
+                report = json.load(handle)
+            return report["header"], report["rows"], None
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [{key: unneutralise(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+        with open(sidecar_path(path), encoding="utf-8") as handle:
+            header = json.load(handle)
+    except FileNotFoundError as exc:
+        raise UsageError(f"cannot verify {path}: {exc.filename} does not exist") from None
+    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path} is not a manifpt report (or is damaged): {exc}") from None
+    recorded = header.get("report_sha256", "")
+    actual = file_sha256(path)
+    check = Check("report", path, MATCHES if actual == recorded else CHANGED, "against its .meta.json")
+    return header, rows, check
+
+
+def _check_file(what: str, shown: str, expected: str) -> Check:
+    try:
+        real = path_from_display(shown)
+    except ValueError:
+        return Check(what, shown, "not checked: the path in the report is not one manifpt writes")
+    if not os.path.lexists(real):
+        return Check(what, shown, MISSING)
+    try:
+        actual = file_sha256(real)
+    except OSError as exc:
+        return Check(what, shown, f"not checked: {exc.strerror or exc}")
+    return Check(what, shown, MATCHES if actual == expected else CHANGED, f"sha256 now {actual[:16]}…")
+
+
+def verify_report(report: str | os.PathLike) -> Verification:
+    """Compare every file a report names with the digests it recorded."""
+    from .attribute import OnnxAttributor
+    from .manifold import RealIndex
+
+    path = os.fspath(report)
+    header, rows, report_check = _read_report(path)
+    result = Verification(path)
+    if report_check:
+        result.checks.append(report_check)
+    model = header.get("model", "")
+    model_check = _check_file("model", model, header.get("model_sha256", ""))
+    if model_check.ok:
+        try:
+            OnnxAttributor(model)  # loading verifies the digest sealed at export, and the card
+        except ManifptError as exc:
+            model_check = Check("model", model, CHANGED, str(exc))
+    result.checks.append(model_check)
+    index = header.get("index", "")
+    if not os.path.isfile(index):
+        result.checks.append(Check("index", index, MISSING))
+    else:
+        try:
+            with RealIndex(index) as opened:
+                same = opened.index_hash == header.get("index_hash")
+            result.checks.append(Check("index", index, MATCHES if same else CHANGED, "index_hash"))
+        except ManifptError as exc:
+            result.checks.append(Check("index", index, CHANGED, str(exc)))
+    for row in rows:
+        if not row.get("sha256"):
+            result.checks.append(Check("suspect", row["path"], "not checked: the report has no hash for it (skipped)"))
+        else:
+            result.checks.append(_check_file("suspect", row["path"], row["sha256"]))
+    return result
