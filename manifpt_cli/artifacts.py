@@ -25,9 +25,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import MismatchError, UsageError
-from .formats import ARTIFACTS_FORMAT, check_format, json_attr, sample_file
+from .errors import FormatError, MismatchError, UsageError
+from .formats import ARTIFACTS_FORMAT, check_format, describe_file, json_attr, sample_file
 from .images import FailedImage, count_images, decode_folder, display_path, split_batch
+from .integrity import ARTIFACTS_DIGEST_ATTR, IntegrityError, hdf5_digest
 from .manifold import Neighbours, RealIndex
 from .outputs import check_outputs
 from .settings import DEFAULT_SETTINGS, RunSettings
@@ -214,6 +215,7 @@ def extract_artifacts(
                 spaces=json.dumps([s.value for s in spaces]),
                 n_samples=writer.n_rows,
             )
+            writer.handle.attrs[ARTIFACTS_DIGEST_ATTR] = hdf5_digest(writer.handle)
     return ExtractResult(os.fspath(out), label_names, counts, list(spaces), failures, time.perf_counter() - started)
 
 
@@ -254,12 +256,26 @@ def _open_artifacts(path: str | os.PathLike):
     """An artifacts file opened read-only and format-checked, or a clear error."""
     import h5py
 
+    if not os.path.isfile(path):
+        raise UsageError(f"no such artifacts file: {path} (make one with `manifpt extract`)")
     try:
         handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise UsageError(f"cannot open artifacts file {path}: {exc}") from None
+    except OSError:
+        raise FormatError(
+            f"{path} is not a readable artifacts file: it is {describe_file(path)}, or truncated"
+        ) from None
     with handle:
-        check_format(handle.attrs, ARTIFACTS_FORMAT, path)
+        try:
+            check_format(handle.attrs, ARTIFACTS_FORMAT, path)
+            intact = handle.attrs.get(ARTIFACTS_DIGEST_ATTR) == hdf5_digest(handle)
+        except FormatError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise FormatError(f"{path} is a damaged artifacts file ({type(exc).__name__}: {exc})") from None
+        if not intact:
+            raise IntegrityError(
+                f"{path} does not match its recorded digest: it was edited or damaged after extraction"
+            )
         yield handle
 
 

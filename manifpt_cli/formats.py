@@ -18,6 +18,7 @@ import numpy as np
 
 from . import __version__
 from .errors import FormatError, UsageError
+from .integrity import checkpoint_digest, verify_checkpoint
 from .outputs import NoSpaceError, atomic_output
 
 FORMAT_VERSION = 2  # 2: index_hash covers the FAISS indexes and settings; model digests (manifpt 0.2)
@@ -105,8 +106,9 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping, metadata: dict
     """Write ``{"state_dict", "metadata": "<JSON>"}`` atomically; loads with ``weights_only=True``."""
     import torch
 
+    sealed = {**metadata, "digest": checkpoint_digest(state_dict, metadata)}
     with atomic_output(path, overwrite=overwrite) as partial:
-        torch.save({"state_dict": dict(state_dict), "metadata": json.dumps(metadata)}, partial)
+        torch.save({"state_dict": dict(state_dict), "metadata": json.dumps(sealed)}, partial)
 
 
 def load_checkpoint_payload(path: str | os.PathLike, expected: str) -> tuple[dict, dict]:
@@ -129,6 +131,7 @@ def load_checkpoint_payload(path: str | os.PathLike, expected: str) -> tuple[dic
             f"{path} is not a {expected} checkpoint: it is {describe_file(path)}, or a damaged one"
         ) from None
     check_format(metadata, expected, path)
+    verify_checkpoint(state, metadata, os.fspath(path))
     return state, metadata
 
 

@@ -152,6 +152,54 @@ def verify_index(handle, path: str, spaces_to_check: list[str]) -> dict:
     return {"index_hash": root, "verified_spaces": sorted(spaces_to_check), "structure": "ok"}
 
 
+# --- checkpoints and artifacts files -------------------------------------------------------------
+
+
+def state_dict_sha256(state) -> str:
+    """SHA-256 over sorted parameter names and their bytes: identity of weights, not of files."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def checkpoint_digest(state, metadata: dict) -> str:
+    """SHA-256 of a checkpoint's weights and of its metadata (all but the ``digest`` entry itself)."""
+    described = json.dumps({k: v for k, v in metadata.items() if k != "digest"}, sort_keys=True)
+    return hashlib.sha256(f"{state_dict_sha256(state)}:{described}".encode()).hexdigest()
+
+
+def verify_checkpoint(state, metadata: dict, path: str) -> None:
+    if metadata.get("digest") != checkpoint_digest(state, metadata):
+        raise IntegrityError(f"{path} does not match its recorded digest: its weights or metadata changed after saving")
+
+
+ARTIFACTS_DIGEST_ATTR = "content_sha256"
+
+
+def hdf5_digest(handle, skip_attr: str = ARTIFACTS_DIGEST_ATTR) -> str:
+    """SHA-256 over every dataset (in name order) and every attribute of an HDF5 file but ``skip_attr``.
+
+    Links are refused, so the digest always describes data inside this file.
+    """
+    import h5py
+
+    links: list[tuple[str, object]] = []
+    handle.visititems_links(lambda name, link: links.append((name, link)))
+    digest = hashlib.sha256(b"manifpt-hdf5")
+    for name, link in sorted(links, key=lambda item: item[0]):
+        if not isinstance(link, h5py.HardLink):
+            raise IntegrityError(f"{handle.filename} holds a {type(link).__name__} at /{name}; manifpt writes no links")
+        obj = handle[name]
+        digest.update(name.encode() + b"\0")
+        _update_attrs(digest, obj.attrs, sorted(obj.attrs))
+        if isinstance(obj, h5py.Dataset):
+            _update_dataset(digest, obj)
+    _update_attrs(digest, handle.attrs, sorted(key for key in handle.attrs if key != skip_attr))
+    return digest.hexdigest()
+
+
 # --- ONNX models -------------------------------------------------------------------------------
 
 

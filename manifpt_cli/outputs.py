@@ -95,14 +95,26 @@ def make_folder(path: PathLike) -> Path:
     return folder
 
 
+class OutputWriteError(ManifptError):
+    """The operating system failed to write or rename an output (an I/O error, a read-only disk)."""
+
+
+WRITE_ERRNOS = (errno.EIO, errno.EROFS, errno.EFBIG)
+
+
 @contextlib.contextmanager
-def _no_space_is_clear(path: Path) -> Iterator[None]:
+def _write_errors_are_clear(path: Path) -> Iterator[None]:
+    """A full disk, an I/O error or a read-only disk becomes one clear error; nothing is kept."""
     try:
         yield
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise NoSpaceError(
                 f"no space left on the device holding {path.parent}: {path.name} was not written"
+            ) from None
+        if exc.errno in WRITE_ERRNOS:
+            raise OutputWriteError(
+                f"{exc.strerror} while writing {path}; it was not written (the previous file, if any, is unchanged)"
             ) from None
         raise
 
@@ -250,7 +262,7 @@ def atomic_outputs(paths: Sequence[PathLike], *, overwrite: bool = False) -> Ite
                 raise OutputRefusedError(f"{final} already exists; pass --overwrite (overwrite=True) to replace it")
         partials = [final.with_name(f".{final.name}.partial-{uuid.uuid4().hex}") for final in finals]
         try:
-            with _no_space_is_clear(finals[0]):
+            with _write_errors_are_clear(finals[0]):
                 yield partials
                 _commit(list(zip(partials, finals)), overwrite)
         finally:

@@ -13,7 +13,6 @@ backbone of :mod:`models.backbones` in PyTorch at index time and in ONNX Runtime
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from enum import Enum
@@ -22,9 +21,10 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from .errors import UsageError, WeightsNotFoundError
+from .integrity import state_dict_sha256
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 FREQ_EPS = 1e-12
 FEATURE_DIM = 2048  # ResNet50's penultimate features: the sl/ssl embedding size
@@ -144,15 +144,6 @@ def hub_cache_path(space: Space) -> str:
     import torch
 
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS_URLS[space]))
-
-
-def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over sorted parameter names and their bytes: identity of weights, not of files."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _weights_flag(space: Space) -> str:
