@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated, Optional
 
 import typer
@@ -55,5 +56,11 @@ def root(
     """Attribute suspect images to the generative model that made them (ManiFPT, CVPR 2024)."""
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM (a `kill`, a container stop) cleans up as Ctrl-C does: no partial output is kept."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()

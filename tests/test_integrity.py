@@ -1,0 +1,436 @@
+"""Forensic integrity on real files: nothing overwritten, nothing silently wrong, nothing lost.
+
+FAISS, HDF5, ONNX Runtime and the images are real; faults are injected only into OS calls
+(``os.replace``) or by editing the files the way an adversary or an accident would.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from manifpt_cli import outputs
+from manifpt_cli.casework import ReportTarget, run_attribution
+from manifpt_cli.cli import app
+from manifpt_cli.errors import EXIT_FAILURE, EXIT_USAGE
+from manifpt_cli.export import export_onnx
+from manifpt_cli.images import path_from_display
+from manifpt_cli.integrity import ONNX_DIGEST_PLACEHOLDER, seal_onnx
+from manifpt_cli.manifold import build_index
+from manifpt_cli.report import ReportFormat, unneutralise
+from manifpt_cli.spaces import Space
+from manifpt_cli.train import TrainConfig, train_attributor
+
+runner = CliRunner()
+
+
+def cli(*args, code: int | None = 0):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    if code is not None:
+        assert result.exit_code == code, f"exit {result.exit_code}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def case(artifacts_file, real_index, dataset, tmp_path_factory):
+    """A trained, exported freq model for the session's real index, and a copy of the suspects."""
+    work = tmp_path_factory.mktemp("case")
+    train_attributor(artifacts_file, Space.FREQ, work / "freq.pt", config=TrainConfig(epochs=2))
+    export_onnx(work / "freq.pt", work / "freq.onnx")
+    suspects = work / "suspects"
+    shutil.copytree(dataset / "suspects", suspects)
+    return {"work": work, "model": work / "freq.onnx", "index": real_index, "suspects": suspects}
+
+
+def attribute_csv(case, out, *extra, code=0):
+    return cli("attribute", case["suspects"], "--model", case["model"], "--index", case["index"], "--report", "csv",
+               "--out", out, *extra, code=code)  # fmt: skip
+
+
+# --- 1. never write over an input or an existing result ------------------------------------------
+
+
+def test_outputs_that_are_inputs_are_refused_before_any_work(case, tmp_path):
+    suspect = next((case["suspects"] / "blur").iterdir())
+    before = suspect.read_bytes()
+    for target in (suspect, case["index"], case["model"]):
+        digest = Path(target).read_bytes()
+        result = attribute_csv(case, target, "--overwrite", code=EXIT_USAGE)
+        assert "refusing to write" in result.stderr and Path(target).read_bytes() == digest
+    assert suspect.read_bytes() == before
+    result = cli("extract", "--index", case["index"], "--source", f"a={case['suspects'] / 'blur'}", "--out",
+                 case["index"], "--overwrite", code=EXIT_USAGE)  # fmt: skip
+    assert "it is the input" in result.stderr
+
+
+def test_existing_results_need_overwrite_and_folders_are_refused_up_front(case, tmp_path):
+    out = tmp_path / "report.csv"
+    out.write_text("an earlier report")
+    result = attribute_csv(case, out, code=EXIT_USAGE)
+    assert "already exists; pass --overwrite" in result.stderr and out.read_text() == "an earlier report"
+    attribute_csv(case, out, "--overwrite")
+    assert out.read_text().startswith("path,status")
+
+    started = time.perf_counter()
+    result = attribute_csv(case, tmp_path, code=EXIT_USAGE)
+    assert "existing folder" in result.stderr and time.perf_counter() - started < 5
+    result = attribute_csv(case, tmp_path / "typo" / "deeper" / "r.csv", code=EXIT_USAGE)
+    assert "does not exist" in result.stderr and not (tmp_path / "typo").exists()
+    attribute_csv(case, tmp_path / "new" / "r.csv")  # only the last folder is created
+    assert (tmp_path / "new" / "r.csv.meta.json").is_file()
+
+
+# --- 2. an integrity chain that the run checks ---------------------------------------------------
+
+
+def _copy(path: Path, tmp_path: Path, name: str) -> Path:
+    target = tmp_path / name
+    shutil.copy(path, target)
+    return target
+
+
+def _edit_vector(handle):
+    handle["spaces/freq/embeddings"][3, 7] += 1.0
+
+
+def _swap_blobs(handle):
+    rgb, freq = handle["spaces/rgb/faiss_index"][...], handle["spaces/freq/faiss_index"][...]
+    del handle["spaces/rgb/faiss_index"], handle["spaces/freq/faiss_index"]
+    handle["spaces/rgb/faiss_index"], handle["spaces/freq/faiss_index"] = freq, rgb
+
+
+def _external_link(handle):
+    other = Path(handle.filename).with_name("elsewhere.h5")
+    with h5py.File(other, "w") as target:
+        target["embeddings"] = handle["spaces/freq/embeddings"][...] * 0
+    del handle["spaces/freq/embeddings"]
+    handle["spaces/freq/embeddings"] = h5py.ExternalLink(str(other), "embeddings")
+
+
+def _extra_object(handle):
+    handle["spaces/freq/note"] = np.zeros(3)
+
+
+def _edit_factory(handle):
+    handle["spaces/freq"].attrs["faiss_factory"] = "IVF4,Flat"
+
+
+@pytest.mark.parametrize(
+    "tamper", [_edit_vector, _swap_blobs, _external_link, _extra_object, _edit_factory], ids=lambda f: f.__name__[1:]
+)
+def test_tampered_index_is_refused(case, tmp_path, tamper):
+    index = _copy(case["index"], tmp_path, "tampered.h5")
+    with h5py.File(index, "r+") as handle:
+        tamper(handle)
+    result = cli("attribute", case["suspects"], "--model", case["model"], "--index", index, code=EXIT_FAILURE)
+    assert "Traceback" not in result.stderr and ("digest" in result.stderr or "index_hash" in result.stderr
+                                                 or "link" in result.stderr or "laid out" in result.stderr)  # fmt: skip
+
+
+def test_another_real_set_with_the_hash_copied_is_refused(case, dataset, tmp_path):
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted((dataset / "real").iterdir())[:30]:
+        shutil.copy(path, few)
+    other = tmp_path / "other.h5"
+    build_index([few], other, [Space.RGB, Space.FREQ])
+    with h5py.File(case["index"], "r") as original, h5py.File(other, "r+") as handle:
+        handle.attrs["index_hash"] = original.attrs["index_hash"]
+    result = cli("attribute", case["suspects"], "--model", case["model"], "--index", other, code=EXIT_FAILURE)
+    assert "does not match its index_hash" in result.stderr
+
+
+def test_an_ivf_index_of_the_same_images_is_not_the_models_index(case, dataset, tmp_path):
+    ivf = tmp_path / "ivf.h5"
+    build_index([dataset / "real"], ivf, [Space.RGB, Space.FREQ], faiss_factory="IVF4,Flat")
+    result = cli("attribute", case["suspects"], "--model", case["model"], "--index", ivf, code=EXIT_FAILURE)
+    assert "was not trained on index" in result.stderr
+
+
+def test_a_flipped_weight_byte_or_edited_card_is_refused(case, tmp_path):
+    import onnx
+
+    flipped = _copy(case["model"], tmp_path, "flipped.onnx")
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the weights
+    flipped.write_bytes(bytes(data))
+    result = cli("attribute", case["suspects"], "--model", flipped, "--index", case["index"], code=EXIT_FAILURE)
+    assert "does not match its recorded digest" in result.stderr
+
+    proto = onnx.load(str(case["model"]))
+    props = {p.key: p for p in proto.metadata_props}
+    card = json.loads(props["manifpt"].value)
+    card["classes"] = list(reversed(card["classes"]))
+    props["manifpt"].value = json.dumps(card)
+    onnx.save(proto, str(tmp_path / "reordered.onnx"))
+    result = cli("attribute", case["suspects"], "--model", tmp_path / "reordered.onnx", "--index", case["index"],
+                 code=EXIT_FAILURE)  # fmt: skip
+    assert "does not match its recorded digest" in result.stderr
+
+    # A card that disagrees with its graph is refused even when its digest is right (a faulty export).
+    card["classes"] = card["classes"][:2]
+    props["manifpt"].value = json.dumps(card)
+    props["manifpt_digest"].value = ONNX_DIGEST_PLACEHOLDER
+    onnx.save(proto, str(tmp_path / "short.onnx"))
+    seal_onnx(tmp_path / "short.onnx")
+    result = cli("attribute", case["suspects"], "--model", tmp_path / "short.onnx", "--index", case["index"],
+                 code=EXIT_FAILURE)  # fmt: skip
+    assert "model card does not match the model" in result.stderr
+
+
+def test_rows_do_not_depend_on_batch_size_workers_or_threads(case, tmp_path):
+    reports = []
+    for i, (batch, workers, threads) in enumerate([(1, 1, 1), (7, 2, 2), (64, 3, 1)]):
+        out = tmp_path / f"r{i}.csv"
+        attribute_csv(case, out, "--batch-size", batch, "--workers", workers, "--threads", threads)
+        reports.append(out.read_bytes())
+    assert reports[0] == reports[1] == reports[2]
+
+
+def test_verify_says_what_still_matches(case, tmp_path):
+    suspects = tmp_path / "suspects"
+    shutil.copytree(case["suspects"], suspects)
+    out = tmp_path / "r.csv"
+    cli("attribute", suspects, "--model", case["model"], "--index", case["index"], "--report", "csv", "--out", out)
+    cli("verify", out)
+    changed = next((suspects / "noise").iterdir())
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    result = cli("verify", out, code=EXIT_FAILURE)
+    assert changed.name in result.stdout and "1 changed" in result.stderr
+    rows = out.read_text()
+    out.write_text(rows.replace("noise", "blur", 1))
+    assert "report" in cli("verify", out, code=EXIT_FAILURE).stdout
+
+
+# --- 3. report and provenance always agree -------------------------------------------------------
+
+
+def _old_pair(out: Path) -> tuple[bytes, bytes]:
+    out.write_bytes(b"old report")
+    Path(f"{out}.meta.json").write_bytes(b"old provenance")
+    return b"old report", b"old provenance"
+
+
+@pytest.mark.parametrize("fault", [OSError(5, "Input/output error"), KeyboardInterrupt()], ids=["EIO", "SIGINT"])
+def test_a_failure_between_the_two_renames_keeps_both_old_files(case, tmp_path, monkeypatch, fault):
+    out = tmp_path / "r.csv"
+    old = _old_pair(out)
+    real_replace, calls = os.replace, []
+
+    def replace_failing_third(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:  # 1: the commit journal, 2: the report, 3: its provenance
+            raise fault
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace_failing_third)
+    with pytest.raises((type(fault), outputs.OutputWriteError)):
+        run_attribution(case["model"], case["index"], [case["suspects"]],
+                        reports=[ReportTarget(ReportFormat.CSV, out)], overwrite=True)  # fmt: skip
+    assert (out.read_bytes(), Path(f"{out}.meta.json").read_bytes()) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.csv.meta.json"], "no partial, backup or journal"
+
+
+KILL_ON_SECOND_RENAME = """
+import os, signal, sys
+from manifpt_cli import outputs
+from manifpt_cli.cli import main
+real, calls = os.replace, []
+def replace(src, dst):
+    calls.append(dst)
+    if len(calls) == 3:  # 1: the commit journal, 2: the report, 3: its provenance
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+outputs.os.replace = replace
+sys.argv = ["manifpt", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_kill_between_the_renames_is_rolled_back_by_the_next_run(case, tmp_path):
+    out = tmp_path / "r.csv"
+    old = _old_pair(out)
+    args = ["attribute", case["suspects"], "--model", case["model"], "--index", case["index"], "--report", "csv",
+            "--out", out, "--overwrite"]  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", KILL_ON_SECOND_RENAME, *map(str, args)], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert out.read_bytes() != old[0], "the first rename happened: the pair is inconsistent until recovery"
+    with outputs.atomic_outputs([out, f"{out}.meta.json"], overwrite=True) as partials:
+        # The next writer takes the lock, finds the journal and restores the old pair first.
+        assert (out.read_bytes(), Path(f"{out}.meta.json").read_bytes()) == old
+        for partial in partials:
+            partial.write_bytes(b"new")
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_concurrent_writer_is_refused_and_stale_partials_are_removed(case, tmp_path):
+    out = tmp_path / "r.csv"
+    lock = outputs._Lock(out)
+    lock.acquire()
+    try:
+        result = attribute_csv(case, out, code=EXIT_USAGE)
+        assert "another manifpt run is writing" in result.stderr
+    finally:
+        lock.release()
+    stale = tmp_path / ".r.csv.partial-0123456789abcdef"
+    stale.write_bytes(b"\0" * 1000)
+    attribute_csv(case, out)
+    assert not stale.exists()
+    sidecar = json.loads(Path(f"{out}.meta.json").read_text())
+    assert sidecar["report_sha256"] == __import__("hashlib").sha256(out.read_bytes()).hexdigest()
+
+
+def test_stdout_carries_exactly_the_report_even_on_a_terminal(case, tmp_path):
+    import pty
+
+    primary, secondary = pty.openpty()  # stderr is a terminal: the progress bar is drawn there
+    with open(tmp_path / "out.csv", "wb") as stdout:
+        done = subprocess.run(
+            [sys.executable, "-m", "manifpt_cli", "attribute", str(case["suspects"]), "--model", str(case["model"]),
+             "--index", str(case["index"]), "--report", "csv"],
+            stdout=stdout, stderr=secondary, timeout=120,
+        )  # fmt: skip
+    os.close(secondary)
+    os.close(primary)
+    assert done.returncode == 0
+    with open(tmp_path / "out.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == sum(1 for p in case["suspects"].rglob("*") if p.is_file())
+    assert all(row["status"] == "ok" for row in rows)
+
+
+def test_interrupted_json_on_stdout_is_unterminated_and_said_so(case, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "manifpt_cli", "attribute", str(case["suspects"]), "--model", str(case["model"]),
+         "--index", str(case["index"]), "--report", "json", "--batch-size", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    first = process.stdout.read(200)  # the header and the first rows are out: the run is under way
+    process.send_signal(signal.SIGINT)
+    rest, errors = process.communicate(timeout=120)
+    text = (first + rest).decode()
+    assert process.returncode == 130, errors.decode()
+    assert "incomplete" in errors.decode()
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+# --- 5. reports that cannot be misread -----------------------------------------------------------
+
+HOSTILE_NAMES = [b"line\rbreak.png", b"new\nline.png", b'quo"te.png', b"com,ma.png", b"tab\tname.png",
+                 b"\xff\xfe.png", b"\\xff.png", b"=cmd.png", b"+sum.png", b"-minus.png", b"@at.png",
+                 b"'quoted.png", b"IMG_[edited].png", b"bold]y.png", b"<script>.png"]  # fmt: skip
+
+
+def test_hostile_file_names_round_trip_through_csv_and_json(case, tmp_path):
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    source = next((case["suspects"] / "blur").iterdir()).read_bytes()
+    for name in HOSTILE_NAMES:
+        # "bold]y.png" goes in a folder "x[", so its path reads x[/bold]y.png: a Rich closing tag.
+        parent = os.path.join(os.fsencode(folder), b"x[") if name == b"bold]y.png" else os.fsencode(folder)
+        os.makedirs(parent, exist_ok=True)
+        with open(os.path.join(parent, name), "wb") as handle:
+            handle.write(source)
+    base = ("attribute", folder, "--model", case["model"], "--index", case["index"])
+    cli(*base, "--report", "csv", "--out", tmp_path / "r.csv")
+    with open(tmp_path / "r.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(HOSTILE_NAMES), "one record per file"
+    names = sorted(os.path.basename(path_from_display(unneutralise(row["path"]))) for row in rows)
+    assert names == sorted(HOSTILE_NAMES)
+    for row in rows:
+        assert not row["path"].startswith(("=", "+", "-", "@")), "formula cells are neutralised"
+    shown = [row["path"] for row in rows]
+    assert len(set(shown)) == len(shown), "two files never share a path string"
+
+    report = json.loads(cli(*base, "--report", "json").stdout)
+    assert sorted(os.path.basename(path_from_display(r["path"])) for r in report["rows"]) == sorted(HOSTILE_NAMES)
+
+    table = cli(*base).stdout
+    assert "IMG_[edited].png" in table and "x[/bold]y.png" in table and "<script>.png" in table
+    assert "\\r" in table and "\r" not in table.replace("\r\n", ""), "control characters are shown, not obeyed"
+
+
+def test_a_model_that_gives_nan_yields_error_rows_and_valid_json(case, artifacts_file, tmp_path):
+    import torch
+
+    from manifpt_cli.formats import save_checkpoint
+    from manifpt_cli.train import load_checkpoint
+
+    model, metadata = load_checkpoint(case["work"] / "freq.pt")
+    state = model.state_dict()
+    state["head.bias"] = torch.full_like(state["head.bias"], float("nan"))
+    save_checkpoint(tmp_path / "nan.pt", state, metadata)
+    export_onnx(tmp_path / "nan.pt", tmp_path / "nan.onnx")
+    result = cli("attribute", case["suspects"] / "blur", "--model", tmp_path / "nan.onnx", "--index", case["index"],
+                 "--report", "json", code=3)  # fmt: skip
+    report = json.loads(result.stdout)  # strict JSON: no NaN literals
+    assert report["rows"] and all(row["status"] == "error" and "non-finite" in row["error"] for row in report["rows"])
+
+
+# --- 6. failures that explain themselves ---------------------------------------------------------
+
+
+def test_wrong_files_get_one_clear_line(case, tmp_path):
+    (tmp_path / "text.h5").write_text("not hdf5")
+    (tmp_path / "truncated.h5").write_bytes(Path(case["index"]).read_bytes()[:5000])
+    cases = [
+        (("attribute", case["suspects"], "--model", case["model"], "--index", tmp_path / "missing.h5"), 2, "no such index"),
+        (("attribute", case["suspects"], "--model", case["model"], "--index", tmp_path / "text.h5"), 1, "not a readable"),
+        (("attribute", case["suspects"], "--model", case["model"], "--index", tmp_path / "truncated.h5"), 1, "not a readable"),
+        (("attribute", case["suspects"], "--model", case["work"] / "freq.pt", "--index", case["index"]), 2, "not an ONNX model"),
+        (("export", case["model"], "--out", tmp_path / "x.onnx"), 2, "already an ONNX model"),
+        (("export", case["index"], "--out", tmp_path / "y.onnx"), 1, "an HDF5 file"),
+    ]  # fmt: skip
+    for args, code, words in cases:
+        result = cli(*args, code=code)
+        assert words in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+        assert "weights_only" not in result.stderr and "INVALID_PROTOBUF" not in result.stderr
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing(case, dataset, tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("needs root and tmpfs to make a tiny filesystem")
+    try:
+        result = cli("index", "build", dataset / "real", "--out", mount / "real.h5", "-q", code=EXIT_FAILURE)
+        assert "no space left" in result.stderr
+        subprocess.run(["mount", "-o", "remount,size=8k", str(mount)], check=True)  # smaller than the report
+        result = attribute_csv(case, mount / "report.csv", code=EXIT_FAILURE)
+        assert "no space left" in result.stderr
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)])
+
+
+def test_sigint_during_build_leaves_nothing_and_exits_130(dataset, tmp_path):
+    out = tmp_path / "real.h5"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "manifpt_cli", "index", "build", str(dataset / "real"), "--out", str(out),
+         "--batch-size", "1", "--space", "rgb,freq"],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".real.h5.partial-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)  # wait until the partial file is being written
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the build finished before the signal")
+    assert process.returncode == 130, errors.decode()
+    assert list(tmp_path.iterdir()) == []
