@@ -7,6 +7,7 @@ so memory does not grow with the number of suspects. A file that fails is an err
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -26,16 +27,17 @@ from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import Embedder, PixelEmbedder, Space, pixels_to_float
 
 
-def _session(path: str, threads: int):
+def _session(path: str, threads: int, data: bytes | None = None):
+    """An ONNX Runtime session of ``path`` (from ``data``, its bytes already read and checked, if given)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data if data is not None else path, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise FormatError(f"ONNX Runtime cannot load {path}: {exc}") from None
+        raise FormatError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
 
 
 @dataclass
@@ -67,12 +69,14 @@ class OnnxAttributor:
             raise UsageError(
                 f"{self.path} is {kind}, not an ONNX model; attribute takes the .onnx from `manifpt export`"
             )
-        self.session = _session(self.path, threads)
+        with open(self.path, "rb") as handle:
+            data = handle.read()
+        self.digest = verify_onnx(self.path, data)  # before any parser sees the bytes
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.session = _session(self.path, threads, data)
         props = self.session.get_modelmeta().custom_metadata_map
-        if ONNX_METADATA_KEY not in props:
+        if ONNX_METADATA_KEY not in props or props.get(ONNX_DIGEST_KEY) != self.digest:
             raise FormatError(f"{self.path} has no manifpt model card; export it with `manifpt export`")
-        self.digest = verify_onnx(self.path, props.get(ONNX_DIGEST_KEY))
-        self.sha256 = file_sha256(self.path)
         try:
             self.card = json.loads(props[ONNX_METADATA_KEY])
             self.classes: list[str] = list(self.card["classes"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 
@@ -221,12 +222,20 @@ def seal_onnx(path: str | os.PathLike) -> str:
     return digest
 
 
-def verify_onnx(path: str | os.PathLike, stored: str | None) -> str:
-    """Check an ONNX file against its ``manifpt_digest``; returns it."""
-    if not stored:
-        raise IntegrityError(f"{path} carries no manifpt digest; export it with this version of `manifpt export`")
-    with open(path, "rb") as handle:
-        data = handle.read()
+# How protobuf stores the entry: the key, then field 2 (tag 0x12) of length 64 (0x40), the hex digest.
+_STORED_DIGEST = re.compile(rb"manifpt_digest\x12\x40([0-9a-f]{64})")
+
+
+def verify_onnx(path: str | os.PathLike, data: bytes) -> str:
+    """Check an ONNX file's bytes against the ``manifpt_digest`` they carry, before anything parses
+    them; returns the digest."""
+    found = _STORED_DIGEST.findall(data)
+    if len(found) != 1:
+        raise IntegrityError(
+            f"{path} carries no manifpt digest (or a damaged one): it was not written by this version of "
+            "`manifpt export`, or it was altered"
+        )
+    stored = found[0].decode()
     if onnx_digest(data, stored) != stored:
         raise IntegrityError(
             f"{path} does not match its recorded digest: its graph, weights or model card were changed after export"
