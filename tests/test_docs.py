@@ -20,6 +20,7 @@ COMMANDS = [
     ["train"],
     ["export"],
     ["attribute"],
+    ["verify"],
     ["zoo", "train"],
     ["zoo", "sample"],
     ["zoo", "list"],
