@@ -86,6 +86,17 @@ def check_outputs(
             )
 
 
+def results_folder(
+    folder: PathLike, names: Sequence[str], *, inputs: Sequence[PathLike] = (), overwrite: bool = False
+) -> Path:
+    """A folder for several result files, checked up front: created if missing (its last component
+    only), and refused if any of ``names`` is already in it, unless ``overwrite``."""
+    check_outputs([folder], inputs=inputs, folders=True)
+    out = make_folder(folder)
+    check_outputs([out / name for name in names], overwrite=overwrite)
+    return out
+
+
 def make_folder(path: PathLike) -> Path:
     """Create an output folder, but only its last component (a typo never becomes a folder tree)."""
     folder = Path(path)

@@ -418,19 +418,38 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(case, dataset, tmp_path
         subprocess.run(["umount", str(mount)])
 
 
-def test_sigint_during_build_leaves_nothing_and_exits_130(dataset, tmp_path):
-    out = tmp_path / "real.h5"
+@pytest.mark.parametrize("command", ["index build", "extract"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_build_or_extract_leaves_nothing_and_exits_130(dataset, real_index, tmp_path, command, sig):
+    many = tmp_path / "many"  # enough work that the signal lands mid-run: the real photos, linked 8 times
+    many.mkdir()
+    for copy in range(8):
+        for path in (dataset / "real").iterdir():
+            os.link(path, many / f"{copy}_{path.name}")
+    out = tmp_path / "out.h5"
+    if command == "index build":
+        args = ["index", "build", str(many), "--space", "rgb,freq"]
+    else:
+        args = ["extract", "--index", str(real_index), "--source", f"a={many}"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "manifpt_cli", "index", "build", str(dataset / "real"), "--out", str(out),
-         "--batch-size", "1", "--space", "rgb,freq"],
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [sys.executable, "-m", "manifpt_cli", *args, "--out", str(out), "--batch-size", "1"], stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".real.h5.partial-*")) and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".out.h5.partial-*")) and time.monotonic() < deadline:
         time.sleep(0.02)  # wait until the partial file is being written
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, errors = process.communicate(timeout=120)
     if process.returncode == 0:
         pytest.skip("the build finished before the signal")
     assert process.returncode == 130, errors.decode()
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["many"], "nothing under the final name, no partial file"
+
+
+def test_research_results_are_not_overwritten_either(artifacts_file, tmp_path):
+    (tmp_path / "metrics.json").write_text("an earlier evaluation")
+    started = time.perf_counter()
+    result = cli("evaluate", "--artifacts", artifacts_file, "--space", "freq", "--out", tmp_path, code=EXIT_USAGE)
+    assert "already exists; pass --overwrite" in result.stderr and time.perf_counter() - started < 10, (
+        "refused up front"
+    )
+    assert (tmp_path / "metrics.json").read_text() == "an earlier evaluation"

@@ -9,11 +9,13 @@ import typer
 from rich.table import Table
 
 from .console import errors_to_exit, safe, stderr, stdout
+from .options import RunOptions, run_options
 
 app = typer.Typer(help="Analyse the structure of fingerprints.", no_args_is_help=True)
 
 
 @app.command("clusters")
+@run_options("overwrite")
 def clusters(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts file whose classes are generators.")],
     space: Annotated[str, typer.Option("--space", help="Space whose artifacts are the fingerprints.")],
@@ -24,6 +26,8 @@ def clusters(
     factors: Annotated[
         Optional[Path], typer.Option("--factors", help="CSV: a 'generator' column, then one column per design factor.")
     ] = None,
+    *,
+    options: RunOptions,
 ) -> None:
     """Cluster generators' fingerprints and score each design factor by NMI (the paper's Table 5)."""
     from ..spaces import parse_spaces
@@ -34,7 +38,7 @@ def clusters(
         chosen = parse_spaces(space)
         if len(chosen) != 1:
             raise typer.BadParameter("analyse one space at a time", param_hint="--space")
-        result = analyze_clusters(artifacts, chosen[0], out, zoo, factors)
+        result = analyze_clusters(artifacts, chosen[0], out, zoo, factors, overwrite=options.overwrite)
     table = Table(
         "design factor", "values", "NMI", title=f"{len(result.generators)} generators, {chosen[0].value} fingerprints"
     )

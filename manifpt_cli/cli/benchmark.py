@@ -66,6 +66,7 @@ def benchmark(
                 baseline_arch=baseline_arch,
                 weights=options.backbone_weights(),
                 settings=options.settings(progress),
+                overwrite=options.overwrite,
             )
     stdout.print(Markdown(result.table_markdown.read_text(encoding="utf-8")))
     stderr.print(

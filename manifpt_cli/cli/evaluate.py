@@ -82,6 +82,7 @@ def evaluate(
                     test_fraction=test_fraction,
                     config=config,
                     settings=settings,
+                    overwrite=options.overwrite,
                 )
             else:
                 result, match = evaluate_cross_dataset(
@@ -94,6 +95,7 @@ def evaluate(
                     seeds=seeds,
                     config=config,
                     settings=settings,
+                    overwrite=options.overwrite,
                 )
         if test_artifacts is not None:
             stderr.print(f"classes matched by {match.by}: {', '.join(match.classes)}")

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..artifacts import load_artifacts
 from ..errors import UsageError
-from ..formats import atomic_output
+from ..outputs import atomic_output, results_folder
 from ..spaces import Space
 from .figures import pyplot, save_figure
 
@@ -123,6 +123,8 @@ def analyze_clusters(
     out_dir: str | os.PathLike,
     zoo_dir: str | os.PathLike | None = None,
     factors_csv: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
 ) -> ClusterAnalysis:
     """Run the analysis on one space of an artifacts file; writes CSV tables and PNG figures."""
     if (zoo_dir is None) == (factors_csv is None):
@@ -131,19 +133,27 @@ def analyze_clusters(
     data = load_artifacts(artifacts_path, space)
     summaries = fingerprint_summaries(data.artifacts, data.samples.labels, data.samples.label_names)
     analysis = cluster_fingerprints(summaries, factors)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     names = ("clusters.csv", "distances.csv", "linkage.csv", "dendrogram.png", "heatmap.png")
+    out = results_folder(out_dir, names, inputs=[artifacts_path], overwrite=overwrite)
     analysis.files = {name: out / name for name in names}
-    with atomic_output(analysis.files["clusters.csv"]) as partial, open(partial, "w", newline="") as handle:
+    with (
+        atomic_output(analysis.files["clusters.csv"], overwrite=True) as partial,
+        open(partial, "w", newline="") as handle,
+    ):
         writer = csv.DictWriter(handle, fieldnames=["factor", "values", "nmi"])
         writer.writeheader()
         writer.writerows(analysis.scores)
-    with atomic_output(analysis.files["distances.csv"]) as partial, open(partial, "w", newline="") as handle:
+    with (
+        atomic_output(analysis.files["distances.csv"], overwrite=True) as partial,
+        open(partial, "w", newline="") as handle,
+    ):
         writer = csv.writer(handle)
         writer.writerow(["generator", *analysis.generators])
         writer.writerows([name, *map(float, row)] for name, row in zip(analysis.generators, analysis.distances))
-    with atomic_output(analysis.files["linkage.csv"]) as partial, open(partial, "w", newline="") as handle:
+    with (
+        atomic_output(analysis.files["linkage.csv"], overwrite=True) as partial,
+        open(partial, "w", newline="") as handle,
+    ):
         writer = csv.writer(handle)  # scipy's linkage matrix: the dendrogram's data
         writer.writerow(["cluster_a", "cluster_b", "distance", "size"])
         writer.writerows([int(a), int(b), float(d), int(n)] for a, b, d, n in analysis.linkage)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..artifacts import extract_artifacts, load_pixels
-from ..formats import atomic_output
 from ..inputs import InputKind, auto_candidates
+from ..outputs import atomic_output, results_folder
 from ..settings import DEFAULT_SETTINGS, RunSettings
 from ..spaces import Space
 from ..train import TrainConfig
@@ -87,15 +87,24 @@ def run_benchmark(
     baseline_arch: str | None = None,
     weights: dict[Space, str | None] | None = None,
     settings: RunSettings = DEFAULT_SETTINGS,
+    overwrite: bool = False,
 ) -> BenchmarkResult:
     """Extract artifacts, evaluate every space and baseline with one protocol, write the table."""
     config = config or TrainConfig()
-    out = Path(out_dir)
+    inputs = [index_path, *(folder for _, folder in sources), *([real] if real else [])]
+    out = results_folder(out_dir, ["artifacts.h5", "table.md", "table.csv"], inputs=inputs, overwrite=overwrite)
     artifacts = out / "artifacts.h5"
     extracted = extract_artifacts(
-        index_path, sources, artifacts, spaces=spaces, real=real, weights=weights, settings=settings
+        index_path,
+        sources,
+        artifacts,
+        spaces=spaces,
+        real=real,
+        weights=weights,
+        settings=settings,
+        overwrite=overwrite,
     )
-    protocol = {"seeds": seeds, "test_fraction": test_fraction, "settings": settings}
+    protocol = {"seeds": seeds, "test_fraction": test_fraction, "settings": settings, "overwrite": overwrite}
     result = BenchmarkResult(out)
     # The spaces' artifacts, then image+artifact for each image space. The bare image is yu19's
     # input with yu19's network, so it appears once, as the yu19 row.
@@ -121,9 +130,12 @@ def run_benchmark(
 
     rows = result.rows()
     result.table_markdown, result.table_csv = out / "table.md", out / "table.csv"
-    with atomic_output(result.table_markdown) as partial:
+    with atomic_output(result.table_markdown, overwrite=True) as partial:
         partial.write_text(markdown_table(rows, extracted.label_names, seeds), encoding="utf-8")
-    with atomic_output(result.table_csv) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
+    with (
+        atomic_output(result.table_csv, overwrite=True) as partial,
+        open(partial, "w", newline="", encoding="utf-8") as handle,
+    ):
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)

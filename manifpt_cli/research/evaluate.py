@@ -25,12 +25,15 @@ import numpy as np
 
 from ..artifacts import load_artifacts
 from ..errors import UsageError
-from ..formats import atomic_output, provenance
+from ..formats import provenance
 from ..inputs import TrainingSet, artifact_training_set
+from ..outputs import atomic_output, results_folder
 from ..settings import DEFAULT_SETTINGS, RunSettings
 from ..spaces import Space
 from ..train import TrainConfig, fit, stratified_split
 from .figures import pyplot, save_figure
+
+OUTPUT_FILES = ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "tsne.csv", "tsne.png")
 
 
 def fisher_ratio(features: np.ndarray, labels: np.ndarray) -> float:
@@ -130,7 +133,7 @@ def _predict(model, artifacts: np.ndarray, batch_size: int = 256) -> tuple[np.nd
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with atomic_output(path) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
+    with atomic_output(path, overwrite=True) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
@@ -180,12 +183,20 @@ def evaluate(
     test_fraction: float = 0.2,
     config: TrainConfig | None = None,
     settings: RunSettings = DEFAULT_SETTINGS,
+    overwrite: bool = False,
 ) -> Evaluation:
     """Evaluate one space of an artifacts file; writes metrics, tables and figures to ``out_dir``."""
     data = artifact_training_set(load_artifacts(artifacts_path, space))
     source = os.path.abspath(os.fspath(artifacts_path))
     return evaluate_set(
-        data, out_dir, seeds=seeds, test_fraction=test_fraction, config=config, settings=settings, source=source
+        data,
+        out_dir,
+        seeds=seeds,
+        test_fraction=test_fraction,
+        config=config,
+        settings=settings,
+        source=source,
+        overwrite=overwrite,
     )
 
 
@@ -200,6 +211,7 @@ def evaluate_set(
     augment=None,
     source: str = "",
     test_data: TrainingSet | None = None,
+    overwrite: bool = False,
 ) -> Evaluation:
     """Train and test on ``data`` ``seeds`` times (the protocol above); ``data.name`` labels the outputs.
 
@@ -210,6 +222,7 @@ def evaluate_set(
     if seeds < 1:
         raise UsageError(f"seeds must be at least 1, got {seeds}")
     config = config or TrainConfig()
+    out = results_folder(out_dir, OUTPUT_FILES, overwrite=overwrite)
     name, classes, labels = data.name, data.samples.label_names, data.samples.labels
     n_classes = len(classes)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
@@ -232,12 +245,9 @@ def evaluate_set(
         runs.append(SeedResult(seed, accuracy, fisher_ratio(features, truth), best_epoch, int(len(truth))))
         last_features, last_labels = features, truth
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fd_inputs = fisher_ratio(data.inputs.astype(np.float32, copy=False), labels)
     result = Evaluation(name, classes, metadata["arch"], runs, confusion, fd_inputs, out)
-    outputs = ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "tsne.csv", "tsne.png")
-    files = {output: out / output for output in outputs}
+    files = {output: out / output for output in OUTPUT_FILES}
     per_class_rows = [list(row.values()) for row in result.per_class]
     _write_csv(files["per_class.csv"], ["class", "precision", "recall", "f1", "support"], per_class_rows)
     confusion_rows = [[label, *map(int, row)] for label, row in zip(classes, confusion)]
@@ -266,7 +276,7 @@ def evaluate_set(
         "confusion": confusion.tolist(),
         "seconds": round(result.seconds, 1),
     }
-    with atomic_output(files["metrics.json"]) as partial:
+    with atomic_output(files["metrics.json"], overwrite=True) as partial:
         partial.write_text(json.dumps(metrics, indent=2))
     result.files = files
     return result
@@ -337,6 +347,7 @@ def evaluate_cross_dataset(
     seeds: int = 3,
     config: TrainConfig | None = None,
     settings: RunSettings = DEFAULT_SETTINGS,
+    overwrite: bool = False,
 ) -> tuple[Evaluation, LabelMatch]:
     """Train on one dataset's generators, test on another's (the paper's Table 4 protocol)."""
     train = artifact_training_set(load_artifacts(train_path, space))
@@ -354,5 +365,6 @@ def evaluate_cross_dataset(
         settings=settings,
         source=os.path.abspath(os.fspath(train_path)),
         test_data=test_set,
+        overwrite=overwrite,
     )
     return evaluation, match

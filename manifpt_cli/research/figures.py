@@ -20,6 +20,6 @@ def pyplot():
 def save_figure(fig, path: str | os.PathLike) -> None:
     """Lay out, write as PNG (atomically) and close ``fig``."""
     fig.tight_layout()
-    with atomic_output(path) as partial:
+    with atomic_output(path, overwrite=True) as partial:  # the caller checked its results folder up front
         fig.savefig(partial, format="png", dpi=120)
     pyplot().close(fig)
