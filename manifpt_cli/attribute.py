@@ -19,7 +19,7 @@ from . import __version__
 from .artifacts import compute_artifacts
 from .errors import FormatError, MismatchError, UsageError
 from .formats import ONNX_METADATA_KEY, describe_file, file_sha256, provenance
-from .images import DecodedImage, FailedImage, SkippedFile, decode_folder, display_path
+from .images import DecodedImage, DecodeResult, FailedImage, SkippedFile, decode_folder, display_path
 from .inputs import InputKind, attributor_inputs
 from .integrity import ONNX_DIGEST_KEY, verify_onnx
 from .manifold import RERANKED_CANDIDATES, RealIndex
@@ -250,39 +250,44 @@ class Attribution:
 
     def rows(self, roots: Sequence[str | os.PathLike]) -> Iterator[AttributionRow]:
         """Attribute every image under ``roots``, in discovery order, one row per file."""
-        space = self.model.space
-        embedders = {space: self.model.embedder}
         for batch in decode_folder(roots, self.model.image_size, self.settings):
-            decoded = [item for item in batch if isinstance(item, DecodedImage)]
-            results: dict[int, AttributionRow] = {}
-            if decoded:
-                shas = [item.sha256 for item in decoded]
-                pixels = np.stack([d.pixels for d in decoded])
-                found = compute_artifacts(self.index, embedders, pixels, shas)[space]
-                inputs = attributor_inputs(self.model.input_kind, pixels, found.artifacts)
-                has_neighbour = found.neighbours.ids >= 0
-                probabilities = np.full((len(decoded), len(self.model.classes)), np.nan, np.float32)
-                if has_neighbour.any():
-                    probabilities[has_neighbour] = self.model.predict(inputs[has_neighbour])
-                nearest = self.index.paths(found.neighbours.ids)
-                for i, item in enumerate(decoded):
-                    row = AttributionRow(display_path(item.path), item.sha256, original_size=item.original_size)
-                    if not has_neighbour[i]:
-                        row.error = "no real neighbour in the index other than the image itself"
-                    elif not np.isfinite(probabilities[i]).all():
-                        row.error = "the model gave non-finite probabilities (NaN or infinity) for this image"
-                    else:
-                        order = np.argsort(-probabilities[i])[: self.top_k]
-                        row.top_k = [(self.model.classes[j], float(probabilities[i, j])) for j in order]
-                        row.predicted, row.probability = row.top_k[0]
-                        row.manifold_distance = float(found.neighbours.distances[i])
-                        row.nearest_real = nearest[i]
-                    results[id(item)] = row
-            for item in batch:
-                if isinstance(item, FailedImage):
-                    yield AttributionRow(display_path(item.path), item.sha256, error=item.error)
-                elif isinstance(item, SkippedFile):
-                    yield AttributionRow(display_path(item.path), "", error=item.reason, skipped=True)
-                else:
-                    yield results[id(item)]
+            yield from self.attribute_batch(batch)
             self.settings.progress.advance(len(batch))
+
+    def attribute_batch(self, batch: Sequence[DecodeResult]) -> list[AttributionRow]:
+        """One row per item of a decoded batch, in its order (every engine goes through here)."""
+        decoded = [item for item in batch if isinstance(item, DecodedImage)]
+        results: dict[int, AttributionRow] = {}
+        if decoded:
+            space = self.model.space
+            shas = [item.sha256 for item in decoded]
+            pixels = np.stack([d.pixels for d in decoded])
+            found = compute_artifacts(self.index, {space: self.model.embedder}, pixels, shas)[space]
+            inputs = attributor_inputs(self.model.input_kind, pixels, found.artifacts)
+            has_neighbour = found.neighbours.ids >= 0
+            probabilities = np.full((len(decoded), len(self.model.classes)), np.nan, np.float32)
+            if has_neighbour.any():
+                probabilities[has_neighbour] = self.model.predict(inputs[has_neighbour])
+            nearest = self.index.paths(found.neighbours.ids)
+            for i, item in enumerate(decoded):
+                row = AttributionRow(display_path(item.path), item.sha256, original_size=item.original_size)
+                if not has_neighbour[i]:
+                    row.error = "no real neighbour in the index other than the image itself"
+                elif not np.isfinite(probabilities[i]).all():
+                    row.error = "the model gave non-finite probabilities (NaN or infinity) for this image"
+                else:
+                    order = np.argsort(-probabilities[i], kind="stable")[: self.top_k]  # ties: class order
+                    row.top_k = [(self.model.classes[j], float(probabilities[i, j])) for j in order]
+                    row.predicted, row.probability = row.top_k[0]
+                    row.manifold_distance = float(found.neighbours.distances[i])
+                    row.nearest_real = nearest[i]
+                results[id(item)] = row
+        rows = []
+        for item in batch:
+            if isinstance(item, FailedImage):
+                rows.append(AttributionRow(display_path(item.path), item.sha256, error=item.error))
+            elif isinstance(item, SkippedFile):
+                rows.append(AttributionRow(display_path(item.path), "", error=item.reason, skipped=True))
+            else:
+                rows.append(results[id(item)])
+        return rows

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .attribute import Attribution, AttributionRow
+from .engines import LocalEngine
 from .errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from .images import count_images, display_path
 from .outputs import check_outputs
@@ -58,12 +59,14 @@ def run_attribution(
     settings: RunSettings = DEFAULT_SETTINGS,
     on_row: Callable[[AttributionRow], None] | None = None,
     overwrite: bool = False,
+    engine=None,
 ) -> AttributionSummary:
     """Attribute every image under ``suspects`` and stream the rows into each of ``reports``.
 
     ``on_row`` sees every row as it is written (the CLI keeps them for its terminal table). No
     report may be one of the inputs or lie in a suspect folder; an existing report (or its
-    ``.meta.json``) is replaced only with ``overwrite``.
+    ``.meta.json``) is replaced only with ``overwrite``. ``engine`` (default: this process)
+    does the per-image work; rows come back in discovery order whatever the engine.
 
     Raises:
         UsageError: no image file under ``suspects``; a report format that is not a file format.
@@ -82,13 +85,14 @@ def run_attribution(
         if total == 0:
             folders = ", ".join(display_path(root) for root in suspects)
             raise UsageError(f"no image files under: {folders} (searched recursively)")
-        summary = AttributionSummary(run.header(suspects), reports=list(reports))
+        engine = engine or LocalEngine()
+        summary = AttributionSummary({**run.header(suspects), **engine.describe()}, reports=list(reports))
         with contextlib.ExitStack() as stack:
             writers = [
                 stack.enter_context(open_report(t.format, t.out, summary.header, overwrite=overwrite)) for t in reports
             ]
             settings.progress.start("Attributing", total)
-            for row in run.rows(suspects):
+            for row in engine.attribution_rows(run, model, index, suspects, top_k, settings):
                 for writer in writers:
                     writer.write(row)
                 if on_row is not None:

@@ -13,6 +13,7 @@ from .errors import MissingExtraError
 # Top-level modules of each optional extra (pyproject.toml).
 EXTRA_MODULES = {
     "train": ("torch", "torchvision", "onnx", "onnxscript", "sklearn", "skimage", "matplotlib", "scipy"),
+    "ray": ("ray",),
 }
 EXTRA_OF_MODULE = {module: extra for extra, modules in EXTRA_MODULES.items() for module in modules}
 

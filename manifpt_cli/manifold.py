@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .engines import LocalEngine
 from .errors import FormatError, UsageError
 from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, describe_file, sample_file
-from .images import FailedImage, SkippedFile, count_images, decode_folder, display_path, split_batch
+from .images import FailedImage, SkippedFile, count_images, display_path, split_batch
 from .integrity import IntegrityError, index_digest, space_digest, verify_index
 from .outputs import check_outputs
 from .settings import DEFAULT_SETTINGS, RunSettings
@@ -72,12 +73,14 @@ def build_index(
     weights: dict[Space, str | None] | None = None,
     settings: RunSettings = DEFAULT_SETTINGS,
     overwrite: bool = False,
+    engine=None,
 ) -> IndexBuildResult:
     """Embed every real image under ``roots`` in each space and write the index to ``out``.
 
     Files that cannot be decoded are listed in ``/failures`` and in the result, never fatal.
     ``out`` may not be one of the real images or lie in their folders, and an existing ``out`` is
-    replaced only with ``overwrite``.
+    replaced only with ``overwrite``. ``engine`` (default: this process) embeds the images; this
+    process writes the file, so every engine builds the same index (the same ``index_hash``).
 
     Raises:
         UsageError: no decodable image was found, or a bad argument.
@@ -114,8 +117,9 @@ def build_index(
             )
 
         progress.start("Embedding real images", total)
-        for batch in decode_folder(roots, size, settings):
-            decoded, failed, not_images = split_batch(batch)
+        engine = engine or LocalEngine()
+        for embedded in engine.embedded_batches(roots, size, embedders, weights, settings):
+            decoded, failed, not_images = split_batch(embedded.items)
             failures.extend(failed)
             skipped.extend(not_images)
             for item in failed:
@@ -123,13 +127,10 @@ def build_index(
             for item in not_images:
                 writer.fail(item.path, f"skipped: {item.reason}")
             if decoded:
-                pixels = np.stack([item.pixels for item in decoded])
                 writer.append([item.path for item in decoded], [item.sha256 for item in decoded])
-                for space, embedder in embedders.items():
-                    writer.append_space(
-                        space.value, embeddings=np.ascontiguousarray(embedder(pixels), dtype=np.float32)
-                    )
-            progress.advance(len(batch))
+                for space in spaces:
+                    writer.append_space(space.value, embeddings=embedded.embeddings[space])
+
         if writer.n_rows == 0:
             raise UsageError(
                 f"none of the {total} files under the real folders could be decoded "

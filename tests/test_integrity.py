@@ -312,9 +312,19 @@ def test_stdout_carries_exactly_the_report_even_on_a_terminal(case, tmp_path):
     assert all(row["status"] == "ok" for row in rows)
 
 
+def linked_copies(source: Path, folder: Path, copies: int) -> Path:
+    """``copies`` hard links of every file under ``source``: enough work for a signal to land mid-run."""
+    folder.mkdir()
+    for copy in range(copies):
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            os.link(path, folder / f"{copy}_{path.parent.name}_{path.name}")
+    return folder
+
+
 def test_interrupted_json_on_stdout_is_unterminated_and_said_so(case, tmp_path):
+    many = linked_copies(case["suspects"], tmp_path / "many", 20)
     process = subprocess.Popen(
-        [sys.executable, "-m", "manifpt_cli", "attribute", str(case["suspects"]), "--model", str(case["model"]),
+        [sys.executable, "-m", "manifpt_cli", "attribute", str(many), "--model", str(case["model"]),
          "--index", str(case["index"]), "--report", "json", "--batch-size", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -421,11 +431,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(case, dataset, tmp_path
 @pytest.mark.parametrize("command", ["index build", "extract"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_build_or_extract_leaves_nothing_and_exits_130(dataset, real_index, tmp_path, command, sig):
-    many = tmp_path / "many"  # enough work that the signal lands mid-run: the real photos, linked 8 times
-    many.mkdir()
-    for copy in range(8):
-        for path in (dataset / "real").iterdir():
-            os.link(path, many / f"{copy}_{path.name}")
+    many = linked_copies(dataset / "real", tmp_path / "many", 16)
     out = tmp_path / "out.h5"
     if command == "index build":
         args = ["index", "build", str(many), "--space", "rgb,freq"]

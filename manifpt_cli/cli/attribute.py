@@ -11,7 +11,7 @@ from rich.text import Text
 
 from ..report import ReportFormat
 from .console import RichProgress, errors_to_exit, literal, safe, stderr, stdout
-from .options import DECODING, RunOptions, run_options
+from .options import DECODING, ENGINE, RunOptions, run_options
 
 
 def _file_format(report: ReportFormat, out: Path | None) -> ReportFormat | None:
@@ -43,7 +43,7 @@ def attribution_table(rows) -> Table:
     return table
 
 
-@run_options(*DECODING, "threads", "quiet", "overwrite")
+@run_options(*DECODING, "threads", *ENGINE, "quiet", "overwrite")
 def attribute(
     suspects: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or files of suspect images.")],
     model: Annotated[Path, typer.Option("--model", "-m", help="Attributor exported by `manifpt export` (NAME.onnx).")],
@@ -72,7 +72,7 @@ def attribute(
     file_format = _file_format(report, out)
     streaming = file_format is not None and out is None
     kept = []
-    with errors_to_exit(), RichProgress(options.quiet) as progress:
+    with errors_to_exit(), RichProgress(options.quiet) as progress, options.make_engine() as engine:
         settings = options.settings(progress)
         try:
             summary = run_attribution(
@@ -84,6 +84,7 @@ def attribute(
                 settings=settings,
                 on_row=kept.append if report is ReportFormat.TABLE else None,
                 overwrite=options.overwrite,
+                engine=engine,
             )
         except BaseException:
             if streaming:

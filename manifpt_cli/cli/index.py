@@ -11,13 +11,13 @@ from rich.table import Table
 from ..errors import EXIT_PARTIAL
 from .console import RichProgress, errors_to_exit, safe, stderr, stdout
 from .failures import print_failures
-from .options import BACKBONES, COMPUTE, DECODING, RunOptions, run_options
+from .options import BACKBONES, COMPUTE, DECODING, ENGINE, RunOptions, run_options
 
 app = typer.Typer(help="Build and inspect real-manifold indexes (HDF5 + FAISS).", no_args_is_help=True)
 
 
 @app.command("build")
-@run_options(*BACKBONES, *DECODING, *COMPUTE, "quiet", "overwrite")
+@run_options(*BACKBONES, *DECODING, *COMPUTE, *ENGINE, "quiet", "overwrite")
 def build(
     real_dirs: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or files of real images.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index file to write (HDF5).")],
@@ -43,7 +43,7 @@ def build(
     from ..manifold import build_index
     from ..spaces import parse_spaces
 
-    with errors_to_exit(), RichProgress(options.quiet) as progress:
+    with errors_to_exit(), RichProgress(options.quiet) as progress, options.make_engine() as engine:
         spaces = parse_spaces(space)
         settings = options.settings(progress)
         weights = options.backbone_weights()
@@ -56,6 +56,7 @@ def build(
             weights=weights,
             settings=settings,
             overwrite=options.overwrite,
+            engine=engine,
         )
         stderr.print(
             f"[green]indexed {result.n_images} real images[/] in {', '.join(s.value for s in spaces)} "

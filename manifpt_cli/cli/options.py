@@ -103,6 +103,28 @@ SHARED_OPTIONS = {
         None,
     ),
     "quiet": (Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")], False),
+    "engine": (
+        Annotated[
+            str,
+            typer.Option(
+                "--engine",
+                help='local: this process; ray: a Ray cluster (pip install "manifpt[ray]"), local unless --ray-address.',
+            ),
+        ],
+        "local",
+    ),
+    "ray_address": (
+        Annotated[
+            Optional[str],
+            typer.Option(
+                "--ray-address",
+                show_default=False,
+                help="Address of a running Ray cluster (e.g. ray://head:10001) \\[default: start a local one with "
+                "--workers CPUs].",
+            ),
+        ],
+        None,
+    ),
     "overwrite": (
         Annotated[
             bool,
@@ -114,6 +136,7 @@ SHARED_OPTIONS = {
 DECODING = ("batch_size", "workers", "max_pixels", "max_file_bytes", "sniff")
 COMPUTE = ("threads", "device")
 BACKBONES = ("sl_weights", "ssl_weights", "weights")
+ENGINE = ("engine", "ray_address")
 
 
 @dataclass(frozen=True)
@@ -132,6 +155,14 @@ class RunOptions:
     weights: str | None = None
     quiet: bool = False
     overwrite: bool = False
+    engine: str = "local"
+    ray_address: str | None = None
+
+    def make_engine(self):
+        """The engine the command runs its per-image work on (a context manager)."""
+        from ..engines import make_engine
+
+        return make_engine(self.engine, self.ray_address, self.workers)
 
     def settings(self, progress: Progress) -> RunSettings:
         """The command's one RunSettings, checked and applied (thread budget) before any work."""
