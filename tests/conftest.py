@@ -93,3 +93,17 @@ def artifacts_file(real_index, dataset, tmp_path_factory) -> Path:
     sources = [(name, str(dataset / "train" / name)) for name in SOURCES]
     extract_artifacts(real_index, sources, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def freq_model(artifacts_file, tmp_path_factory) -> Path:
+    """A freq attributor trained on the session's artifacts and exported: the folder holding
+    ``freq.pt`` and ``freq.onnx``."""
+    from manifpt_cli.export import export_onnx
+    from manifpt_cli.spaces import Space
+    from manifpt_cli.train import TrainConfig, train_attributor
+
+    work = tmp_path_factory.mktemp("freq-model")
+    train_attributor(artifacts_file, Space.FREQ, work / "freq.pt", config=TrainConfig(epochs=2))
+    export_onnx(work / "freq.pt", work / "freq.onnx")
+    return work

@@ -46,6 +46,12 @@ def workflow(dataset, tmp_path_factory) -> dict[str, Path]:
     return {"work": work, "index": index, "model": model, "suspects": suspects}
 
 
+def attribute(workflow, *args, suspects=None, code: int = 0):
+    """`manifpt attribute` on the workflow's model and index (all its suspects by default)."""
+    target = workflow["suspects"] if suspects is None else suspects
+    return run("attribute", target, "--model", workflow["model"], "--index", workflow["index"], *args, code=code)
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
@@ -53,19 +59,7 @@ def read_csv(path: Path) -> list[dict]:
 
 def test_attribute_csv_report_is_complete_and_accurate(workflow):
     out = workflow["work"] / "report.csv"
-    result = run(
-        "attribute",
-        workflow["suspects"],
-        "--model",
-        workflow["model"],
-        "--index",
-        workflow["index"],
-        "--report",
-        "csv",
-        "--out",
-        out,
-        code=3,
-    )
+    result = attribute(workflow, "--report", "csv", "--out", out, code=3)
     rows = read_csv(out)
     n_files = sum(1 for _ in workflow["suspects"].rglob("*") if _.is_file())
     assert len(rows) == n_files, "every file is a row, the broken one included"
@@ -86,18 +80,7 @@ def test_attribute_csv_report_is_complete_and_accurate(workflow):
 
 
 def test_attribute_json_report_carries_the_header(workflow):
-    result = run(
-        "attribute",
-        workflow["suspects"] / "blur",
-        "--model",
-        workflow["model"],
-        "--index",
-        workflow["index"],
-        "--report",
-        "json",
-        "--top-k",
-        "2",
-    )
+    result = attribute(workflow, "--report", "json", "--top-k", "2", suspects=workflow["suspects"] / "blur")
     report = json.loads(result.stdout)
     assert report["header"]["space"] == "freq" and len(report["header"]["model_sha256"]) == 64
     assert len(report["rows"]) == len(list((workflow["suspects"] / "blur").iterdir()))
@@ -106,9 +89,8 @@ def test_attribute_json_report_carries_the_header(workflow):
 
 def test_attribute_table_on_the_terminal(workflow):
     folder = workflow["suspects"] / "jpeg"
-    args = (folder, "--model", workflow["model"], "--index", workflow["index"])
-    rows = json.loads(run("attribute", *args, "--report", "json").stdout)["rows"]
-    result = run("attribute", *args)
+    rows = json.loads(attribute(workflow, "--report", "json", suspects=folder).stdout)["rows"]
+    result = attribute(workflow, suspects=folder)
     assert "predicted source" in result.stdout
     # Every row's predicted-source cell and status cell, not the paths (which contain "jpeg" too).
     for label in {row["predicted"] for row in rows}:
@@ -130,17 +112,7 @@ def test_model_for_another_index_is_refused(workflow, dataset, tmp_path):
 
 
 def test_usage_errors_exit_2(workflow):
-    result = run(
-        "attribute",
-        workflow["suspects"],
-        "--model",
-        workflow["model"],
-        "--index",
-        workflow["index"],
-        "--report",
-        "pdf",
-        code=2,
-    )
+    result = attribute(workflow, "--report", "pdf", code=2)
     assert "pdf" in result.stderr
     run("index", "build", workflow["suspects"], "--out", workflow["work"] / "x.h5", "--space", "pixels", code=2)
 
@@ -197,16 +169,11 @@ def test_feature_space_workflow_with_random_weights(dataset, tmp_path):
 
 def test_empty_suspect_folder_is_a_usage_error(workflow, tmp_path):
     (tmp_path / "empty").mkdir()
-    result = run("attribute", tmp_path / "empty", "--model", workflow["model"], "--index", workflow["index"], code=2)
+    result = attribute(workflow, suspects=tmp_path / "empty", code=2)
     assert "no image files" in result.stderr
     out = workflow["work"] / "threaded.csv"
-    run(
-        "attribute",
-        workflow["suspects"] / "blur",
-        "--model",
-        workflow["model"],
-        "--index",
-        workflow["index"],
+    attribute(
+        workflow,
         "--report",
         "csv",
         "--out",
@@ -215,5 +182,6 @@ def test_empty_suspect_folder_is_a_usage_error(workflow, tmp_path):
         "2",
         "--threads",
         "1",
+        suspects=workflow["suspects"] / "blur",
     )
     assert len(read_csv(out)) == len(list((workflow["suspects"] / "blur").iterdir()))

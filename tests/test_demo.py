@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 
 import pytest
 from typer.testing import CliRunner
@@ -28,3 +29,8 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert accuracy > 1.5 / len(classes), f"accuracy {accuracy:.2f} is not above chance"
     assert f"accuracy {accuracy:.3f}" in result.stdout
     assert "manifpt attribute" in result.stderr and "manifpt zoo train" in result.stderr
+    # The printed commands run as written on the demo's files (they replace them: --overwrite).
+    for command in ("manifpt index build", "manifpt attribute"):
+        line = next(line.strip() for line in result.stderr.splitlines() if line.strip().startswith(command))
+        again = CliRunner().invoke(app, [*shlex.split(line)[1:], "-q"])
+        assert again.exit_code == 0, again.stderr

@@ -17,9 +17,8 @@ from typer.testing import CliRunner
 
 from manifpt_cli.cli import app
 from manifpt_cli.errors import ManifptError
-from manifpt_cli.export import export_onnx
 from manifpt_cli.spaces import Space
-from manifpt_cli.train import TrainConfig, load_checkpoint, train_attributor
+from manifpt_cli.train import load_checkpoint
 
 SEEDS = range(int(os.environ.get("MANIFPT_FUZZ_SEEDS", "4")))
 runner = CliRunner()
@@ -36,15 +35,20 @@ def flipped_copy(path: Path, tmp_path: Path, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clean(artifacts_file, real_index, dataset, tmp_path_factory):
-    work = tmp_path_factory.mktemp("fuzz")
-    train_attributor(artifacts_file, Space.FREQ, work / "freq.pt", config=TrainConfig(epochs=1))
-    export_onnx(work / "freq.pt", work / "freq.onnx")
-    suspects = work / "suspects"
+def clean(freq_model, artifacts_file, real_index, dataset, tmp_path_factory):
+    work = freq_model
+    folder = tmp_path_factory.mktemp("fuzz")
+    suspects = folder / "suspects"
     shutil.copytree(dataset / "suspects" / "blur", suspects)
-    report = attribute(work / "freq.onnx", real_index, suspects, work / "clean.csv")
+    report = attribute(work / "freq.onnx", real_index, suspects, folder / "clean.csv")
     assert report.exit_code == 0
-    return {"work": work, "index": real_index, "artifacts": artifacts_file, "suspects": suspects}
+    return {
+        "work": work,
+        "index": real_index,
+        "artifacts": artifacts_file,
+        "suspects": suspects,
+        "clean": folder / "clean.csv",
+    }
 
 
 def attribute(model, index, suspects, out):
@@ -65,7 +69,7 @@ def test_bit_flip_in_the_index(clean, tmp_path, seed):
     index = flipped_copy(Path(clean["index"]), tmp_path, seed)
     out = tmp_path / "r.csv"
     result = attribute(clean["work"] / "freq.onnx", index, clean["suspects"], out)
-    assert_refused_or_same(result, out, clean["work"] / "clean.csv")
+    assert_refused_or_same(result, out, clean["clean"])
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -31,7 +31,6 @@ from manifpt_cli.integrity import ONNX_DIGEST_PLACEHOLDER, seal_onnx
 from manifpt_cli.manifold import build_index
 from manifpt_cli.report import ReportFormat, unneutralise
 from manifpt_cli.spaces import Space
-from manifpt_cli.train import TrainConfig, train_attributor
 
 runner = CliRunner()
 
@@ -44,12 +43,10 @@ def cli(*args, code: int | None = 0):
 
 
 @pytest.fixture(scope="module")
-def case(artifacts_file, real_index, dataset, tmp_path_factory):
-    """A trained, exported freq model for the session's real index, and a copy of the suspects."""
-    work = tmp_path_factory.mktemp("case")
-    train_attributor(artifacts_file, Space.FREQ, work / "freq.pt", config=TrainConfig(epochs=2))
-    export_onnx(work / "freq.pt", work / "freq.onnx")
-    suspects = work / "suspects"
+def case(freq_model, real_index, dataset, tmp_path_factory):
+    """The session's exported freq model and real index, and a copy of the suspects."""
+    work = freq_model
+    suspects = tmp_path_factory.mktemp("case") / "suspects"
     shutil.copytree(dataset / "suspects", suspects)
     return {"work": work, "model": work / "freq.onnx", "index": real_index, "suspects": suspects}
 

@@ -10,10 +10,7 @@ import sys
 
 import pytest
 
-from manifpt_cli.export import export_onnx
 from manifpt_cli.manifold import RealIndex
-from manifpt_cli.spaces import Space
-from manifpt_cli.train import TrainConfig, train_attributor
 
 from .conftest import SOURCES
 
@@ -42,11 +39,8 @@ def lean(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def exported_model(artifacts_file, tmp_path_factory):
-    work = tmp_path_factory.mktemp("lean-model")
-    train_attributor(artifacts_file, Space.FREQ, work / "freq.pt", config=TrainConfig(epochs=2))
-    export_onnx(work / "freq.pt", work / "freq.onnx")
-    return work / "freq.onnx"
+def exported_model(freq_model):
+    return freq_model / "freq.onnx"
 
 
 def test_hook_really_refuses_the_extras():

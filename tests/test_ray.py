@@ -12,9 +12,6 @@ import pytest
 from typer.testing import CliRunner
 
 from manifpt_cli.cli import app
-from manifpt_cli.export import export_onnx
-from manifpt_cli.spaces import Space
-from manifpt_cli.train import TrainConfig, train_attributor
 
 pytest.importorskip("ray", reason="the [ray] extra is not installed")
 pytestmark = pytest.mark.slow
@@ -28,11 +25,8 @@ def cli(*args, code: int = 0):
 
 
 @pytest.fixture(scope="module")
-def model(artifacts_file, tmp_path_factory):
-    work = tmp_path_factory.mktemp("ray-model")
-    train_attributor(artifacts_file, Space.FREQ, work / "freq.pt", config=TrainConfig(epochs=1))
-    export_onnx(work / "freq.pt", work / "freq.onnx")
-    return work / "freq.onnx"
+def model(freq_model):
+    return freq_model / "freq.onnx"
 
 
 def test_index_build_on_ray_gives_the_same_index(dataset, real_index, tmp_path):

@@ -57,7 +57,7 @@ def train(
 
 
 @app.command("sample")
-@run_options("device", "quiet")
+@run_options("device", "quiet", "overwrite")
 def sample(
     model: Annotated[Path, typer.Argument(help="Zoo model folder (or its generator.pt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write PNG samples into.")],
@@ -71,7 +71,7 @@ def sample(
         from ..research.zoo import sample_generator
 
         settings = options.settings(progress)
-        written = sample_generator(model, n, out, seed=seed, settings=settings)
+        written = sample_generator(model, n, out, seed=seed, settings=settings, overwrite=options.overwrite)
     stderr.print(f"[green]wrote {len(written)} images[/] to {safe(out)}")
 
 

@@ -80,21 +80,24 @@ class DemoResult:
 
 
 def _commands(work: Path, plan: DemoPlan, sources: list[str]) -> list[str]:
-    """The normal CLI commands that repeat each step on the demo's files."""
+    """The normal CLI commands that repeat each step on the demo's files (replacing them: --overwrite)."""
     w = os.fspath(work)
     source_args = " ".join(f"--source {name}={w}/train/{name}" for name in sources)
     first = ZOO[0]
     return [
         f"manifpt zoo train --real {w}/real --out {w}/zoo/{first[0]} --family {first[1]} --upsample {first[2]} "
         f"--norm {first[3]} --loss {first[4]} --width {plan.zoo_width} --iters {plan.gan_iters} "
-        f"--batch-size {plan.zoo_batch_size}",
-        f"manifpt zoo sample {w}/zoo/{first[0]} --n {plan.n_suspects_per_source} --out {w}/suspects/{first[0]} --seed 2",
+        f"--batch-size {plan.zoo_batch_size} --overwrite",
+        f"manifpt zoo sample {w}/zoo/{first[0]} --n {plan.n_suspects_per_source} --out {w}/suspects/{first[0]} "
+        "--seed 2 --overwrite",
         f"manifpt zoo list {w}/zoo",
-        f"manifpt index build {w}/real --out {w}/real.h5 --space rgb,freq --size {plan.size}",
-        f"manifpt extract --index {w}/real.h5 {source_args} --real {w}/train/real --out {w}/artifacts.h5",
-        f"manifpt train --artifacts {w}/artifacts.h5 --space {plan.space.value} --epochs {plan.epochs} --out {w}/attributor.pt",
-        f"manifpt export {w}/attributor.pt --out {w}/attributor.onnx",
-        f"manifpt attribute {w}/suspects --model {w}/attributor.onnx --index {w}/real.h5 --report csv --out {w}/report.csv",
+        f"manifpt index build {w}/real --out {w}/real.h5 --space rgb,freq --size {plan.size} --overwrite",
+        f"manifpt extract --index {w}/real.h5 {source_args} --real {w}/train/real --out {w}/artifacts.h5 --overwrite",
+        f"manifpt train --artifacts {w}/artifacts.h5 --space {plan.space.value} --epochs {plan.epochs} "
+        f"--out {w}/attributor.pt --overwrite",
+        f"manifpt export {w}/attributor.pt --out {w}/attributor.onnx --overwrite",
+        f"manifpt attribute {w}/suspects --model {w}/attributor.onnx --index {w}/real.h5 "
+        f"--report csv --out {w}/report.csv --overwrite",
     ]
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import UsageError
 from ..formats import FORMAT_VERSION, ZOO_FORMAT, load_checkpoint_payload, provenance, save_checkpoint
 from ..images import decode_folder, split_batch
+from ..outputs import results_folder
 from ..settings import DEFAULT_SETTINGS, RunSettings
 from .generators import GAN, NORMS, UPSAMPLINGS, VAE, Diffusion, Flow
 
@@ -253,8 +254,13 @@ def sample_generator(
     seed: int = 0,
     batch_size: int = 100,
     settings: RunSettings = DEFAULT_SETTINGS,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Write ``n`` PNG samples to ``out_dir``; the same seed gives the same images."""
+    """Write ``n`` PNG samples to ``out_dir``; the same seed gives the same images.
+
+    Sample files already in ``out_dir`` are refused up front unless ``overwrite``; missing folders
+    on the way to ``out_dir`` are created.
+    """
     import torch
     from PIL import Image
 
@@ -263,8 +269,9 @@ def sample_generator(
     device, progress = settings.device, settings.progress
     model, metadata = load_generator(model_dir)
     model.to(device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    names = [f"{metadata['name']}_{i:05d}.png" for i in range(n)]
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)  # a tree of sample folders, as zoo train makes
+    out = results_folder(out_dir, names, inputs=[model_dir], overwrite=overwrite)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     written: list[Path] = []
     progress.start(f"Sampling {metadata['name']}", n)
@@ -274,7 +281,7 @@ def sample_generator(
             images = model.sample(count, generator, device)
             pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             for array in pixels:
-                path = out / f"{metadata['name']}_{len(written):05d}.png"
+                path = out / names[len(written)]
                 Image.fromarray(array).save(path)
                 written.append(path)
             progress.advance(count)
