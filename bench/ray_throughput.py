@@ -70,16 +70,24 @@ def main() -> None:
             run_attribution(work / "m.onnx", index, [work / "suspects" / "plain"], settings=settings, engine=engine)
             started = time.perf_counter()
             out = work / f"{name}.csv"
-            run_attribution(work / "m.onnx", index, [work / "suspects"], settings=settings, engine=engine,
-                            reports=[ReportTarget(ReportFormat.CSV, out)])  # fmt: skip
+            run_attribution(
+                work / "m.onnx",
+                index,
+                [work / "suspects"],
+                settings=settings,
+                engine=engine,
+                reports=[ReportTarget(ReportFormat.CSV, out)],
+            )
             seconds = time.perf_counter() - started
             workers = getattr(engine, "peak_memory_mib", [])
         reports[name] = out.read_bytes()
         rows.append((name, len(suspects) / seconds, workers))
     identical = len(set(reports.values())) == 1
 
-    print(f"\nmanifpt engines — {platform.machine()}, {RunSettings().compute_threads} cores, {args.reals} reals from "
-          f"{origin}, {len(suspects)} suspects, rgb, batch {args.batch_size}")  # fmt: skip
+    print(
+        f"\nmanifpt engines — {platform.machine()}, {RunSettings().compute_threads} cores, {args.reals} reals from "
+        f"{origin}, {len(suspects)} suspects, rgb, batch {args.batch_size}"
+    )
     print(f"index build: local {build_times['local']:.1f} s, ray with 2 workers {build_times['ray-2']:.1f} s")
     print("| engine | images/s | peak RSS per Ray worker (MiB) |\n|---|---:|---|")
     for name, rate, workers in rows:

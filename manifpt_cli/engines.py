@@ -52,8 +52,10 @@ def embed_batch(items: list[DecodeResult], embedders: dict[Space, Embedder]) -> 
     if decoded:
         pixels = np.stack([item.pixels for item in decoded])
         embeddings = {s: np.ascontiguousarray(e(pixels), dtype=np.float32) for s, e in embedders.items()}
-    light = [replace(item, pixels=np.empty((0, 0, 3), np.uint8)) if isinstance(item, DecodedImage) else item
-             for item in items]  # fmt: skip
+    light = [
+        replace(item, pixels=np.empty((0, 0, 3), np.uint8)) if isinstance(item, DecodedImage) else item
+        for item in items
+    ]
     return EmbeddedBatch(light, embeddings)
 
 

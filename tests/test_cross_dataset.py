@@ -46,48 +46,30 @@ def test_cross_dataset_cli(real_index, dataset, artifacts_file, tmp_path):
         "generator,process\njpeg,compression\njpeg_q15,compression\nblur,filter\nnearest,resampling\nnoise,additive\n"
     )
     runner = CliRunner()
-    by_name = runner.invoke(
-        app,
-        [
+
+    def cross(out: str, *extra: str):
+        args = [
             "evaluate",
             "--artifacts",
-            str(artifacts_file),
+            artifacts_file,
             "--test-artifacts",
-            str(other),
+            other,
             "--space",
             "freq",
             "--out",
-            str(tmp_path / "a"),
+            tmp_path / out,
             "--seeds",
             "1",
             "--epochs",
             "3",
-        ],
-    )
+            *extra,
+        ]
+        return runner.invoke(app, [str(a) for a in args])
+
+    by_name = cross("a")
     assert by_name.exit_code == 0, by_name.stderr
     assert "left out of the training set: jpeg" in by_name.stderr and "jpeg_q15" in by_name.stderr
-    by_factor = runner.invoke(
-        app,
-        [
-            "evaluate",
-            "--artifacts",
-            str(artifacts_file),
-            "--test-artifacts",
-            str(other),
-            "--space",
-            "freq",
-            "--out",
-            str(tmp_path / "b"),
-            "--seeds",
-            "1",
-            "--epochs",
-            "3",
-            "--match-by",
-            "process",
-            "--factors",
-            str(factors),
-        ],
-    )
+    by_factor = cross("b", "--match-by", "process", "--factors", str(factors))
     assert by_factor.exit_code == 0, by_factor.stderr
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["classes"] == ["additive", "compression", "filter", "resampling"]

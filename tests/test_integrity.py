@@ -52,8 +52,20 @@ def case(freq_model, real_index, dataset, tmp_path_factory):
 
 
 def attribute_csv(case, out, *extra, code=0):
-    return cli("attribute", case["suspects"], "--model", case["model"], "--index", case["index"], "--report", "csv",
-               "--out", out, *extra, code=code)  # fmt: skip
+    return cli(
+        "attribute",
+        case["suspects"],
+        "--model",
+        case["model"],
+        "--index",
+        case["index"],
+        "--report",
+        "csv",
+        "--out",
+        out,
+        *extra,
+        code=code,
+    )
 
 
 # --- 1. never write over an input or an existing result ------------------------------------------
@@ -67,8 +79,17 @@ def test_outputs_that_are_inputs_are_refused_before_any_work(case, tmp_path):
         result = attribute_csv(case, target, "--overwrite", code=EXIT_USAGE)
         assert "refusing to write" in result.stderr and Path(target).read_bytes() == digest
     assert suspect.read_bytes() == before
-    result = cli("extract", "--index", case["index"], "--source", f"a={case['suspects'] / 'blur'}", "--out",
-                 case["index"], "--overwrite", code=EXIT_USAGE)  # fmt: skip
+    result = cli(
+        "extract",
+        "--index",
+        case["index"],
+        "--source",
+        f"a={case['suspects'] / 'blur'}",
+        "--out",
+        case["index"],
+        "--overwrite",
+        code=EXIT_USAGE,
+    )
     assert "it is the input" in result.stderr
 
 
@@ -132,8 +153,12 @@ def test_tampered_index_is_refused(case, tmp_path, tamper):
     with h5py.File(index, "r+") as handle:
         tamper(handle)
     result = cli("attribute", case["suspects"], "--model", case["model"], "--index", index, code=EXIT_FAILURE)
-    assert "Traceback" not in result.stderr and ("digest" in result.stderr or "index_hash" in result.stderr
-                                                 or "link" in result.stderr or "laid out" in result.stderr)  # fmt: skip
+    assert "Traceback" not in result.stderr and (
+        "digest" in result.stderr
+        or "index_hash" in result.stderr
+        or "link" in result.stderr
+        or "laid out" in result.stderr
+    )
 
 
 def test_another_real_set_with_the_hash_copied_is_refused(case, dataset, tmp_path):
@@ -172,8 +197,15 @@ def test_a_flipped_weight_byte_or_edited_card_is_refused(case, tmp_path):
     card["classes"] = list(reversed(card["classes"]))
     props["manifpt"].value = json.dumps(card)
     onnx.save(proto, str(tmp_path / "reordered.onnx"))
-    result = cli("attribute", case["suspects"], "--model", tmp_path / "reordered.onnx", "--index", case["index"],
-                 code=EXIT_FAILURE)  # fmt: skip
+    result = cli(
+        "attribute",
+        case["suspects"],
+        "--model",
+        tmp_path / "reordered.onnx",
+        "--index",
+        case["index"],
+        code=EXIT_FAILURE,
+    )
     assert "does not match its recorded digest" in result.stderr
 
     # A card that disagrees with its graph is refused even when its digest is right (a faulty export).
@@ -182,8 +214,9 @@ def test_a_flipped_weight_byte_or_edited_card_is_refused(case, tmp_path):
     props["manifpt_digest"].value = ONNX_DIGEST_PLACEHOLDER
     onnx.save(proto, str(tmp_path / "short.onnx"))
     seal_onnx(tmp_path / "short.onnx")
-    result = cli("attribute", case["suspects"], "--model", tmp_path / "short.onnx", "--index", case["index"],
-                 code=EXIT_FAILURE)  # fmt: skip
+    result = cli(
+        "attribute", case["suspects"], "--model", tmp_path / "short.onnx", "--index", case["index"], code=EXIT_FAILURE
+    )
     assert "model card does not match the model" in result.stderr
 
 
@@ -234,8 +267,13 @@ def test_a_failure_between_the_two_renames_keeps_both_old_files(case, tmp_path, 
 
     monkeypatch.setattr(outputs.os, "replace", replace_failing_third)
     with pytest.raises((type(fault), outputs.OutputWriteError)):
-        run_attribution(case["model"], case["index"], [case["suspects"]],
-                        reports=[ReportTarget(ReportFormat.CSV, out)], overwrite=True)  # fmt: skip
+        run_attribution(
+            case["model"],
+            case["index"],
+            [case["suspects"]],
+            reports=[ReportTarget(ReportFormat.CSV, out)],
+            overwrite=True,
+        )
     assert (out.read_bytes(), Path(f"{out}.meta.json").read_bytes()) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.csv.meta.json"], "no partial, backup or journal"
 
@@ -259,8 +297,19 @@ main()
 def test_a_kill_between_the_renames_is_rolled_back_by_the_next_run(case, tmp_path):
     out = tmp_path / "r.csv"
     old = _old_pair(out)
-    args = ["attribute", case["suspects"], "--model", case["model"], "--index", case["index"], "--report", "csv",
-            "--out", out, "--overwrite"]  # fmt: skip
+    args = [
+        "attribute",
+        case["suspects"],
+        "--model",
+        case["model"],
+        "--index",
+        case["index"],
+        "--report",
+        "csv",
+        "--out",
+        out,
+        "--overwrite",
+    ]
     killed = subprocess.run([sys.executable, "-c", KILL_ON_SECOND_RENAME, *map(str, args)], capture_output=True)
     assert killed.returncode == -signal.SIGKILL
     assert out.read_bytes() != old[0], "the first rename happened: the pair is inconsistent until recovery"
@@ -296,10 +345,23 @@ def test_stdout_carries_exactly_the_report_even_on_a_terminal(case, tmp_path):
     primary, secondary = pty.openpty()  # stderr is a terminal: the progress bar is drawn there
     with open(tmp_path / "out.csv", "wb") as stdout:
         done = subprocess.run(
-            [sys.executable, "-m", "manifpt_cli", "attribute", str(case["suspects"]), "--model", str(case["model"]),
-             "--index", str(case["index"]), "--report", "csv"],
-            stdout=stdout, stderr=secondary, timeout=120,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "manifpt_cli",
+                "attribute",
+                str(case["suspects"]),
+                "--model",
+                str(case["model"]),
+                "--index",
+                str(case["index"]),
+                "--report",
+                "csv",
+            ],
+            stdout=stdout,
+            stderr=secondary,
+            timeout=120,
+        )
     os.close(secondary)
     os.close(primary)
     assert done.returncode == 0
@@ -321,10 +383,24 @@ def linked_copies(source: Path, folder: Path, copies: int) -> Path:
 def test_interrupted_json_on_stdout_is_unterminated_and_said_so(case, tmp_path):
     many = linked_copies(case["suspects"], tmp_path / "many", 20)
     process = subprocess.Popen(
-        [sys.executable, "-m", "manifpt_cli", "attribute", str(many), "--model", str(case["model"]),
-         "--index", str(case["index"]), "--report", "json", "--batch-size", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "manifpt_cli",
+            "attribute",
+            str(many),
+            "--model",
+            str(case["model"]),
+            "--index",
+            str(case["index"]),
+            "--report",
+            "json",
+            "--batch-size",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     first = process.stdout.read(200)  # the header and the first rows are out: the run is under way
     process.send_signal(signal.SIGINT)
     rest, errors = process.communicate(timeout=120)
@@ -337,9 +413,23 @@ def test_interrupted_json_on_stdout_is_unterminated_and_said_so(case, tmp_path):
 
 # --- 5. reports that cannot be misread -----------------------------------------------------------
 
-HOSTILE_NAMES = [b"line\rbreak.png", b"new\nline.png", b'quo"te.png', b"com,ma.png", b"tab\tname.png",
-                 b"\xff\xfe.png", b"\\xff.png", b"=cmd.png", b"+sum.png", b"-minus.png", b"@at.png",
-                 b"'quoted.png", b"IMG_[edited].png", b"bold]y.png", b"<script>.png"]  # fmt: skip
+HOSTILE_NAMES = [
+    b"line\rbreak.png",
+    b"new\nline.png",
+    b'quo"te.png',
+    b"com,ma.png",
+    b"tab\tname.png",
+    b"\xff\xfe.png",
+    b"\\xff.png",
+    b"=cmd.png",
+    b"+sum.png",
+    b"-minus.png",
+    b"@at.png",
+    b"'quoted.png",
+    b"IMG_[edited].png",
+    b"bold]y.png",
+    b"<script>.png",
+]
 
 
 def test_hostile_file_names_round_trip_through_csv_and_json(case, tmp_path):
@@ -383,8 +473,17 @@ def test_a_model_that_gives_nan_yields_error_rows_and_valid_json(case, artifacts
     state["head.bias"] = torch.full_like(state["head.bias"], float("nan"))
     save_checkpoint(tmp_path / "nan.pt", state, metadata)
     export_onnx(tmp_path / "nan.pt", tmp_path / "nan.onnx")
-    result = cli("attribute", case["suspects"] / "blur", "--model", tmp_path / "nan.onnx", "--index", case["index"],
-                 "--report", "json", code=3)  # fmt: skip
+    result = cli(
+        "attribute",
+        case["suspects"] / "blur",
+        "--model",
+        tmp_path / "nan.onnx",
+        "--index",
+        case["index"],
+        "--report",
+        "json",
+        code=3,
+    )
     report = json.loads(result.stdout)  # strict JSON: no NaN literals
     assert report["rows"] and all(row["status"] == "error" and "non-finite" in row["error"] for row in report["rows"])
 
@@ -396,13 +495,29 @@ def test_wrong_files_get_one_clear_line(case, tmp_path):
     (tmp_path / "text.h5").write_text("not hdf5")
     (tmp_path / "truncated.h5").write_bytes(Path(case["index"]).read_bytes()[:5000])
     cases = [
-        (("attribute", case["suspects"], "--model", case["model"], "--index", tmp_path / "missing.h5"), 2, "no such index"),
-        (("attribute", case["suspects"], "--model", case["model"], "--index", tmp_path / "text.h5"), 1, "not a readable"),
-        (("attribute", case["suspects"], "--model", case["model"], "--index", tmp_path / "truncated.h5"), 1, "not a readable"),
-        (("attribute", case["suspects"], "--model", case["work"] / "freq.pt", "--index", case["index"]), 2, "not an ONNX model"),
+        (
+            ("attribute", case["suspects"], "--model", case["model"], "--index", tmp_path / "missing.h5"),
+            2,
+            "no such index",
+        ),
+        (
+            ("attribute", case["suspects"], "--model", case["model"], "--index", tmp_path / "text.h5"),
+            1,
+            "not a readable",
+        ),
+        (
+            ("attribute", case["suspects"], "--model", case["model"], "--index", tmp_path / "truncated.h5"),
+            1,
+            "not a readable",
+        ),
+        (
+            ("attribute", case["suspects"], "--model", case["work"] / "freq.pt", "--index", case["index"]),
+            2,
+            "not an ONNX model",
+        ),
         (("export", case["model"], "--out", tmp_path / "x.onnx"), 2, "already an ONNX model"),
         (("export", case["index"], "--out", tmp_path / "y.onnx"), 1, "an HDF5 file"),
-    ]  # fmt: skip
+    ]
     for args, code, words in cases:
         result = cli(*args, code=code)
         assert words in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)

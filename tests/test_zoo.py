@@ -61,32 +61,31 @@ def test_design_choices_a_family_lacks_are_refused():
         make_design("gan", upsample="cubic")
 
 
+def zoo_train(*args: str):
+    return CliRunner().invoke(app, ["zoo", "train", *args])
+
+
 def test_zoo_cli_train_sample_list(tmp_path, dataset):
     runner = CliRunner()
     zoo = tmp_path / "zoo"
-    result = runner.invoke(
-        app,
-        [
-            "zoo",
-            "train",
-            "--real",
-            str(dataset / "real"),
-            "--out",
-            str(zoo / "tiny-gan"),
-            "--family",
-            "gan",
-            "--upsample",
-            "nearest",
-            "--loss",
-            "hinge",
-            "--size",
-            "16",
-            "--iters",
-            "2",
-            "--batch-size",
-            "8",
-            "-q",
-        ],
+    result = zoo_train(
+        "--real",
+        str(dataset / "real"),
+        "--out",
+        str(zoo / "tiny-gan"),
+        "--family",
+        "gan",
+        "--upsample",
+        "nearest",
+        "--loss",
+        "hinge",
+        "--size",
+        "16",
+        "--iters",
+        "2",
+        "--batch-size",
+        "8",
+        "-q",
     )
     assert result.exit_code == 0, result.stderr
     result = runner.invoke(
@@ -96,20 +95,6 @@ def test_zoo_cli_train_sample_list(tmp_path, dataset):
     result = runner.invoke(app, ["zoo", "list", str(zoo)])
     assert result.exit_code == 0 and "tiny-gan" in result.stdout and "hinge" in result.stdout
     assert [m["name"] for m in list_zoo(zoo)] == ["tiny-gan"]
-    result = runner.invoke(
-        app,
-        [
-            "zoo",
-            "train",
-            "--real",
-            str(dataset / "real"),
-            "--out",
-            str(zoo / "x"),
-            "--family",
-            "vae",
-            "--loss",
-            "hinge",
-        ],
-    )
+    result = zoo_train("--real", str(dataset / "real"), "--out", str(zoo / "x"), "--family", "vae", "--loss", "hinge")
     assert result.exit_code == 2 and "GAN loss" in result.stderr
     assert not (zoo / "x").exists()
