@@ -42,15 +42,27 @@ app.command("demo")(demo)
 
 
 def _version(value: bool) -> None:
+    """The version, and those of the libraries that shape a report's rows (as report headers record them)."""
     if value:
+        from ..attribute import library_versions
+
         typer.echo(f"manifpt {__version__}")
+        for name, version in library_versions().items():
+            if name != "manifpt":
+                typer.echo(f"  {name} {version}")
         raise typer.Exit()
 
 
 @app.callback()
 def root(
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        Optional[bool],
+        typer.Option(
+            "--version",
+            callback=_version,
+            is_eager=True,
+            help="Print the versions of manifpt and its libraries, and exit.",
+        ),
     ] = None,
 ) -> None:
     """Attribute suspect images to the generative model that made them (ManiFPT, CVPR 2024)."""
