@@ -42,6 +42,13 @@ class NoSpaceError(ManifptError):
     """The disk (or quota) ran out while writing; nothing was left under the final name."""
 
 
+def _same_file(a: PathLike, b: PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing (or a dangling link): not the same existing file
+        return False
+
+
 def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
@@ -65,7 +72,7 @@ def check_outputs(
         text = os.fspath(output)
         real = os.path.realpath(output)
         for given, real_input in resolved_inputs:
-            if real == real_input or (os.path.exists(output) and os.path.samefile(output, given)):
+            if real == real_input or _same_file(output, given):
                 raise OutputRefusedError(f"refusing to write {text}: it is the input {given}; choose another output")
             if os.path.isdir(real_input) and _inside(real, real_input):
                 raise OutputRefusedError(
@@ -140,7 +147,10 @@ class _Lock:
 
     def acquire(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                raise OutputRefusedError(f"cannot write in {self.path.parent}: {exc.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -191,9 +201,11 @@ def _recover(final: Path) -> None:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(leftover)
         journal.unlink()
-    for stale in final.parent.glob(f".{glob_escape(final.name)}.partial-*"):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
+    # Partial files, and backups made before a commit journal was written, of runs that died.
+    for pattern in (".{}.partial-*", ".{}.backup-*"):
+        for stale in final.parent.glob(pattern.format(glob_escape(final.name))):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
 
 
 def glob_escape(name: str) -> str:
