@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -132,7 +133,7 @@ def _write_errors_are_clear(path: Path) -> Iterator[None]:
             ) from None
         if exc.errno in WRITE_ERRNOS:
             raise OutputWriteError(
-                f"{exc.strerror} while writing {path}; it was not written (the previous file, if any, is unchanged)"
+                f"{exc.strerror}: {path} was not written (the previous file, if any, is unchanged)"
             ) from None
         raise
 
@@ -158,6 +159,9 @@ class _Lock:
                 raise OutputBusyError(
                     f"another manifpt run is writing {self.final} right now; wait for it, or write elsewhere"
                 ) from None
+            except OSError as exc:  # no locking on this filesystem (some NFS set-ups)
+                os.close(fd)
+                raise OutputRefusedError(f"cannot lock {self.path} ({exc.strerror}); write elsewhere") from None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -179,29 +183,71 @@ def _journal_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.commit")
 
 
+def _check_entries(journal: Path, entries: object) -> list[dict]:
+    """The journal's entries, if they are what manifpt writes: names of files beside the journal."""
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("not a list of entries")
+    for entry in entries:
+        if not isinstance(entry, dict) or set(entry) != {"final", "backup", "partial"}:
+            raise ValueError("an entry is not final/backup/partial")
+        final = entry["final"]
+        if not isinstance(final, str) or not final or "/" in final or final.startswith("."):
+            raise ValueError(f"unexpected final name {final!r}")
+        for kind in ("backup", "partial"):
+            name = entry[kind]
+            if name is None and kind == "backup":
+                continue
+            if not isinstance(name, str) or not re.fullmatch(rf"\.{re.escape(final)}\.{kind}-[0-9a-f]{{32}}", name):
+                raise ValueError(f"unexpected {kind} name {name!r}")
+    return entries
+
+
+def _roll_back(folder: Path, entries: list[dict]) -> None:
+    """Put every final name back as it was before the commit, then drop backups and partials.
+
+    A partial that no longer exists was renamed onto its final name: that final is restored from
+    its backup (or removed if there was none). A final that is missing while its backup exists
+    was moved aside: it is restored too.
+    """
+    for entry in entries:
+        final = folder / entry["final"]
+        backup = folder / entry["backup"] if entry["backup"] else None
+        renamed = not os.path.lexists(folder / entry["partial"])
+        if renamed or (backup and not os.path.lexists(final)):
+            if backup and os.path.lexists(backup):
+                os.replace(backup, final)
+            elif renamed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(final)
+    _drop_leftovers(folder, entries)
+
+
+def _drop_leftovers(folder: Path, entries: list[dict]) -> None:
+    for entry in entries:
+        for name in (entry["backup"], entry["partial"]):
+            if name:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(folder / name)
+
+
 def _recover(final: Path) -> None:
-    """Finish or undo a group commit that a dead run left half done, and drop its partial files."""
+    """Undo a group commit that a dead run left half done (or finish its clean-up), and drop the
+    partial files of dead runs. The caller holds the output's lock."""
     journal = _journal_path(final)
     if journal.exists():
         try:
-            entries = json.loads(journal.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            entries = []
-        committed_all = all(not os.path.lexists(entry["partial"]) for entry in entries)
-        for entry in entries:
-            target, backup, partial = entry["final"], entry["backup"], entry["partial"]
-            if not committed_all and not os.path.lexists(partial):  # this one was renamed: undo it
-                if backup:
-                    os.replace(backup, target)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(target)
-            for leftover in (backup, partial):
-                if leftover:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(leftover)
+            entries = _check_entries(journal, json.loads(journal.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise OutputWriteError(
+                f"the commit journal {journal} of an interrupted run is damaged ({exc}); check {final} and the "
+                "files beside it named like it, then remove the journal"
+            ) from None
+        if all(not os.path.lexists(final.parent / entry["partial"]) for entry in entries):
+            _drop_leftovers(final.parent, entries)  # every file was committed: only backups remain
+        else:
+            _roll_back(final.parent, entries)
         journal.unlink()
-    # Partial files, and backups made before a commit journal was written, of runs that died.
+    # Backups outlive their journal only when a finished commit died while deleting them.
     for pattern in (".{}.partial-*", ".{}.backup-*"):
         for stale in final.parent.glob(pattern.format(glob_escape(final.name))):
             with contextlib.suppress(FileNotFoundError):
@@ -221,46 +267,51 @@ def _write_journal(journal: Path, entries: list[dict]) -> None:
     os.replace(temporary, journal)
 
 
+def _set_aside(final: Path, backup: Path) -> None:
+    """Keep the old ``final`` as ``backup``: a hard link, or a move where links are not supported."""
+    try:
+        os.link(final, backup, follow_symlinks=False)
+    except OSError:  # exFAT/vfat evidence drives, some network filesystems
+        os.replace(final, backup)
+
+
 def _commit(pairs: list[tuple[Path, Path]], overwrite: bool) -> None:
-    """Rename every partial onto its final name, all or nothing."""
+    """Rename every partial onto its final name, all or nothing.
+
+    For a group, the journal is written first, then the old files are set aside as backups, then
+    the partials are renamed; any failure, Ctrl-C included, is rolled back from what is on disk,
+    and a dead run's half commit is rolled back by the next run (:func:`_recover`).
+    """
     for _, final in pairs:
         if final.exists() and not overwrite:
             raise OutputRefusedError(f"{final} appeared while this run wrote it; nothing was replaced")
     if len(pairs) == 1:
         os.replace(*pairs[0])
         return
-    entries = []
-    for partial, final in pairs:
-        backup = None
-        if final.exists():
-            backup = final.with_name(f".{final.name}.backup-{uuid.uuid4().hex}")
-            os.link(final, backup)
-        entries.append(
-            {"final": os.fspath(final), "backup": os.fspath(backup) if backup else None, "partial": os.fspath(partial)}
-        )
+    folder = pairs[0][1].parent
+    if any(final.parent != folder for _, final in pairs):
+        raise ValueError("files committed together must be in one folder")
+    entries = [
+        {
+            "final": final.name,
+            "backup": f".{final.name}.backup-{uuid.uuid4().hex}" if os.path.lexists(final) else None,
+            "partial": partial.name,
+        }
+        for partial, final in pairs
+    ]
     journal = _journal_path(pairs[0][1])
     _write_journal(journal, entries)
-    done: list[dict] = []
     try:
         for entry in entries:
-            os.replace(entry["partial"], entry["final"])
-            done.append(entry)
-    except BaseException:
-        for entry in reversed(done):  # if undoing fails too, the journal stays for the next run
             if entry["backup"]:
-                os.replace(entry["backup"], entry["final"])
-            else:
-                os.unlink(entry["final"])
-        _drop_journal(journal, entries)
+                _set_aside(folder / entry["final"], folder / entry["backup"])
+        for entry in entries:
+            os.replace(folder / entry["partial"], folder / entry["final"])
+    except BaseException:
+        _roll_back(folder, entries)  # if this fails too, the journal stays for the next run
+        journal.unlink()
         raise
-    _drop_journal(journal, entries)
-
-
-def _drop_journal(journal: Path, entries: list[dict]) -> None:
-    for entry in entries:
-        if entry["backup"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry["backup"])
+    _drop_leftovers(folder, entries)
     journal.unlink()
 
 
@@ -287,11 +338,19 @@ def atomic_outputs(paths: Sequence[PathLike], *, overwrite: bool = False) -> Ite
         try:
             with _write_errors_are_clear(finals[0]):
                 yield partials
-                _commit(list(zip(partials, finals)), overwrite)
+                try:
+                    _commit(list(zip(partials, finals)), overwrite)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT, *WRITE_ERRNOS):
+                        raise
+                    raise OutputWriteError(
+                        f"cannot put {finals[0]} in place ({exc.strerror}); the previous files, if any, are unchanged"
+                    ) from None
         finally:
-            for partial in partials:
-                with contextlib.suppress(FileNotFoundError):
-                    partial.unlink()
+            if not _journal_path(finals[0]).exists():  # else a failed roll-back left them for recovery
+                for partial in partials:
+                    with contextlib.suppress(FileNotFoundError):
+                        partial.unlink()
     finally:
         for lock in locks:
             lock.release()

@@ -253,15 +253,22 @@ def _old_pair(out: Path) -> tuple[bytes, bytes]:
     return b"old report", b"old provenance"
 
 
-@pytest.mark.parametrize("fault", [OSError(5, "Input/output error"), KeyboardInterrupt()], ids=["EIO", "SIGINT"])
-def test_a_failure_between_the_two_renames_keeps_both_old_files(case, tmp_path, monkeypatch, fault):
+@pytest.mark.parametrize(
+    "fault, after",
+    [(OSError(5, "Input/output error"), False), (KeyboardInterrupt(), False), (KeyboardInterrupt(), True)],
+    ids=["EIO-second-rename", "SIGINT-second-rename", "SIGINT-just-after-first-rename"],
+)
+def test_a_failure_between_the_two_renames_keeps_both_old_files(case, tmp_path, monkeypatch, fault, after):
     out = tmp_path / "r.csv"
     old = _old_pair(out)
     real_replace, calls = os.replace, []
 
-    def replace_failing_third(src, dst):
+    def replace_failing_third(src, dst):  # fails once; the roll-back's own renames go through
         calls.append(dst)
-        if len(calls) == 3:  # 1: the commit journal, 2: the report, 3: its provenance
+        if after and len(calls) == 2:  # Ctrl-C lands as the report's rename returns
+            real_replace(src, dst)
+            raise fault
+        if not after and len(calls) == 3:  # 1: the commit journal, 2: the report, 3: its provenance
             raise fault
         return real_replace(src, dst)
 
