@@ -218,9 +218,9 @@ class Attribution:
         settings = self.settings
         return {
             **provenance(),
-            "model": os.path.abspath(self.model.path),
+            "model": display_path(os.path.abspath(self.model.path)),
             "model_sha256": self.model.sha256,
-            "index": os.path.abspath(self.index.path),
+            "index": display_path(os.path.abspath(self.index.path)),
             "index_hash": self.index.index_hash,
             "space": space.value,
             "image_size": self.model.image_size,

@@ -29,6 +29,7 @@ import numpy as np
 from .errors import ManifptError, MismatchError, UsageError
 from .extras import require_extra
 from .images import DecodedImage, DecodeResult, FoundFile, decode_folder, discover_images, iter_batches, try_decode
+from .progress import SILENT
 from .settings import RunSettings
 from .spaces import Embedder, Space
 
@@ -101,7 +102,10 @@ class RayEngine:
 
         if not ray.is_initialized():
             if self.address:
-                ray.init(address=self.address, log_to_driver=False, logging_level="ERROR")
+                try:
+                    ray.init(address=self.address, log_to_driver=False, logging_level="ERROR")
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    raise EngineError(f"cannot reach the Ray cluster at {self.address}: {exc}") from None
             else:
                 ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
                 self.started_here = True
@@ -127,6 +131,13 @@ class RayEngine:
         while window:
             yield self._get(window, progress)
 
+    def _started(self, actors: list) -> list:
+        """Wait until every actor has opened its files; a worker's refusal is raised here as itself."""
+        window = deque((actor.ready.remote(), 0) for actor in actors)
+        while window:
+            self._get(window, SILENT)
+        return actors
+
     @staticmethod
     def _get(window: deque, progress):
         """The oldest result; a worker's manifpt error is raised here as itself."""
@@ -139,7 +150,8 @@ class RayEngine:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, ManifptError):
                 raise cause from None
-            first = next((line for line in str(exc).splitlines() if "Error" in line), str(exc).splitlines()[0])
+            lines = str(exc).splitlines() or [type(exc).__name__]
+            first = next((line for line in lines if "Error:" in line), lines[0])
             raise EngineError(f"a Ray worker failed: {first.strip()}") from None
         progress.advance(n)
         return result
@@ -151,7 +163,7 @@ class RayEngine:
 
         expected = {space: getattr(e, "weights", None) for space, e in embedders.items()}
         Embed = ray.remote(num_cpus=1)(_EmbedActor)
-        actors = [Embed.remote(list(embedders), weights, size, expected) for _ in range(self.n_actors)]
+        actors = self._started([Embed.remote(list(embedders), weights, size, expected) for _ in range(self.n_actors)])
         found = list(discover_images(roots, sniff=settings.sniff))  # listed once, here
         batches = iter_batches(found, settings.batch_size)
         limits = (settings.max_pixels, settings.max_file_bytes)
@@ -165,7 +177,7 @@ class RayEngine:
         Attribute = ray.remote(num_cpus=0.5)(_AttributeActor)
         expected = (attribution.model.sha256, attribution.index.index_hash)
         paths = (os.path.abspath(model), os.path.abspath(index))
-        actors = [Attribute.remote(*paths, top_k, expected) for _ in range(self.n_actors)]
+        actors = self._started([Attribute.remote(*paths, top_k, expected) for _ in range(self.n_actors)])
         found = list(discover_images(roots, sniff=settings.sniff))
         size = attribution.model.image_size
         limits = (settings.max_pixels, settings.max_file_bytes)
@@ -186,12 +198,15 @@ class _EmbedActor:
     """Decodes and embeds batches with embedders built once, from the driver's weights."""
 
     def __init__(self, spaces: Sequence[Space], weights: dict, size: int, expected: dict) -> None:
+        self.spaces, self.weights, self.size, self.expected = spaces, weights, size, expected
+
+    def ready(self) -> None:
+        """Build the embedders (in a method, so that a refusal reaches the driver as itself)."""
         from .spaces import make_embedder
 
-        self.size = size
-        self.embedders = {space: make_embedder(space, weights.get(space)) for space in spaces}
+        self.embedders = {space: make_embedder(space, self.weights.get(space)) for space in self.spaces}
         for space, embedder in self.embedders.items():
-            if getattr(embedder, "weights", None) != expected[space]:
+            if getattr(embedder, "weights", None) != self.expected[space]:
                 raise MismatchError(f"a Ray worker loaded other {space.value} weights than the driver")
 
     def embed(self, batch: list[FoundFile], max_pixels: int, max_file_bytes: int) -> EmbeddedBatch:
@@ -202,8 +217,13 @@ class _AttributeActor:
     """Opens the model and the index once, checks they are the driver's, attributes decoded batches."""
 
     def __init__(self, model: str, index: str, top_k: int, expected: tuple[str, str]) -> None:
+        self.arguments = (model, index, top_k, expected)
+
+    def ready(self) -> None:
+        """Open and verify the model and index (in a method, so that a refusal reaches the driver as itself)."""
         from .attribute import Attribution
 
+        model, index, top_k, expected = self.arguments
         self.attribution = Attribution(model, index, top_k=top_k, settings=RunSettings(threads=1))
         found = (self.attribution.model.sha256, self.attribution.index.index_hash)
         if found != expected:

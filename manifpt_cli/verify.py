@@ -19,6 +19,7 @@ from .images import path_from_display
 from .report import sidecar_path, unneutralise
 
 MATCHES, CHANGED, MISSING = "matches", "changed", "missing"
+NOT_HASHED = "not hashed in the report"  # skipped files and files refused unread: nothing to compare
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Check:
 
     @property
     def ok(self) -> bool:
-        return self.result == MATCHES
+        return self.result in (MATCHES, NOT_HASHED)
 
 
 @dataclass
@@ -97,23 +98,29 @@ def verify_report(report: str | os.PathLike) -> Verification:
     model_check = _check_file("model", model, header.get("model_sha256", ""))
     if model_check.ok:
         try:
-            OnnxAttributor(model)  # loading verifies the digest sealed at export, and the card
+            OnnxAttributor(
+                os.fsdecode(path_from_display(model))
+            )  # loading verifies the digest sealed at export, and the card
         except ManifptError as exc:
             model_check = Check("model", model, CHANGED, str(exc))
     result.checks.append(model_check)
     index = header.get("index", "")
-    if not os.path.isfile(index):
+    try:
+        index_file = path_from_display(index)
+    except ValueError:
+        index_file = b""
+    if not os.path.isfile(index_file):
         result.checks.append(Check("index", index, MISSING))
     else:
         try:
-            with RealIndex(index) as opened:
+            with RealIndex(os.fsdecode(index_file)) as opened:
                 same = opened.index_hash == header.get("index_hash")
             result.checks.append(Check("index", index, MATCHES if same else CHANGED, "index_hash"))
         except ManifptError as exc:
             result.checks.append(Check("index", index, CHANGED, str(exc)))
     for row in rows:
         if not row.get("sha256"):
-            result.checks.append(Check("suspect", row["path"], "not checked: the report has no hash for it (skipped)"))
+            result.checks.append(Check("suspect", row["path"], NOT_HASHED, row.get("status", "")))
         else:
             result.checks.append(_check_file("suspect", row["path"], row["sha256"]))
     return result

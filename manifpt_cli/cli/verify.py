@@ -25,7 +25,7 @@ def verify(
     Exit 0 when every file matches its recorded SHA-256 (and the model and index their own
     digests); 1 when any file changed, is missing, or could not be checked.
     """
-    from ..verify import verify_report
+    from ..verify import NOT_HASHED, verify_report
 
     with errors_to_exit():
         result = verify_report(report)
@@ -36,10 +36,11 @@ def verify(
             table.add_row(literal(check.path), check.what, literal(check.result, style=style), literal(check.detail))
     if table.rows:
         stdout.print(table)
-    others = len(result.checks) - result.count("matches") - result.count("changed") - result.count("missing")
+    counted = ("matches", "changed", "missing", NOT_HASHED)
+    others = len(result.checks) - sum(result.count(name) for name in counted)
     summary = (
         f"{result.count('matches')} match, {result.count('changed')} changed, {result.count('missing')} missing, "
-        f"{others} not checked"
+        f"{result.count(NOT_HASHED)} not hashed in the report (skipped or refused unread), {others} not checked"
     )
     stderr.print(f"[green]{summary}[/]" if result.ok else f"[red]{summary}[/]")
     raise typer.Exit(0 if result.ok else EXIT_FAILURE)
