@@ -18,7 +18,7 @@ import numpy as np
 from . import __version__
 from .artifacts import compute_artifacts
 from .errors import FormatError, MismatchError, UsageError
-from .formats import ONNX_METADATA_KEY, describe_file, file_sha256, provenance
+from .formats import ONNX_METADATA_KEY, describe_file, provenance
 from .images import DecodedImage, DecodeResult, FailedImage, SkippedFile, decode_folder, display_path
 from .inputs import InputKind, attributor_inputs
 from .integrity import ONNX_DIGEST_KEY, verify_onnx
@@ -90,12 +90,24 @@ class OnnxAttributor:
         self._check_graph(input_shape)
         self.embedder: Embedder = PixelEmbedder(self.space)
         if self.space.needs_backbone:
-            backbone = os.path.join(os.path.dirname(self.path), self.card["backbone_file"])
+            backbone = self.backbone_path
             if not os.path.isfile(backbone):
                 raise UsageError(f"the {self.space.value} model needs its backbone file beside it: {backbone}")
-            if file_sha256(backbone) != self.card["backbone_onnx_sha256"]:
+            with open(backbone, "rb") as handle:
+                data = handle.read()  # hashed and loaded from the same bytes
+            if hashlib.sha256(data).hexdigest() != self.card.get("backbone_onnx_sha256"):
                 raise MismatchError(f"{backbone} is not the backbone exported with {self.path} (SHA-256 differs)")
-            self.embedder = OnnxBackboneEmbedder(self.space, _session(backbone, threads))
+            self.embedder = OnnxBackboneEmbedder(self.space, _session(backbone, threads, data))
+
+    @property
+    def backbone_path(self) -> str | None:
+        """Where the sl/ssl backbone exported with this model lives (None for rgb/freq)."""
+        name = self.card.get("backbone_file")
+        if not self.space.needs_backbone:
+            return None
+        if not isinstance(name, str) or os.path.basename(name) != name:
+            raise FormatError(f"{self.path} has a damaged model card (backbone_file {name!r})")
+        return os.path.join(os.path.dirname(self.path), name)
 
     def _check_graph(self, input_shape: list[int]) -> None:
         """The card must describe the graph: its input shape and its number of classes."""

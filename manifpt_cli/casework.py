@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from .attribute import Attribution, AttributionRow
 from .engines import LocalEngine
 from .errors import EXIT_OK, EXIT_PARTIAL, UsageError
+from .formats import backbone_path_for
 from .images import count_images, display_path
 from .outputs import check_outputs
 from .report import ReportFormat, open_report, sidecar_path
@@ -77,7 +78,7 @@ def run_attribution(
             raise UsageError("the table is drawn by the CLI; reports are written as csv or json")
     files = [t.out for t in reports if t.out is not None]
     files += [sidecar_path(t.out) for t in reports if t.out is not None and t.format is ReportFormat.CSV]
-    check_outputs(files, inputs=[model, index, *suspects], overwrite=overwrite)
+    check_outputs(files, inputs=[model, backbone_path_for(model), index, *suspects], overwrite=overwrite)
     if len({os.path.realpath(f) for f in files}) < len(files):
         raise UsageError("two reports would be written to the same file")
     with Attribution(model, index, top_k=top_k, settings=settings) as run:

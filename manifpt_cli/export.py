@@ -25,7 +25,7 @@ import numpy as np
 
 from . import __version__
 from .errors import ExportParityError, MismatchError, UsageError
-from .formats import ONNX_METADATA_KEY, file_sha256, utc_now
+from .formats import ONNX_METADATA_KEY, backbone_path_for, file_sha256, utc_now
 from .integrity import ONNX_DIGEST_KEY, ONNX_DIGEST_PLACEHOLDER, seal_onnx
 from .outputs import atomic_outputs, check_outputs
 from .spaces import BackboneWeights, Space, load_backbone
@@ -43,12 +43,6 @@ class ExportResult:
     max_embedding_diff: float | None
     tolerance: float
     seconds: float
-
-
-def backbone_path_for(model_path: str | os.PathLike) -> Path:
-    """``dir/NAME.onnx`` → ``dir/NAME.backbone.onnx``."""
-    path = Path(model_path)
-    return path.with_name(f"{path.name.removesuffix('.onnx')}.backbone.onnx")
 
 
 def _to_onnx(module, example, path: Path, input_name: str, output_names: list[str]) -> None:

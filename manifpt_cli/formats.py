@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 
@@ -91,6 +92,12 @@ def describe_file(path: str | os.PathLike) -> str:
     if os.fspath(path).lower().endswith(".onnx"):
         return "an ONNX model, judging by its name"
     return "not a file manifpt recognises"
+
+
+def backbone_path_for(model_path: str | os.PathLike) -> Path:
+    """``dir/NAME.onnx`` → ``dir/NAME.backbone.onnx``."""
+    path = Path(model_path)
+    return path.with_name(f"{path.name.removesuffix('.onnx')}.backbone.onnx")
 
 
 def json_attr(attrs: Mapping, key: str):

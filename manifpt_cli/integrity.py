@@ -47,8 +47,17 @@ def _attr_text(value) -> str:
     return str(value)
 
 
+def _attr_digest_text(value) -> str:
+    """An attribute as exact, typed text: arrays by dtype, shape and bytes (``str()`` of a large
+    array is abbreviated and rounded, so two different arrays could read the same)."""
+    if isinstance(value, np.ndarray):
+        return f"array:{value.dtype.str}:{list(value.shape)}:{hashlib.sha256(value.tobytes()).hexdigest()}"
+    return f"{type(value).__name__}:{_attr_text(value)}"
+
+
 def _update_attrs(digest, attrs, keys) -> None:
-    digest.update(json.dumps({key: _attr_text(attrs[key]) for key in keys if key in attrs}, sort_keys=True).encode())
+    described = {key: _attr_digest_text(attrs[key]) for key in keys if key in attrs}
+    digest.update(json.dumps(described, sort_keys=True).encode())
 
 
 def _update_dataset(digest, dataset) -> None:
@@ -111,6 +120,10 @@ def check_structure(handle, path: str, spaces: list[str]) -> None:
                 "was altered (it may point at data elsewhere). Rebuild it with `manifpt index build`"
             )
     found = [name for name, _ in links]
+    for name in found:
+        is_group = name in ("files", "failures", "spaces") or name.count("/") == 1 and name.startswith("spaces/")
+        if isinstance(handle[name], h5py.Group) != is_group:
+            raise IntegrityError(f"index {path}: /{name} is not the kind of object manifpt writes there")
     unexpected = sorted(set(found) - expected)
     missing = sorted(expected - set(found))
     if unexpected or missing:
@@ -160,8 +173,10 @@ def state_dict_sha256(state) -> str:
     """SHA-256 over sorted parameter names and their bytes: identity of weights, not of files."""
     digest = hashlib.sha256()
     for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+        tensor = state[key].detach().cpu().contiguous()
+        header = json.dumps([key, str(tensor.dtype), list(tensor.shape)])  # same bytes, other type: other digest
+        digest.update(len(header).to_bytes(8, "little") + header.encode())
+        digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -209,7 +209,7 @@ class RealIndex:
         except IntegrityError:
             self._file.close()
             raise
-        except (KeyError, ValueError, TypeError, OSError) as exc:
+        except (KeyError, ValueError, TypeError, OSError, AttributeError) as exc:
             self._file.close()
             raise FormatError(f"{self.path} is a damaged manifpt index ({type(exc).__name__}: {exc})") from None
         except BaseException:

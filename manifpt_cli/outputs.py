@@ -101,7 +101,7 @@ def results_folder(
     only), and refused if any of ``names`` is already in it, unless ``overwrite``."""
     check_outputs([folder], inputs=inputs, folders=True)
     out = make_folder(folder)
-    check_outputs([out / name for name in names], overwrite=overwrite)
+    check_outputs([out / name for name in names], inputs=inputs, overwrite=overwrite)
     return out
 
 

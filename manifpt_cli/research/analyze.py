@@ -134,7 +134,8 @@ def analyze_clusters(
     summaries = fingerprint_summaries(data.artifacts, data.samples.labels, data.samples.label_names)
     analysis = cluster_fingerprints(summaries, factors)
     names = ("clusters.csv", "distances.csv", "linkage.csv", "dendrogram.png", "heatmap.png")
-    out = results_folder(out_dir, names, inputs=[artifacts_path], overwrite=overwrite)
+    inputs = [artifacts_path, *(path for path in (zoo_dir, factors_csv) if path is not None)]
+    out = results_folder(out_dir, names, inputs=inputs, overwrite=overwrite)
     analysis.files = {name: out / name for name in names}
     with (
         atomic_output(analysis.files["clusters.csv"], overwrite=True) as partial,

@@ -222,7 +222,8 @@ def evaluate_set(
     if seeds < 1:
         raise UsageError(f"seeds must be at least 1, got {seeds}")
     config = config or TrainConfig()
-    out = results_folder(out_dir, OUTPUT_FILES, overwrite=overwrite)
+    inputs = [source] if source else []
+    out = results_folder(out_dir, OUTPUT_FILES, inputs=inputs, overwrite=overwrite)
     name, classes, labels = data.name, data.samples.label_names, data.samples.labels
     n_classes = len(classes)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
