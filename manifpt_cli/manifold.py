@@ -320,8 +320,11 @@ class RealIndex:
             best = np.where(closest & valid, candidates, np.iinfo(np.int64).max).min(axis=1)
             ids[todo[found]] = best[found]
             distances[todo[found]] = exact.min(axis=1)[found]
-            # All k candidates were copies of the query itself: look further.
-            todo = todo[~found & (k < self.n_images) & (candidates >= 0).all(axis=1)]
+            # Look further where all k candidates were copies of the query itself, or were all tied
+            # at the minimum (more tied rows may lie beyond them, and the lowest row must win).
+            complete = (candidates >= 0).all(axis=1)
+            all_tied = found & (np.where(valid, exact, -np.inf).max(axis=1) == exact.min(axis=1)) & valid.all(axis=1)
+            todo = todo[(~found | all_tied) & (k < self.n_images) & complete]
             k *= 4
         return Neighbours(ids, distances)
 
