@@ -51,21 +51,14 @@ def case(freq_model, real_index, dataset, tmp_path_factory):
     return {"work": work, "model": work / "freq.onnx", "index": real_index, "suspects": suspects}
 
 
+def attribute_args(case, out, *extra) -> list:
+    """`manifpt attribute` of the case's suspects into a CSV report ``out``."""
+    inputs = ["--model", case["model"], "--index", case["index"]]
+    return ["attribute", case["suspects"], *inputs, "--report", "csv", "--out", out, *extra]
+
+
 def attribute_csv(case, out, *extra, code=0):
-    return cli(
-        "attribute",
-        case["suspects"],
-        "--model",
-        case["model"],
-        "--index",
-        case["index"],
-        "--report",
-        "csv",
-        "--out",
-        out,
-        *extra,
-        code=code,
-    )
+    return cli(*attribute_args(case, out, *extra), code=code)
 
 
 # --- 1. never write over an input or an existing result ------------------------------------------
@@ -304,19 +297,7 @@ main()
 def test_a_kill_between_the_renames_is_rolled_back_by_the_next_run(case, tmp_path):
     out = tmp_path / "r.csv"
     old = _old_pair(out)
-    args = [
-        "attribute",
-        case["suspects"],
-        "--model",
-        case["model"],
-        "--index",
-        case["index"],
-        "--report",
-        "csv",
-        "--out",
-        out,
-        "--overwrite",
-    ]
+    args = attribute_args(case, out, "--overwrite")
     killed = subprocess.run([sys.executable, "-c", KILL_ON_SECOND_RENAME, *map(str, args)], capture_output=True)
     assert killed.returncode == -signal.SIGKILL
     assert out.read_bytes() != old[0], "the first rename happened: the pair is inconsistent until recovery"
