@@ -25,9 +25,18 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import FormatError, MismatchError, UsageError
+from .errors import FormatError, ImageDecodeError, MismatchError, UsageError
 from .formats import ARTIFACTS_FORMAT, check_format, describe_file, json_attr, sample_file
-from .images import FailedImage, count_images, decode_folder, display_path, split_batch
+from .images import (
+    DecodedImage,
+    FailedImage,
+    count_images,
+    decode_folder,
+    decode_image,
+    display_path,
+    iter_batches,
+    split_batch,
+)
 from .integrity import ARTIFACTS_DIGEST_ATTR, IntegrityError, hdf5_digest
 from .manifold import Neighbours, RealIndex
 from .outputs import check_outputs
@@ -35,6 +44,7 @@ from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import BackboneWeights, Embedder, Space, TorchBackboneEmbedder, load_backbone, make_embedder
 
 REAL_LABEL = "real"
+REAL_FROM_INDEX = "index"  # extract's ``real``: the class ``real`` from the index's own images
 
 
 @dataclass
@@ -107,6 +117,7 @@ class ExtractResult:
 
 
 def _labelled_folders(sources: Sequence[tuple[str, str]], real: str | os.PathLike | None) -> list[tuple[str, str]]:
+    """(class, folder) pairs; the folder of a real class drawn from the index is ``REAL_FROM_INDEX``."""
     folders = list(sources)
     if real is not None:
         folders.append((REAL_LABEL, os.fspath(real)))
@@ -119,6 +130,35 @@ def _labelled_folders(sources: Sequence[tuple[str, str]], real: str | os.PathLik
     if not folders:
         raise UsageError("give at least one source (a class name and its folder)")
     return folders
+
+
+def index_real_images(index: RealIndex, count: int, settings: RunSettings, seed: int = 0) -> list[DecodedImage]:
+    """``count`` of the index's own images (seeded sample), for a ``real`` class with leave-one-out.
+
+    Their pixels come from the rgb embeddings when the index has that space (exact: rgb is the
+    pixels / 255); otherwise the files are decoded again from their recorded paths and must still
+    have their recorded SHA-256.
+    """
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(index.n_images, size=min(count, index.n_images), replace=False))
+    paths, shas, size = index.paths(rows), index.sha256(rows), index.image_size
+    if Space.RGB in index.spaces:
+        floats = index.embeddings(Space.RGB, rows).reshape(len(rows), 3, size, size)
+        pixels = np.clip(np.rint(floats * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        return [DecodedImage(p, np.ascontiguousarray(x), (size, size), h) for p, x, h in zip(paths, pixels, shas)]
+    images = []
+    for path, sha in zip(paths, shas):
+        try:
+            image = decode_image(path, size, settings.max_pixels, settings.max_file_bytes)
+        except ImageDecodeError as exc:
+            raise UsageError(
+                f"the index's image {display_path(path)} cannot be read again ({exc}); give a real class with "
+                "--real DIR, or none with --real none"
+            ) from None
+        if image.sha256 != sha:
+            raise MismatchError(f"{display_path(path)} changed since the index was built (SHA-256 differs)")
+        images.append(image)
+    return images
 
 
 def extract_artifacts(
@@ -135,22 +175,29 @@ def extract_artifacts(
     """Compute artifacts for every image of every labelled folder and write them to ``out``.
 
     ``sources`` are (class name, folder) pairs; ``real`` adds a ``real`` class whose images are
-    never their own neighbour. Undecodable files are listed, never fatal. ``out`` may be none of
+    never their own neighbour: a folder, or ``REAL_FROM_INDEX`` for a sample of the index's own
+    images (as many as the largest source class; see :func:`index_real_images`). Undecodable files
+    are listed, never fatal. ``out`` may be none of
     the inputs, and an existing ``out`` is replaced only with ``overwrite``.
     """
     started = time.perf_counter()
     folders = _labelled_folders(sources, real)
-    check_outputs([out], inputs=[index_path, *(folder for _, folder in folders)], overwrite=overwrite)
+    from_index = [name for name, folder in folders if folder == REAL_FROM_INDEX]
+    disk_folders = [(name, folder) for name, folder in folders if folder != REAL_FROM_INDEX]
+    check_outputs([out], inputs=[index_path, *(folder for _, folder in disk_folders)], overwrite=overwrite)
     label_names = [name for name, _ in folders]
     progress = settings.progress
     with RealIndex(index_path) as index:
         spaces = list(spaces) if spaces else index.spaces
         embedders = index_embedders(index, spaces, weights, settings.device)
         size = index.image_size
-        totals = {name: count_images([folder], sniff=settings.sniff) for name, folder in folders}
-        empty = [f"{name}={display_path(folder)}" for name, folder in folders if totals[name] == 0]
+        totals = {name: count_images([folder], sniff=settings.sniff) for name, folder in disk_folders}
+        empty = [f"{name}={display_path(folder)}" for name, folder in disk_folders if totals[name] == 0]
         if empty:
             raise UsageError(f"no image files in: {', '.join(empty)}")
+        if from_index:
+            index_images = index_real_images(index, max(totals.values(), default=index.n_images), settings)
+            totals[REAL_LABEL] = len(index_images)
         counts = dict.fromkeys(label_names, 0)
         failures: list[tuple[str, FailedImage]] = []
         columns = {"label": ((), "i4"), "pixels": ((size, size, 3), "u1")}
@@ -173,7 +220,11 @@ def extract_artifacts(
 
             progress.start("Extracting artifacts", sum(totals.values()))
             for label, (name, folder) in enumerate(folders):
-                for batch in decode_folder([folder], size, settings):
+                if folder == REAL_FROM_INDEX:
+                    batches = iter_batches(index_images, settings.batch_size)
+                else:
+                    batches = decode_folder([folder], size, settings)
+                for batch in batches:
                     decoded, failed, not_images = split_batch(batch)
                     for item in failed:
                         fail(name, item)
@@ -228,9 +279,12 @@ class LabelledSamples:
     image_size: int
     index_hash: str
     paths: list[str]
+    sha256: list[str]  # of each file: leave-one-out needs it when a perturbed copy is searched
 
     def subset(self, rows: np.ndarray) -> LabelledSamples:
-        return replace(self, labels=self.labels[rows], paths=[self.paths[i] for i in rows])
+        return replace(
+            self, labels=self.labels[rows], paths=[self.paths[i] for i in rows], sha256=[self.sha256[i] for i in rows]
+        )
 
 
 @dataclass
@@ -241,6 +295,7 @@ class ArtifactSet:
     space: Space
     artifacts: np.ndarray
     backbone: BackboneWeights | None = None  # the sl/ssl weights the artifacts were made with
+    distances: np.ndarray | None = None  # (n,) squared L2 distance to the nearest real image
 
 
 @dataclass
@@ -286,6 +341,7 @@ def _samples(handle) -> LabelledSamples:
         image_size=int(handle.attrs["image_size"]),
         index_hash=str(handle.attrs["index_hash"]),
         paths=list(handle["samples/path"].asstr()[...]),
+        sha256=list(handle["samples/sha256"].asstr()[...]),
     )
 
 
@@ -309,7 +365,14 @@ def load_artifacts(path: str | os.PathLike, space: Space) -> ArtifactSet:
         backbone = None
         if space.needs_backbone:
             backbone = BackboneWeights(str(group.attrs["weights_source"]), str(group.attrs["weights_sha256"]))
-        return ArtifactSet(_samples(handle), space, group["artifacts"][...], backbone)
+        distances = group["neighbor_distance"][...].astype(np.float64)
+        return ArtifactSet(_samples(handle), space, group["artifacts"][...], backbone, distances)
+
+
+def artifacts_index_path(path: str | os.PathLike) -> str:
+    """The index an artifacts file was extracted against (as recorded; it is re-verified when opened)."""
+    with _open_artifacts(path) as handle:
+        return str(handle.attrs["index_path"])
 
 
 def load_pixels(path: str | os.PathLike) -> PixelSet:

@@ -18,13 +18,14 @@ import numpy as np
 from . import __version__
 from .artifacts import compute_artifacts
 from .errors import FormatError, MismatchError, UsageError
-from .formats import ONNX_METADATA_KEY, describe_file, provenance
+from .formats import CHECKPOINT_FORMAT, FORMAT_VERSIONS, ONNX_METADATA_KEY, describe_file, provenance
 from .images import DecodedImage, DecodeResult, FailedImage, SkippedFile, decode_folder, display_path
 from .inputs import InputKind, attributor_inputs
 from .integrity import ONNX_DIGEST_KEY, verify_onnx
 from .manifold import RERANKED_CANDIDATES, RealIndex
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import Embedder, PixelEmbedder, Space, pixels_to_float
+from .verdicts import VerdictRule
 
 
 def _session(path: str, threads: int, data: bytes | None = None):
@@ -85,6 +86,14 @@ class OnnxAttributor:
             self.index_hash: str = str(self.card["index_hash"])
             self.input_kind = InputKind(self.card.get("input", InputKind.ARTIFACT.value))
             input_shape = [int(d) for d in self.card["input_shape"]]
+            version = self.card.get("format_version")
+            if version != FORMAT_VERSIONS[CHECKPOINT_FORMAT]:
+                raise FormatError(
+                    f"{self.path} is a model of format version {version}; this manifpt reads version "
+                    f"{FORMAT_VERSIONS[CHECKPOINT_FORMAT]} (calibrated, with open-set thresholds). "
+                    "Train and export it again with this version."
+                )
+            self.rule = VerdictRule(self.card)
         except (ValueError, KeyError, TypeError) as exc:
             raise FormatError(f"{self.path} has a damaged model card ({type(exc).__name__}: {exc})") from None
         self._check_graph(input_shape)
@@ -118,12 +127,16 @@ class OnnxAttributor:
             problems.append(f"the graph's input {inputs} is not the card's {input_shape}")
         if "probabilities" not in outputs or outputs["probabilities"][-1] != len(self.classes):
             problems.append(f"the graph's outputs {outputs} do not give the card's {len(self.classes)} classes")
+        if "scores" not in outputs or outputs["scores"][-1] != len(self.rule.graph_scores):
+            problems.append(f"the graph's outputs {outputs} do not give the card's scores {self.rule.graph_scores}")
         if problems:
             raise FormatError(f"{self.path}: the model card does not match the model ({'; '.join(problems)})")
 
-    def predict(self, artifacts: np.ndarray) -> np.ndarray:
-        """(n, *input_shape) artifacts → (n, n_classes) probabilities."""
-        return self.session.run(["probabilities"], {"artifact": np.ascontiguousarray(artifacts, np.float32)})[0]
+    def predict(self, artifacts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, *input_shape) inputs → ((n, n_classes) calibrated probabilities, (n, 4) open-set scores)."""
+        feed = {"artifact": np.ascontiguousarray(artifacts, np.float32)}
+        probabilities, scores = self.session.run(["probabilities", "scores"], feed)
+        return probabilities, scores
 
     def check_index(self, index: RealIndex) -> None:
         """Refuse an index that is not the one this model was trained against."""
@@ -180,6 +193,9 @@ class AttributionRow:
     manifold_distance: float = float("nan")
     nearest_real: str = ""
     original_size: tuple[int, int] | None = None
+    verdict: str = ""
+    open_set_score: float = float("nan")
+    notes: list[str] = field(default_factory=list)
     error: str = ""
     skipped: bool = False
 
@@ -237,6 +253,8 @@ class Attribution:
             "space": space.value,
             "image_size": self.model.image_size,
             "classes": self.model.classes,
+            "calibration": self.model.card["calibration"],
+            "verdict_rule": self.model.rule.describe(),
             "suspects": [display_path(os.path.abspath(root)) for root in roots],
             "verification": {
                 "model": {"digest": self.model.digest, "result": "matches the digest sealed at export"},
@@ -278,8 +296,9 @@ class Attribution:
             inputs = attributor_inputs(self.model.input_kind, pixels, found.artifacts)
             has_neighbour = found.neighbours.ids >= 0
             probabilities = np.full((len(decoded), len(self.model.classes)), np.nan, np.float32)
+            scores = np.full((len(decoded), len(self.model.rule.graph_scores)), np.nan, np.float32)
             if has_neighbour.any():
-                probabilities[has_neighbour] = self.model.predict(inputs[has_neighbour])
+                probabilities[has_neighbour], scores[has_neighbour] = self.model.predict(inputs[has_neighbour])
             nearest = self.index.paths(found.neighbours.ids)
             for i, item in enumerate(decoded):
                 row = AttributionRow(display_path(item.path), item.sha256, original_size=item.original_size)
@@ -293,6 +312,11 @@ class Attribution:
                     row.predicted, row.probability = row.top_k[0]
                     row.manifold_distance = float(found.neighbours.distances[i])
                     row.nearest_real = nearest[i]
+                    rule = self.model.rule
+                    notes = rule.notes(item.original_size, item.jpeg_quality, row.manifold_distance)
+                    row.open_set_score = rule.score_of(scores[i], row.manifold_distance)
+                    row.verdict = rule.decide(row.predicted, row.open_set_score, notes)
+                    row.notes = [str(note) for note in notes]
                 results[id(item)] = row
         rows = []
         for item in batch:

@@ -38,6 +38,7 @@ class AttributionSummary:
     failed: int = 0
     skipped: int = 0
     predicted: Counter = field(default_factory=Counter)
+    verdicts: Counter = field(default_factory=Counter)
     reports: list[ReportTarget] = field(default_factory=list)
 
     @property
@@ -103,4 +104,5 @@ def run_attribution(
                 summary.skipped += row.skipped
                 if row.ok:
                     summary.predicted[row.predicted] += 1
+                    summary.verdicts[row.verdict] += 1
     return summary

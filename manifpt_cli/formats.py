@@ -22,11 +22,13 @@ from .errors import FormatError, UsageError
 from .integrity import checkpoint_digest, verify_checkpoint
 from .outputs import NoSpaceError, atomic_output
 
-FORMAT_VERSION = 2  # 2: index_hash covers the FAISS indexes and settings; model digests (manifpt 0.2)
 INDEX_FORMAT = "manifpt-real-index"
 ARTIFACTS_FORMAT = "manifpt-artifacts"
 CHECKPOINT_FORMAT = "manifpt-attributor"
 ZOO_FORMAT = "manifpt-zoo-generator"
+# The version each reader understands. 2: digests everywhere (manifpt 0.2). Attributors 3: calibration,
+# open-set statistics and thresholds in the checkpoint and the ONNX graph (manifpt 0.3).
+FORMAT_VERSIONS = {INDEX_FORMAT: 2, ARTIFACTS_FORMAT: 2, CHECKPOINT_FORMAT: 3, ZOO_FORMAT: 2}
 ONNX_METADATA_KEY = "manifpt"  # ONNX metadata_props key holding the JSON model card
 
 RESIZE_POLICY = (
@@ -52,10 +54,10 @@ def check_format(attrs: Mapping, expected: str, path: str | os.PathLike) -> None
     if found != expected:
         raise FormatError(f"{path} is not a {expected} file (format attribute: {found!r})")
     version = int(attrs.get("format_version", -1))
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSIONS[expected]:
         raise FormatError(
             f"{path} is {expected} format version {version}; this manifpt ({__version__}) reads version "
-            f"{FORMAT_VERSION}. Rebuild the file with this version."
+            f"{FORMAT_VERSIONS[expected]}. Make the file again with this version."
         )
 
 
@@ -255,7 +257,7 @@ class SampleFile:
         group = self.handle.create_group("failures")
         for name, values in self._failures.items():
             group.create_dataset(name, data=values, dtype=h5_string_dtype())
-        self.handle.attrs.update(format=fmt, format_version=FORMAT_VERSION, **provenance(), **attrs)
+        self.handle.attrs.update(format=fmt, format_version=FORMAT_VERSIONS[fmt], **provenance(), **attrs)
 
 
 @contextlib.contextmanager

@@ -146,6 +146,7 @@ class DecodedImage:
     pixels: np.ndarray
     original_size: tuple[int, int]
     sha256: str
+    jpeg_quality: int | None = None  # estimated from a JPEG's quantisation tables (None: not a JPEG)
 
 
 @dataclass(frozen=True)
@@ -388,7 +389,7 @@ def _rgb_pixels(image: Image.Image, depth_scale: float | None) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
-def _fit(image: Image.Image, size: int) -> np.ndarray:
+def fit_square(image: Image.Image, size: int) -> np.ndarray:
     """Centre-crop ``image`` to a square, resize it to ``size``×``size`` and make it uint8 RGB."""
     depth_scale = _depth_scale(image)  # chosen from the whole image, before any crop
     width, height = image.size
@@ -422,13 +423,45 @@ def decode_image(
     data = _read_regular_file(path, max_file_bytes)
     sha256 = hashlib.sha256(data).hexdigest()
     try:
-        return DecodedImage(path, *_decode_bytes(data, size, max_pixels), sha256)
+        pixels, original_size, quality = _decode_bytes(data, size, max_pixels)
+        return DecodedImage(path, pixels, original_size, sha256, quality)
     except ImageDecodeError as exc:
         exc.sha256 = sha256  # the hash of an undecodable file is still evidence
         raise
 
 
-def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+# The IJG (libjpeg) luminance quantisation table at quality 50, row-major (ITU-T T.81, Annex K).
+_IJG_LUMINANCE = np.array(
+    (
+        "16 11 10 16 24 40 51 61 12 12 14 19 26 58 60 55 14 13 16 24 40 57 69 56 14 17 22 29 51 87 80 62 "
+        "18 22 37 56 68 109 103 77 24 35 55 64 81 104 113 92 49 64 78 87 103 121 120 101 72 92 95 98 112 100 103 99"
+    ).split(),
+    dtype=np.float64,
+)
+
+
+def _ijg_table(quality: int) -> np.ndarray:
+    scale = 5000 / quality if quality < 50 else 200 - 2 * quality
+    return np.clip(np.floor((_IJG_LUMINANCE * scale + 50) / 100), 1, 255)
+
+
+_IJG_TABLES = np.stack([_ijg_table(q) for q in range(1, 101)])
+
+
+def estimate_jpeg_quality(image: Image.Image) -> int | None:
+    """The IJG quality (1–100) whose luminance table is closest to the file's (None if not a JPEG).
+
+    Exact for files written by libjpeg-based encoders (Pillow, most cameras' software); for other
+    tables it is the nearest IJG quality.
+    """
+    tables = getattr(image, "quantization", None)
+    if image.format not in ("JPEG", "MPO") or not tables or 0 not in tables or len(tables[0]) != 64:
+        return None
+    observed = np.asarray(tables[0], dtype=np.float64)
+    return int(np.argmin(np.abs(_IJG_TABLES - observed).sum(axis=1))) + 1
+
+
+def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int], int | None]:
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
@@ -448,8 +481,9 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
                 # DCT scaling by 1/2, 1/4 or 1/8, keeping at least 2 × size on the shorter side.
                 image.draft("RGB", (2 * size, 2 * size))
             image.load()
+            quality = estimate_jpeg_quality(image)
             image = _oriented(image)  # rebinding frees the unturned copy before the resize
-            pixels = _fit(image, size)
+            pixels = fit_square(image, size)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -460,7 +494,7 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
         raise ImageDecodeError(f"truncated or corrupt image data: {exc}") from None
     except Exception as exc:  # a decoder bug must cost one row, never the whole run
         raise ImageDecodeError(f"cannot decode: {type(exc).__name__}: {exc}") from None
-    return pixels, (width, height)
+    return pixels, (width, height), quality
 
 
 def try_decode(

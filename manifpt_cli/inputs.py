@@ -54,6 +54,7 @@ class TrainingSet:
     name: str  # how tables name it: "freq", "image+rgb", "yu19", ...
     space: Space | None = None
     backbone: BackboneWeights | None = None
+    distances: np.ndarray | None = None  # (n,) distance to the nearest real image in ``space``
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -64,12 +65,24 @@ class TrainingSet:
         return default_arch(self.input_shape)
 
     def subset(self, rows: np.ndarray) -> TrainingSet:
-        return replace(self, samples=self.samples.subset(rows), inputs=self.inputs[rows])
+        distances = None if self.distances is None else self.distances[rows]
+        return replace(self, samples=self.samples.subset(rows), inputs=self.inputs[rows], distances=distances)
+
+    def without_class(self, name: str) -> TrainingSet:
+        """The set without class ``name``, the other classes renumbered in order (leave-one-out)."""
+        names = self.samples.label_names
+        dropped = names.index(name)
+        kept = self.subset(np.flatnonzero(self.samples.labels != dropped))
+        labels = kept.samples.labels - (kept.samples.labels > dropped)
+        remaining = [n for n in names if n != name]
+        return replace(kept, samples=replace(kept.samples, labels=labels, label_names=remaining))
 
 
 def artifact_training_set(data: ArtifactSet) -> TrainingSet:
     """A space's artifacts as attributor inputs (ManiFPT itself)."""
-    return TrainingSet(data.samples, data.artifacts, InputKind.ARTIFACT, data.space.value, data.space, data.backbone)
+    return TrainingSet(
+        data.samples, data.artifacts, InputKind.ARTIFACT, data.space.value, data.space, data.backbone, data.distances
+    )
 
 
 def pixel_training_set(pixels: PixelSet, kind: InputKind, name: str, inputs: np.ndarray) -> TrainingSet:
@@ -87,9 +100,14 @@ def auto_candidates(artifacts_path) -> list[TrainingSet]:
         pixels = load_pixels(artifacts_path).pixels
         first = per_space[image_spaces[0]]
         image = attributor_inputs(InputKind.IMAGE, pixels, first.artifacts)
-        candidates.append(TrainingSet(first.samples, image, InputKind.IMAGE, "image", first.space))
+        candidates.append(
+            TrainingSet(first.samples, image, InputKind.IMAGE, "image", first.space, distances=first.distances)
+        )
         for space in image_spaces:
             data = per_space[space]
             joint = attributor_inputs(InputKind.IMAGE_ARTIFACT, pixels, data.artifacts)
-            candidates.append(TrainingSet(data.samples, joint, InputKind.IMAGE_ARTIFACT, f"image+{space.value}", space))
+            name = f"image+{space.value}"
+            candidates.append(
+                TrainingSet(data.samples, joint, InputKind.IMAGE_ARTIFACT, name, space, distances=data.distances)
+            )
     return candidates

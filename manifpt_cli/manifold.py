@@ -253,6 +253,10 @@ class RealIndex:
             self._paths = list(self._file["files/path"].asstr()[...])
         return [self._paths[i] if i >= 0 else "" for i in ids]
 
+    def sha256(self, ids: np.ndarray) -> list[str]:
+        """SHA-256 of the source files of index rows ``ids``."""
+        return [str(self._sha256[i].decode() if isinstance(self._sha256[i], bytes) else self._sha256[i]) for i in ids]
+
     def faiss_index(self, space: Space):
         if space not in self._faiss:
             import faiss

@@ -25,13 +25,16 @@ from .outputs import atomic_outputs
 COLUMNS = (
     "path",
     "status",
+    "verdict",
     "predicted",
     "probability",
     "runner_up",
     "runner_up_probability",
     "top_k",
+    "open_set_score",
     "manifold_distance",
     "nearest_real",
+    "notes",
     "width",
     "height",
     "sha256",
@@ -57,13 +60,16 @@ def row_record(row: AttributionRow) -> dict:
     return {
         "path": row.path,
         "status": row.status,
+        "verdict": row.verdict,
         "predicted": row.predicted,
         "probability": _number(row.probability),
         "runner_up": runner_up[0],
         "runner_up_probability": _number(runner_up[1]),
         "top_k": [{"label": label, "probability": round(p, 6)} for label, p in row.top_k],
+        "open_set_score": _number(row.open_set_score),
         "manifold_distance": _number(row.manifold_distance),
         "nearest_real": row.nearest_real,
+        "notes": list(row.notes),
         "width": width,
         "height": height,
         "sha256": row.sha256,
@@ -91,6 +97,7 @@ def unneutralise(cell: str) -> str:
 def _csv_record(row: AttributionRow) -> dict:
     record = row_record(row)
     record["top_k"] = ";".join(f"{k['label']}:{k['probability']:.6f}" for k in record["top_k"])
+    record["notes"] = "; ".join(record["notes"])
     return {key: "" if value is None else neutralise(value) for key, value in record.items()}
 
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .artifacts import load_artifacts
-from .errors import UsageError
-from .formats import CHECKPOINT_FORMAT, FORMAT_VERSION, load_checkpoint_payload, provenance, save_checkpoint
+from .artifacts import REAL_LABEL, artifacts_index_path, index_embedders, load_artifacts, load_pixels
+from .errors import MismatchError, UsageError
+from .formats import CHECKPOINT_FORMAT, FORMAT_VERSIONS, load_checkpoint_payload, provenance, save_checkpoint
 from .inputs import TrainingSet, artifact_training_set, auto_candidates
+from .manifold import RealIndex
+from .openset import DEFAULT_SCORE, DEFAULT_TARGET_FPR, SCORES, all_scores, auroc, batched_outputs, calibrate
 from .outputs import check_outputs
+from .perturb import Perturbation, perturbed_set
 from .progress import SILENT, Progress
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import Space
@@ -35,6 +38,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
     seed: int = 0
+    target_fpr: float = DEFAULT_TARGET_FPR
+    open_set_score: str = DEFAULT_SCORE  # or "auto": chosen by leave-one-generator-out validation
 
 
 @dataclass
@@ -103,19 +108,25 @@ def fit(
     device: str = "cpu",
     progress: Progress = SILENT,
     augment=None,
+    copies: PerturbedCopies | None = None,
 ):
-    """Train an attributor on ``data``; returns (model with the best weights, metadata, history).
+    """Train an attributor on ``data``; returns (scored model with the best weights, metadata, history).
 
-    ``augment``, if given, maps each training batch (a tensor) to an augmented one; validation
-    batches are never augmented.
+    The model is a :class:`models.ScoredAttributor`: calibrated, with its open-set statistics and
+    thresholds fitted on the validation split (:mod:`manifpt_cli.openset`). ``augment``, if given,
+    maps each training batch (a tensor) to an augmented one; validation batches are never
+    augmented. ``copies`` are perturbed copies of ``data``'s images (``train --augment``): each
+    goes to the side of the split its original is on, so no copy of a validation image trains.
     """
     import torch
     import torch.nn.functional as F
 
-    from models import create_model
+    from models import ScoredAttributor, create_model
 
     if config.epochs < 1:
         raise UsageError(f"epochs must be at least 1, got {config.epochs}")
+    if config.open_set_score == "auto":
+        raise UsageError("fit takes a named open-set score; choose it first (train.select_score)")
     arch = config.arch or data.default_arch
     labels = data.samples.labels
     n_classes = len(data.samples.label_names)
@@ -131,16 +142,17 @@ def fit(
         model = create_model(arch, data.input_shape, n_classes)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    inputs = data.inputs.astype(np.float32, copy=False)
-    mean, std = _standardize_stats(inputs[train_idx])
+    sides = _split_sides(data, train_idx, val_idx, copies)
+    (train_inputs, train_labels, train_distances), (val_inputs, val_labels, val_distances) = sides
+    mean, std = _standardize_stats(train_inputs)
     model.standardize.mean.copy_(torch.from_numpy(mean))
     model.standardize.std.copy_(torch.from_numpy(std))
     model.to(device)
 
-    x_train = torch.from_numpy(inputs[train_idx]).to(device)
-    y_train = torch.from_numpy(labels[train_idx]).to(device)
-    x_val = torch.from_numpy(inputs[val_idx]).to(device)
-    y_val = torch.from_numpy(labels[val_idx]).to(device)
+    x_train = torch.from_numpy(train_inputs).to(device)
+    y_train = torch.from_numpy(train_labels).to(device)
+    x_val = torch.from_numpy(val_inputs).to(device)
+    y_val = torch.from_numpy(val_labels).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.epochs))
     generator = torch.Generator().manual_seed(config.seed)
@@ -183,9 +195,26 @@ def fit(
         )
     model.load_state_dict(best_state)
     model.cpu().eval()
+    del x_train, x_val
+    _, train_features = batched_outputs(model, train_inputs)
+    val_logits, val_features = batched_outputs(model, val_inputs)
+    scored = ScoredAttributor(model, n_classes, bank_size=1, val_size=1, knn_k=1)
+    open_set = calibrate(
+        scored,
+        train_features,
+        train_labels,
+        val_logits,
+        val_features,
+        val_labels,
+        val_distances,
+        train_distances,
+        score=config.open_set_score,
+        target_fpr=config.target_fpr,
+        seed=config.seed,
+    )
     metadata = {
         "format": CHECKPOINT_FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSIONS[CHECKPOINT_FORMAT],
         **provenance(),
         "arch": arch,
         "input_shape": list(data.input_shape),
@@ -200,12 +229,49 @@ def fit(
             "arch": arch,
             "best_epoch": best.epoch,
             "val_accuracy": best.val_accuracy,
-            "train_size": int(len(train_idx)),
-            "val_size": int(len(val_idx)),
+            "train_size": int(len(train_labels)),
+            "val_size": int(len(val_labels)),
+            "augmented_copies": 0 if copies is None else int(len(copies.origin)),
+            "augment": [] if copies is None else copies.names,
             "history": [asdict(h) for h in history],
         },
+        **open_set.card(),
+        "has_real_class": REAL_LABEL in data.samples.label_names,
+        "buffers": {"bank_size": int(len(scored.bank)), "val_size": int(len(scored.val_labels)), "knn_k": scored.knn_k},
     }
-    return model, metadata, history
+    return scored, metadata, history
+
+
+@dataclass
+class PerturbedCopies:
+    """Perturbed copies of a training set's images (``train --augment``); ``origin`` are their rows."""
+
+    data: TrainingSet
+    origin: np.ndarray
+    names: list[str]
+
+
+def _split_sides(data: TrainingSet, train_idx, val_idx, copies: PerturbedCopies | None):
+    """(inputs, labels, distances) of the training and the validation side, copies with their originals."""
+    distances = data.distances if data.distances is not None else np.zeros(len(data.inputs))
+    sides = []
+    for rows in (train_idx, val_idx):
+        inputs = [data.inputs[rows]]
+        labels = [data.samples.labels[rows]]
+        side_distances = [distances[rows]]
+        if copies is not None:
+            mine = np.flatnonzero(np.isin(copies.origin, rows))
+            inputs.append(copies.data.inputs[mine])
+            labels.append(copies.data.samples.labels[mine])
+            side_distances.append(copies.data.distances[mine])
+        sides.append(
+            (
+                np.concatenate(inputs).astype(np.float32, copy=False),
+                np.concatenate(labels).astype(np.int64),
+                np.concatenate(side_distances),
+            )
+        )
+    return sides
 
 
 def load_checkpoint(path: str | os.PathLike):
@@ -214,12 +280,104 @@ def load_checkpoint(path: str | os.PathLike):
     Raises:
         FormatError: the file is not a manifpt attributor checkpoint.
     """
-    from models import create_model
+    from models import ScoredAttributor, create_model
 
     state, metadata = load_checkpoint_payload(path, CHECKPOINT_FORMAT)
-    model = create_model(metadata["arch"], metadata["input_shape"], len(metadata["classes"]))
-    model.load_state_dict(state)
-    return model.eval(), metadata
+    n_classes = len(metadata["classes"])
+    sizes = metadata["buffers"]
+    model = create_model(metadata["arch"], metadata["input_shape"], n_classes)
+    scored = ScoredAttributor(model, n_classes, sizes["bank_size"], sizes["val_size"], sizes["knn_k"])
+    scored.load_state_dict(state)
+    return scored.eval(), metadata
+
+
+def perturbed_copies(
+    data: TrainingSet,
+    artifacts_path: str | os.PathLike,
+    perturbations: list[Perturbation],
+    *,
+    index_path: str | os.PathLike | None = None,
+    weights: dict[Space, str | None] | None = None,
+    settings: RunSettings = DEFAULT_SETTINGS,
+    seed: int = 0,
+) -> PerturbedCopies:
+    """One perturbed copy of every image of ``data`` (a perturbation drawn at random from the list),
+    its artifact searched afresh in the index the artifacts were extracted against."""
+    pixels = load_pixels(artifacts_path).pixels
+    rng = np.random.default_rng(seed)
+    choices = [perturbations[i] for i in rng.integers(len(perturbations), size=len(pixels))]
+    with RealIndex(index_path or artifacts_index_path(artifacts_path), verify=[data.space]) as index:
+        if index.index_hash != data.samples.index_hash:
+            raise MismatchError(
+                f"{index.path} is not the index {artifacts_path} was extracted against (index hash differs); "
+                "pass that index with --index"
+            )
+        embedder = index_embedders(index, [data.space], weights, settings.device)[data.space]
+        settings.progress.log(f"augment: perturbing {len(pixels)} images ({', '.join(p.name for p in perturbations)})")
+        copy, rows = perturbed_set(data, pixels, choices, index, embedder)
+    return PerturbedCopies(copy, rows, [p.name for p in perturbations])
+
+
+def select_score(data: TrainingSet, config: TrainConfig, *, folds: int = 3, settings: RunSettings = DEFAULT_SETTINGS):
+    """Leave-one-generator-out choice of the open-set score (``--open-set-score auto``).
+
+    For up to ``folds`` generators (spread over the class list), train without it, then measure how
+    well each score separates the validation images of the known classes from all of the held-out
+    generator's images (AUROC). The score with the best mean AUROC wins; ties go to the order of
+    :data:`openset.SCORES`. The real class is never held out.
+    """
+    generators = [name for name in data.samples.label_names if name != REAL_LABEL]
+    if len(data.samples.label_names) < 3 or len(generators) < 1:
+        raise UsageError("choosing the open-set score needs at least three classes, one of them a generator")
+    if folds < 1:
+        raise UsageError(f"folds must be at least 1, got {folds}")
+    picks = sorted({round(i * (len(generators) - 1) / max(1, folds - 1)) for i in range(min(folds, len(generators)))})
+    per_fold = []
+    for position in picks:
+        held_out = generators[position]
+        settings.progress.log(f"open-set score: leaving out {held_out}")
+        known = data.without_class(held_out)
+        model, _, _ = fit(known, replace(config, open_set_score=DEFAULT_SCORE), device=settings.device)
+        _, val = stratified_split(known.samples.labels, config.val_fraction, config.seed)
+        unseen = data.subset(np.flatnonzero(data.samples.labels == data.samples.label_names.index(held_out)))
+        known_scores = set_scores(model, known.subset(val))
+        unseen_scores = set_scores(model, unseen)
+        per_fold.append({"held_out": held_out, "auroc": {n: auroc(known_scores[n], unseen_scores[n]) for n in SCORES}})
+    mean = {name: float(np.mean([fold["auroc"][name] for fold in per_fold])) for name in SCORES}
+    chosen = max(SCORES, key=lambda name: (mean[name], -SCORES.index(name)))
+    return {"chosen": chosen, "mean_auroc": mean, "folds": per_fold}
+
+
+def set_scores(model, data: TrainingSet) -> dict[str, np.ndarray]:
+    """Every open-set score of a trained (scored) model on ``data``."""
+    logits, features = batched_outputs(model, data.inputs)
+    distances = data.distances if data.distances is not None else np.zeros(len(logits))
+    return all_scores(model, features, logits, distances)
+
+
+def _fit_with_options(
+    data: TrainingSet,
+    config: TrainConfig,
+    artifacts_path,
+    settings: RunSettings,
+    augment: list[Perturbation] | None,
+    index_path,
+    weights,
+):
+    """fit() after the options that shape it: the open-set score choice, then augmentation."""
+    selection = None
+    if config.open_set_score == "auto":
+        selection = select_score(data, config, settings=settings)
+        config = replace(config, open_set_score=selection["chosen"])
+    copies = None
+    if augment:
+        copies = perturbed_copies(
+            data, artifacts_path, augment, index_path=index_path, weights=weights, settings=settings, seed=config.seed
+        )
+    model, metadata, history = fit(data, config, device=settings.device, progress=settings.progress, copies=copies)
+    if selection is not None:
+        metadata["open_set"]["selection"] = selection
+    return model, metadata, history
 
 
 def train_auto(
@@ -228,26 +386,33 @@ def train_auto(
     *,
     config: TrainConfig | None = None,
     settings: RunSettings = DEFAULT_SETTINGS,
+    augment: list[Perturbation] | None = None,
+    index_path: str | os.PathLike | None = None,
+    weights: dict[Space, str | None] | None = None,
     overwrite: bool = False,
 ) -> TrainResult:
     """``--space auto``: train on every candidate input, keep the best on the validation split only.
 
     Every candidate sees the same seeded train/validation split (the split depends only on the
-    labels and the seed). The choice and the whole validation table go into the metadata.
+    labels and the seed). The choice and the whole validation table go into the metadata. The
+    open-set score is chosen (if ``auto``) and the copies perturbed for the winner only.
     """
     started = time.perf_counter()
     check_outputs([out], inputs=[artifacts_path], overwrite=overwrite)
     config = config or TrainConfig()
     table, best = [], None
-    for candidate in auto_candidates(artifacts_path):
+    candidates = auto_candidates(artifacts_path)
+    screening = replace(config, open_set_score=DEFAULT_SCORE)
+    for candidate in candidates:
         settings.progress.log(f"auto: trying {candidate.name}")
-        model, metadata, history = fit(candidate, config, device=settings.device, progress=settings.progress)
+        _, metadata, _ = fit(candidate, screening, device=settings.device, progress=settings.progress)
         accuracy = metadata["training"]["val_accuracy"]
         table.append({"input": candidate.name, "arch": metadata["arch"], "val_accuracy": accuracy})
-        if best is None or accuracy > best[1]["training"]["val_accuracy"]:
-            best = (model, metadata, history, candidate.name)
-    model, metadata, history, chosen = best
-    metadata["auto"] = {"chosen": chosen, "validation": table}
+        if best is None or accuracy > best[1]:
+            best = (candidate, accuracy)
+    chosen = best[0]
+    model, metadata, history = _fit_with_options(chosen, config, artifacts_path, settings, augment, index_path, weights)
+    metadata["auto"] = {"chosen": chosen.name, "validation": table}
     return _save(out, model, metadata, history, artifacts_path, started, overwrite)
 
 
@@ -258,13 +423,22 @@ def train_attributor(
     *,
     config: TrainConfig | None = None,
     settings: RunSettings = DEFAULT_SETTINGS,
+    augment: list[Perturbation] | None = None,
+    index_path: str | os.PathLike | None = None,
+    weights: dict[Space, str | None] | None = None,
     overwrite: bool = False,
 ) -> TrainResult:
-    """Load one space of an artifacts file, train an attributor and save the best checkpoint to ``out``."""
+    """Load one space of an artifacts file, train an attributor and save the best checkpoint to ``out``.
+
+    ``augment`` adds one perturbed copy of every image (see :func:`perturbed_copies`); the index is
+    the one recorded in the artifacts file unless ``index_path`` is given.
+    """
     started = time.perf_counter()
     check_outputs([out], inputs=[artifacts_path], overwrite=overwrite)
     data = artifact_training_set(load_artifacts(artifacts_path, space))
-    model, metadata, history = fit(data, config or TrainConfig(), device=settings.device, progress=settings.progress)
+    model, metadata, history = _fit_with_options(
+        data, config or TrainConfig(), artifacts_path, settings, augment, index_path, weights
+    )
     return _save(out, model, metadata, history, artifacts_path, started, overwrite)
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .attributors import ATTRIBUTOR_BUILDERS, Attributor, Standardize, build_attributor
+from .attributors import ATTRIBUTOR_BUILDERS, Attributor, ScoredAttributor, Standardize, build_attributor
 from .backbones import ResNet50Embedding
 
 __all__ = [
     "Attributor",
     "ResNet50Embedding",
+    "ScoredAttributor",
     "Standardize",
     "create_model",
     "list_models",

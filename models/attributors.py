@@ -112,3 +112,62 @@ ATTRIBUTOR_BUILDERS = {
 def build_attributor(arch: str, input_shape: Sequence[int], num_classes: int) -> Attributor:
     body, width = ATTRIBUTOR_BUILDERS[arch](input_shape)
     return Attributor(input_shape, body, nn.Linear(width, num_classes))
+
+
+class ScoredAttributor(nn.Module):
+    """An attributor with its calibration and open-set statistics, exported as one graph.
+
+    Outputs ``logits``; ``probabilities`` = softmax(logits / temperature) (calibrated); and
+    ``scores`` (batch, 4), in this order (``manifpt_cli.openset.GRAPH_SCORES``), higher meaning "more like the
+    known sources":
+
+    - ``msp``: the largest calibrated probability (Hendrycks & Gimpel, 2017);
+    - ``energy``: T·logsumexp(logits / T) (Liu et al., 2020);
+    - ``mahalanobis``: minus the smallest Mahalanobis distance of the penultimate features to a
+      class mean, with one shared covariance (Lee et al., 2018);
+    - ``knn``: minus the squared distance of the L2-normalised features to their k-th nearest
+      training feature (Sun et al., 2022).
+
+    The buffers also keep the validation features and a per-class bank of training features, so a
+    source can be enrolled later without retraining the network (see ``manifpt enroll``).
+    """
+
+    def __init__(self, attributor: Attributor, n_classes: int, bank_size: int, val_size: int, knn_k: int) -> None:
+        super().__init__()
+        width = attributor.head.in_features
+        self.attributor = attributor
+        self.knn_k = knn_k
+        self.register_buffer("temperature", torch.ones(1))
+        self.register_buffer("class_means", torch.zeros(n_classes, width))
+        self.register_buffer("precision", torch.eye(width))
+        self.register_buffer("bank", torch.zeros(bank_size, width))
+        self.register_buffer("bank_labels", torch.zeros(bank_size, dtype=torch.int64))
+        self.register_buffer("val_features", torch.zeros(val_size, width))
+        self.register_buffer("val_labels", torch.zeros(val_size, dtype=torch.int64))
+        self.register_buffer("val_distances", torch.zeros(val_size))
+
+    @property
+    def standardize(self) -> Standardize:
+        return self.attributor.standardize
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attributor.features(x)
+
+    def scores_from(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """(batch, 4) open-set scores from penultimate features and their logits."""
+        scaled = logits / self.temperature
+        msp = torch.softmax(scaled, dim=1).amax(dim=1)
+        energy = self.temperature * torch.logsumexp(scaled, dim=1)
+        centred = features.unsqueeze(1) - self.class_means.unsqueeze(0)  # (batch, classes, width)
+        mahalanobis = -((centred @ self.precision) * centred).sum(dim=-1).amin(dim=1)
+        unit = nn.functional.normalize(features, dim=1)
+        bank = nn.functional.normalize(self.bank, dim=1)
+        squared = (2 - 2 * unit @ bank.T).clamp_min(0)
+        knn = -torch.topk(squared, self.knn_k, dim=1, largest=False).values[:, -1]
+        return torch.stack([msp, energy, mahalanobis, knn], dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features = self.attributor.features(x)
+        logits = self.attributor.head(features)
+        probabilities = torch.softmax(logits / self.temperature, dim=1)
+        return logits, probabilities, self.scores_from(features, logits)

@@ -75,7 +75,15 @@ def test_attribute_csv_report_is_complete_and_accurate(workflow):
         assert float(row["probability"]) >= float(row["runner_up_probability"])
         assert float(row["manifold_distance"]) > 0 and row["nearest_real"]
     sidecar = json.loads(Path(f"{out}.meta.json").read_text())
-    assert sidecar["model_sha256"] and sidecar["index_hash"] and sidecar["classes"] == list(SOURCES)
+    assert sidecar["model_sha256"] and sidecar["index_hash"]
+    assert sidecar["classes"] == [*SOURCES, "real"], "extract draws a real class from the index by default"
+    rule = sidecar["verdict_rule"]
+    assert rule["has_real_class"] and rule["target_fpr"] == 0.05 and sidecar["calibration"]["temperature"] > 0
+    for row in scored:
+        assert row["verdict"] in (row["predicted"], "unknown", "inconclusive"), row
+        assert (row["verdict"] == "unknown") == (float(row["open_set_score"]) < rule["threshold"]) or row["notes"]
+    named = [row for row in scored if row["verdict"] == Path(row["path"]).parent.name]
+    assert len(named) >= 0.5 * len(scored), "most held-out suspects of known sources keep their source as verdict"
     assert "1 failed" in result.stderr
 
 

@@ -458,7 +458,7 @@ def test_a_model_that_gives_nan_yields_error_rows_and_valid_json(case, artifacts
 
     model, metadata = load_checkpoint(case["work"] / "freq.pt")
     state = model.state_dict()
-    state["head.bias"] = torch.full_like(state["head.bias"], float("nan"))
+    state["attributor.head.bias"] = torch.full_like(state["attributor.head.bias"], float("nan"))
     save_checkpoint(tmp_path / "nan.pt", state, metadata)
     export_onnx(tmp_path / "nan.pt", tmp_path / "nan.onnx")
     result = cli(

@@ -26,7 +26,8 @@ def toy_artifacts(space: Space, n_per_class: int = 12, classes: int = 3) -> Trai
     shape = space.artifact_shape(16)
     labels = np.repeat(np.arange(classes), n_per_class)
     artifacts = (rng.normal(0, 1, (len(labels), *shape)) + labels.reshape(-1, *[1] * len(shape))).astype(np.float32)
-    samples = LabelledSamples(labels, [f"model_{i}" for i in range(classes)], 16, "f" * 64, [""] * len(labels))
+    names, blank = [f"model_{i}" for i in range(classes)], [""] * len(labels)
+    samples = LabelledSamples(labels, names, 16, "f" * 64, blank, blank)
     backbone = BackboneWeights("random:0", "e" * 64) if space.needs_backbone else None
     return TrainingSet(samples, artifacts, InputKind.ARTIFACT, space.value, space, backbone)
 

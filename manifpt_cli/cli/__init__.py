@@ -12,6 +12,7 @@ from .analyze import app as analyze_app
 from .attribute import attribute
 from .benchmark import benchmark
 from .demo import demo
+from .enroll import enroll
 from .evaluate import evaluate
 from .export import export
 from .extract import extract
@@ -33,6 +34,7 @@ app.command("extract")(extract)
 app.command("train")(train)
 app.command("export")(export)
 app.command("attribute")(attribute)
+app.command("enroll")(enroll)
 app.command("verify")(verify)
 app.command("evaluate")(evaluate)
 app.command("benchmark")(benchmark)

@@ -30,16 +30,20 @@ def _file_format(report: ReportFormat, out: Path | None) -> ReportFormat | None:
 
 def attribution_table(rows) -> Table:
     """The terminal form of attribution rows."""
-    table = Table("predicted source", "prob.", "runner-up", "dist. to real", "status")
+    table = Table("verdict", "predicted source", "prob.", "runner-up", "dist. to real", "notes / status")
     table.columns.insert(0, Column("file", overflow="fold", ratio=3))
     for row in rows:  # file names and labels are shown literally: they come from outside
         if row.ok:
             runner = literal(f"{row.top_k[1][0]} ({row.top_k[1][1]:.2f})" if len(row.top_k) > 1 else "—")
             distance = f"{row.manifold_distance:.4g}"
-            table.add_row(literal(row.path), literal(row.predicted), f"{row.probability:.3f}", runner, distance, "ok")
+            verdict = literal(row.verdict, style="bold" if row.verdict == row.predicted else "yellow")
+            notes = literal("; ".join(row.notes) or "ok")
+            table.add_row(
+                literal(row.path), verdict, literal(row.predicted), f"{row.probability:.3f}", runner, distance, notes
+            )
         else:
             style = "yellow" if row.skipped else "red"
-            table.add_row(literal(row.path), "", "", "", "", literal(f"{row.status}: {row.error}", style=style))
+            table.add_row(literal(row.path), "", "", "", "", "", literal(f"{row.status}: {row.error}", style=style))
     return table
 
 
@@ -94,7 +98,7 @@ def attribute(
             raise
     if report is ReportFormat.TABLE:
         stdout.print(attribution_table(kept))
-    tally = ", ".join(f"{name} {count}" for name, count in summary.predicted.most_common())
+    tally = ", ".join(f"{name} {count}" for name, count in summary.verdicts.most_common())
     stderr.print(
         f"[green]{summary.attributed} attributed[/] ({safe(tally or 'none')}), [red]{summary.failed} failed[/], "
         f"{summary.skipped} skipped (not image files)",

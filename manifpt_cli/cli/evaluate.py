@@ -8,11 +8,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from ..openset import DEFAULT_SCORE, SCORES
 from .console import RichProgress, errors_to_exit, stderr, stdout
-from .options import COMPUTE, RunOptions, run_options
+from .options import BACKBONES, COMPUTE, RunOptions, run_options
 
 
-@run_options(*COMPUTE, "quiet", "overwrite")
+@run_options(*BACKBONES, *COMPUTE, "quiet", "overwrite")
 def evaluate(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Labelled artifacts file from `manifpt extract`.")],
     space: Annotated[str, typer.Option("--space", help="Which space's artifacts to evaluate: rgb, freq, sl or ssl.")],
@@ -48,14 +49,44 @@ def evaluate(
         Optional[Path],
         typer.Option("--factors", help="Design factors for --match-by, from a CSV (generator,factor,...)."),
     ] = None,
+    open_set: Annotated[
+        bool,
+        typer.Option(
+            "--open-set",
+            help="Also leave each generator out in turn: AUROC, OSCR and TNR at 95 % TPR of known vs unseen.",
+        ),
+    ] = False,
+    perturb: Annotated[
+        Optional[str],
+        typer.Option(
+            "--perturb",
+            metavar="LIST",
+            help="Accuracy and verdicts on perturbed test images, e.g. jpeg:90,jpeg:75,resize:0.5,blur:1.0,crop:0.9.",
+        ),
+    ] = None,
+    augment: Annotated[
+        Optional[str],
+        typer.Option("--augment", metavar="LIST", help="Train every model as `train --augment LIST` does."),
+    ] = None,
+    index: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--index", help="Index for --perturb/--augment \\[default: the one the artifacts were extracted with]."
+        ),
+    ] = None,
+    open_set_score: Annotated[
+        str, typer.Option("--open-set-score", metavar="|".join(SCORES), help="The models' open-set score.")
+    ] = DEFAULT_SCORE,
     *,
     options: RunOptions,
 ) -> None:
-    """Accuracy over seeds, per-class precision/recall/F1, confusion matrix, FD ratios and a t-SNE plot.
+    """Accuracy over seeds, per-class precision/recall/F1, confusion matrix, FD ratios and a t-SNE plot,
+    calibration (ECE, Brier, reliability diagram) and verdict rates; optionally open-set and robustness.
 
     With --test-artifacts it runs the cross-dataset protocol instead: train on one dataset's
     generators, test on another's, classes matched by name or by a design factor (--match-by).
     """
+    from ..perturb import parse_perturbations
     from ..spaces import parse_spaces
     from ..train import TrainConfig
 
@@ -69,7 +100,11 @@ def evaluate(
             raise typer.BadParameter("evaluate one space at a time", param_hint="--space")
         if (match_by or zoo or factors) and test_artifacts is None:
             raise typer.BadParameter("--match-by, --zoo and --factors go with --test-artifacts")
-        config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size)
+        if open_set_score not in SCORES:
+            raise typer.BadParameter(f"choose one of: {', '.join(SCORES)}", param_hint="--open-set-score")
+        if (open_set or perturb or augment) and test_artifacts is not None:
+            raise typer.BadParameter("--open-set, --perturb and --augment do not go with --test-artifacts")
+        config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, open_set_score=open_set_score)
         design = zoo_factors(zoo) if zoo else csv_factors(factors) if factors else None
         with RichProgress(options.quiet, unit="") as progress:
             settings = options.settings(progress)
@@ -82,6 +117,11 @@ def evaluate(
                     test_fraction=test_fraction,
                     config=config,
                     settings=settings,
+                    open_set=open_set,
+                    perturbations=parse_perturbations(perturb) if perturb else None,
+                    augment=parse_perturbations(augment) if augment else None,
+                    index_path=index,
+                    weights=options.backbone_weights(),
                     overwrite=options.overwrite,
                 )
             else:
@@ -119,6 +159,22 @@ def evaluate(
         f"[bold]accuracy {result.accuracy_mean:.3f} ± {result.accuracy_std:.3f}[/] over {seeds} seed(s); "
         f"FD ratio: artifacts {result.fd_ratio_inputs:.3f}, attributor features {result.fd_ratio_features_mean:.3f}"
     )
+    calibration = result.metrics["calibration"]
+    stdout.print(
+        f"calibration: ECE {calibration['ece_before']:.3f} → {calibration['ece']:.3f}, Brier "
+        f"{calibration['brier_before']:.3f} → {calibration['brier']:.3f} (temperature scaling)"
+    )
+    if "open_set" in result.metrics:
+        found = result.metrics["open_set"]
+        stdout.print(
+            f"open set ({found['score']}, leave-one-generator-out): AUROC {found['auroc']:.3f}, "
+            f"OSCR {found['oscr']:.3f}, TNR at 95 % TPR {found['tnr_at_tpr95']:.3f}"
+        )
+    for name, found in result.metrics.get("robustness", {}).items():
+        stdout.print(
+            f"{name}: accuracy {found['accuracy']:.3f} ({found['accuracy_ratio']:.1%} of clean), "
+            f"unknown {found['unknown']:.1%}, inconclusive {found['inconclusive']:.1%}"
+        )
     stderr.print(
         f"wrote {', '.join(p.name for p in result.files.values())} to {result.out_dir} ({result.seconds:.0f} s)"
     )

@@ -22,8 +22,15 @@ def extract(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifacts file to write (HDF5).")],
     real: Annotated[
-        Optional[Path], typer.Option("--real", help="Folder of real images to add as class 'real' (leave-one-out).")
-    ] = None,
+        str,
+        typer.Option(
+            "--real",
+            metavar="index|none|DIR",
+            help="The class 'real': 'index' draws it from the index's own images (leave-one-out; as many as "
+            "the largest source), DIR takes a folder of real photos, 'none' leaves it out (then a real photo "
+            "can only come out 'unknown').",
+        ),
+    ] = "index",
     space: Annotated[
         Optional[str], typer.Option("--space", help="Comma-separated spaces \\[default: every space of the index].")
     ] = None,
@@ -34,11 +41,12 @@ def extract(
 
     Exit 0 when every file was used, 3 when some could not be decoded (listed; the rest are kept).
     """
-    from ..artifacts import extract_artifacts
+    from ..artifacts import REAL_FROM_INDEX, extract_artifacts
     from ..spaces import parse_spaces
 
     with errors_to_exit():
         sources = [parse_source(text) for text in source]
+        real_class = {"index": REAL_FROM_INDEX, "none": None}.get(real.strip().lower(), real)
         spaces = parse_spaces(space) if space else None
         with RichProgress(options.quiet) as progress:
             settings = options.settings(progress)
@@ -48,7 +56,7 @@ def extract(
                 sources,
                 out,
                 spaces=spaces,
-                real=real,
+                real=real_class,
                 weights=weights,
                 settings=settings,
                 overwrite=options.overwrite,

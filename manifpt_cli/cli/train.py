@@ -8,11 +8,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from ..openset import DEFAULT_SCORE, SCORES
 from .console import RichProgress, errors_to_exit, safe, stderr
-from .options import COMPUTE, RunOptions, run_options
+from .options import BACKBONES, COMPUTE, RunOptions, run_options
 
 
-@run_options(*COMPUTE, "quiet", "overwrite")
+@run_options(*BACKBONES, *COMPUTE, "quiet", "overwrite")
 def train(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts file from `manifpt extract`.")],
     space: Annotated[
@@ -41,10 +42,41 @@ def train(
         float, typer.Option("--val-fraction", help="Share of each class held out for validation.")
     ] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Seeds the split, the initial weights and the batch order.")] = 0,
+    target_fpr: Annotated[
+        float,
+        typer.Option(
+            "--target-fpr",
+            help="False-alarm rate the 'unknown' threshold is set at: the share of validation images of "
+            "known classes it would call unknown.",
+        ),
+    ] = 0.05,
+    open_set_score: Annotated[
+        str,
+        typer.Option(
+            "--open-set-score",
+            metavar="|".join(("auto", *SCORES)),
+            help="Score behind 'unknown'; auto picks it by leave-one-generator-out validation (3 extra trainings).",
+        ),
+    ] = DEFAULT_SCORE,
+    augment: Annotated[
+        Optional[str],
+        typer.Option(
+            "--augment",
+            metavar="LIST",
+            help="Add one perturbed copy of every image, e.g. jpeg:90,jpeg:75,resize:0.5,blur:1.0,crop:0.9 "
+            "(its artifact searched afresh in the index).",
+        ),
+    ] = None,
+    index: Annotated[
+        Optional[Path],
+        typer.Option("--index", help="Index for --augment \\[default: the one the artifacts were extracted with]."),
+    ] = None,
     *,
     options: RunOptions,
 ) -> None:
     """Train an attributor (cross-entropy) on one space's artifacts; keep the best validation checkpoint."""
+    from ..openset import check_target_fpr
+    from ..perturb import parse_perturbations
     from ..spaces import parse_spaces
     from ..train import TrainConfig, train_attributor, train_auto
 
@@ -53,16 +85,32 @@ def train(
         spaces = [] if auto else parse_spaces(space)
         if not auto and len(spaces) != 1:
             raise typer.BadParameter("train one space at a time (or --space auto)", param_hint="--space")
+        if open_set_score not in ("auto", *SCORES):
+            raise typer.BadParameter(f"choose auto or one of: {', '.join(SCORES)}", param_hint="--open-set-score")
         config = TrainConfig(
-            arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, seed=seed
+            arch=arch,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            val_fraction=val_fraction,
+            seed=seed,
+            target_fpr=check_target_fpr(target_fpr),
+            open_set_score=open_set_score,
         )
+        shaping = {
+            "augment": parse_perturbations(augment) if augment else None,
+            "index_path": index,
+            "weights": options.backbone_weights(),
+        }
         with RichProgress(options.quiet, unit="") as progress:
             settings = options.settings(progress)
             if auto:
-                result = train_auto(artifacts, out, config=config, settings=settings, overwrite=options.overwrite)
+                result = train_auto(
+                    artifacts, out, config=config, settings=settings, overwrite=options.overwrite, **shaping
+                )
             else:
                 result = train_attributor(
-                    artifacts, spaces[0], out, config=config, settings=settings, overwrite=options.overwrite
+                    artifacts, spaces[0], out, config=config, settings=settings, overwrite=options.overwrite, **shaping
                 )
         if auto:
             table = Table("input", "arch", "validation accuracy", title="--space auto (validation split only)")
@@ -76,3 +124,14 @@ def train(
             f"validation accuracy {training['val_accuracy']:.3f} ({training['val_size']} held out, "
             f"{len(result.metadata['classes'])} classes, {result.seconds:.1f} s)"
         )
+        calibration, open_set = result.metadata["calibration"], result.metadata["open_set"]
+        stderr.print(
+            f"calibrated: temperature {calibration['temperature']:.3f}, validation ECE "
+            f"{calibration['ece_before']:.3f} → {calibration['ece']:.3f}; 'unknown' below {open_set['score']} "
+            f"{open_set['threshold']:.4g} (target false-alarm rate {open_set['target_fpr']:g})"
+        )
+        if not result.metadata["has_real_class"]:
+            stderr.print(
+                "[yellow]no 'real' class:[/] real photos will come out 'unknown' at best "
+                "(extract with --real index or --real DIR)"
+            )

@@ -23,17 +23,41 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import load_artifacts
-from ..errors import UsageError
+from ..artifacts import REAL_LABEL, artifacts_index_path, index_embedders, load_artifacts, load_pixels
+from ..errors import MismatchError, UsageError
 from ..formats import provenance
 from ..inputs import TrainingSet, artifact_training_set
+from ..manifold import RealIndex
+from ..openset import (
+    SCORES,
+    all_scores,
+    auroc,
+    batched_outputs,
+    brier_score,
+    expected_calibration_error,
+    oscr,
+    reliability,
+    softmax,
+    tnr_at_tpr,
+)
 from ..outputs import atomic_output, results_folder
+from ..perturb import Perturbation, perturbed_set
 from ..settings import DEFAULT_SETTINGS, RunSettings
 from ..spaces import Space
-from ..train import TrainConfig, fit, stratified_split
+from ..train import PerturbedCopies, TrainConfig, fit, stratified_split
+from ..verdicts import INCONCLUSIVE, UNKNOWN, VerdictRule
 from .figures import pyplot, save_figure
 
-OUTPUT_FILES = ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "tsne.csv", "tsne.png")
+OUTPUT_FILES = (
+    "metrics.json",
+    "per_class.csv",
+    "confusion.csv",
+    "confusion.png",
+    "tsne.csv",
+    "tsne.png",
+    "reliability.png",
+    "robustness.png",
+)
 
 
 def fisher_ratio(features: np.ndarray, labels: np.ndarray) -> float:
@@ -99,6 +123,7 @@ class Evaluation:
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)
 
     @property
     def accuracy_mean(self) -> float:
@@ -117,19 +142,51 @@ class Evaluation:
         return per_class_scores(self.confusion, self.classes)
 
 
-def _predict(model, artifacts: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted labels, penultimate features) in eval mode."""
-    import torch
+@dataclass
+class Predictions:
+    """A scored model's view of a test set: logits, features, and every open-set score."""
 
-    model.eval()
-    predictions, features = [], []
-    with torch.inference_mode():
-        for start in range(0, len(artifacts), batch_size):
-            batch = torch.from_numpy(artifacts[start : start + batch_size].astype(np.float32, copy=False))
-            hidden = model.features(batch)
-            predictions.append(model.head(hidden).argmax(1).numpy())
-            features.append(hidden.numpy())
-    return np.concatenate(predictions), np.concatenate(features)
+    logits: np.ndarray
+    features: np.ndarray
+    scores: dict[str, np.ndarray]
+    temperature: float
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.logits.argmax(1)
+
+    @property
+    def calibrated(self) -> np.ndarray:
+        return softmax(self.logits, self.temperature)
+
+
+def predict(model, data: TrainingSet) -> Predictions:
+    logits, features = batched_outputs(model, data.inputs)
+    distances = data.distances if data.distances is not None else np.zeros(len(logits))
+    scores = all_scores(model, features, logits, distances)
+    return Predictions(logits, features, scores, float(model.temperature))
+
+
+def verdict_rates(
+    rule: VerdictRule,
+    classes: list[str],
+    predictions: Predictions,
+    truth: np.ndarray,
+    distances: np.ndarray,
+    original_size: tuple[int, int] | None = None,
+    jpeg_quality: int | None = None,
+) -> dict[str, float]:
+    """Share of each kind of verdict: the true source, another known class, unknown, inconclusive."""
+    counts = dict.fromkeys(("correct", "wrong_source", UNKNOWN, INCONCLUSIVE), 0)
+    score = predictions.scores[rule.score]
+    for i, label in enumerate(predictions.predicted):
+        notes = rule.notes(original_size, jpeg_quality, float(distances[i]))
+        verdict = rule.decide(classes[label], float(score[i]), notes)
+        if verdict in (UNKNOWN, INCONCLUSIVE):
+            counts[verdict] += 1
+        else:
+            counts["correct" if label == truth[i] else "wrong_source"] += 1
+    return {key: value / max(1, len(truth)) for key, value in counts.items()}
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -174,6 +231,27 @@ def _tsne(
     save_figure(fig, path_png)
 
 
+@dataclass
+class Stress:
+    """What ``evaluate`` does beyond the closed-set protocol, and what it needs for it.
+
+    ``perturbations`` are applied to each seed's test images; ``augment`` trains every model with
+    one perturbed copy of each training image. Both search the perturbed images afresh in the
+    index (``index_path``, with ``weights`` for sl/ssl), starting from the decoded ``pixels``.
+    """
+
+    open_set: bool = False
+    perturbations: list[Perturbation] = field(default_factory=list)
+    augment: list[Perturbation] = field(default_factory=list)
+    pixels: np.ndarray | None = None
+    index_path: str | None = None
+    weights: dict | None = None
+
+    @property
+    def needs_index(self) -> bool:
+        return bool(self.perturbations or self.augment)
+
+
 def evaluate(
     artifacts_path: str | os.PathLike,
     space: Space,
@@ -183,11 +261,24 @@ def evaluate(
     test_fraction: float = 0.2,
     config: TrainConfig | None = None,
     settings: RunSettings = DEFAULT_SETTINGS,
+    open_set: bool = False,
+    perturbations: list[Perturbation] | None = None,
+    augment: list[Perturbation] | None = None,
+    index_path: str | os.PathLike | None = None,
+    weights: dict | None = None,
     overwrite: bool = False,
 ) -> Evaluation:
-    """Evaluate one space of an artifacts file; writes metrics, tables and figures to ``out_dir``."""
+    """Evaluate one space of an artifacts file; writes metrics, tables and figures to ``out_dir``.
+
+    ``open_set`` adds leave-one-generator-out metrics; ``perturbations`` measure robustness on
+    perturbed test images; ``augment`` trains with perturbed copies (``train --augment``).
+    """
     data = artifact_training_set(load_artifacts(artifacts_path, space))
     source = os.path.abspath(os.fspath(artifacts_path))
+    stress = Stress(open_set, list(perturbations or []), list(augment or []), weights=weights)
+    if stress.needs_index:
+        stress.pixels = load_pixels(artifacts_path).pixels
+        stress.index_path = os.fspath(index_path or artifacts_index_path(artifacts_path))
     return evaluate_set(
         data,
         out_dir,
@@ -196,8 +287,38 @@ def evaluate(
         config=config,
         settings=settings,
         source=source,
+        stress=stress,
         overwrite=overwrite,
     )
+
+
+class _Perturber:
+    """Perturbed copies of rows of one training set, searched in the index (opened once)."""
+
+    def __init__(self, data: TrainingSet, stress: Stress, settings: RunSettings) -> None:
+        if data.space is None:
+            raise UsageError(f"{data.name} inputs are not made from an embedding space; they cannot be perturbed")
+        self.data, self.stress = data, stress
+        self.index = RealIndex(stress.index_path, verify=[data.space])
+        if self.index.index_hash != data.samples.index_hash:
+            self.index.close()
+            raise MismatchError(f"{stress.index_path} is not the index these artifacts were extracted against")
+        self.embedder = index_embedders(self.index, [data.space], stress.weights, settings.device)[data.space]
+
+    def close(self) -> None:
+        self.index.close()
+
+    def copies(self, rows: np.ndarray, choices: list[Perturbation]) -> tuple[TrainingSet, np.ndarray]:
+        """(perturbed set, positions in ``rows`` it kept)."""
+        part = self.data.subset(rows)
+        return perturbed_set(part, self.stress.pixels[rows], choices, self.index, self.embedder)
+
+    def training_copies(self, rows: np.ndarray, seed: int) -> PerturbedCopies:
+        rng = np.random.default_rng(seed)
+        augment = self.stress.augment
+        choices = [augment[i] for i in rng.integers(len(augment), size=len(rows))]
+        copy, kept = self.copies(rows, choices)
+        return PerturbedCopies(copy, kept, [p.name for p in augment])
 
 
 def evaluate_set(
@@ -211,40 +332,68 @@ def evaluate_set(
     augment=None,
     source: str = "",
     test_data: TrainingSet | None = None,
+    stress: Stress | None = None,
     overwrite: bool = False,
 ) -> Evaluation:
     """Train and test on ``data`` ``seeds`` times (the protocol above); ``data.name`` labels the outputs.
 
     With ``test_data`` (cross-dataset), each seed trains on all of ``data`` (its own validation
     split still picks the epoch) and tests on all of ``test_data``, which must use the same labels.
+    Calibration (ECE, Brier, before and after temperature scaling) and verdict rates are measured
+    on the pooled test predictions of every seed; ``stress`` adds open-set and robustness metrics.
     """
     started = time.perf_counter()
     if seeds < 1:
         raise UsageError(f"seeds must be at least 1, got {seeds}")
     config = config or TrainConfig()
+    stress = stress or Stress()
     inputs = [source] if source else []
     out = results_folder(out_dir, OUTPUT_FILES, inputs=inputs, overwrite=overwrite)
     name, classes, labels = data.name, data.samples.label_names, data.samples.labels
     n_classes = len(classes)
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     runs: list[SeedResult] = []
+    pooled: dict[str, list] = {"before": [], "after": [], "truth": [], "verdicts": []}
+    robustness: dict[str, list] = {}
+    perturber = _Perturber(data, stress, settings) if stress.needs_index else None
     last_features = last_labels = None
-    for seed in range(seeds):
-        settings.progress.log(f"{name}: seed {seed + 1}/{seeds}")
-        if test_data is None:
-            rest, test = stratified_split(labels, test_fraction, seed)
-            train_part, test_inputs, truth = data.subset(rest), data.inputs[test], labels[test]
-        else:
-            train_part, test_inputs, truth = data, test_data.inputs, test_data.samples.labels
-        model, metadata, _ = fit(
-            train_part, replace(config, seed=seed), device=settings.device, progress=settings.progress, augment=augment
-        )
-        predicted, features = _predict(model, test_inputs)
-        confusion += confusion_matrix(truth, predicted, n_classes)
-        accuracy = float((predicted == truth).mean())
-        best_epoch = metadata["training"]["best_epoch"]
-        runs.append(SeedResult(seed, accuracy, fisher_ratio(features, truth), best_epoch, int(len(truth))))
-        last_features, last_labels = features, truth
+    try:
+        for seed in range(seeds):
+            settings.progress.log(f"{name}: seed {seed + 1}/{seeds}")
+            if test_data is None:
+                rest, test = stratified_split(labels, test_fraction, seed)
+                train_part, test_part = data.subset(rest), data.subset(test)
+            else:
+                rest, train_part, test_part = np.arange(len(labels)), data, test_data
+            copies = perturber.training_copies(rest, seed) if perturber and stress.augment else None
+            model, metadata, _ = fit(
+                train_part,
+                replace(config, seed=seed),
+                device=settings.device,
+                progress=settings.progress,
+                augment=augment,
+                copies=copies,
+            )
+            truth = test_part.samples.labels
+            found = predict(model, test_part)
+            rule = VerdictRule(metadata)
+            distances = _distances(test_part)
+            confusion += confusion_matrix(truth, found.predicted, n_classes)
+            accuracy = float((found.predicted == truth).mean())
+            best_epoch = metadata["training"]["best_epoch"]
+            runs.append(SeedResult(seed, accuracy, fisher_ratio(found.features, truth), best_epoch, int(len(truth))))
+            pooled["before"].append(softmax(found.logits))
+            pooled["after"].append(found.calibrated)
+            pooled["truth"].append(truth)
+            pooled["verdicts"].append(verdict_rates(rule, classes, found, truth, distances))
+            last_features, last_labels = found.features, truth
+            for perturbation in stress.perturbations:
+                robustness.setdefault(perturbation.name, []).append(
+                    _perturbed_metrics(perturber, perturbation, test, test_part, model, rule, classes)
+                )
+    finally:
+        if perturber is not None:
+            perturber.close()
 
     fd_inputs = fisher_ratio(data.inputs.astype(np.float32, copy=False), labels)
     result = Evaluation(name, classes, metadata["arch"], runs, confusion, fd_inputs, out)
@@ -255,7 +404,8 @@ def evaluate_set(
     _write_csv(files["confusion.csv"], ["true \\ predicted", *classes], confusion_rows)
     _plot_confusion(files["confusion.png"], confusion, classes)
     _tsne(files["tsne.png"], files["tsne.csv"], last_features, last_labels, classes, seeds - 1)
-    result.seconds = time.perf_counter() - started
+    calibration = _calibration(pooled)
+    _plot_reliability(files["reliability.png"], pooled, calibration, name)
     metrics = {
         **provenance(),
         "source": source,
@@ -266,6 +416,7 @@ def evaluate_set(
             "seeds": seeds,
             "test_fraction": None if test_data else test_fraction,
             "cross_dataset": test_data is not None,
+            "augment": [p.name for p in stress.augment],
             **asdict(config),
         },
         "accuracy_mean": result.accuracy_mean,
@@ -275,12 +426,142 @@ def evaluate_set(
         "runs": [asdict(run) for run in runs],
         "per_class": result.per_class,
         "confusion": confusion.tolist(),
-        "seconds": round(result.seconds, 1),
+        "calibration": calibration,
+        "verdicts": _mean_dicts(pooled["verdicts"]),
     }
+    if stress.perturbations:
+        metrics["robustness"] = {
+            key: {**_mean_dicts(values), "accuracy_ratio": _mean_dicts(values)["accuracy"] / result.accuracy_mean}
+            for key, values in robustness.items()
+        }
+        _plot_robustness(files["robustness.png"], result.accuracy_mean, metrics["robustness"], name, stress.augment)
+    if stress.open_set:
+        metrics["open_set"] = open_set_metrics(data, config, test_fraction, settings)
+    result.seconds = time.perf_counter() - started
+    metrics["seconds"] = round(result.seconds, 1)
+    result.metrics = metrics
     with atomic_output(files["metrics.json"], overwrite=True) as partial:
         partial.write_text(json.dumps(metrics, indent=2))
-    result.files = files
+    result.files = {key: path for key, path in files.items() if path.exists()}
     return result
+
+
+def _distances(data: TrainingSet) -> np.ndarray:
+    return data.distances if data.distances is not None else np.zeros(len(data.inputs))
+
+
+def _mean_dicts(values: list[dict]) -> dict:
+    return {key: float(np.mean([v[key] for v in values])) for key in values[0]}
+
+
+def _calibration(pooled: dict) -> dict:
+    truth = np.concatenate(pooled["truth"])
+    before, after = np.concatenate(pooled["before"]), np.concatenate(pooled["after"])
+    return {
+        "ece": expected_calibration_error(after, truth),
+        "brier": brier_score(after, truth),
+        "ece_before": expected_calibration_error(before, truth),
+        "brier_before": brier_score(before, truth),
+        "bins": 15,
+        "reliability": reliability(after, truth),
+        "reliability_before": reliability(before, truth),
+    }
+
+
+def _perturbed_metrics(perturber, perturbation, test_rows, test_part, model, rule, classes) -> dict:
+    """Accuracy and verdict rates of one seed's model on its test images, perturbed."""
+    copy, kept = perturber.copies(test_rows, [perturbation] * len(test_rows))
+    found = predict(model, copy)
+    truth = copy.samples.labels
+    size = rule.image_size
+    side = max(1, round(size * perturbation.value))
+    original = (side, side) if perturbation.kind in ("resize", "crop") else (size, size)
+    quality = int(perturbation.value) if perturbation.kind == "jpeg" else None
+    rates = verdict_rates(rule, classes, found, truth, _distances(copy), original, quality)
+    return {"accuracy": float((found.predicted == truth).mean()), "kept": len(kept) / max(1, len(test_rows)), **rates}
+
+
+def open_set_metrics(data: TrainingSet, config: TrainConfig, test_fraction: float, settings: RunSettings) -> dict:
+    """Leave-one-generator-out: each generator in turn is never trained on (seed 0).
+
+    Known: the test split of the other classes (the real class included). Unknown: every image of
+    the held-out generator. AUROC, OSCR and TNR at 95 % TPR for every score; the headline figures
+    are those of the score the model uses (``config.open_set_score``).
+    """
+    labels, classes = data.samples.labels, data.samples.label_names
+    generators = [c for c in classes if c != REAL_LABEL]
+    if len(classes) < 3:
+        raise UsageError("open-set evaluation needs at least three classes (two stay known)")
+    per_held_out = {}
+    for held_out in generators:
+        settings.progress.log(f"open set: leaving out {held_out}")
+        known = data.without_class(held_out)
+        rest, test = stratified_split(known.samples.labels, test_fraction, 0)
+        model, _, _ = fit(
+            known.subset(rest), replace(config, seed=0), device=settings.device, progress=settings.progress
+        )
+        known_part = known.subset(test)
+        unseen = data.subset(np.flatnonzero(labels == classes.index(held_out)))
+        seen, new = predict(model, known_part), predict(model, unseen)
+        correct = seen.predicted == known_part.samples.labels
+        per_held_out[held_out] = {
+            score: {
+                "auroc": auroc(seen.scores[score], new.scores[score]),
+                "oscr": oscr(seen.scores[score], correct, new.scores[score]),
+                "tnr_at_tpr95": tnr_at_tpr(seen.scores[score], new.scores[score], 0.95),
+            }
+            for score in SCORES
+        }
+    chosen = config.open_set_score
+    by_score = {
+        score: {
+            metric: float(np.mean([fold[score][metric] for fold in per_held_out.values()]))
+            for metric in ("auroc", "oscr", "tnr_at_tpr95")
+        }
+        for score in SCORES
+    }
+    return {
+        "score": chosen,
+        **by_score[chosen],
+        "per_held_out": {g: fold[chosen] for g, fold in per_held_out.items()},
+        "by_score": by_score,
+        "per_held_out_by_score": per_held_out,
+    }
+
+
+def _plot_reliability(path: Path, pooled: dict, calibration: dict, name: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for key, label, colour in (
+        ("reliability_before", f"softmax (ECE {calibration['ece_before']:.3f})", "tab:orange"),
+        ("reliability", f"temperature-scaled (ECE {calibration['ece']:.3f})", "tab:blue"),
+    ):
+        bins = [b for b in calibration[key] if b["count"]]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label=label, color=colour)
+    ax.set_xlabel("confidence (largest probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    n = len(np.concatenate(pooled["truth"]))
+    ax.set_title(f"Reliability, {name}: {n} test images, 15 bins", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    save_figure(fig, path)
+
+
+def _plot_robustness(path: Path, clean: float, robustness: dict, name: str, augment: list[Perturbation]) -> None:
+    plt = pyplot()
+    labels = ["clean", *robustness]
+    accuracy = [clean, *(robustness[k]["accuracy"] for k in robustness)]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 4))
+    bars = ax.bar(labels, accuracy, color=["tab:green", *["tab:blue"] * len(robustness)])
+    for bar, value in zip(bars, accuracy):
+        ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.3f}", ha="center", fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("accuracy on perturbed test images")
+    trained = f"trained with {', '.join(p.name for p in augment)}" if augment else "trained without augmentation"
+    ax.set_title(f"Robustness, {name} ({trained})", fontsize=10)
+    save_figure(fig, path)
 
 
 def relabel(data: TrainingSet, mapping: dict[str, str], names: list[str]) -> TrainingSet:

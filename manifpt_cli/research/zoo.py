@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..formats import FORMAT_VERSION, ZOO_FORMAT, load_checkpoint_payload, provenance, save_checkpoint
+from ..formats import FORMAT_VERSIONS, ZOO_FORMAT, load_checkpoint_payload, provenance, save_checkpoint
 from ..images import decode_folder, split_batch
 from ..outputs import results_folder
 from ..settings import DEFAULT_SETTINGS, RunSettings
@@ -200,7 +200,7 @@ def train_generator(
     name = Path(out_dir).name
     metadata = {
         "format": ZOO_FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSIONS[ZOO_FORMAT],
         **provenance(),
         "name": name,
         "design": asdict(design),
