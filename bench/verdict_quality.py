@@ -7,6 +7,9 @@ sets: the zoo's training photos, the index, and held-out real photos that are ne
 trained on. Without it, crops of the photos bundled with scikit-image (smaller, less varied).
 
     python bench/verdict_quality.py --work /tmp/quality [--per-generator 800] [--epochs 15] [--seeds 2]
+        [--inputs freq,image]
+
+"default" below is `manifpt train`'s default (`--space auto` over 2 validation splits).
 
 Every step keeps its outputs in --work and is skipped when they exist, so a run can be resumed.
 """
@@ -96,19 +99,19 @@ def main() -> None:
     parser.add_argument("--zoo-iters", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--spaces", default="freq,rgb")
+    parser.add_argument("--inputs", default="freq,image", help="attributor inputs to stress (auto candidate names)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from manifpt_cli.artifacts import REAL_FROM_INDEX, extract_artifacts
+    from manifpt_cli.artifacts import REAL_FROM_INDEX, extract_artifacts, load_pixels
     from manifpt_cli.casework import run_attribution
     from manifpt_cli.export import export_onnx
     from manifpt_cli.inputs import auto_candidates
     from manifpt_cli.manifold import build_index
     from manifpt_cli.perturb import parse_perturbations
-    from manifpt_cli.research.evaluate import evaluate, evaluate_set
-    from manifpt_cli.spaces import Space, parse_spaces
-    from manifpt_cli.train import TrainConfig, train_attributor
+    from manifpt_cli.research.evaluate import Stress, evaluate_set
+    from manifpt_cli.spaces import Space
+    from manifpt_cli.train import TrainConfig, train_attributor, train_auto
 
     started = time.perf_counter()
     work = args.work
@@ -154,21 +157,27 @@ def main() -> None:
         closed[candidate.name] = {"accuracy_mean": found.accuracy_mean, "accuracy_std": found.accuracy_std}
         save()
 
-    for space in parse_spaces(args.spaces):
+    candidates = {candidate.name: candidate for candidate in auto_candidates(artifacts)}
+    pixels = load_pixels(artifacts).pixels
+    for name in args.inputs.split(","):
         for augmented in (False, True):
-            key = f"{space.value}{' + augment' if augmented else ''}"
+            key = f"{name}{' + augment' if augmented else ''}"
             if key in results.get("stress", {}):
                 continue
             stage(f"open set, calibration, robustness: {key}")
-            found = evaluate(
-                artifacts,
-                space,
-                work / "stress" / key.replace(" + ", "_"),
-                seeds=args.seeds,
-                config=config,
+            stress = Stress(
                 open_set=not augmented,
                 perturbations=perturb,
-                augment=perturb if augmented else None,
+                augment=perturb if augmented else [],
+                pixels=pixels,
+                index_path=str(index),
+            )
+            found = evaluate_set(
+                candidates[name],
+                work / "stress" / key.replace(" + ", "_").replace("+", "_"),
+                seeds=args.seeds,
+                config=config,
+                stress=stress,
                 overwrite=True,
             )
             metrics = found.metrics
@@ -181,22 +190,26 @@ def main() -> None:
             }
             save()
 
-    for space in parse_spaces(args.spaces):
-        key = f"real_test_{space.value}"
+    for name in ("freq", "default"):
+        key = f"real_test_{name}"
         if key in results:
             continue
-        stage(f"held-out real photos through train → export → attribute ({space.value})")
-        checkpoint, model = work / f"{space.value}.pt", work / f"{space.value}.onnx"
-        train_attributor(artifacts, space, checkpoint, config=config, overwrite=True)
+        stage(f"held-out real photos through train ({name}) → export → attribute")
+        checkpoint, model = work / f"{name}.pt", work / f"{name}.onnx"
+        if name == "default":
+            trained = train_auto(artifacts, checkpoint, config=config, overwrite=True)
+        else:
+            trained = train_attributor(artifacts, Space(name), checkpoint, config=config, overwrite=True)
         export_onnx(checkpoint, model, overwrite=True)
         rows = []
         run_attribution(model, index, [work / "real_test"], on_row=rows.append)
         verdicts = [row.verdict for row in rows if row.ok]
         shares = {v: verdicts.count(v) / len(verdicts) for v in sorted(set(verdicts))}
         results[key] = {
+            "input": trained.metadata.get("auto", {}).get("chosen", name),
             "n": len(verdicts),
             "shares": shares,
-            "real_or_not_known": shares.get("real", 0) + shares.get("unknown", 0),
+            "not_a_known_source": sum(shares.get(v, 0) for v in ("real", "unknown", "inconclusive")),
         }
         save()
 

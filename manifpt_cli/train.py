@@ -389,30 +389,41 @@ def train_auto(
     augment: list[Perturbation] | None = None,
     index_path: str | os.PathLike | None = None,
     weights: dict[Space, str | None] | None = None,
+    splits: int = 2,
     overwrite: bool = False,
 ) -> TrainResult:
-    """``--space auto``: train on every candidate input, keep the best on the validation split only.
+    """``--space auto``: train on every candidate input, keep the best on validation data only.
 
-    Every candidate sees the same seeded train/validation split (the split depends only on the
-    labels and the seed). The choice and the whole validation table go into the metadata. The
-    open-set score is chosen (if ``auto``) and the copies perturbed for the winner only.
+    Each candidate is trained on ``splits`` seeded train/validation splits (seeds ``config.seed``,
+    ``config.seed + 1``, …; the split depends only on the labels and the seed, so every candidate
+    sees the same ones) and judged by its mean validation accuracy; ties go to the candidate
+    listed first (the artifact spaces come first). The final model is the winner trained again
+    with every option (open-set score choice, augmentation) on the first split. The choice and
+    the whole validation table go into the metadata.
     """
     started = time.perf_counter()
     check_outputs([out], inputs=[artifacts_path], overwrite=overwrite)
     config = config or TrainConfig()
+    if splits < 1:
+        raise UsageError(f"splits must be at least 1, got {splits}")
     table, best = [], None
-    candidates = auto_candidates(artifacts_path)
     screening = replace(config, open_set_score=DEFAULT_SCORE)
-    for candidate in candidates:
-        settings.progress.log(f"auto: trying {candidate.name}")
-        _, metadata, _ = fit(candidate, screening, device=settings.device, progress=settings.progress)
-        accuracy = metadata["training"]["val_accuracy"]
-        table.append({"input": candidate.name, "arch": metadata["arch"], "val_accuracy": accuracy})
+    for candidate in auto_candidates(artifacts_path):
+        accuracies = []
+        for split in range(splits):
+            settings.progress.log(f"auto: trying {candidate.name} (validation split {split + 1}/{splits})")
+            seeded = replace(screening, seed=config.seed + split)
+            _, metadata, _ = fit(candidate, seeded, device=settings.device, progress=settings.progress)
+            accuracies.append(metadata["training"]["val_accuracy"])
+        accuracy = float(np.mean(accuracies))
+        table.append(
+            {"input": candidate.name, "arch": metadata["arch"], "val_accuracy": accuracy, "per_split": accuracies}
+        )
         if best is None or accuracy > best[1]:
             best = (candidate, accuracy)
     chosen = best[0]
     model, metadata, history = _fit_with_options(chosen, config, artifacts_path, settings, augment, index_path, weights)
-    metadata["auto"] = {"chosen": chosen.name, "validation": table}
+    metadata["auto"] = {"chosen": chosen.name, "splits": splits, "validation": table}
     return _save(out, model, metadata, history, artifacts_path, started, overwrite)
 
 

@@ -10,6 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from manifpt_cli.cli import app
+from manifpt_cli.openset import SCORES
+from manifpt_cli.perturb import parse_perturbations
 from manifpt_cli.research.evaluate import confusion_matrix, evaluate, fisher_ratio, per_class_scores
 from manifpt_cli.spaces import Space
 from manifpt_cli.train import TrainConfig
@@ -89,8 +91,46 @@ def test_evaluate_cli(artifacts_file, tmp_path):
             "1",
             "--epochs",
             "2",
+            "--perturb",
+            "blur:1",
             "-q",
         ],
     )
     assert result.exit_code == 0, result.stderr
     assert "accuracy" in result.stdout and "FD ratio" in result.stdout
+    assert "calibration: ECE" in result.stdout and "blur:1: accuracy" in result.stdout
+
+
+def test_evaluate_open_set_calibration_and_robustness(artifacts_file, tmp_path):
+    perturbations = parse_perturbations("jpeg:75,resize:0.5")
+    result = evaluate(
+        artifacts_file,
+        Space.FREQ,
+        tmp_path / "stress",
+        seeds=1,
+        test_fraction=0.25,
+        config=TrainConfig(epochs=4),
+        open_set=True,
+        perturbations=perturbations,
+        augment=parse_perturbations("jpeg:75"),
+    )
+    metrics = json.loads((tmp_path / "stress" / "metrics.json").read_text())
+    open_set = metrics["open_set"]
+    assert set(open_set["per_held_out"]) == {"jpeg", "blur", "nearest", "noise"}
+    assert open_set["auroc"] == pytest.approx(np.mean([f["auroc"] for f in open_set["per_held_out"].values()]))
+    assert set(open_set["by_score"]) == set(SCORES) and open_set["score"] == "mahalanobis"
+    for fold in open_set["per_held_out"].values():
+        assert 0 <= fold["oscr"] <= 1 and 0 <= fold["auroc"] <= 1
+        assert 0 <= fold["tnr_at_tpr95"] <= 1
+    calibration = metrics["calibration"]
+    assert sum(b["count"] for b in calibration["reliability"]) == metrics["runs"][0]["test_size"]
+    assert {"ece", "brier", "ece_before", "brier_before"} <= set(calibration)
+    assert metrics["protocol"]["augment"] == ["jpeg:75"]
+    jpeg, resize = metrics["robustness"]["jpeg:75"], metrics["robustness"]["resize:0.5"]
+    assert resize["inconclusive"] == 1.0, "resampled test images, a model not trained with resizing"
+    assert jpeg["inconclusive"] == 0.0, "JPEG q75 is covered by the jpeg:75 augmentation"
+    assert jpeg["accuracy_ratio"] == pytest.approx(jpeg["accuracy"] / metrics["accuracy_mean"])
+    verdicts = metrics["verdicts"]
+    assert sum(verdicts.values()) == pytest.approx(1.0)
+    for name in ("reliability.png", "robustness.png"):
+        assert result.files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -119,7 +119,10 @@ def test_space_auto_picks_on_validation_and_attributes_with_the_chosen_input(
     result = train_auto(artifacts_file, tmp_path / "auto.pt", config=TrainConfig(epochs=2))
     table = result.metadata["auto"]["validation"]
     assert [row["input"] for row in table] == ["rgb", "freq", "image", "image+rgb", "image+freq"]
-    best = max(table, key=lambda row: row["val_accuracy"])
+    assert result.metadata["auto"]["splits"] == 2
+    for row in table:
+        assert len(row["per_split"]) == 2 and row["val_accuracy"] == pytest.approx(np.mean(row["per_split"]))
+    best = max(table, key=lambda row: row["val_accuracy"])  # the first of equals, as train_auto breaks ties
     assert result.metadata["auto"]["chosen"] == best["input"]
     expected_kind = {"rgb": "artifact", "freq": "artifact", "image": "image"}.get(best["input"], "image+artifact")
     assert result.metadata["input"] == expected_kind

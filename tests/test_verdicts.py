@@ -274,3 +274,25 @@ def test_a_model_of_the_previous_format_is_refused_with_the_reason(verdict_model
     save_checkpoint(tmp_path / "old.pt", state, {**metadata, "format_version": 2})
     with pytest.raises(FormatError, match="version 2.*reads version 3"):
         load_checkpoint_payload(tmp_path / "old.pt", CHECKPOINT_FORMAT)
+
+
+def test_train_cli_augments_and_sets_the_false_alarm_rate(artifacts_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from manifpt_cli.cli import app
+
+    out = tmp_path / "aug.pt"
+    args = ["train", "--artifacts", artifacts_file, "--space", "rgb", "--epochs", "2", "--out", out, "-q"]
+    result = CliRunner().invoke(app, [str(a) for a in [*args, "--augment", "jpeg:80,crop:0.8", "--target-fpr", "0.1"]])
+    assert result.exit_code == 0, result.stderr
+    assert "no 'real' class" in result.stderr, (
+        "the session's artifacts have no real class: the CLI says what that means"
+    )
+    _, metadata = load_checkpoint_payload(out, CHECKPOINT_FORMAT)
+    training = metadata["training"]
+    assert training["augment"] == ["jpeg:80", "crop:0.8"] and training["augmented_copies"] > 0
+    n_images = len(load_artifacts(artifacts_file, Space.RGB).samples.labels)
+    assert training["train_size"] + training["val_size"] == n_images + training["augmented_copies"]
+    assert metadata["open_set"]["target_fpr"] == 0.1
+    bad = CliRunner().invoke(app, [str(a) for a in [*args, "--overwrite", "--augment", "jpeg:101"]])
+    assert bad.exit_code == 2 and "jpeg takes a quality" in bad.stderr

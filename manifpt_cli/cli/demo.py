@@ -45,9 +45,22 @@ def demo(
     stdout.print(
         f"(a sample of {min(SHOWN_ROWS, len(result.rows))} of {len(result.rows)} rows; all are in the reports)"
     )
-    scores = Table("true source", "correct", "images", "accuracy", title="Attribution of held-out suspects")
+    scores = Table(
+        "true source",
+        "images",
+        "predicted correctly",
+        "verdict: the true source",
+        "verdict: another source",
+        "unknown",
+        "inconclusive",
+        title="Attribution of held-out suspects",
+    )
     for source, (correct, total) in sorted(result.per_source.items()):
-        scores.add_row(source, str(correct), str(total), f"{correct / total:.2f}")
+        verdicts = result.verdicts[source]
+        named = verdicts["correct"]
+        other = total - named - verdicts["unknown"] - verdicts["inconclusive"]
+        shares = [f"{n / total:.2f}" for n in (correct, named, other, verdicts["unknown"], verdicts["inconclusive"])]
+        scores.add_row(source, str(total), *shares)
     stdout.print(scores)
     chance = 1 / max(1, len(result.per_source))
     n_rows = len(result.rows)

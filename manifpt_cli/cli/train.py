@@ -16,16 +16,17 @@ from .options import BACKBONES, COMPUTE, RunOptions, run_options
 @run_options(*BACKBONES, *COMPUTE, "quiet", "overwrite")
 def train(
     artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts file from `manifpt extract`.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Checkpoint to write (NAME.pt: state dict + JSON metadata).")
+    ],
     space: Annotated[
         str,
         typer.Option(
             "--space",
-            help="rgb, freq, sl or ssl; or auto: try every space, the image, and image+artifact, keep the best on validation.",
+            help="auto: try every space's artifacts, the image, and image+artifact, keep the best mean validation "
+            "accuracy over --auto-splits splits; or one space: rgb, freq, sl or ssl.",
         ),
-    ],
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Checkpoint to write (NAME.pt: state dict + JSON metadata).")
-    ],
+    ] = "auto",
     arch: Annotated[
         Optional[str],
         typer.Option(
@@ -50,6 +51,9 @@ def train(
             "known classes it would call unknown.",
         ),
     ] = 0.05,
+    auto_splits: Annotated[
+        int, typer.Option("--auto-splits", min=1, help="Validation splits each --space auto candidate is judged on.")
+    ] = 2,
     open_set_score: Annotated[
         str,
         typer.Option(
@@ -106,16 +110,25 @@ def train(
             settings = options.settings(progress)
             if auto:
                 result = train_auto(
-                    artifacts, out, config=config, settings=settings, overwrite=options.overwrite, **shaping
+                    artifacts,
+                    out,
+                    config=config,
+                    settings=settings,
+                    splits=auto_splits,
+                    overwrite=options.overwrite,
+                    **shaping,
                 )
             else:
                 result = train_attributor(
                     artifacts, spaces[0], out, config=config, settings=settings, overwrite=options.overwrite, **shaping
                 )
         if auto:
-            table = Table("input", "arch", "validation accuracy", title="--space auto (validation split only)")
+            table = Table(
+                "input", "arch", "mean validation accuracy", "per split", title="--space auto (validation splits only)"
+            )
             for row in result.metadata["auto"]["validation"]:
-                table.add_row(row["input"], row["arch"], f"{row['val_accuracy']:.3f}")
+                splits = ", ".join(f"{a:.3f}" for a in row["per_split"])
+                table.add_row(row["input"], row["arch"], f"{row['val_accuracy']:.3f}", splits)
             stderr.print(table)
         chosen = result.metadata["auto"]["chosen"] if auto else spaces[0].value
         training = result.metadata["training"]

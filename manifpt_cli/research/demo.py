@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ class DemoResult:
     rows: list[AttributionRow]
     accuracy: float
     per_source: dict[str, tuple[int, int]]  # source → (correct, total)
+    verdicts: dict[str, Counter]  # source → verdict counts ("correct" when the verdict is the source)
     reports: dict[str, Path]
     commands: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -163,10 +165,12 @@ def run_demo(
     )
 
     per_source: dict[str, tuple[int, int]] = {}
+    verdicts: dict[str, Counter] = {}
     for row in rows:
         truth = Path(row.path).parent.name
         correct, total = per_source.get(truth, (0, 0))
         per_source[truth] = (correct + (row.predicted == truth), total + 1)
+        verdicts.setdefault(truth, Counter())[row.verdict if row.verdict != truth else "correct"] += 1
     accuracy = sum(c for c, _ in per_source.values()) / max(1, len(rows))
     commands = _commands(work, plan, sources)
-    return DemoResult(work, rows, accuracy, per_source, reports, commands, time.perf_counter() - started)
+    return DemoResult(work, rows, accuracy, per_source, verdicts, reports, commands, time.perf_counter() - started)
