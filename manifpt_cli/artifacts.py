@@ -41,7 +41,16 @@ from .integrity import ARTIFACTS_DIGEST_ATTR, IntegrityError, hdf5_digest
 from .manifold import Neighbours, RealIndex
 from .outputs import check_outputs
 from .settings import DEFAULT_SETTINGS, RunSettings
-from .spaces import BackboneWeights, Embedder, Space, TorchBackboneEmbedder, load_backbone, make_embedder
+from .spaces import (
+    BackboneWeights,
+    Embedder,
+    Space,
+    TorchBackboneEmbedder,
+    backbone_attrs,
+    backbone_weights_from,
+    load_backbone,
+    make_embedder,
+)
 
 REAL_LABEL = "real"
 REAL_FROM_INDEX = "index"  # extract's ``real``: the class ``real`` from the index's own images
@@ -90,7 +99,7 @@ def index_embedders(
             embedders[space] = make_embedder(space)
             continue
         recorded = index.backbone_weights(space)
-        module, found = load_backbone(space, weights.get(space) or recorded.load_argument)
+        module, found = load_backbone(space, weights.get(space) or recorded.load_argument, recorded.input)
         if found.sha256 != recorded.sha256:
             raise MismatchError(
                 f"the {space.value} weights loaded from {found.source} (sha256 {found.sha256[:12]}…) are not the "
@@ -205,7 +214,7 @@ def extract_artifacts(
             for space in spaces:
                 shape = space.artifact_shape(size)
                 backbone = index.backbone_weights(space) if space.needs_backbone else None
-                extra = {"weights_source": backbone.source, "weights_sha256": backbone.sha256} if backbone else {}
+                extra = backbone_attrs(backbone)
                 writer.add_space(
                     space.value,
                     {"artifacts": (shape, "f4"), "neighbor_id": ((), "i8"), "neighbor_distance": ((), "f4")},
@@ -364,7 +373,7 @@ def load_artifacts(path: str | os.PathLike, space: Space) -> ArtifactSet:
         group = handle[f"spaces/{space.value}"]
         backbone = None
         if space.needs_backbone:
-            backbone = BackboneWeights(str(group.attrs["weights_source"]), str(group.attrs["weights_sha256"]))
+            backbone = backbone_weights_from(group.attrs)
         distances = group["neighbor_distance"][...].astype(np.float64)
         return ArtifactSet(_samples(handle), space, group["artifacts"][...], backbone, distances)
 

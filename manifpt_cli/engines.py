@@ -204,7 +204,12 @@ class _EmbedActor:
         """Build the embedders (in a method, so that a refusal reaches the driver as itself)."""
         from .spaces import make_embedder
 
-        self.embedders = {space: make_embedder(space, self.weights.get(space)) for space in self.spaces}
+        self.embedders = {
+            space: make_embedder(
+                space, self.weights.get(space), input_policy=getattr(self.expected[space], "input", "resize")
+            )
+            for space in self.spaces
+        }
         for space, embedder in self.embedders.items():
             if getattr(embedder, "weights", None) != self.expected[space]:
                 raise MismatchError(f"a Ray worker loaded other {space.value} weights than the driver")

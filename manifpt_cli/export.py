@@ -175,7 +175,8 @@ def export_onnx(
         if backbone_out:
             partial_backbone = partials[1]
             recorded = metadata["backbone"]
-            module, found = load_backbone(space, backbone_weights or BackboneWeights(**recorded).load_argument)
+            backbone = BackboneWeights(**recorded)
+            module, found = load_backbone(space, backbone_weights or backbone.load_argument, backbone.input)
             if found.sha256 != recorded["sha256"]:
                 raise MismatchError(
                     f"the {space.value} weights from {found.source} are not those the model was trained with "

@@ -28,7 +28,17 @@ import numpy as np
 
 from .errors import FormatError
 
-SPACE_DIGEST_ATTRS = ("embedding_space", "dim", "shape", "metric", "faiss_factory", "weights_source", "weights_sha256")
+# backbone_input is absent from indexes made before manifpt 0.3 (absent attributes are left out).
+SPACE_DIGEST_ATTRS = (
+    "embedding_space",
+    "dim",
+    "shape",
+    "metric",
+    "faiss_factory",
+    "weights_source",
+    "weights_sha256",
+    "backbone_input",
+)
 ROOT_DIGEST_ATTRS = ("format", "format_version", "image_size", "n_images", "spaces", "resize_policy")
 ROWS_PER_CHUNK = 4096
 ONNX_DIGEST_KEY = "manifpt_digest"

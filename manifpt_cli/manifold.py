@@ -33,7 +33,7 @@ from .images import FailedImage, SkippedFile, count_images, display_path, split_
 from .integrity import IntegrityError, index_digest, space_digest, verify_index
 from .outputs import check_outputs
 from .settings import DEFAULT_SETTINGS, RunSettings
-from .spaces import Embedder, Space, make_embedder
+from .spaces import Embedder, Space, backbone_attrs, backbone_weights_from, make_embedder
 
 
 @dataclass
@@ -71,6 +71,7 @@ def build_index(
     size: int = 32,
     faiss_factory: str = "Flat",
     weights: dict[Space, str | None] | None = None,
+    backbone_input: str = "resize",
     settings: RunSettings = DEFAULT_SETTINGS,
     overwrite: bool = False,
     engine=None,
@@ -81,6 +82,8 @@ def build_index(
     ``out`` may not be one of the real images or lie in their folders, and an existing ``out`` is
     replaced only with ``overwrite``. ``engine`` (default: this process) embeds the images; this
     process writes the file, so every engine builds the same index (the same ``index_hash``).
+    ``backbone_input`` is how sl/ssl bring an image to 224×224: ``resize`` or the authors' ``crop``
+    (see :mod:`models.backbones`); it is recorded in the index and used by everything made from it.
 
     Raises:
         UsageError: no decodable image was found, or a bad argument.
@@ -91,7 +94,9 @@ def build_index(
     started = time.perf_counter()
     check_outputs([out], inputs=roots, overwrite=overwrite)
     weights = weights or {}
-    embedders: dict[Space, Embedder] = {s: make_embedder(s, weights.get(s), settings.device) for s in spaces}
+    embedders: dict[Space, Embedder] = {
+        s: make_embedder(s, weights.get(s), settings.device, backbone_input) for s in spaces
+    }
     total = count_images(roots, sniff=settings.sniff)
     if total == 0:
         raise UsageError(f"no image files found under: {', '.join(display_path(r) for r in roots)}")
@@ -104,7 +109,7 @@ def build_index(
             shape = space.artifact_shape(size)
             dim = int(np.prod(shape))
             backbone = getattr(embedder, "weights", None)
-            extra = {"weights_source": backbone.source, "weights_sha256": backbone.sha256} if backbone else {}
+            extra = backbone_attrs(backbone)
             writer.add_space(
                 space.value,
                 {"embeddings": ((dim,), "f4")},
@@ -242,10 +247,8 @@ class RealIndex:
 
     def backbone_weights(self, space: Space):
         """The BackboneWeights the index's sl/ssl embeddings were made with."""
-        from .spaces import BackboneWeights
-
         attrs = self._group(space).attrs
-        return BackboneWeights(str(attrs["weights_source"]), str(attrs["weights_sha256"]))
+        return backbone_weights_from(attrs)
 
     def paths(self, ids: np.ndarray) -> list[str]:
         """Source paths of index rows ``ids`` ("" for −1), read once and kept."""

@@ -131,12 +131,27 @@ class BackboneWeights:
 
     source: str
     sha256: str
+    input: str = "resize"  # the input policy: resize, crop or resize-legacy (models.backbones)
 
     @property
     def load_argument(self) -> str | None:
         """The ``weights`` argument of :func:`load_backbone` that reads the same weights again."""
         kind, _, value = self.source.partition(":")
         return {"hub": None, "file": value, "random": self.source}.get(kind)
+
+
+def backbone_attrs(backbone: BackboneWeights | None) -> dict[str, str]:
+    """HDF5 attributes recording a space's backbone (none for rgb/freq)."""
+    if backbone is None:
+        return {}
+    return {"weights_source": backbone.source, "weights_sha256": backbone.sha256, "backbone_input": backbone.input}
+
+
+def backbone_weights_from(attrs) -> BackboneWeights:
+    """The BackboneWeights recorded by :func:`backbone_attrs` (files before 0.3: ``resize-legacy``)."""
+    return BackboneWeights(
+        str(attrs["weights_source"]), str(attrs["weights_sha256"]), str(attrs.get("backbone_input", "resize-legacy"))
+    )
 
 
 def hub_cache_path(space: Space) -> str:
@@ -150,29 +165,35 @@ def _weights_flag(space: Space) -> str:
     return f"--{space.value}-weights"
 
 
-def load_backbone(space: Space, weights: str | None = None):
+BACKBONE_INPUTS = ("resize", "crop")  # what a new index may choose (models.backbones.INPUT_POLICIES)
+
+
+def load_backbone(space: Space, weights: str | None = None, input_policy: str = "resize"):
     """Build the ``space`` backbone with its weights; returns (module in eval mode, BackboneWeights).
 
     ``weights`` is None (the torch hub cache), a file path, or ``random:SEED`` (seeded random
-    weights, for tests; recorded as such in every file made with them).
+    weights, for tests; recorded as such in every file made with them). ``input_policy`` says how
+    an image is brought to 224×224 (see :mod:`models.backbones`).
 
     Raises:
         WeightsNotFoundError: neither the hub cache nor the given file holds the weights.
     """
     import torch
 
-    from models import ResNet50Embedding
+    from models import INPUT_POLICIES, ResNet50Embedding
 
     if not space.needs_backbone:
         raise UsageError(f"the {space.value} space has no backbone")
-    module = ResNet50Embedding()
+    if input_policy not in INPUT_POLICIES:
+        raise UsageError(f"unknown backbone input {input_policy!r}; choose one of: {', '.join(BACKBONE_INPUTS)}")
+    module = ResNet50Embedding(input_policy)
     if weights and weights.startswith("random:"):
         seed_text = weights.split(":", 1)[1]
         if not seed_text.isdigit():
             raise UsageError(f"random weights need an integer seed, as in random:0 (got {weights!r})")
         with torch.random.fork_rng():
             torch.manual_seed(int(seed_text))
-            module = ResNet50Embedding()
+            module = ResNet50Embedding(input_policy)
         source = f"random:{int(seed_text)}"
     else:
         path = weights or hub_cache_path(space)
@@ -193,7 +214,7 @@ def load_backbone(space: Space, weights: str | None = None):
             raise WeightsNotFoundError(f"cannot load {space.value} weights from {path}: {exc}") from None
         source = f"file:{os.path.abspath(path)}" if weights else f"hub:{os.path.basename(path)}"
     module.eval()
-    return module, BackboneWeights(source, state_dict_sha256(module.trunk.state_dict()))
+    return module, BackboneWeights(source, state_dict_sha256(module.trunk.state_dict()), input_policy)
 
 
 @dataclass
@@ -216,9 +237,11 @@ class TorchBackboneEmbedder:
             return self.module(batch).float().cpu().numpy()
 
 
-def make_embedder(space: Space, weights: str | None = None, device: str = "cpu") -> Embedder:
+def make_embedder(
+    space: Space, weights: str | None = None, device: str = "cpu", input_policy: str = "resize"
+) -> Embedder:
     """The PyTorch/NumPy embedder of ``space`` (see :func:`load_backbone` for ``weights``)."""
     if not space.needs_backbone:
         return PixelEmbedder(space)
-    module, resolved = load_backbone(space, weights)
+    module, resolved = load_backbone(space, weights, input_policy)
     return TorchBackboneEmbedder(space, module, resolved, device)

@@ -223,7 +223,7 @@ def fit(
         "input": data.kind.value,
         "image_size": data.samples.image_size,
         "index_hash": data.samples.index_hash,
-        "backbone": {"source": data.backbone.source, "sha256": data.backbone.sha256} if data.backbone else None,
+        "backbone": asdict(data.backbone) if data.backbone else None,
         "training": {
             **asdict(config),
             "arch": arch,

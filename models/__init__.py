@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .attributors import ATTRIBUTOR_BUILDERS, Attributor, ScoredAttributor, Standardize, build_attributor
-from .backbones import ResNet50Embedding
+from .backbones import INPUT_POLICIES, ResNet50Embedding
 
 __all__ = [
+    "INPUT_POLICIES",
     "Attributor",
     "ResNet50Embedding",
     "ScoredAttributor",

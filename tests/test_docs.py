@@ -20,6 +20,7 @@ COMMANDS = [
     ["train"],
     ["export"],
     ["attribute"],
+    ["enroll"],
     ["verify"],
     ["zoo", "train"],
     ["zoo", "sample"],

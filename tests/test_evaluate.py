@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from manifpt_cli.cli import app
-from manifpt_cli.openset import SCORES
+from manifpt_cli.openset import DEFAULT_SCORE, SCORES
 from manifpt_cli.perturb import parse_perturbations
 from manifpt_cli.research.evaluate import confusion_matrix, evaluate, fisher_ratio, per_class_scores
 from manifpt_cli.spaces import Space
@@ -118,7 +118,7 @@ def test_evaluate_open_set_calibration_and_robustness(artifacts_file, tmp_path):
     open_set = metrics["open_set"]
     assert set(open_set["per_held_out"]) == {"jpeg", "blur", "nearest", "noise"}
     assert open_set["auroc"] == pytest.approx(np.mean([f["auroc"] for f in open_set["per_held_out"].values()]))
-    assert set(open_set["by_score"]) == set(SCORES) and open_set["score"] == "mahalanobis"
+    assert set(open_set["by_score"]) == set(SCORES) and open_set["score"] == DEFAULT_SCORE
     for fold in open_set["per_held_out"].values():
         assert 0 <= fold["oscr"] <= 1 and 0 <= fold["auroc"] <= 1
         assert 0 <= fold["tnr_at_tpr95"] <= 1

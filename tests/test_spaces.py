@@ -73,3 +73,51 @@ def test_backbone_embeds_small_images_to_2048(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     features = embedder(pixels)
     assert features.shape == (2, 2048) and np.isfinite(features).all()
+
+
+def test_backbone_input_policies_resize_with_antialiasing_or_crop_as_the_authors():
+    import torch
+    import torch.nn.functional as F
+
+    resize, weights = load_backbone(Space.SL, "random:0", "resize")
+    crop, crop_weights = load_backbone(Space.SL, "random:0", "crop")
+    legacy, _ = load_backbone(Space.SL, "random:0", "resize-legacy")
+    assert (weights.input, crop_weights.input) == ("resize", "crop") and weights.sha256 == crop_weights.sha256
+    large = torch.rand(1, 3, 240, 320)
+    with torch.inference_mode():
+        expected_crop = crop.trunk(
+            (F.interpolate(large, size=(256, 341), mode="bilinear", antialias=True)[..., 16:240, 58:282] - crop.mean)
+            / crop.std
+        )
+        assert torch.allclose(crop(large), expected_crop, atol=1e-5)
+        shrunk = F.interpolate(large, size=(224, 224), mode="bilinear", antialias=True)
+        assert torch.allclose(resize(large), resize.trunk((shrunk - resize.mean) / resize.std), atol=1e-5)
+        assert not torch.allclose(resize(large), legacy(large), atol=1e-3), "antialiasing changes a shrink"
+        small = torch.rand(2, 3, 32, 32)
+        assert torch.allclose(resize(small), legacy(small), atol=1e-5), "and not an enlargement"
+    with pytest.raises(UsageError, match="backbone input"):
+        load_backbone(Space.SL, "random:0", "stretch")
+
+
+def test_an_index_records_its_backbone_input_and_older_ones_read_as_legacy(tmp_path, dataset):
+    import shutil
+
+    import h5py
+
+    from manifpt_cli.integrity import IntegrityError
+    from manifpt_cli.manifold import RealIndex, build_index
+    from manifpt_cli.spaces import backbone_weights_from
+
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted((dataset / "real").iterdir())[:6]:
+        shutil.copy(path, few / path.name)
+    out = tmp_path / "sl.h5"
+    build_index([few], out, [Space.SL], size=16, weights={Space.SL: "random:0"}, backbone_input="crop")
+    with RealIndex(out) as index:
+        assert index.backbone_weights(Space.SL).input == "crop"
+    with h5py.File(out, "r+") as handle:
+        del handle["spaces/sl"].attrs["backbone_input"]
+    with pytest.raises(IntegrityError):
+        RealIndex(out)  # the attribute is covered by the digest: removing it is tampering
+    assert backbone_weights_from({"weights_source": "hub:x", "weights_sha256": "0" * 64}).input == "resize-legacy"

@@ -33,6 +33,15 @@ def build(
             "--faiss", help="FAISS index-factory string; 'Flat' is exact search (e.g. 'IVF256,Flat' is faster)."
         ),
     ] = "Flat",
+    backbone_input: Annotated[
+        str,
+        typer.Option(
+            "--backbone-input",
+            metavar="resize|crop",
+            help="How sl/ssl bring an image to 224×224: resize the whole image (bilinear, antialiased), or the "
+            "authors' crop (shorter side to 256, centre 224×224).",
+        ),
+    ] = "resize",
     *,
     options: RunOptions,
 ) -> None:
@@ -45,6 +54,8 @@ def build(
 
     with errors_to_exit(), RichProgress(options.quiet) as progress, options.make_engine() as engine:
         spaces = parse_spaces(space)
+        if backbone_input not in ("resize", "crop"):
+            raise typer.BadParameter("choose resize or crop", param_hint="--backbone-input")
         settings = options.settings(progress)
         weights = options.backbone_weights()
         result = build_index(
@@ -54,6 +65,7 @@ def build(
             size=size,
             faiss_factory=faiss_factory,
             weights=weights,
+            backbone_input=backbone_input,
             settings=settings,
             overwrite=options.overwrite,
             engine=engine,
