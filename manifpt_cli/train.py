@@ -109,6 +109,7 @@ def fit(
     progress: Progress = SILENT,
     augment=None,
     copies: PerturbedCopies | None = None,
+    initialise=None,
 ):
     """Train an attributor on ``data``; returns (scored model with the best weights, metadata, history).
 
@@ -117,6 +118,7 @@ def fit(
     maps each training batch (a tensor) to an augmented one; validation batches are never
     augmented. ``copies`` are perturbed copies of ``data``'s images (``train --augment``): each
     goes to the side of the split its original is on, so no copy of a validation image trains.
+    ``initialise``, if given, sets the new network's starting weights (a baseline's pretraining).
     """
     import torch
     import torch.nn.functional as F
@@ -142,6 +144,8 @@ def fit(
         model = create_model(arch, data.input_shape, n_classes)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if initialise is not None:
+        initialise(model)
     sides = _split_sides(data, train_idx, val_idx, copies)
     (train_inputs, train_labels, train_distances), (val_inputs, val_labels, val_distances) = sides
     mean, std = _standardize_stats(train_inputs)

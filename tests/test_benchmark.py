@@ -39,6 +39,23 @@ def test_wang20_augmentation_is_seeded_and_changes_images():
     assert 0 <= first.min() and first.max() <= 1 and not torch.equal(first, batch)
 
 
+def test_wang20_blur_reaches_four_sigma_and_imagenet_weights_initialise_all_but_the_stem():
+    from manifpt_cli.research.baselines import blur_kernel_size, imagenet_initialiser
+    from models import create_model
+
+    assert [blur_kernel_size(s) for s in (0.001, 0.5, 1.0, 3.0)] == [3, 5, 9, 25]
+    initialise, note = imagenet_initialiser("random:0")  # stands in for ImageNet weights on disk
+    assert note.startswith("ImageNet init (random:0")
+    model = create_model("resnet50", (3, 32, 32), 3)
+    stem = model.body.conv1.weight.clone()
+    initialise(model)
+    from manifpt_cli.spaces import Space, load_backbone
+
+    trunk = load_backbone(Space.SL, "random:0")[0].trunk
+    assert torch.equal(model.body.layer3[1].conv2.weight, trunk.layer3[1].conv2.weight)
+    assert torch.equal(model.body.conv1.weight, stem), "the 3×3 stem cannot take the 7×7 ImageNet stem"
+
+
 def test_parse_baselines():
     assert [b.name for b in parse_baselines("all")] == list(BASELINES)
     assert parse_baselines("none") == [] and [b.name for b in parse_baselines("durall20")] == ["durall20"]

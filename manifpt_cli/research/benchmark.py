@@ -18,7 +18,7 @@ from ..outputs import atomic_output, results_folder
 from ..settings import DEFAULT_SETTINGS, RunSettings
 from ..spaces import Space
 from ..train import TrainConfig
-from .baselines import Baseline, baseline_inputs
+from .baselines import Baseline, baseline_inputs, imagenet_initialiser
 from .evaluate import Evaluation, evaluate_set
 
 COLUMNS = (
@@ -119,14 +119,20 @@ def run_benchmark(
     for baseline in baselines:
         arch = baseline_arch if baseline_arch and baseline.input_kind is InputKind.IMAGE else baseline.arch
         augment = baseline.augment(0) if baseline.augment else None
+        initialise, note = (None, "")
+        if baseline.imagenet_init and arch == "resnet50":
+            initialise, note = imagenet_initialiser((weights or {}).get(Space.SL))
+            settings.progress.log(f"{baseline.name}: {note}")
         evaluation = evaluate_set(
             baseline_inputs(pixels, baseline),
             out / baseline.name,
             config=replace(config, arch=arch),
             augment=augment,
+            initialise=initialise,
             **protocol,
         )
-        result.evaluations.append((baseline.name, baseline.input_kind.value, evaluation))
+        name = f"{baseline.name} ({note})" if note else baseline.name
+        result.evaluations.append((name, baseline.input_kind.value, evaluation))
 
     rows = result.rows()
     result.table_markdown, result.table_csv = out / "table.md", out / "table.csv"

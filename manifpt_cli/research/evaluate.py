@@ -333,6 +333,7 @@ def evaluate_set(
     source: str = "",
     test_data: TrainingSet | None = None,
     stress: Stress | None = None,
+    initialise=None,
     overwrite: bool = False,
 ) -> Evaluation:
     """Train and test on ``data`` ``seeds`` times (the protocol above); ``data.name`` labels the outputs.
@@ -373,6 +374,7 @@ def evaluate_set(
                 progress=settings.progress,
                 augment=augment,
                 copies=copies,
+                initialise=initialise,
             )
             truth = test_part.samples.labels
             found = predict(model, test_part)
