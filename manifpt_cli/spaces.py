@@ -115,7 +115,8 @@ class PixelEmbedder:
 
 # Where torchvision / torch.hub put these files when they download them (TORCH_HOME/hub/checkpoints).
 SL_WEIGHTS_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"  # ResNet50_Weights.IMAGENET1K_V1
-SSL_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/barlowtwins/ljng/resnet50.pth"  # Barlow Twins hub entry
+# The URL facebookresearch/barlowtwins hubconf.py downloads (torch.hub caches it as resnet50.pth).
+SSL_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/barlowtwins/ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth"
 WEIGHTS_URLS = {Space.SL: SL_WEIGHTS_URL, Space.SSL: SSL_WEIGHTS_URL}
 WEIGHTS_LABELS = {Space.SL: "ImageNet-supervised ResNet50", Space.SSL: "Barlow Twins ResNet50"}
 
