@@ -141,32 +141,42 @@ def _labelled_folders(sources: Sequence[tuple[str, str]], real: str | os.PathLik
     return folders
 
 
-def index_real_images(index: RealIndex, count: int, settings: RunSettings, seed: int = 0) -> list[DecodedImage]:
-    """``count`` of the index's own images (seeded sample), for a ``real`` class with leave-one-out.
+def index_images(index: RealIndex, rows: np.ndarray, settings: RunSettings) -> list[DecodedImage | FailedImage]:
+    """The index's own images at ``rows``; a FailedImage, saying why, for one that cannot be had exactly.
 
     Their pixels come from the rgb embeddings when the index has that space (exact: rgb is the
     pixels / 255); otherwise the files are decoded again from their recorded paths and must still
     have their recorded SHA-256.
     """
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(index.n_images, size=min(count, index.n_images), replace=False))
     paths, shas, size = index.paths(rows), index.sha256(rows), index.image_size
     if Space.RGB in index.spaces:
         floats = index.embeddings(Space.RGB, rows).reshape(len(rows), 3, size, size)
         pixels = np.clip(np.rint(floats * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
         return [DecodedImage(p, np.ascontiguousarray(x), (size, size), h) for p, x, h in zip(paths, pixels, shas)]
-    images = []
+    images: list[DecodedImage | FailedImage] = []
     for path, sha in zip(paths, shas):
         try:
             image = decode_image(path, size, settings.max_pixels, settings.max_file_bytes)
         except ImageDecodeError as exc:
-            raise UsageError(
-                f"the index's image {display_path(path)} cannot be read again ({exc}); give a real class with "
-                "--real DIR, or none with --real none"
-            ) from None
+            images.append(FailedImage(path, f"the index's image {display_path(path)} cannot be read again ({exc})"))
+            continue
         if image.sha256 != sha:
-            raise MismatchError(f"{display_path(path)} changed since the index was built (SHA-256 differs)")
+            images.append(
+                FailedImage(path, f"{display_path(path)} changed since the index was built (SHA-256 differs)")
+            )
+            continue
         images.append(image)
+    return images
+
+
+def index_real_images(index: RealIndex, count: int, settings: RunSettings, seed: int = 0) -> list[DecodedImage]:
+    """``count`` of the index's own images (seeded sample), for a ``real`` class with leave-one-out."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(index.n_images, size=min(count, index.n_images), replace=False))
+    images = index_images(index, rows, settings)
+    for image in images:
+        if isinstance(image, FailedImage):
+            raise UsageError(f"{image.error}; give a real class with --real DIR, or none with --real none")
     return images
 
 

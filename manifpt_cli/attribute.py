@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import __version__
-from .artifacts import compute_artifacts
+from .artifacts import compute_artifacts, index_images
 from .errors import FormatError, MismatchError, UsageError
+from .evidence import Evidence, render_evidence
 from .formats import CHECKPOINT_FORMAT, FORMAT_VERSIONS, ONNX_METADATA_KEY, describe_file, provenance
 from .images import DecodedImage, DecodeResult, FailedImage, SkippedFile, decode_folder, display_path
 from .inputs import InputKind, attributor_inputs
@@ -166,6 +167,30 @@ def search_parameters(index) -> dict:
     return {}
 
 
+CARD_KEYS = (
+    "arch",
+    "space",
+    "input",
+    "classes",
+    "image_size",
+    "has_real_class",
+    "calibration",
+    "open_set",
+    "manifold_reference",
+    "auto",
+    "enrolments",
+    "exported_utc",
+)
+
+
+def model_card_summary(card: dict) -> dict:
+    """The model card as a report shows it: what it knows, how it was trained, validated and calibrated
+    (the per-epoch history stays in the model)."""
+    summary = {key: card[key] for key in CARD_KEYS if key in card}
+    summary["training"] = {k: v for k, v in (card.get("training") or {}).items() if k != "history"}
+    return summary
+
+
 def library_versions() -> dict[str, str]:
     """Versions of manifpt and of the libraries that shape a row."""
     import platform
@@ -198,6 +223,7 @@ class AttributionRow:
     notes: list[str] = field(default_factory=list)
     error: str = ""
     skipped: bool = False
+    evidence: Evidence | None = None  # pictures for the HTML case report, when asked for
 
     @property
     def status(self) -> str:
@@ -219,7 +245,9 @@ class Attribution:
         *,
         top_k: int = 3,
         settings: RunSettings = DEFAULT_SETTINGS,
+        evidence: bool = False,
     ) -> None:
+        """``evidence``: render each row's pictures (:mod:`manifpt_cli.evidence`) for a case report."""
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1, got {top_k}")
         self.settings = settings
@@ -231,6 +259,7 @@ class Attribution:
             self.index.close()
             raise
         self.top_k = min(top_k, len(self.model.classes))
+        self.evidence = evidence
 
     def __enter__(self) -> Attribution:
         return self
@@ -254,6 +283,7 @@ class Attribution:
             "image_size": self.model.image_size,
             "classes": self.model.classes,
             "calibration": self.model.card["calibration"],
+            "model_card": model_card_summary(self.model.card),
             "verdict_rule": self.model.rule.describe(),
             "suspects": [display_path(os.path.abspath(root)) for root in roots],
             "verification": {
@@ -300,6 +330,7 @@ class Attribution:
             if has_neighbour.any():
                 probabilities[has_neighbour], scores[has_neighbour] = self.model.predict(inputs[has_neighbour])
             nearest = self.index.paths(found.neighbours.ids)
+            pictures = self._evidence(decoded, found) if self.evidence else {}
             for i, item in enumerate(decoded):
                 row = AttributionRow(display_path(item.path), item.sha256, original_size=item.original_size)
                 if not has_neighbour[i]:
@@ -317,6 +348,7 @@ class Attribution:
                     row.open_set_score = rule.score_of(scores[i], row.manifold_distance)
                     row.verdict = rule.decide(row.predicted, row.open_set_score, notes)
                     row.notes = [str(note) for note in notes]
+                    row.evidence = pictures.get(i)
                 results[id(item)] = row
         rows = []
         for item in batch:
@@ -327,3 +359,13 @@ class Attribution:
             else:
                 rows.append(results[id(item)])
         return rows
+
+    def _evidence(self, decoded: Sequence[DecodedImage], found) -> dict[int, Evidence]:
+        """Pictures for each decoded suspect that has a neighbour, by its position in ``decoded``."""
+        with_neighbour = np.flatnonzero(found.neighbours.ids >= 0)
+        reals = index_images(self.index, found.neighbours.ids[with_neighbour], self.settings)
+        pictures = {}
+        for i, real in zip(with_neighbour, reals):
+            nearest = real.error if isinstance(real, FailedImage) else real.pixels
+            pictures[i] = render_evidence(self.model.space, decoded[i].pixels, nearest, found.artifacts[i])
+        return pictures

@@ -177,7 +177,8 @@ class RayEngine:
         Attribute = ray.remote(num_cpus=0.5)(_AttributeActor)
         expected = (attribution.model.sha256, attribution.index.index_hash)
         paths = (os.path.abspath(model), os.path.abspath(index))
-        actors = self._started([Attribute.remote(*paths, top_k, expected) for _ in range(self.n_actors)])
+        evidence = attribution.evidence
+        actors = self._started([Attribute.remote(*paths, top_k, expected, evidence) for _ in range(self.n_actors)])
         found = list(discover_images(roots, sniff=settings.sniff))
         size = attribution.model.image_size
         limits = (settings.max_pixels, settings.max_file_bytes)
@@ -221,15 +222,15 @@ class _EmbedActor:
 class _AttributeActor:
     """Opens the model and the index once, checks they are the driver's, attributes decoded batches."""
 
-    def __init__(self, model: str, index: str, top_k: int, expected: tuple[str, str]) -> None:
-        self.arguments = (model, index, top_k, expected)
+    def __init__(self, model: str, index: str, top_k: int, expected: tuple[str, str], evidence: bool) -> None:
+        self.arguments = (model, index, top_k, expected, evidence)
 
     def ready(self) -> None:
         """Open and verify the model and index (in a method, so that a refusal reaches the driver as itself)."""
         from .attribute import Attribution
 
-        model, index, top_k, expected = self.arguments
-        self.attribution = Attribution(model, index, top_k=top_k, settings=RunSettings(threads=1))
+        model, index, top_k, expected, evidence = self.arguments
+        self.attribution = Attribution(model, index, top_k=top_k, settings=RunSettings(threads=1), evidence=evidence)
         found = (self.attribution.model.sha256, self.attribution.index.index_hash)
         if found != expected:
             raise MismatchError(

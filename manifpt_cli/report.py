@@ -1,9 +1,10 @@
-"""Stage 6: attribution rows → CSV / JSON reports (streamed; the Rich table lives in the CLI).
+"""Stage 6: attribution rows → CSV / JSON / HTML reports (the Rich table lives in the CLI).
 
 CSV columns and JSON keys are a public contract (README, "Reports"); changes go in CHANGELOG.
 CSV reports get a ``<report>.meta.json`` sidecar with the provenance header; JSON reports carry it
-as ``"header"``. Rows are written as they come, and the file appears under its final name only
-when the run completes.
+as ``"header"``, and the HTML case report (:mod:`manifpt_cli.case_report`) shows it. CSV and
+JSON rows are written as they come; every file appears under its final name only when the run
+completes, and records when it finished (``finished_utc``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from enum import Enum
 from typing import TextIO
 
 from .attribute import AttributionRow
-from .formats import file_sha256
+from .case_report import CaseReport, evidence_record
+from .errors import UsageError
+from .formats import file_sha256, utc_now
 from .outputs import atomic_outputs
 
 COLUMNS = (
@@ -46,6 +49,7 @@ class ReportFormat(str, Enum):
     TABLE = "table"
     CSV = "csv"
     JSON = "json"
+    HTML = "html"
 
 
 def _number(value: float) -> float | None:
@@ -104,11 +108,14 @@ def _csv_record(row: AttributionRow) -> dict:
 class ReportWriter:
     """Writes rows as they come to ``stream``; :meth:`close` completes the file."""
 
-    def __init__(self, fmt: ReportFormat, stream: TextIO, header: dict) -> None:
+    def __init__(self, fmt: ReportFormat, stream: TextIO, header: dict, *, spool_dir: str | None = None) -> None:
         self.format = fmt
         self.stream = stream
         self.first = True
-        if fmt is ReportFormat.CSV:
+        self.finished_utc = ""
+        if fmt is ReportFormat.HTML:
+            self.case = CaseReport(stream, header, spool_dir=spool_dir)
+        elif fmt is ReportFormat.CSV:
             # RFC 4180 line ends: the csv module then quotes any field holding \r or \n, so a file
             # name with a line break stays one record.
             self.csv = csv.DictWriter(stream, fieldnames=COLUMNS, lineterminator="\r\n")
@@ -121,11 +128,16 @@ class ReportWriter:
             self.csv.writerow(_csv_record(row))
         elif self.format is ReportFormat.JSON:
             self.stream.write(("\n" if self.first else ",\n") + _json(row_record(row)))
+        else:
+            self.case.write_record(row_record(row), evidence_record(row.evidence))
         self.first = False
 
     def close(self) -> None:
+        self.finished_utc = utc_now()
         if self.format is ReportFormat.JSON:
-            self.stream.write("\n]\n}\n")
+            self.stream.write(f'\n],\n"finished_utc": {_json(self.finished_utc)}\n}}\n')
+        elif self.format is ReportFormat.HTML:
+            self.case.close(self.finished_utc)
         self.stream.flush()
 
 
@@ -149,6 +161,8 @@ def open_report(
     left unterminated, so no parser takes it for a whole report.
     """
     if out is None:
+        if fmt is ReportFormat.HTML:
+            raise UsageError("an HTML case report is written to a file: give its path (--html FILE)")
         writer = ReportWriter(fmt, sys.stdout, header)
         try:
             yield writer
@@ -159,11 +173,16 @@ def open_report(
     files = [out, sidecar_path(out)] if fmt is ReportFormat.CSV else [out]
     with atomic_outputs(files, overwrite=overwrite) as partials:
         with open(partials[0], "w", encoding="utf-8", newline="") as stream:
-            writer = ReportWriter(fmt, stream, header)
+            writer = ReportWriter(fmt, stream, header, spool_dir=os.path.dirname(os.path.abspath(partials[0])))
             yield writer
             writer.close()
         if fmt is ReportFormat.CSV:
-            provenance = {**header, "report": os.path.basename(out), "report_sha256": file_sha256(partials[0])}
+            provenance = {
+                **header,
+                "finished_utc": writer.finished_utc,
+                "report": os.path.basename(out),
+                "report_sha256": file_sha256(partials[0]),
+            }
             partials[1].write_text(
                 json.dumps(provenance, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8"
             )

@@ -49,13 +49,17 @@ class Verification:
         return sum(check.result == result for check in self.checks)
 
 
-def _read_report(path: str) -> tuple[dict, list[dict], Check | None]:
-    """(header, rows, the check of the CSV against its sidecar) of a CSV or JSON report."""
+def read_report(path: str) -> tuple[dict, list[dict], Check | None]:
+    """(header, rows, the check of the CSV against its sidecar) of a CSV or JSON report.
+
+    CSV rows are given as their text cells (formula neutralisation undone), JSON rows as parsed.
+    """
     try:
         if path.lower().endswith(".json"):
             with open(path, encoding="utf-8") as handle:
                 report = json.load(handle)
-            return report["header"], report["rows"], None
+            header = {**report["header"], "finished_utc": report.get("finished_utc", "")}
+            return header, report["rows"], None
         with open(path, newline="", encoding="utf-8") as handle:
             rows = [{key: unneutralise(value) for key, value in row.items()} for row in csv.DictReader(handle)]
         with open(sidecar_path(path), encoding="utf-8") as handle:
@@ -90,7 +94,7 @@ def verify_report(report: str | os.PathLike) -> Verification:
     from .manifold import RealIndex
 
     path = os.fspath(report)
-    header, rows, report_check = _read_report(path)
+    header, rows, report_check = read_report(path)
     result = Verification(path)
     if report_check:
         result.checks.append(report_check)

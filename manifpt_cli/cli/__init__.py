@@ -11,6 +11,7 @@ from .. import __version__
 from .analyze import app as analyze_app
 from .attribute import attribute
 from .benchmark import benchmark
+from .case_report import report
 from .demo import demo
 from .enroll import enroll
 from .evaluate import evaluate
@@ -34,6 +35,7 @@ app.command("extract")(extract)
 app.command("train")(train)
 app.command("export")(export)
 app.command("attribute")(attribute)
+app.command("report")(report)
 app.command("enroll")(enroll)
 app.command("verify")(verify)
 app.command("evaluate")(evaluate)

@@ -21,9 +21,9 @@ def _file_format(report: ReportFormat, out: Path | None) -> ReportFormat | None:
     if out is None:
         return None
     suffix = out.suffix.lower().lstrip(".")
-    if suffix not in ("csv", "json"):
+    if suffix not in ("csv", "json", "html"):
         raise typer.BadParameter(
-            f"with --report table, --out must end in .csv or .json (got {out.name})", param_hint="--out"
+            f"with --report table, --out must end in .csv, .json or .html (got {out.name})", param_hint="--out"
         )
     return ReportFormat(suffix)
 
@@ -54,12 +54,32 @@ def attribute(
     index: Annotated[Path, typer.Option("--index", help="The real-manifold index the model was trained against.")],
     report: Annotated[
         ReportFormat,
-        typer.Option("--report", help="table: Rich table on the terminal; csv/json: machine-readable rows."),
+        typer.Option(
+            "--report",
+            help="table: Rich table on the terminal; csv/json: machine-readable rows; html: the case report (needs --out).",
+        ),
     ] = ReportFormat.TABLE,
     out: Annotated[
         Optional[Path],
         typer.Option(
             "--out", "-o", help="Write the csv/json report here (a CSV also gets FILE.meta.json) \\[default: stdout]."
+        ),
+    ] = None,
+    html: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--html",
+            metavar="FILE",
+            help="Also write the self-contained HTML case report here: summary, provenance, model card, "
+            "limitations, and per suspect its image, nearest real image, artifact, spectrum and verdict.",
+        ),
+    ] = None,
+    operator: Annotated[
+        Optional[str],
+        typer.Option(
+            "--operator",
+            metavar="NAME",
+            help="Who runs the case, recorded in every report \\[default: $MANIFPT_OPERATOR, else the login name].",
         ),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many ranked sources each row lists.")] = 3,
@@ -74,7 +94,14 @@ def attribute(
     from ..casework import ReportTarget, run_attribution
 
     file_format = _file_format(report, out)
+    if file_format is ReportFormat.HTML and out is None:
+        raise typer.BadParameter(
+            "an HTML case report needs a file: give --out FILE or --html FILE", param_hint="--report"
+        )
     streaming = file_format is not None and out is None
+    targets = [ReportTarget(file_format, out)] if file_format else []
+    if html is not None:
+        targets.append(ReportTarget(ReportFormat.HTML, html))
     kept = []
     with errors_to_exit(), RichProgress(options.quiet) as progress, options.make_engine() as engine:
         settings = options.settings(progress)
@@ -83,12 +110,13 @@ def attribute(
                 model,
                 index,
                 suspects,
-                reports=[ReportTarget(file_format, out)] if file_format else [],
+                reports=targets,
                 top_k=top_k,
                 settings=settings,
                 on_row=kept.append if report is ReportFormat.TABLE else None,
                 overwrite=options.overwrite,
                 engine=engine,
+                operator=operator,
             )
         except BaseException:
             if streaming:
@@ -107,4 +135,6 @@ def attribute(
     if out is not None:
         sidecar = f" (provenance: {out}.meta.json)" if file_format is ReportFormat.CSV else ""
         stderr.print(Text("report → ") + literal(f"{out}{sidecar}"))
+    if html is not None:
+        stderr.print(Text("case report → ") + literal(str(html)))
     raise typer.Exit(summary.exit_code)
