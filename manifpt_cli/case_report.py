@@ -78,12 +78,16 @@ class CaseReport:
         self.header = header
         self.spool = tempfile.TemporaryFile("w+", encoding="utf-8", dir=spool_dir, suffix=".manifpt-spool")
         self.count = 0
+        self.shared_pictures: dict[str, int] = {}  # a nearest real image shown for many suspects is stored once
         self.status = Counter()
         self.verdicts = Counter()
         self.predicted = Counter()
 
     def write_record(self, record: dict, evidence: dict | None) -> None:
         """One row in its JSON report form (:func:`manifpt_cli.report.row_record`) and its pictures."""
+        if evidence and "nearest" in evidence["png"]:
+            png = evidence["png"].pop("nearest")
+            evidence["nearest_picture"] = self.shared_pictures.setdefault(png, len(self.shared_pictures))
         self.spool.write(("," if self.count else "") + script_json({**record, "evidence": evidence}) + "\n")
         self.count += 1
         self.status[record["status"]] += 1
@@ -106,7 +110,9 @@ class CaseReport:
         self.spool.seek(0)
         for line in self.spool:
             write(line)
-        write("]</script>\n<script>" + _SCRIPT + "</script>\n</body>\n</html>\n")
+        write("]</script>\n<script type='application/json' id='manifpt-shared-pictures'>")
+        write(script_json(list(self.shared_pictures)))
+        write("</script>\n<script>" + _SCRIPT + "</script>\n</body>\n</html>\n")
         self.spool.close()
         self.stream.flush()
 
@@ -314,6 +320,7 @@ _SCRIPT = r"""
 (function () {
   'use strict';
   var rows = JSON.parse(document.getElementById('manifpt-rows').textContent);
+  var shared = JSON.parse(document.getElementById('manifpt-shared-pictures').textContent);
   rows.forEach(function (r, i) {
     r.index = i + 1;
     r.notesText = r.status === 'ok' ? (r.notes.join('; ') || 'ok') : r.status + ': ' + r.error;
@@ -330,7 +337,7 @@ _SCRIPT = r"""
     return node;
   }
   function picture(r, name, cls) {
-    var png = r.evidence && r.evidence.png[name];
+    var png = r.evidence && (name === 'nearest' ? shared[r.evidence.nearest_picture] : r.evidence.png[name]);
     return png ? el('img', {src: 'data:image/png;base64,' + png, 'class': 'px ' + cls, alt: name}) : null;
   }
   var verdicts = {};
@@ -438,6 +445,7 @@ _SCRIPT = r"""
   var started = performance.now();
   draw();
   document.body.setAttribute('data-render-ms', String(Math.round(performance.now() - started)));
+  document.body.setAttribute('data-open-ms', String(Math.round(performance.now())));  // since navigation began
   document.body.setAttribute('data-rows-total', String(rows.length));
 })();
 """
