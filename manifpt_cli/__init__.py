@@ -20,7 +20,7 @@ __version__ = "0.2.0"
 
 from .artifacts import ArtifactSet, LabelledSamples, PixelSet, extract_artifacts, load_artifacts, load_pixels
 from .attribute import Attribution, AttributionRow, OnnxAttributor
-from .casework import AttributionSummary, ReportTarget, run_attribution
+from .casework import AttributionSummary, ReportTarget, render_case_report, run_attribution
 from .errors import ManifptError
 from .export import export_onnx
 from .images import decode_image, discover_images
@@ -59,6 +59,7 @@ __all__ = [
     "load_artifacts",
     "load_checkpoint",
     "load_pixels",
+    "render_case_report",
     "run_attribution",
     "train_attributor",
     "train_auto",

@@ -20,6 +20,7 @@ COMMANDS = [
     ["train"],
     ["export"],
     ["attribute"],
+    ["report"],
     ["enroll"],
     ["verify"],
     ["zoo", "train"],
