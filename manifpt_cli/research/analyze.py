@@ -103,8 +103,9 @@ def figure_details(analysis: ClusterAnalysis, space: Space, source: str | os.Pat
     """What the cluster figures are about, and their headline: the factor the tree follows best."""
     details = [f"{space.value} artifacts of {Path(source).name}", f"{len(analysis.generators)} generators"]
     if analysis.scores:
-        best = analysis.scores[0]
-        details.append(f"best factor {best['factor']} (NMI {best['nmi']:.2f})")
+        top = analysis.scores[0]["nmi"]
+        best = [row["factor"] for row in analysis.scores if row["nmi"] == top]
+        details.append(f"best factor{'s' * (len(best) > 1)} {' and '.join(best)} (NMI {top:.2f})")
     return details
 
 

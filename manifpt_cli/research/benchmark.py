@@ -221,19 +221,20 @@ def summary_figure(rows: list[dict], classes: list[str], seeds: int, epochs: int
     method in table order; the suptitle names the data and the best method."""
     plt = pyplot()
     methods = [row["method"] for row in rows][::-1]  # top to bottom in table order
-    accuracy = np.array([row["accuracy_mean"] for row in rows][::-1])
-    spread = np.array([row["accuracy_std"] for row in rows][::-1])
+    accuracy = 100 * np.array([row["accuracy_mean"] for row in rows][::-1])
+    spread = 100 * np.array([row["accuracy_std"] for row in rows][::-1])
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 1.5 + 0.55 * len(rows)), sharey=True)
     positions = np.arange(len(rows))
     best = int(np.argmax(accuracy))
     colours = ["tab:green" if i == best else "tab:blue" for i in positions]
     bars = left.barh(positions, accuracy, xerr=spread, color=colours, capsize=3)
-    labels = [f"{100 * a:.1f} ± {100 * s:.1f} %" for a, s in zip(accuracy, spread)]
+    labels = [f"{a:.1f} ± {s:.1f} %" for a, s in zip(accuracy, spread)]
     label_bars(left, bars, labels, ends=list(accuracy + spread), horizontal=True)
-    left.axvline(1 / len(classes), color="grey", linestyle="--", linewidth=1, label=f"chance ({1 / len(classes):.2f})")
+    chance = 100 / len(classes)
+    left.axvline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.1f} %)")
     left.set_yticks(positions, methods)
-    left.set_xlim(0, 1.25)
-    left.set_xlabel(f"test accuracy (mean ± std over {seeds} seed(s))")
+    left.set_xlim(0, 125)
+    left.set_xlabel(f"test accuracy, % (mean ± std over {seeds} seed(s))")
     left.set_ylabel("method")
     left.legend(fontsize=8, loc="lower right")
     left.set_title("Accuracy", fontsize=10)
@@ -248,7 +249,7 @@ def summary_figure(rows: list[dict], classes: list[str], seeds: int, epochs: int
         label_bars(right, bars, [f"{v:.3g}" for v in values], ends=list(np.nan_to_num(drawable)), horizontal=True)
     right.set_xscale("log")
     right.set_xlabel("FD ratio trace(S_b)/trace(S_w) (log scale; higher: sources further apart)")
-    right.legend(fontsize=8, loc="lower right")
+    right.legend(fontsize=8, loc="best")
     right.set_title("Separability (FD ratio)", fontsize=10)
     winner = rows[::-1][best]
     fig.suptitle(

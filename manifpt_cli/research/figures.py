@@ -15,7 +15,7 @@ import numpy as np
 
 from ..formats import atomic_output
 
-TITLE_CHARACTERS_PER_INCH = 13  # at the 10 pt title size: where a title line starts to overflow
+TITLE_CHARACTERS_PER_INCH = 11  # at the 10 pt title size: where a title line starts to overflow
 
 
 def pyplot():
