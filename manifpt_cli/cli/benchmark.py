@@ -62,7 +62,7 @@ def benchmark(
     and summary.png (accuracy ± std and FD ratios per method).
 
     The defaults follow the paper (3 seeds × 30 epochs, wang20 on ResNet50): hours on a CPU. Before
-    training, one epoch of every method is timed on a small sample and the estimated time is printed;
+    training, an epoch of every method is timed on a small sample and the estimated time is printed;
     the progress bar shows the ETA. Use --quick for a CPU-sized first look.
     """
     from ..spaces import parse_spaces
