@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from manifpt_cli.artifacts import load_pixels
@@ -86,10 +87,13 @@ def test_benchmark_table_comes_from_the_runs(real_index, dataset, tmp_path):
             "2",
             "--baseline-arch",
             "small",
-            "-q",
         ],
     )
     assert result.exit_code == 0, result.stderr
+    assert "estimated training time" in result.stderr and "wang20 (small)" in result.stderr
+    assert "epoch   1/2" not in result.stderr, "the bar replaces the per-epoch lines"
+    with Image.open(tmp_path / "summary.png") as chart:
+        assert chart.format == "PNG" and chart.width >= 1200 and chart.height >= 400
     with open(tmp_path / "table.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     methods = ["ManiFPT rgb", "ManiFPT freq", "joint image+rgb", "joint image+freq", "yu19", "durall20", "wang20"]
@@ -103,3 +107,62 @@ def test_benchmark_table_comes_from_the_runs(real_index, dataset, tmp_path):
             == json.loads((tmp_path / "rgb" / "metrics.json").read_text())["runs"][0]["test_size"]
         )
     assert "ManiFPT freq" in (tmp_path / "table.md").read_text() and "durall20" in result.stdout
+
+
+def test_benchmark_bar_weights_epochs_by_cost_and_sums_to_the_total():
+    from manifpt_cli.progress import Progress
+    from manifpt_cli.research.benchmark import Estimate, _WeightedEpochs
+
+    class Recorder(Progress):
+        def start(self, description, total):
+            self.total, self.done, self.fields = total, 0.0, {}
+
+        def advance(self, steps=1, **fields):
+            self.done += steps
+            self.fields = fields
+
+    recorder = Recorder()
+    estimate = Estimate({"fast": 1.0, "slow": 9.0}, runs_per_method=2, epochs=3, probe_samples=128)
+    bar = _WeightedEpochs(recorder, estimate, ["fast", "slow"])
+    assert recorder.total == 12
+    bar.begin("fast")
+    bar.start("Training small on fast", 3)
+    bar.advance(3)
+    assert recorder.done == pytest.approx(3 * 0.2) and recorder.fields == {"run": "1/4 fast"}
+    bar.start("Training small on fast", 3)
+    bar.advance(3)
+    bar.begin("slow")
+    for _ in range(2):
+        bar.start("Training resnet50 on slow", 3)
+        bar.advance(3)
+    assert recorder.done == pytest.approx(12) and recorder.fields == {"run": "4/4 slow"}
+    assert estimate.total_seconds == pytest.approx(2 * 3 * 10)
+
+
+def test_summary_chart_title_names_the_data_and_the_best_method():
+    from manifpt_cli.research.benchmark import duration, summary_figure
+    from manifpt_cli.research.figures import pyplot
+
+    rows = [
+        {
+            "method": "ManiFPT freq",
+            "accuracy_mean": 0.85,
+            "accuracy_std": 0.054,
+            "fd_ratio_features": 6.5,
+            "fd_ratio_inputs": 1.5,
+        },
+        {
+            "method": "yu19",
+            "accuracy_mean": 0.49,
+            "accuracy_std": 0.031,
+            "fd_ratio_features": 0.8,
+            "fd_ratio_inputs": 0.001,
+        },
+    ]
+    fig = summary_figure(rows, ["jpeg", "blur", "noise"], seeds=3, epochs=15)
+    title = fig._suptitle.get_text()
+    assert "3 classes" in title and "3 seed(s) × 15 epochs" in title
+    assert "best: ManiFPT freq, accuracy 85.0 ± 5.4 %" in title
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["yu19", "ManiFPT freq"]
+    pyplot().close(fig)
+    assert [duration(s) for s in (2.5, 45, 600, 11_100)] == ["2.5 s", "45 s", "10 min", "3 h 05 min"]

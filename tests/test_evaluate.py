@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from manifpt_cli.cli import app
@@ -70,8 +71,9 @@ def test_evaluate_writes_consistent_metrics_and_figures(artifacts_file, tmp_path
     assert result.accuracy_mean > 0.4, "four separable sources: well above chance (0.25)"
     with open(tmp_path / "eval" / "per_class.csv", newline="") as handle:
         assert [row["class"] for row in csv.DictReader(handle)] == ["jpeg", "blur", "nearest", "noise"]
-    for name in ("confusion.png", "tsne.png"):
-        assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("confusion.png", "tsne.png", "reliability.png"):
+        with Image.open(tmp_path / "eval" / name) as figure:
+            assert figure.format == "PNG" and figure.width >= 600 and figure.height >= 500, name
     with open(tmp_path / "eval" / "tsne.csv", newline="") as handle:
         assert sum(1 for _ in csv.DictReader(handle)) == test_size
 
@@ -134,3 +136,35 @@ def test_evaluate_open_set_calibration_and_robustness(artifacts_file, tmp_path):
     assert sum(verdicts.values()) == pytest.approx(1.0)
     for name in ("reliability.png", "robustness.png"):
         assert result.files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_confusion_rows_are_normalised_and_the_title_carries_the_accuracy():
+    from manifpt_cli.research.evaluate import confusion_figure
+    from manifpt_cli.research.figures import pyplot, row_shares
+
+    confusion = np.array([[8, 2, 0], [0, 0, 0], [1, 1, 3]])
+    shares = row_shares(confusion)
+    assert shares.sum(axis=1).tolist() == pytest.approx([1.0, 0.0, 1.0]), "an empty class stays zero"
+    assert shares[0].tolist() == pytest.approx([0.8, 0.2, 0.0])
+    details = ["freq (artifact input)", "small attributor", "artifacts.h5: 3 classes", "18 test images over 3 seed(s)"]
+    fig = confusion_figure(confusion, ["gan", "vae", "diffusion-unet"], details, "accuracy 0.992 ± 0.004")
+    title = fig.axes[0].get_title()
+    assert "rows normalised" in title and "accuracy 0.992 ± 0.004" in title and "small attributor" in title
+    cells = [text.get_text() for text in fig.axes[0].texts]
+    assert "0.80\n(8)" in cells and len(cells) == 9
+    pyplot().close(fig)
+
+
+def test_tsne_view_keeps_the_bulk_spread_when_two_points_are_far_out():
+    from manifpt_cli.research.figures import robust_view
+
+    rng = np.random.default_rng(0)
+    points = rng.uniform(-130, 130, (200, 2))
+    points[:2] = [[700, 700], [-700, -700]]
+    view = robust_view(points)
+    assert view.clipped.sum() == 2 and view.clipped[:2].all()
+    inner = np.percentile(points[2:], [1, 99], axis=0)
+    assert ((inner[1] - inner[0]) / (view.upper - view.lower) > 0.7).all(), "the bulk fills most of each axis"
+    assert (view.shown >= view.lower).all() and (view.shown <= view.upper).all()
+    plain = robust_view(points[2:])
+    assert not plain.clipped.any(), "without outliers nothing is clipped"

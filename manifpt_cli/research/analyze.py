@@ -25,7 +25,7 @@ from ..artifacts import load_artifacts
 from ..errors import UsageError
 from ..outputs import atomic_output, results_folder
 from ..spaces import Space
-from .figures import pyplot, save_figure
+from .figures import annotated_heatmap, pyplot, save_figure, set_title
 
 ZOO_FACTORS = ("family", "upsample", "norm", "loss", "depth", "skip_connections")
 
@@ -99,22 +99,41 @@ def cluster_fingerprints(summaries: dict[str, np.ndarray], factors: dict[str, di
     return ClusterAnalysis(generators, scores, squareform(pdist(standardised)), tree, skipped)
 
 
-def _figures(analysis: ClusterAnalysis, dendrogram_png: Path, heatmap_png: Path) -> None:
+def figure_details(analysis: ClusterAnalysis, space: Space, source: str | os.PathLike) -> list[str]:
+    """What the cluster figures are about, and their headline: the factor the tree follows best."""
+    details = [f"{space.value} artifacts of {Path(source).name}", f"{len(analysis.generators)} generators"]
+    if analysis.scores:
+        top = analysis.scores[0]["nmi"]
+        best = [row["factor"] for row in analysis.scores if row["nmi"] == top]
+        details.append(f"best factor{'s' * (len(best) > 1)} {' and '.join(best)} (NMI {top:.2f})")
+    return details
+
+
+def dendrogram_figure(analysis: ClusterAnalysis, details: list[str]):
     plt = pyplot()
     from scipy.cluster.hierarchy import dendrogram
 
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(analysis.generators) + 2))
+    fig, ax = plt.subplots(figsize=(7.5, 0.4 * len(analysis.generators) + 2.5))
     dendrogram(analysis.linkage, labels=analysis.generators, orientation="right", ax=ax)
-    ax.set_title("Fingerprint dendrogram (Ward)")
-    save_figure(fig, dendrogram_png)
+    ax.set_xlabel("Ward linkage distance (standardised fingerprints)")
+    ax.set_ylabel("generator")
+    set_title(ax, "Fingerprint dendrogram", details)
+    return fig
 
-    size = 2 + 0.5 * len(analysis.generators)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(analysis.distances, cmap="viridis")
-    ax.set_xticks(range(len(analysis.generators)), analysis.generators, rotation=45, ha="right")
-    ax.set_yticks(range(len(analysis.generators)), analysis.generators)
-    fig.colorbar(image, ax=ax, label="distance between fingerprints")
-    save_figure(fig, heatmap_png)
+
+def distance_figure(analysis: ClusterAnalysis, details: list[str]):
+    plt = pyplot()
+    size = 3 + 0.6 * len(analysis.generators)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    cells = np.vectorize(lambda d: f"{d:.1f}")(analysis.distances)
+    generators = analysis.generators
+    annotated_heatmap(
+        ax, analysis.distances, generators, generators, cells, colorbar_label="Euclidean distance (standardised)"
+    )
+    ax.set_xlabel("generator")
+    ax.set_ylabel("generator")
+    set_title(ax, "Distances between fingerprints", details)
+    return fig
 
 
 def analyze_clusters(
@@ -158,5 +177,7 @@ def analyze_clusters(
         writer = csv.writer(handle)  # scipy's linkage matrix: the dendrogram's data
         writer.writerow(["cluster_a", "cluster_b", "distance", "size"])
         writer.writerows([int(a), int(b), float(d), int(n)] for a, b, d, n in analysis.linkage)
-    _figures(analysis, analysis.files["dendrogram.png"], analysis.files["heatmap.png"])
+    details = figure_details(analysis, space, artifacts_path)
+    save_figure(dendrogram_figure(analysis, details), analysis.files["dendrogram.png"])
+    save_figure(distance_figure(analysis, details), analysis.files["heatmap.png"])
     return analysis

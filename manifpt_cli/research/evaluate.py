@@ -26,7 +26,7 @@ import numpy as np
 from ..artifacts import REAL_LABEL, artifacts_index_path, index_embedders, load_artifacts, load_pixels
 from ..errors import MismatchError, UsageError
 from ..formats import provenance
-from ..inputs import TrainingSet, artifact_training_set
+from ..inputs import InputKind, TrainingSet, artifact_training_set
 from ..manifold import RealIndex
 from ..openset import (
     SCORES,
@@ -46,7 +46,7 @@ from ..settings import DEFAULT_SETTINGS, RunSettings
 from ..spaces import Space
 from ..train import PerturbedCopies, TrainConfig, fit, stratified_split
 from ..verdicts import INCONCLUSIVE, UNKNOWN, VerdictRule
-from .figures import pyplot, save_figure
+from .figures import annotated_heatmap, label_bars, pyplot, robust_view, row_shares, save_figure, set_title
 
 OUTPUT_FILES = (
     "metrics.json",
@@ -196,39 +196,79 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-def _plot_confusion(path: Path, confusion: np.ndarray, classes: list[str]) -> None:
-    plt = pyplot()
+def figure_details(evaluation: Evaluation, kind: InputKind, source: str = "") -> list[str]:
+    """What every evaluation figure is about, for its title: the input, the network, the data."""
+    data = f"{Path(source).name}: " if source else ""
+    tested = sum(run.test_size for run in evaluation.runs)
+    return [
+        f"{evaluation.name} ({kind.value} input)",
+        f"{evaluation.arch} attributor",
+        f"{data}{len(evaluation.classes)} classes",
+        f"{tested} test images over {len(evaluation.runs)} seed(s)",
+    ]
 
-    share = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    size = 2 + 0.6 * len(classes)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+
+def confusion_figure(confusion: np.ndarray, classes: list[str], details: list[str], headline: str):
+    """The pooled confusion matrix, rows normalised to the share of each true class, counts beside."""
+    plt = pyplot()
+    share = row_shares(confusion)
+    cells = np.vectorize(lambda s, n: f"{s:.2f}\n({n})")(share, confusion)
+    if len(classes) > 12:
+        cells = np.vectorize(lambda s: f"{s:.2f}")(share)
+    size = 2.5 + 0.6 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    annotated_heatmap(
+        ax,
+        share,
+        classes,
+        classes,
+        cells,
+        colorbar_label="share of the true class (each row sums to 1)",
+        cmap="Blues",
+        vmin=0,
+        vmax=1,
+    )
     ax.set_xlabel("predicted source")
     ax.set_ylabel("true source")
-    for (i, j), count in np.ndenumerate(confusion):
-        ax.text(j, i, str(count), ha="center", va="center", color="white" if share[i, j] > 0.5 else "black", fontsize=8)
-    fig.colorbar(image, ax=ax, label="share of the true class")
-    save_figure(fig, path)
+    set_title(ax, "Confusion matrix, rows normalised (count in brackets)", [*details, headline])
+    return fig
 
 
-def _tsne(
-    path_png: Path, path_csv: Path, features: np.ndarray, labels: np.ndarray, classes: list[str], seed: int
-) -> None:
-    plt = pyplot()
+def tsne_points(features: np.ndarray, seed: int) -> np.ndarray:
+    """2-D t-SNE of ``features``, each dimension standardised first so that no single large
+    feature decides the neighbourhoods."""
     from sklearn.manifold import TSNE
 
-    perplexity = float(max(2, min(30, (len(features) - 1) // 3)))
-    points = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(features)
-    _write_csv(path_csv, ["x", "y", "label"], [[float(x), float(y), classes[c]] for (x, y), c in zip(points, labels)])
-    fig, ax = plt.subplots(figsize=(7, 6))
+    x = features.reshape(len(features), -1).astype(np.float64)
+    spread = x.std(axis=0)
+    x = (x - x.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    perplexity = float(max(2, min(30, (len(x) - 1) // 3)))
+    return TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(x)
+
+
+def tsne_figure(points: np.ndarray, labels: np.ndarray, classes: list[str], details: list[str], headline: str):
+    """The t-SNE points coloured by source, on axes the bulk of the points fills; the few outliers
+    are drawn on the edge as open triangles, and the title says how many."""
+    plt = pyplot()
+    view = robust_view(points)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
     for index, name in enumerate(classes):
         chosen = labels == index
-        ax.scatter(points[chosen, 0], points[chosen, 1], s=10, label=name)
-    ax.legend(fontsize=8, markerscale=2)
-    ax.set_title("t-SNE of the attributor's penultimate features (test split)")
-    save_figure(fig, path_png)
+        inside, outside = chosen & ~view.clipped, chosen & view.clipped
+        colour = f"C{index % 10}"
+        ax.scatter(view.shown[inside, 0], view.shown[inside, 1], s=12, color=colour, label=name)
+        ax.scatter(*view.shown[outside].T, s=60, marker="^", facecolors="none", edgecolors=colour, clip_on=False)
+    ax.set_xlim(view.lower[0], view.upper[0])
+    ax.set_ylim(view.lower[1], view.upper[1])
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
+    clipped = int(view.clipped.sum())
+    if clipped:
+        ax.scatter([], [], s=60, marker="^", facecolors="none", edgecolors="black", label="outlier, on the edge")
+    ax.legend(fontsize=8, markerscale=1.5, title="true source", title_fontsize=8)
+    note = f"{clipped} outlier(s) beyond the axes drawn on the edge (△)" if clipped else "no point clipped"
+    set_title(ax, "t-SNE of the attributor's penultimate features", [*details, headline, note])
+    return fig
 
 
 @dataclass
@@ -404,10 +444,17 @@ def evaluate_set(
     _write_csv(files["per_class.csv"], ["class", "precision", "recall", "f1", "support"], per_class_rows)
     confusion_rows = [[label, *map(int, row)] for label, row in zip(classes, confusion)]
     _write_csv(files["confusion.csv"], ["true \\ predicted", *classes], confusion_rows)
-    _plot_confusion(files["confusion.png"], confusion, classes)
-    _tsne(files["tsne.png"], files["tsne.csv"], last_features, last_labels, classes, seeds - 1)
+    details = figure_details(result, data.kind, source)
+    accuracy = f"accuracy {result.accuracy_mean:.3f} ± {result.accuracy_std:.3f}"
+    save_figure(confusion_figure(confusion, classes, details, accuracy), files["confusion.png"])
+    points = tsne_points(last_features, seeds - 1)
+    tsne_rows = [[float(x), float(y), classes[c]] for (x, y), c in zip(points, last_labels)]
+    _write_csv(files["tsne.csv"], ["x", "y", "label"], tsne_rows)
+    last_split = [*details[:3], f"seed {seeds - 1}'s {len(last_labels)} test images"]
+    fd_ratio = f"FD ratio {runs[-1].fd_ratio_features:.2f}"
+    save_figure(tsne_figure(points, last_labels, classes, last_split, fd_ratio), files["tsne.png"])
     calibration = _calibration(pooled)
-    _plot_reliability(files["reliability.png"], pooled, calibration, name)
+    save_figure(reliability_figure(calibration, details), files["reliability.png"])
     metrics = {
         **provenance(),
         "source": source,
@@ -436,7 +483,8 @@ def evaluate_set(
             key: {**_mean_dicts(values), "accuracy_ratio": _mean_dicts(values)["accuracy"] / result.accuracy_mean}
             for key, values in robustness.items()
         }
-        _plot_robustness(files["robustness.png"], result.accuracy_mean, metrics["robustness"], name, stress.augment)
+        figure = robustness_figure(result.accuracy_mean, metrics["robustness"], details, stress.augment)
+        save_figure(figure, files["robustness.png"])
     if stress.open_set:
         metrics["open_set"] = open_set_metrics(data, config, test_fraction, settings)
     result.seconds = time.perf_counter() - started
@@ -531,9 +579,10 @@ def open_set_metrics(data: TrainingSet, config: TrainConfig, test_fraction: floa
     }
 
 
-def _plot_reliability(path: Path, pooled: dict, calibration: dict, name: str) -> None:
+def reliability_figure(calibration: dict, details: list[str]):
+    """Accuracy against confidence per bin, before and after temperature scaling."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = plt.subplots(figsize=(6, 5.5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
     for key, label, colour in (
         ("reliability_before", f"softmax (ECE {calibration['ece_before']:.3f})", "tab:orange"),
@@ -545,25 +594,28 @@ def _plot_reliability(path: Path, pooled: dict, calibration: dict, name: str) ->
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    n = len(np.concatenate(pooled["truth"]))
-    ax.set_title(f"Reliability, {name}: {n} test images, 15 bins", fontsize=10)
+    headline = f"ECE {calibration['ece_before']:.3f} → {calibration['ece']:.3f}"
+    set_title(ax, f"Reliability ({calibration['bins']} bins)", [*details, headline])
     ax.legend(fontsize=8, loc="upper left")
-    save_figure(fig, path)
+    return fig
 
 
-def _plot_robustness(path: Path, clean: float, robustness: dict, name: str, augment: list[Perturbation]) -> None:
+def robustness_figure(clean: float, robustness: dict, details: list[str], augment: list[Perturbation]):
+    """Accuracy on clean and on each perturbation's test images, with the worst case in the title."""
     plt = pyplot()
     labels = ["clean", *robustness]
     accuracy = [clean, *(robustness[k]["accuracy"] for k in robustness)]
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(labels) + 3), 4.5))
     bars = ax.bar(labels, accuracy, color=["tab:green", *["tab:blue"] * len(robustness)])
-    for bar, value in zip(bars, accuracy):
-        ax.text(bar.get_x() + bar.get_width() / 2, value + 0.01, f"{value:.3f}", ha="center", fontsize=8)
+    label_bars(ax, bars, [f"{value:.3f}" for value in accuracy])
     ax.set_ylim(0, 1.1)
-    ax.set_ylabel("accuracy on perturbed test images")
+    ax.set_xlabel("test images")
+    ax.set_ylabel("accuracy")
+    worst = min(robustness, key=lambda k: robustness[k]["accuracy"])
+    headline = f"worst {worst}: accuracy {robustness[worst]['accuracy']:.3f} (clean {clean:.3f})"
     trained = f"trained with {', '.join(p.name for p in augment)}" if augment else "trained without augmentation"
-    ax.set_title(f"Robustness, {name} ({trained})", fontsize=10)
-    save_figure(fig, path)
+    set_title(ax, "Robustness to perturbed test images", [*details, trained, headline])
+    return fig
 
 
 def relabel(data: TrainingSet, mapping: dict[str, str], names: list[str]) -> TrainingSet:
