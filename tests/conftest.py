@@ -107,3 +107,17 @@ def freq_model(artifacts_file, tmp_path_factory) -> Path:
     train_attributor(artifacts_file, Space.FREQ, work / "freq.pt", config=TrainConfig(epochs=2))
     export_onnx(work / "freq.pt", work / "freq.onnx")
     return work
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """One `manifpt demo --quick` per session (about 30 s on 2 cores): its folder and its CLI result.
+    Tests that run commands on its files write their outputs elsewhere, or replace its own."""
+    from typer.testing import CliRunner
+
+    from manifpt_cli.cli import app
+
+    workdir = tmp_path_factory.mktemp("demo")
+    result = CliRunner().invoke(app, ["demo", "--quick", "--workdir", str(workdir), "-q"])
+    assert result.exit_code == 0, result.stderr
+    return workdir, result

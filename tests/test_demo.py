@@ -13,9 +13,8 @@ from manifpt_cli.cli import app
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_end_to_end(tmp_path):
-    result = CliRunner().invoke(app, ["demo", "--quick", "--workdir", str(tmp_path), "-q"])
-    assert result.exit_code == 0, result.stderr
+def test_quick_demo_runs_end_to_end(quick_demo):
+    tmp_path, result = quick_demo
     suspects = sorted(p for p in (tmp_path / "suspects").rglob("*.png"))
     with open(tmp_path / "report.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -17,32 +17,41 @@ from .enroll import enroll
 from .evaluate import evaluate
 from .export import export
 from .extract import extract
+from .help import App
 from .index import app as index_app
 from .train import train
 from .verify import verify
 from .zoo import app as zoo_app
 
-app = typer.Typer(
+# Workflow order, then evaluation and research, then the demo: `manifpt --help` lists them so.
+COMMANDS = {
+    "index": index_app,
+    "extract": extract,
+    "train": train,
+    "export": export,
+    "attribute": attribute,
+    "report": report,
+    "enroll": enroll,
+    "verify": verify,
+    "evaluate": evaluate,
+    "benchmark": benchmark,
+    "analyze": analyze_app,
+    "zoo": zoo_app,
+    "demo": demo,
+}
+
+app = App(
     name="manifpt",
     help="Attribute suspect images to the generative model that made them (ManiFPT, CVPR 2024).\n\n"
     "Workflow: index build → extract → train → export → attribute.",
-    no_args_is_help=True,
+    order=tuple(COMMANDS),
     pretty_exceptions_show_locals=False,  # evidence paths and contents stay out of tracebacks
-    rich_markup_mode="rich",
 )
-app.add_typer(index_app, name="index")
-app.command("extract")(extract)
-app.command("train")(train)
-app.command("export")(export)
-app.command("attribute")(attribute)
-app.command("report")(report)
-app.command("enroll")(enroll)
-app.command("verify")(verify)
-app.command("evaluate")(evaluate)
-app.command("benchmark")(benchmark)
-app.add_typer(analyze_app, name="analyze")
-app.add_typer(zoo_app, name="zoo")
-app.command("demo")(demo)
+for name, command in COMMANDS.items():
+    if isinstance(command, typer.Typer):
+        app.add_typer(command, name=name)
+    else:
+        app.command(name)(command)
 
 
 def _version(value: bool) -> None:

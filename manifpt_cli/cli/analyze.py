@@ -8,23 +8,29 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .console import errors_to_exit, safe, stderr, stdout
+from .console import errors_to_exit, label_column, print_table, safe, stderr, stdout
+from .help import App
 from .options import RunOptions, run_options
 
-app = typer.Typer(help="Analyse the structure of fingerprints.", no_args_is_help=True)
+app = App(help="Analyse the structure of fingerprints.")
 
 
 @app.command("clusters")
 @run_options("overwrite")
 def clusters(
-    artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts file whose classes are generators.")],
-    space: Annotated[str, typer.Option("--space", help="Space whose artifacts are the fingerprints.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for clusters.csv, distances.csv and PNG figures.")],
+    artifacts: Annotated[
+        Path, typer.Option("--artifacts", metavar="FILE", help="Artifacts file whose classes are generators.")
+    ],
+    space: Annotated[str, typer.Option("--space", metavar="SPACE", help="Space whose artifacts are the fingerprints.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for clusters.csv, distances.csv and PNG figures.")
+    ],
     zoo: Annotated[
-        Optional[Path], typer.Option("--zoo", help="Zoo folder: design factors from its checkpoints.")
+        Optional[Path], typer.Option("--zoo", metavar="DIR", help="Zoo folder: design factors from its checkpoints.")
     ] = None,
     factors: Annotated[
-        Optional[Path], typer.Option("--factors", help="CSV: a 'generator' column, then one column per design factor.")
+        Optional[Path],
+        typer.Option("--factors", metavar="FILE", help="CSV: a 'generator' column, then one column per design factor."),
     ] = None,
     *,
     options: RunOptions,
@@ -40,11 +46,14 @@ def clusters(
             raise typer.BadParameter("analyse one space at a time", param_hint="--space")
         result = analyze_clusters(artifacts, chosen[0], out, zoo, factors, overwrite=options.overwrite)
     table = Table(
-        "design factor", "values", "NMI", title=f"{len(result.generators)} generators, {chosen[0].value} fingerprints"
+        label_column("design factor", [row["factor"] for row in result.scores]),
+        "values",
+        "NMI",
+        title=f"{len(result.generators)} generators, {chosen[0].value} fingerprints",
     )
     for row in result.scores:
         table.add_row(row["factor"], str(row["values"]), f"{row['nmi']:.3f}")
-    stdout.print(table)
+    print_table(stdout, table)
     for factor, why in result.skipped.items():
         stderr.print(f"not scored: {factor} ({why})")
-    stderr.print(f"wrote {', '.join(p.name for p in result.files.values())} to {safe(out)}")
+    stderr.print(f"wrote {', '.join(p.name for p in result.files.values())} to {safe(out)}", soft_wrap=True)

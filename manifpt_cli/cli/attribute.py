@@ -6,11 +6,22 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Column, Table
+from rich.table import Table
 from rich.text import Text
 
 from ..report import ReportFormat
-from .console import RichProgress, errors_to_exit, literal, safe, stderr, stdout
+from .console import (
+    RichProgress,
+    errors_to_exit,
+    label_column,
+    literal,
+    path_column,
+    print_table,
+    relative_paths,
+    safe,
+    stderr,
+    stdout,
+)
 from .options import DECODING, ENGINE, RunOptions, run_options
 
 
@@ -29,29 +40,51 @@ def _file_format(report: ReportFormat, out: Path | None) -> ReportFormat | None:
 
 
 def attribution_table(rows) -> Table:
-    """The terminal form of attribution rows."""
-    table = Table("verdict", "predicted source", "prob.", "runner-up", "dist. to real", "notes / status")
-    table.columns.insert(0, Column("file", overflow="fold", ratio=3))
-    for row in rows:  # file names and labels are shown literally: they come from outside
+    """The terminal form of attribution rows: names whole, paths relative to the suspects' folder."""
+    paths, root = relative_paths([row.path for row in rows])
+    runners = [f"{row.top_k[1][0]} ({row.top_k[1][1]:.2f})" if row.ok and len(row.top_k) > 1 else "—" for row in rows]
+    names = [name for row in rows if row.ok for name in (row.verdict, row.predicted)]
+    table = Table(
+        path_column(),
+        label_column("verdict", names),
+        label_column("predicted", names),
+        "prob.",
+        label_column("runner-up", runners),
+        "dist. to real",
+        "notes / status",
+        caption=f"paths relative to {root}" if root else None,
+    )
+    for row, path, runner in zip(rows, paths, runners):  # names and labels are shown literally: they come from outside
         if row.ok:
-            runner = literal(f"{row.top_k[1][0]} ({row.top_k[1][1]:.2f})" if len(row.top_k) > 1 else "—")
             distance = f"{row.manifold_distance:.4g}"
             verdict = literal(row.verdict, style="bold" if row.verdict == row.predicted else "yellow")
             notes = literal("; ".join(row.notes) or "ok")
             table.add_row(
-                literal(row.path), verdict, literal(row.predicted), f"{row.probability:.3f}", runner, distance, notes
+                literal(path),
+                verdict,
+                literal(row.predicted),
+                f"{row.probability:.3f}",
+                literal(runner),
+                distance,
+                notes,
             )
         else:
             style = "yellow" if row.skipped else "red"
-            table.add_row(literal(row.path), "", "", "", "", "", literal(f"{row.status}: {row.error}", style=style))
+            table.add_row(literal(path), "", "", "", "", "", literal(f"{row.status}: {row.error}", style=style))
     return table
 
 
 @run_options(*DECODING, "threads", *ENGINE, "quiet", "overwrite")
 def attribute(
-    suspects: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or files of suspect images.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="Attributor exported by `manifpt export` (NAME.onnx).")],
-    index: Annotated[Path, typer.Option("--index", help="The real-manifold index the model was trained against.")],
+    suspects: Annotated[
+        list[Path], typer.Argument(metavar="SUSPECT", help="Folders (searched recursively) or files of suspect images.")
+    ],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", metavar="FILE", help="Attributor exported by `manifpt export` (NAME.onnx).")
+    ],
+    index: Annotated[
+        Path, typer.Option("--index", metavar="FILE", help="The real-manifold index the model was trained against.")
+    ],
     report: Annotated[
         ReportFormat,
         typer.Option(
@@ -62,7 +95,11 @@ def attribute(
     out: Annotated[
         Optional[Path],
         typer.Option(
-            "--out", "-o", help="Write the csv/json report here (a CSV also gets FILE.meta.json) \\[default: stdout]."
+            "--out",
+            "-o",
+            metavar="FILE",
+            show_default="standard output",
+            help="Write the csv/json report here (a CSV also gets FILE.meta.json).",
         ),
     ] = None,
     html: Annotated[
@@ -79,7 +116,8 @@ def attribute(
         typer.Option(
             "--operator",
             metavar="NAME",
-            help="Who runs the case, recorded in every report \\[default: $MANIFPT_OPERATOR, else the login name].",
+            help="Who runs the case, recorded in every report.",
+            show_default="$MANIFPT_OPERATOR, else the login name",
         ),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many ranked sources each row lists.")] = 3,
@@ -125,7 +163,7 @@ def attribute(
                 )
             raise
     if report is ReportFormat.TABLE:
-        stdout.print(attribution_table(kept))
+        print_table(stdout, attribution_table(kept))
     tally = ", ".join(f"{name} {count}" for name, count in summary.verdicts.most_common())
     stderr.print(
         f"[green]{summary.attributed} attributed[/] ({safe(tally or 'none')}), [red]{summary.failed} failed[/], "

@@ -24,8 +24,8 @@ def report(
         typer.Option(
             "--index",
             metavar="FILE",
-            help="The index the report was made with, for the nearest real images "
-            "\\[default: the path the report records].",
+            help="The index the report was made with, for the nearest real images.",
+            show_default="the path the report records",
         ),
     ] = None,
     *,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 
 import typer
 from rich.console import Console
@@ -17,6 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.progress import Progress as RichBar
+from rich.segment import Segments
+from rich.table import Column, Table
 from rich.text import Text
 
 from ..errors import EXIT_INTERRUPTED, ManifptError
@@ -42,6 +45,67 @@ def literal(text: object, style: str = "") -> Text:
 def safe(text: object) -> str:
     """``text`` made safe to put inside a markup string (see :func:`literal`)."""
     return escape(literal(text).plain)
+
+
+def label_column(header: str, labels: Iterable[object], **options) -> Column:
+    """A column of names (classes, sources, verdicts) that are never cut or folded: it is as wide
+    as its widest name, and a table too wide for the console is printed wider (see print_table)."""
+    widest = max((Text(str(label)).cell_len for label in labels), default=0)
+    return Column(header, no_wrap=True, min_width=max(widest, Text(header).cell_len), **options)
+
+
+def path_column(header: str = "file") -> Column:
+    """A column of file paths: they fold at any character rather than being cut."""
+    return Column(header, overflow="fold")
+
+
+def relative_paths(paths: list[str]) -> tuple[list[str], str | None]:
+    """``paths`` relative to their common folder and that folder (None when they share none), so a
+    table shows what differs; its caption must say what they are relative to."""
+    folders = [os.path.dirname(os.path.abspath(path)) for path in paths]
+    if not folders:
+        return paths, None
+    try:
+        root = os.path.commonpath(folders)
+    except ValueError:  # a mix of drives, or of absolute and relative paths
+        return paths, None
+    if root == os.path.dirname(root):  # the filesystem root says nothing
+        return paths, None
+    return [os.path.relpath(os.path.abspath(path), root) for path in paths], root
+
+
+FOLDED_MIN_WIDTH = 12  # the narrowest a folded path column gets before a table is printed wider
+
+
+def _narrowest(console: Console, table: Table) -> int:
+    """The narrowest ``table`` can be without cutting a cell: names at their width, words whole,
+    paths folded into FOLDED_MIN_WIDTH columns."""
+    unbounded = console.options.update_width(10_000)
+    widths = []
+    for column in table.columns:
+        if column.no_wrap:
+            widths.append(column.min_width or 0)
+        elif column.overflow == "fold":
+            widths.append(FOLDED_MIN_WIDTH)
+        else:
+            cells = [column.header, *column.cells]
+            widths.append(max(console.measure(cell, options=unbounded).minimum for cell in cells))
+    left, right = table.padding[3], table.padding[1]
+    return sum(widths) + len(widths) * (left + right) + len(widths) + 1  # the box's vertical lines
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print ``table`` without cutting a cell (Rich would cut names with "…" to fit). On a terminal
+    too narrow for it, it is printed as wide as it must be; in a pipe or a file (where Rich assumes
+    80 columns), as wide as its widest row, so that paths are not folded either."""
+    if console.is_terminal:
+        width = _narrowest(console, table)
+    else:
+        width = console.measure(table, options=console.options.update_width(10_000)).maximum
+    if width <= console.width:
+        console.print(table)
+    else:
+        console.print(Segments(console.render(table, console.options.update_width(width))), soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):
@@ -102,7 +166,8 @@ class RichProgress(Progress):
 
 
 def _fail(exc: ManifptError) -> None:
-    stderr.print(Text("error: ", style="bold red") + literal(exc), highlight=False)
+    # One line, however long (a log keeps it whole), right after what came before.
+    stderr.print(Text("error: ", style="bold red") + literal(exc), highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code) from None
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .attribute import attribution_table
-from .console import RichProgress, errors_to_exit, stderr, stdout
+from .console import RichProgress, errors_to_exit, label_column, print_table, stderr, stdout
 from .options import RunOptions, run_options
 
 SHOWN_ROWS = 15
@@ -22,7 +20,12 @@ SHOWN_ROWS = 15
 def demo(
     workdir: Annotated[
         Optional[Path],
-        typer.Option("--workdir", help="Keep every file here to inspect and re-run steps \\[default: a temp folder]."),
+        typer.Option(
+            "--workdir",
+            metavar="DIR",
+            show_default="a new temporary folder",
+            help="Keep every file here to inspect and re-run steps.",
+        ),
     ] = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="A reduced run (fewer iterations and images), as CI uses.")
@@ -41,12 +44,12 @@ def demo(
         step = lambda message: progress.log(f"[bold cyan]▶[/] {message}")  # noqa: E731
         result = run_demo(work, plan, seed=seed, settings=settings, step=step)
     shown = result.rows[:: max(1, len(result.rows) // SHOWN_ROWS)][:SHOWN_ROWS]
-    stdout.print(attribution_table([replace(row, path=os.path.relpath(row.path, result.workdir)) for row in shown]))
+    print_table(stdout, attribution_table(shown))
     stdout.print(
         f"(a sample of {min(SHOWN_ROWS, len(result.rows))} of {len(result.rows)} rows; all are in the reports)"
     )
     scores = Table(
-        "true source",
+        label_column("true source", result.per_source),
         "images",
         "predicted correctly",
         "verdict: the true source",
@@ -61,7 +64,7 @@ def demo(
         other = total - named - verdicts["unknown"] - verdicts["inconclusive"]
         shares = [f"{n / total:.2f}" for n in (correct, named, other, verdicts["unknown"], verdicts["inconclusive"])]
         scores.add_row(source, str(total), *shares)
-    stdout.print(scores)
+    print_table(stdout, scores)
     chance = 1 / max(1, len(result.per_source))
     n_rows = len(result.rows)
     stdout.print(

@@ -8,19 +8,27 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .console import RichProgress, errors_to_exit, literal, safe, stderr
+from .console import RichProgress, errors_to_exit, label_column, literal, print_table, safe, stderr
 from .options import BACKBONES, COMPUTE, DECODING, RunOptions, parse_source, run_options
 
 
 @run_options(*BACKBONES, *DECODING, *COMPUTE, "quiet", "overwrite")
 def enroll(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from `manifpt train` (or an earlier enrol).")],
-    index: Annotated[Path, typer.Option("--index", help="The real-manifold index the model was trained against.")],
+    index: Annotated[
+        Path, typer.Option("--index", metavar="FILE", help="The real-manifold index the model was trained against.")
+    ],
     source: Annotated[
-        list[str], typer.Option("--source", help="NAME=DIR: a new source and a folder of its images (10–100); repeat.")
+        list[str],
+        typer.Option(
+            "--source", metavar="NAME=DIR", help="NAME=DIR: a new source and a folder of its images (10–100); repeat."
+        ),
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="New ONNX model (NAME.onnx); its checkpoint NAME.pt is written beside.")
+        Path,
+        typer.Option(
+            "--out", "-o", metavar="FILE", help="New ONNX model (NAME.onnx); its checkpoint NAME.pt is written beside."
+        ),
     ],
     seed: Annotated[int, typer.Option("--seed", help="Seeds the held-out part and the head fit.")] = 0,
     *,
@@ -46,10 +54,10 @@ def enroll(
                 seed=seed,
                 overwrite=options.overwrite,
             )
-    table = Table("new source", "samples")
+    table = Table(label_column("new source", result.counts), "samples")
     for name, count in result.counts.items():
         table.add_row(literal(name), str(count))
-    stderr.print(table)
+    print_table(stderr, table)
     stderr.print(
         f"[green]wrote {safe(result.model)}[/] and {safe(result.checkpoint)}: "
         f"{len(result.classes)} classes ({result.seconds:.1f} s)"

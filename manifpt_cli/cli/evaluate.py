@@ -9,15 +9,21 @@ import typer
 from rich.table import Table
 
 from ..openset import DEFAULT_SCORE, SCORES
-from .console import RichProgress, errors_to_exit, stderr, stdout
+from .console import RichProgress, errors_to_exit, label_column, literal, print_table, stderr, stdout
 from .options import BACKBONES, COMPUTE, RunOptions, run_options
 
 
 @run_options(*BACKBONES, *COMPUTE, "quiet", "overwrite")
 def evaluate(
-    artifacts: Annotated[Path, typer.Option("--artifacts", help="Labelled artifacts file from `manifpt extract`.")],
-    space: Annotated[str, typer.Option("--space", help="Which space's artifacts to evaluate: rgb, freq, sl or ssl.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, CSV tables and PNG figures.")],
+    artifacts: Annotated[
+        Path, typer.Option("--artifacts", metavar="FILE", help="Labelled artifacts file from `manifpt extract`.")
+    ],
+    space: Annotated[
+        str, typer.Option("--space", metavar="SPACE", help="Which space's artifacts to evaluate: rgb, freq, sl or ssl.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for metrics.json, CSV tables and PNG figures.")
+    ],
     seeds: Annotated[
         int, typer.Option("--seeds", min=1, help="Training runs (seeds 0..N-1); accuracy is mean ± std.")
     ] = 3,
@@ -25,7 +31,13 @@ def evaluate(
         float, typer.Option("--test-fraction", help="Share of each class held out for testing, per seed.")
     ] = 0.2,
     arch: Annotated[
-        Optional[str], typer.Option("--arch", help="Attributor architecture \\[default: per space].")
+        Optional[str],
+        typer.Option(
+            "--arch",
+            metavar="ARCH",
+            show_default="small for rgb/freq, mlp for sl/ssl",
+            help="Attributor architecture: resnet50, resnet18, small or mlp.",
+        ),
     ] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Training epochs per run.")] = 30,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Artifacts per optimisation step.")] = 64,
@@ -33,21 +45,27 @@ def evaluate(
         Optional[Path],
         typer.Option(
             "--test-artifacts",
+            metavar="FILE",
             help="Cross-dataset: train on all of --artifacts, test on this other dataset's artifacts.",
         ),
     ] = None,
     match_by: Annotated[
         Optional[str],
         typer.Option(
-            "--match-by", help="Cross-dataset: match classes by this design factor (e.g. family) instead of by name."
+            "--match-by",
+            metavar="FACTOR",
+            help="Cross-dataset: match classes by this design factor (e.g. family) instead of by name.",
         ),
     ] = None,
     zoo: Annotated[
-        Optional[Path], typer.Option("--zoo", help="Design factors for --match-by, from zoo checkpoints.")
+        Optional[Path],
+        typer.Option("--zoo", metavar="DIR", help="Design factors for --match-by, from zoo checkpoints."),
     ] = None,
     factors: Annotated[
         Optional[Path],
-        typer.Option("--factors", help="Design factors for --match-by, from a CSV (generator,factor,...)."),
+        typer.Option(
+            "--factors", metavar="FILE", help="Design factors for --match-by, from a CSV (generator,factor,...)."
+        ),
     ] = None,
     open_set: Annotated[
         bool,
@@ -71,7 +89,10 @@ def evaluate(
     index: Annotated[
         Optional[Path],
         typer.Option(
-            "--index", help="Index for --perturb/--augment \\[default: the one the artifacts were extracted with]."
+            "--index",
+            metavar="FILE",
+            show_default="the one the artifacts were extracted with",
+            help="Index for --perturb/--augment.",
         ),
     ] = None,
     open_set_score: Annotated[
@@ -80,8 +101,10 @@ def evaluate(
     *,
     options: RunOptions,
 ) -> None:
-    """Accuracy over seeds, per-class precision/recall/F1, confusion matrix, FD ratios and a t-SNE plot,
-    calibration (ECE, Brier, reliability diagram) and verdict rates; optionally open-set and robustness.
+    """Measure how well one space's artifacts separate the sources: accuracy over seeds, and figures.
+
+    Per-class precision/recall/F1, confusion matrix, FD ratios, a t-SNE plot, calibration (ECE,
+    Brier, reliability diagram) and verdict rates; optionally open-set and robustness.
 
     With --test-artifacts it runs the cross-dataset protocol instead: train on one dataset's
     generators, test on another's, classes matched by name or by a design factor (--match-by).
@@ -143,7 +166,7 @@ def evaluate(
                 if dropped:
                     stderr.print(f"[yellow]not shared, left out of the {side} set:[/] {', '.join(dropped)}")
     table = Table(
-        "class",
+        label_column("class", [row["class"] for row in result.per_class]),
         "precision",
         "recall",
         "F1",
@@ -152,9 +175,13 @@ def evaluate(
     )
     for row in result.per_class:
         table.add_row(
-            row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"])
+            literal(row["class"]),
+            f"{row['precision']:.3f}",
+            f"{row['recall']:.3f}",
+            f"{row['f1']:.3f}",
+            str(row["support"]),
         )
-    stdout.print(table)
+    print_table(stdout, table)
     stdout.print(
         f"[bold]accuracy {result.accuracy_mean:.3f} ± {result.accuracy_std:.3f}[/] over {seeds} seed(s); "
         f"FD ratio: artifacts {result.fd_ratio_inputs:.3f}, attributor features {result.fd_ratio_features_mean:.3f}"

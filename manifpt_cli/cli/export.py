@@ -16,12 +16,17 @@ from .options import RunOptions, run_options
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint from `manifpt train`.")],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="ONNX file to write (NAME.onnx; sl/ssl add NAME.backbone.onnx).")
+        Path,
+        typer.Option(
+            "--out", "-o", metavar="FILE", help="ONNX file to write (NAME.onnx; sl/ssl add NAME.backbone.onnx)."
+        ),
     ],
     weights: Annotated[
         Optional[str],
         typer.Option(
-            "--weights", help="sl/ssl backbone weights FILE (or random:SEED) if not where the index found them."
+            "--weights",
+            metavar="FILE|random:SEED",
+            help="sl/ssl backbone weights FILE (or random:SEED) if not where the index found them.",
         ),
     ] = None,
     tolerance: Annotated[

@@ -9,18 +9,23 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_PARTIAL
-from .console import RichProgress, errors_to_exit, safe, stderr
+from .console import RichProgress, errors_to_exit, label_column, literal, print_table, safe, stderr
 from .failures import print_failures
 from .options import BACKBONES, COMPUTE, DECODING, RunOptions, parse_source, run_options
 
 
 @run_options(*BACKBONES, *DECODING, *COMPUTE, "quiet", "overwrite")
 def extract(
-    index: Annotated[Path, typer.Option("--index", help="Real-manifold index from `manifpt index build`.")],
-    source: Annotated[
-        list[str], typer.Option("--source", help="NAME=DIR: a class (source model) and its folder of images; repeat.")
+    index: Annotated[
+        Path, typer.Option("--index", metavar="FILE", help="Real-manifold index from `manifpt index build`.")
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Artifacts file to write (HDF5).")],
+    source: Annotated[
+        list[str],
+        typer.Option(
+            "--source", metavar="NAME=DIR", help="NAME=DIR: a class (source model) and its folder of images; repeat."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="Artifacts file to write (HDF5).")],
     real: Annotated[
         str,
         typer.Option(
@@ -32,7 +37,10 @@ def extract(
         ),
     ] = "index",
     space: Annotated[
-        Optional[str], typer.Option("--space", help="Comma-separated spaces \\[default: every space of the index].")
+        Optional[str],
+        typer.Option(
+            "--space", metavar="SPACES", show_default="every space of the index", help="Comma-separated spaces."
+        ),
     ] = None,
     *,
     options: RunOptions,
@@ -61,12 +69,13 @@ def extract(
                 settings=settings,
                 overwrite=options.overwrite,
             )
-        table = Table("class", "images", title=f"artifacts → {safe(out)}")
+        table = Table(label_column("class", result.counts), "images")
         for name, count in result.counts.items():
-            table.add_row(name, str(count))
-        stderr.print(table)
+            table.add_row(literal(name), str(count))
+        print_table(stderr, table)
+        spaces = ", ".join(s.value for s in result.spaces)
         stderr.print(
-            f"[green]{result.n_samples} artifacts[/] in {', '.join(s.value for s in result.spaces)} ({result.seconds:.1f} s)"
+            f"[green]{result.n_samples} artifacts[/] in {spaces} → {safe(out)} ({result.seconds:.1f} s)", soft_wrap=True
         )
         if result.failures:
             print_failures([(f.path, f"[{name}] {f.error}") for name, f in result.failures])

@@ -9,20 +9,28 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_PARTIAL
-from .console import RichProgress, errors_to_exit, safe, stderr, stdout
+from .console import RichProgress, errors_to_exit, path_column, print_table, safe, stderr, stdout
 from .failures import print_failures
+from .help import App
 from .options import BACKBONES, COMPUTE, DECODING, ENGINE, RunOptions, run_options
 
-app = typer.Typer(help="Build and inspect real-manifold indexes (HDF5 + FAISS).", no_args_is_help=True)
+app = App(help="Build and inspect real-manifold indexes (HDF5 + FAISS).")
 
 
 @app.command("build")
 @run_options(*BACKBONES, *DECODING, *COMPUTE, *ENGINE, "quiet", "overwrite")
 def build(
-    real_dirs: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or files of real images.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Index file to write (HDF5).")],
+    real_dirs: Annotated[
+        list[Path], typer.Argument(metavar="REAL_DIR", help="Folders (searched recursively) or files of real images.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="Index file to write (HDF5).")],
     space: Annotated[
-        str, typer.Option("--space", help="Comma-separated spaces: rgb, freq, sl, ssl (sl/ssl need ResNet50 weights).")
+        str,
+        typer.Option(
+            "--space",
+            metavar="SPACES",
+            help="Comma-separated spaces: rgb, freq, sl, ssl (sl/ssl need ResNet50 weights).",
+        ),
     ] = "rgb,freq",
     size: Annotated[
         int, typer.Option("--size", min=8, help="Images are centre-cropped and resized to SIZE×SIZE.")
@@ -30,7 +38,9 @@ def build(
     faiss_factory: Annotated[
         str,
         typer.Option(
-            "--faiss", help="FAISS index-factory string; 'Flat' is exact search (e.g. 'IVF256,Flat' is faster)."
+            "--faiss",
+            metavar="FACTORY",
+            help="FAISS index-factory string; 'Flat' is exact search (e.g. 'IVF256,Flat' is faster).",
         ),
     ] = "Flat",
     backbone_input: Annotated[
@@ -80,7 +90,9 @@ def build(
 
 
 @app.command("info")
-def info(index: Annotated[Path, typer.Argument(help="Index file written by `manifpt index build`.")]) -> None:
+def info(
+    index: Annotated[Path, typer.Argument(metavar="INDEX", help="Index file written by `manifpt index build`.")],
+) -> None:
     """Show what an index holds: images, spaces, FAISS indexes, backbone weights, provenance."""
     from ..manifold import describe_index
 
@@ -97,7 +109,7 @@ def info(index: Annotated[Path, typer.Argument(help="Index file written by `mani
         "format_version",
     ):
         stdout.print(f"  {key:<16} {summary[key]}", highlight=False)
-    table = Table("space", "dim", "FAISS", "vectors", "weights", "weights sha256")
+    table = Table("space", "dim", "FAISS", "vectors", path_column("weights"), "weights sha256")
     for space in summary["spaces"]:
         weights_source, weights_sha256 = space["weights_source"] or "—", space["weights_sha256"][:16] or "—"
         table.add_row(
@@ -108,4 +120,4 @@ def info(index: Annotated[Path, typer.Argument(help="Index file written by `mani
             weights_source,
             weights_sha256,
         )
-    stdout.print(table)
+    print_table(stdout, table)

@@ -34,15 +34,19 @@ SHARED_OPTIONS = {
             typer.Option(
                 "--threads",
                 min=1,
-                show_default=False,
-                help="Compute threads for PyTorch, FAISS and ONNX Runtime "
-                f"\\[default: the cores --workers leaves free; {cpu_count()} cores here].",
+                show_default=f"the cores --workers leaves free; {cpu_count()} cores here",
+                help="Compute threads for PyTorch, FAISS and ONNX Runtime.",
             ),
         ],
         None,
     ),
     "device": (
-        Annotated[str, typer.Option("--device", help="PyTorch device for backbones and training: cpu, cuda, cuda:1.")],
+        Annotated[
+            str,
+            typer.Option(
+                "--device", metavar="DEVICE", help="PyTorch device for backbones and training: cpu, cuda, cuda:1."
+            ),
+        ],
         "cpu",
     ),
     "max_pixels": (
@@ -55,7 +59,9 @@ SHARED_OPTIONS = {
     "max_file_bytes": (
         Annotated[
             int,
-            typer.Option("--max-file-bytes", min=1, help="Refuse files larger than this, without reading them."),
+            typer.Option(
+                "--max-file-bytes", min=1, metavar="BYTES", help="Refuse files larger than this, without reading them."
+            ),
         ],
         DEFAULT_MAX_FILE_BYTES,
     ),
@@ -73,8 +79,9 @@ SHARED_OPTIONS = {
             Optional[Path],
             typer.Option(
                 "--sl-weights",
-                show_default=False,
-                help="ImageNet ResNet50 state dict for 'sl' \\[default: the torch hub cache under TORCH_HOME].",
+                metavar="FILE",
+                show_default="the torch hub cache under TORCH_HOME",
+                help="ImageNet ResNet50 state dict for 'sl'.",
             ),
         ],
         None,
@@ -84,8 +91,9 @@ SHARED_OPTIONS = {
             Optional[Path],
             typer.Option(
                 "--ssl-weights",
-                show_default=False,
-                help="Barlow Twins ResNet50 state dict for 'ssl' \\[default: the torch hub cache under TORCH_HOME].",
+                metavar="FILE",
+                show_default="the torch hub cache under TORCH_HOME",
+                help="Barlow Twins ResNet50 state dict for 'ssl'.",
             ),
         ],
         None,
@@ -95,6 +103,7 @@ SHARED_OPTIONS = {
             Optional[str],
             typer.Option(
                 "--weights",
+                metavar="random:SEED",
                 show_default=False,
                 help="'random:SEED' builds sl/ssl backbones with seeded random weights, for tests only; "
                 "recorded in every output.",
@@ -108,7 +117,8 @@ SHARED_OPTIONS = {
             str,
             typer.Option(
                 "--engine",
-                help='local: this process; ray: a Ray cluster (pip install "manifpt[ray]"), local unless --ray-address.',
+                metavar="local|ray",
+                help="local: this process; ray: a Ray cluster (needs manifpt's ray extra), local unless --ray-address.",
             ),
         ],
         "local",
@@ -118,9 +128,9 @@ SHARED_OPTIONS = {
             Optional[str],
             typer.Option(
                 "--ray-address",
-                show_default=False,
-                help="Address of a running Ray cluster (e.g. ray://head:10001) \\[default: start a local one with "
-                "--workers CPUs].",
+                metavar="ADDRESS",
+                show_default="start a local one with --workers CPUs",
+                help="Address of a running Ray cluster (e.g. ray://head:10001).",
             ),
         ],
         None,

@@ -9,20 +9,24 @@ import typer
 from rich.table import Table
 
 from ..openset import DEFAULT_SCORE, SCORES
-from .console import RichProgress, errors_to_exit, safe, stderr
+from .console import RichProgress, errors_to_exit, label_column, print_table, safe, stderr
 from .options import BACKBONES, COMPUTE, RunOptions, run_options
 
 
 @run_options(*BACKBONES, *COMPUTE, "quiet", "overwrite")
 def train(
-    artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts file from `manifpt extract`.")],
+    artifacts: Annotated[
+        Path, typer.Option("--artifacts", metavar="FILE", help="Artifacts file from `manifpt extract`.")
+    ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Checkpoint to write (NAME.pt: state dict + JSON metadata).")
+        Path,
+        typer.Option("--out", "-o", metavar="FILE", help="Checkpoint to write (NAME.pt: state dict + JSON metadata)."),
     ],
     space: Annotated[
         str,
         typer.Option(
             "--space",
+            metavar="auto|SPACE",
             help="auto: try every space's artifacts, the image, and image+artifact, keep the best mean validation "
             "accuracy over --auto-splits splits; or one space: rgb, freq, sl or ssl.",
         ),
@@ -31,7 +35,9 @@ def train(
         Optional[str],
         typer.Option(
             "--arch",
-            help="resnet50 (the paper's), resnet18, small or mlp \\[default: small for rgb/freq, mlp for sl/ssl].",
+            metavar="ARCH",
+            show_default="small for rgb/freq, mlp for sl/ssl",
+            help="resnet50 (the paper's), resnet18, small or mlp.",
         ),
     ] = None,
     epochs: Annotated[
@@ -73,7 +79,12 @@ def train(
     ] = None,
     index: Annotated[
         Optional[Path],
-        typer.Option("--index", help="Index for --augment \\[default: the one the artifacts were extracted with]."),
+        typer.Option(
+            "--index",
+            metavar="FILE",
+            show_default="the one the artifacts were extracted with",
+            help="Index for --augment.",
+        ),
     ] = None,
     *,
     options: RunOptions,
@@ -123,13 +134,18 @@ def train(
                     artifacts, spaces[0], out, config=config, settings=settings, overwrite=options.overwrite, **shaping
                 )
         if auto:
+            rows = result.metadata["auto"]["validation"]
             table = Table(
-                "input", "arch", "mean validation accuracy", "per split", title="--space auto (validation splits only)"
+                label_column("input", [row["input"] for row in rows]),
+                label_column("arch", [row["arch"] for row in rows]),
+                "mean validation accuracy",
+                "per split",
+                title="--space auto (validation splits only)",
             )
-            for row in result.metadata["auto"]["validation"]:
+            for row in rows:
                 splits = ", ".join(f"{a:.3f}" for a in row["per_split"])
                 table.add_row(row["input"], row["arch"], f"{row['val_accuracy']:.3f}", splits)
-            stderr.print(table)
+            print_table(stderr, table)
         chosen = result.metadata["auto"]["chosen"] if auto else spaces[0].value
         training = result.metadata["training"]
         stderr.print(

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_FAILURE
-from .console import errors_to_exit, literal, stderr, stdout
+from .console import errors_to_exit, literal, path_column, print_table, stderr, stdout
 
 
 def verify(
@@ -29,13 +29,15 @@ def verify(
 
     with errors_to_exit():
         result = verify_report(report)
-    table = Table("file", "what", "result", "detail", title=f"{len(result.checks)} files checked against the report")
+    table = Table(
+        path_column(), "what", "result", "detail", title=f"{len(result.checks)} files checked against the report"
+    )
     for check in result.checks:
         if show_all or not check.ok:
             style = "green" if check.ok else "red"
             table.add_row(literal(check.path), check.what, literal(check.result, style=style), literal(check.detail))
     if table.rows:
-        stdout.print(table)
+        print_table(stdout, table)
     counted = ("matches", "changed", "missing", NOT_HASHED)
     others = len(result.checks) - sum(result.count(name) for name in counted)
     summary = (

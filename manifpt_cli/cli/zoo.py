@@ -8,25 +8,43 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .console import RichProgress, errors_to_exit, safe, stderr, stdout
+from .console import RichProgress, errors_to_exit, label_column, literal, print_table, safe, stderr, stdout
+from .help import App
 from .options import COMPUTE, RunOptions, run_options
 
-app = typer.Typer(help="A reference zoo of small generators with known design choices.", no_args_is_help=True)
+# (header, design key) of the zoo table's name columns.
+DESIGN_COLUMNS = (("family", "family"), ("upsampling", "upsample"), ("norm", "norm"), ("loss", "loss"))
+
+app = App(help="A reference zoo of small generators with known design choices.")
 
 
 @app.command("train")
 @run_options("workers", *COMPUTE, "quiet", "overwrite")
 def train(
-    real: Annotated[list[Path], typer.Option("--real", help="Folder of real training images (repeatable).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to create (its name is the model's name).")],
-    family: Annotated[str, typer.Option("--family", help="gan, vae, flow or diffusion.")],
+    real: Annotated[
+        list[Path], typer.Option("--real", metavar="DIR", help="Folder of real training images (repeatable).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="DIR", help="Model folder to create (its name is the model's name).")
+    ],
+    family: Annotated[str, typer.Option("--family", metavar="FAMILY", help="gan, vae, flow or diffusion.")],
     upsample: Annotated[
         Optional[str],
-        typer.Option("--upsample", help="tconv, nearest, bilinear or pixelshuffle \\[default: per family]."),
+        typer.Option(
+            "--upsample",
+            metavar="UPSAMPLING",
+            show_default="per family",
+            help="tconv, nearest, bilinear or pixelshuffle.",
+        ),
     ] = None,
-    norm: Annotated[Optional[str], typer.Option("--norm", help="batch, group or none \\[default: per family].")] = None,
+    norm: Annotated[
+        Optional[str], typer.Option("--norm", metavar="NORM", show_default="per family", help="batch, group or none.")
+    ] = None,
     loss: Annotated[
-        Optional[str], typer.Option("--loss", help="GAN loss: ns, hinge, lsgan or wgan-gp \\[default: ns].")
+        Optional[str],
+        typer.Option(
+            "--loss", metavar="LOSS", show_default="ns for a GAN", help="GAN loss: ns, hinge, lsgan or wgan-gp."
+        ),
     ] = None,
     size: Annotated[int, typer.Option("--size", help="Image size (a power of two ≥ 16).")] = 32,
     width: Annotated[int, typer.Option("--width", min=4, help="Base channel width of the networks.")] = 32,
@@ -59,8 +77,8 @@ def train(
 @app.command("sample")
 @run_options("device", "quiet", "overwrite")
 def sample(
-    model: Annotated[Path, typer.Argument(help="Zoo model folder (or its generator.pt).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write PNG samples into.")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Zoo model folder (or its generator.pt).")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder to write PNG samples into.")],
     n: Annotated[int, typer.Option("--n", min=1, help="How many images.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="The same seed gives the same images.")] = 0,
     *,
@@ -77,28 +95,34 @@ def sample(
 
 @app.command("list")
 def list_models(
-    root: Annotated[Path, typer.Argument(help="Folder searched for zoo models.")] = Path("models_dir/zoo"),
+    root: Annotated[Path, typer.Argument(metavar="DIR", help="Folder searched for zoo models.")] = Path(
+        "models_dir/zoo"
+    ),
 ) -> None:
     """Show the trained zoo models and their design choices."""
     with errors_to_exit(needs="train"):
         from ..research.zoo import list_zoo
 
         found = list_zoo(root)
+    designs = [meta["design"] for meta in found]
     table = Table(
-        "name", "family", "upsampling", "norm", "loss", "depth", "skips", "iters", "trained on", title=str(root)
+        label_column("name", [meta["name"] for meta in found]),
+        *(label_column(header, [d[key] for d in designs]) for header, key in DESIGN_COLUMNS),
+        "depth",
+        "skips",
+        "iters",
+        "trained on",
+        title=f"zoo models in {safe(root)}",
     )
     for meta in found:
         d, t = meta["design"], meta["training"]
         skips, trained_on = "yes" if d["skip_connections"] else "no", f"{t['n_real']} images"
         table.add_row(
-            meta["name"],
-            d["family"],
-            d["upsample"],
-            d["norm"],
-            d["loss"],
+            literal(meta["name"]),
+            *(literal(d[key]) for _, key in DESIGN_COLUMNS),
             str(d["depth"]),
             skips,
             str(t["iters"]),
             trained_on,
         )
-    stdout.print(table)
+    print_table(stdout, table)
