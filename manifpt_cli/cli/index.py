@@ -108,7 +108,7 @@ def info(
         "created_utc",
         "format_version",
     ):
-        stdout.print(f"  {key:<16} {summary[key]}", highlight=False)
+        stdout.print(f"  {key:<16} {summary[key]}", highlight=False, soft_wrap=True)
     table = Table("space", "dim", "FAISS", "vectors", path_column("weights"), "weights sha256")
     for space in summary["spaces"]:
         weights_source, weights_sha256 = space["weights_source"] or "—", space["weights_sha256"][:16] or "—"
