@@ -439,7 +439,9 @@ def _rgb_pixels(image: Image.Image, depth_scale: float | None) -> np.ndarray:
         return np.repeat(gray[..., None], 3, axis=-1)
     if _has_alpha(image):
         image = _on_white(image)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    if image.mode != "RGB":  # an RGB image is read as it is: convert("RGB") would copy it first
+        image = image.convert("RGB")
+    return np.frombuffer(image.tobytes(), np.uint8).reshape(image.height, image.width, 3).copy()
 
 
 def fit_square(image: Image.Image, size: int) -> np.ndarray:
