@@ -300,8 +300,10 @@ def main() -> None:
     assert (brute_ids == faiss_ids).mean() > 0.99, "FAISS and the brute-force scan must agree"
 
     rate = lambda seconds, count=n: count / seconds  # noqa: E731
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(
-        f"\nmanifpt attribution throughput — {platform.processor() or platform.machine()}, {threads} threads, "
+        f"\nmanifpt attribution throughput — {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+        f"(load average {load} at the end), {threads} compute threads, "
         f"{args.reals} reals from {origin}, {n} suspects, space {space.value}, arch {args.arch}, batch {args.batch_size}"
     )
     print(f"index build: {args.reals} reals in {t_index:.1f} s\n")

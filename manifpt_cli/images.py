@@ -647,6 +647,22 @@ def iter_batches(items: Iterable[T], batch_size: int) -> Iterator[list[T]]:
         yield batch
 
 
+ARRAY_ROW_MARK = "#row="
+
+
+def array_row_path(path: str, row: int) -> str:
+    """How row ``row`` of the array file ``path`` is named in indexes and reports."""
+    return f"{path}{ARRAY_ROW_MARK}{row}"
+
+
+def split_array_row(path: str) -> tuple[str, int] | None:
+    """(array file, row) of a name :func:`array_row_path` made, when ``path`` is no file itself."""
+    head, mark, row = path.rpartition(ARRAY_ROW_MARK)
+    if not mark or not (row.isascii() and row.isdigit()) or os.path.lexists(path) or not os.path.isfile(head):
+        return None
+    return head, int(row)
+
+
 def _array_image(path: str, pixels: np.ndarray, size: int) -> DecodedImage:
     """One row of an array file as a decoded image (the size policy of a decoded file)."""
     sha256 = hashlib.sha256(pixels).hexdigest()
@@ -672,7 +688,7 @@ def _array_rows(path: str, size: int, settings: RunSettings) -> Iterator[DecodeR
                 )
             for block in read_rows(stream, shape, settings.batch_size):
                 for pixels in block:
-                    yield _array_image(f"{path}#row={row}", pixels, size)
+                    yield _array_image(array_row_path(path, row), pixels, size)
                     row += 1
     except ImageDecodeError as exc:
         yield FailedImage(path, str(exc) if row == 0 else f"{exc} (rows 0 to {row - 1} were read)")
@@ -686,6 +702,27 @@ def array_rows_declared(path: str) -> int:
             return shape.rows
     except ImageDecodeError:
         return 1
+
+
+def array_row_sha256(path: str, rows: Iterable[int]) -> dict[int, str]:
+    """The SHA-256 of each of ``rows`` of the array file ``path`` now, read in one pass (rows past
+    the end are left out).
+
+    Raises:
+        ImageDecodeError: the file cannot be read as an array of images.
+    """
+    wanted = set(rows)
+    hashes: dict[int, str] = {}
+    fd, _ = _open_regular(path, None)
+    with os.fdopen(fd, "rb") as handle, open_array(handle) as (shape, stream):
+        start = 0
+        for block in read_rows(stream, shape, 256):
+            for row in wanted.intersection(range(start, start + len(block))):
+                hashes[row] = hashlib.sha256(block[row - start]).hexdigest()
+            start += len(block)
+            if len(hashes) == len(wanted):
+                break
+    return hashes
 
 
 def _decoded_items(roots: Iterable[str | os.PathLike], size: int, settings: RunSettings) -> Iterator[DecodeResult]:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from manifpt_cli.cli import app
 from manifpt_cli.engines import _listed
-from manifpt_cli.errors import UsageError
+from manifpt_cli.errors import ImageDecodeError, UsageError
 from manifpt_cli.images import (
     DecodedImage,
     FailedImage,
@@ -23,6 +23,7 @@ from manifpt_cli.images import (
     decode_image,
     discover_images,
     read_ahead,
+    split_array_row,
 )
 from manifpt_cli.manifold import RealIndex, build_index
 from manifpt_cli.settings import RunSettings, cpu_count
@@ -148,10 +149,17 @@ def test_index_build_command_takes_an_array_file_and_ray_refuses_one(crops, tmp_
         _listed([tmp_path / "real.npy"], RunSettings())
 
 
-def test_an_index_row_path_is_not_mistaken_for_a_file(crops, tmp_path):
+def test_row_names_are_told_from_file_names(crops, tmp_path):
     np.save(tmp_path / "real.npy", crops[:2])
-    with pytest.raises(Exception, match="file not found"):
-        decode_image(f"{tmp_path / 'real.npy'}#row=1", SIZE)
+    row = f"{tmp_path / 'real.npy'}#row=1"
+    assert split_array_row(row) == (str(tmp_path / "real.npy"), 1)
+    with pytest.raises(ImageDecodeError, match="file not found"):
+        decode_image(row, SIZE)  # a row is no file: only the array reader reads it
+    write_crops(tmp_path, [crops[0]], "photo#row=1")  # a real file with such a name stays a file
+    assert split_array_row(str(tmp_path / "photo#row=1_0000.png")) is None
+    os.rename(tmp_path / "photo#row=1_0000.png", tmp_path / "real.npy#row=0")
+    assert split_array_row(str(tmp_path / "real.npy#row=0")) is None
+    assert split_array_row(f"{tmp_path / 'real.npy'}#row=²") is None
 
 
 # --- decoding ahead of the caller ------------------------------------------------------------------
@@ -198,3 +206,26 @@ def test_decoding_threads_and_compute_threads_share_the_cores():
     assert RunSettings(workers=1).compute_threads == max(1, cpu_count() - 1)
     assert RunSettings(workers=cpu_count() + 3).compute_threads == 1
     assert RunSettings(workers=2, threads=5).compute_threads == 5
+
+
+def test_rows_of_an_array_are_attributed_and_verified_against_their_pixels(freq_model, real_index, crops, tmp_path):
+    from manifpt_cli.casework import ReportTarget, run_attribution
+    from manifpt_cli.report import ReportFormat
+    from manifpt_cli.verify import CHANGED, MATCHES, verify_report
+
+    suspects = tmp_path / "suspects.npy"
+    np.save(suspects, crops[:6])
+    report = tmp_path / "report.csv"
+    summary = run_attribution(
+        freq_model / "freq.onnx", real_index, [suspects], reports=[ReportTarget(ReportFormat.CSV, report)]
+    )
+    assert summary.total == summary.attributed == 6
+    checked = verify_report(report)
+    suspect_checks = [check for check in checked.checks if check.what == "suspect"]
+    assert [check.path for check in suspect_checks] == [f"{suspects}#row={i}" for i in range(6)]
+    assert checked.ok and all(check.result == MATCHES for check in suspect_checks)
+    altered = crops[:6].copy()
+    altered[4, 0, 0, 0] ^= 1
+    np.save(suspects, altered)
+    results = [check.result for check in verify_report(report).checks if check.what == "suspect"]
+    assert results == [MATCHES] * 4 + [CHANGED, MATCHES]

@@ -19,7 +19,13 @@ app = typer.Typer(help="Build and inspect real-manifold indexes (HDF5 + FAISS)."
 @app.command("build")
 @run_options(*BACKBONES, *DECODING, *COMPUTE, *ENGINE, "quiet", "overwrite")
 def build(
-    real_dirs: Annotated[list[Path], typer.Argument(help="Folders (searched recursively) or files of real images.")],
+    real_dirs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Folders (searched recursively) or files of real images, or NumPy array files of them "
+            "(.npy/.npz, uint8 N×H×W×3; row I is recorded as FILE#row=I)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index file to write (HDF5).")],
     space: Annotated[
         str, typer.Option("--space", help="Comma-separated spaces: rgb, freq, sl, ssl (sl/ssl need ResNet50 weights).")
