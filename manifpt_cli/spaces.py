@@ -104,8 +104,8 @@ def _centred_from_half(height: int, width: int) -> np.ndarray:
 def log_spectrum(images: np.ndarray) -> np.ndarray:
     """Per-channel centred log-magnitude spectrum of (N, 3, H, W) float images, as float32.
 
-    log(|fftshift(fft2(x))| + eps), computed on the real FFT's half spectrum and mirrored (about 3×
-    faster than the full complex FFT; a value may differ from it in the last float32 digits).
+    log(|fftshift(fft2(x))| + eps), computed on the real FFT's half spectrum and mirrored (faster
+    than NumPy's full complex FFT; a value may differ from it in the last float32 digits).
     """
     height, width = images.shape[-2:]
     half = np.log(np.abs(np.fft.rfft2(images, axes=(-2, -1))) + FREQ_EPS).astype(np.float32)
