@@ -16,6 +16,7 @@ unpickled.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ def _read_header(stream: BinaryIO) -> ArrayShape:
         if version not in _HEADER_READERS:
             raise ValueError(f"NumPy file format version {version} is not one of {sorted(_HEADER_READERS)}")
         shape, fortran_order, dtype = _HEADER_READERS[version](stream)
-    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+    except (ValueError, OSError, EOFError, SyntaxError, zipfile.BadZipFile, zlib.error) as exc:
         raise ImageDecodeError(f"not a readable NumPy array file: {exc}") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise ImageDecodeError(
@@ -85,12 +86,23 @@ def _npz_member(archive: zipfile.ZipFile) -> str:
     )
 
 
+def _check_crc(archive: zipfile.ZipFile, name: str) -> None:
+    """Read a member through once: ZIP checks its CRC-32 only at the end, after every row."""
+    with archive.open(name) as member:
+        while member.read(1 << 22):
+            pass
+
+
 @contextmanager
-def open_array(handle: BinaryIO) -> Iterator[tuple[ArrayShape, BinaryIO]]:
+def open_array(handle: BinaryIO, check_crc: bool = True) -> Iterator[tuple[ArrayShape, BinaryIO]]:
     """The declared shape and a stream positioned at the first row, for an open array file.
 
+    An ``.npz`` member is first read through once to check its CRC-32 (``check_crc``), so that no
+    row of a damaged archive is ever handed out.
+
     Raises:
-        ImageDecodeError: not a NumPy file or ZIP, no image array in it, or not uint8 (N, H, W, 3).
+        ImageDecodeError: not a NumPy file or ZIP, no image array in it, not uint8 (N, H, W, 3),
+            or a damaged archive.
     """
     if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
         handle.seek(0)
@@ -99,8 +111,11 @@ def open_array(handle: BinaryIO) -> Iterator[tuple[ArrayShape, BinaryIO]]:
     handle.seek(0)
     try:
         archive = zipfile.ZipFile(handle)
-        member = archive.open(_npz_member(archive))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError) as exc:
+        name = _npz_member(archive)
+        if check_crc:
+            _check_crc(archive, name)
+        member = archive.open(name)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, zlib.error) as exc:
         raise ImageDecodeError(f"not a readable .npz archive: {exc}") from None
     with archive, member:
         yield _read_header(member), member
@@ -119,7 +134,7 @@ def read_rows(stream: BinaryIO, shape: ArrayShape, block: int) -> Iterator[np.nd
         want = count * shape.row_bytes
         try:
             data = stream.read(want)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
             raise ImageDecodeError(f"damaged array data after row {done}: {exc}") from None
         complete = len(data) // shape.row_bytes
         if complete:

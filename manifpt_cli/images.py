@@ -33,8 +33,8 @@ Policy (README, "How images are read"):
   that of the row's H·W·3 pixel bytes (C order), and it follows the size policy above (a
   ``size``×``size`` row is left untouched). ``max_pixels`` applies to each row; the file is
   streamed in blocks of ``batch_size`` rows, so ``max_file_bytes`` does not limit it. A bad
-  header is one error row for the file; a truncated or damaged one ends with one error row after
-  the rows before the damage.
+  header or a damaged ``.npz`` (its CRC-32 is checked before the first row) is one error row for
+  the file; a truncated ``.npy`` ends with one error row after the rows before the cut.
 - Decoding runs ahead of the caller, in ``workers`` background threads, at most
   ``READ_AHEAD_BATCHES`` batches ahead, so that it overlaps the caller's compute (NumPy, FAISS and
   ONNX Runtime release the GIL while they work).
@@ -698,7 +698,7 @@ def array_rows_declared(path: str) -> int:
     """How many rows an array file's header declares (1, its error row, when it cannot be read)."""
     try:
         fd, _ = _open_regular(path, None)
-        with os.fdopen(fd, "rb") as handle, open_array(handle) as (shape, _stream):
+        with os.fdopen(fd, "rb") as handle, open_array(handle, check_crc=False) as (shape, _stream):
             return shape.rows
     except ImageDecodeError:
         return 1

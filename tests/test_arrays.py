@@ -108,6 +108,16 @@ def test_truncated_array_keeps_the_rows_before_the_damage(crops, tmp_path):
     assert np.array_equal(rows[5].pixels, crops[5])
 
 
+def test_no_row_of_a_damaged_npz_is_handed_out(crops, tmp_path):
+    np.savez_compressed(tmp_path / "real.npz", images=crops)
+    data = bytearray((tmp_path / "real.npz").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(byte ^ 0x5A for byte in data[middle : middle + 64])
+    (tmp_path / "damaged.npz").write_bytes(bytes(data))
+    (row,) = decoded([tmp_path / "damaged.npz"])  # ZIP's CRC-32 is checked before the first row
+    assert isinstance(row, FailedImage) and row.error.startswith("not a readable .npz archive")
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_fifo_named_like_an_array_is_never_opened(tmp_path):
     fifo = tmp_path / "x.npz"
