@@ -1,10 +1,19 @@
 """Attribution throughput, measured side by side in one run (not a test: figures, not pass/fail).
 
-(a) `manifpt attribute` end to end: decode → φ → FAISS → artifact → ONNX Runtime, via the library.
+(a) `manifpt attribute` end to end: decode → φ → search → artifact → ONNX Runtime → CSV rows,
+    via the library, in a process without PyTorch (as `attribute` runs).
 (b) the exported ONNX attributor alone, on the same suspects' artifacts, same batch size.
 (c) a PyTorch-eager pipeline with a brute-force nearest-neighbour scan, as the authors' reference
     code works: same decoding, one exhaustive scan of the real set per suspect, eager model.
 (d) FAISS flat search against the same brute-force scan, for the same queries.
+
+Then each stage of (a) alone, per image, on the same suspects: discover, read + SHA-256, decode
+(from bytes in memory), embed, search (neighbour + artifact), attributor, rows (verdicts, paths:
+the library's batch step minus the three stages inside it) and the CSV report. (a), (b) and the
+stages are each the best of three runs. The ratio of (a) to the stages' sum says how close the
+pipeline comes to its own limit: above 1 it adds overhead, below 1 it overlaps stages (decoding
+runs in its own thread). Last, the `manifpt attribute` command in a child process: the whole
+run's time (start-up and index verification included) and peak memory (VmHWM, Linux).
 
 Real images: ../shared/data/real32.npz when present (20k real 32×32 crops), otherwise crops of the
 photos bundled with scikit-image. Usage:
@@ -15,8 +24,13 @@ photos bundled with scikit-image. Usage:
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +70,131 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def best_of(fn, repeats: int = 3) -> tuple[float, object]:
+    """The shortest of ``repeats`` timed runs (the machine's other load only ever adds time), and a result."""
+    runs = [timed(fn) for _ in range(repeats)]
+    return min(seconds for seconds, _ in runs), runs[-1][1]
+
+
+def stage_costs(run, suspects: Path, batch_size: int, report: Path) -> dict[str, float]:
+    """Seconds of each stage of attribution measured alone, over every suspect (see the docstring)."""
+    from manifpt_cli import images
+    from manifpt_cli.images import DecodedImage, discover_images
+    from manifpt_cli.report import ReportFormat, ReportWriter
+
+    index, model, space = run.index, run.model, run.model.space
+    size, max_pixels, max_bytes = model.image_size, run.settings.max_pixels, run.settings.max_file_bytes
+    seconds: dict[str, float] = {}
+    seconds["discover"], found = best_of(lambda: list(discover_images([suspects])))
+    paths = [entry.path for entry in found]
+
+    def read_and_hash(path: str) -> tuple[bytes, str]:
+        data = images._read_regular_file(path, max_bytes)  # the library's own read, alone
+        return data, hashlib.sha256(data).hexdigest()
+
+    seconds["read + SHA-256"], files = best_of(lambda: [read_and_hash(path) for path in paths])
+    seconds["decode"], decoded = best_of(lambda: [images._decode_bytes(data, size, max_pixels) for data, _ in files])
+    items = [DecodedImage(p, px, original, sha, q) for p, (px, original, q), (_, sha) in zip(paths, decoded, files)]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    pixels = [np.stack([item.pixels for item in batch]) for batch in batches]
+    seconds["embed"], queries = best_of(lambda: [model.embedder(batch) for batch in pixels])
+
+    def search(batch_queries: np.ndarray, batch: list) -> np.ndarray:
+        found = index.nearest(space, batch_queries, [item.sha256 for item in batch])
+        return batch_queries - index.embeddings(space, found.ids)
+
+    seconds["search"], artifacts = best_of(lambda: [search(q, batch) for q, batch in zip(queries, batches)])
+    shape = (-1, *space.artifact_shape(size))
+    inputs = [a.reshape(shape) for a in artifacts]
+    seconds["attributor"], _ = best_of(lambda: [model.predict(batch) for batch in inputs])
+    batch_step, rows = best_of(lambda: [row for batch in batches for row in run.attribute_batch(batch)])
+    seconds["rows (derived: batch step − embed − search − attributor)"] = (
+        batch_step - seconds["embed"] - seconds["search"] - seconds["attributor"]
+    )
+    with open(report, "w", encoding="utf-8", newline="") as stream:
+        writer = ReportWriter(ReportFormat.CSV, stream, {})
+        seconds["report (CSV)"], _ = best_of(lambda: [writer.write(row) for row in rows])
+        writer.close()
+    return seconds
+
+
+# Runs the CLI and records the process's peak resident memory (VmHWM, Linux) at exit. The child's
+# own getrusage would not do: it counts the pages it shared with this (large) process when forked.
+PEAK_WRAPPER = """
+import atexit, runpy, sys
+out = sys.argv.pop(1)
+def peak():
+    with open("/proc/self/status") as status, open(out, "w") as handle:
+        handle.write(status.read().split("VmHWM:")[1].split()[0])
+atexit.register(peak)
+sys.argv[0] = "manifpt"
+runpy.run_module("manifpt_cli", run_name="__main__")
+"""
+
+
+def attribute_command(work: Path, index: Path, batch_size: int) -> tuple[float, float]:
+    """Wall seconds and peak resident MiB of `manifpt attribute` over the suspects, in a child process."""
+    peak_file = work / "peak_kib.txt"
+    command = [sys.executable, "-c", PEAK_WRAPPER, str(peak_file), "attribute", str(work / "suspects")]
+    command += ["--model", str(work / "m.onnx"), "--index", str(index), "--report", "csv"]
+    command += ["--out", str(work / "report.csv"), "--overwrite", "-q", "--batch-size", str(batch_size)]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    return time.perf_counter() - started, int(peak_file.read_text()) / 1024
+
+
+def measure_attribution(work: Path, batch_size: int) -> None:
+    """(a), (b), FAISS search alone and each stage of (a), written to WORK/attribution.json.
+
+    Run in its own process (``--measure-attribution``): like `manifpt attribute`, it never imports
+    PyTorch, whose thread pool would otherwise share the process with FAISS and ONNX Runtime.
+    """
+    from manifpt_cli.attribute import Attribution
+    from manifpt_cli.images import decode_folder
+    from manifpt_cli.report import ReportFormat, ReportWriter
+    from manifpt_cli.settings import RunSettings
+
+    settings = RunSettings(batch_size=batch_size)
+    settings.apply()
+    with Attribution(work / "m.onnx", work / "real.h5", settings=settings) as run:
+        warm_up = sorted((work / "suspects" / "plain").iterdir())[:batch_size]
+        sum(1 for _ in run.rows(warm_up))  # FAISS index load, ORT's first run
+
+        def end_to_end() -> int:
+            written = 0
+            with open(work / "report.csv", "w", encoding="utf-8", newline="") as stream:
+                writer = ReportWriter(ReportFormat.CSV, stream, {})
+                for row in run.rows([work / "suspects"]):
+                    writer.write(row)
+                    written += 1
+                writer.close()
+            return written
+
+        t_end_to_end, counted = best_of(end_to_end)
+        stages = stage_costs(run, work / "suspects", batch_size, work / "stages.csv")
+        space, index, model = run.model.space, run.index, run.model
+        decoded = [item for batch in decode_folder([work / "suspects"], model.image_size, settings) for item in batch]
+        queries = model.embedder(np.stack([item.pixels for item in decoded]))
+        found = index.nearest(space, queries)
+        t_faiss, _ = best_of(lambda: index.nearest(space, queries))
+        artifacts = (queries - index.embeddings(space, found.ids)).reshape(-1, *space.artifact_shape(model.image_size))
+        batches = [artifacts[i : i + batch_size] for i in range(0, len(artifacts), batch_size)]
+        t_onnx, _ = best_of(lambda: [model.predict(batch) for batch in batches])
+    with open("/proc/self/status") as status:
+        peak_kib = int(status.read().split("VmHWM:")[1].split()[0])
+    result = {
+        "n": counted,
+        "threads": settings.compute_threads,
+        "end_to_end": t_end_to_end,
+        "onnx": t_onnx,
+        "faiss": t_faiss,
+        "stages": stages,
+        "peak_mib": peak_kib / 1024,
+        "neighbour_ids": found.ids.tolist(),
+    }
+    (work / "attribution.json").write_text(json.dumps(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reals", type=int, default=20000)
@@ -70,12 +209,15 @@ def main() -> None:
     parser.add_argument("--arch", default="small")
     parser.add_argument("--space", default="rgb", choices=["rgb", "freq"])
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--measure-attribution", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure_attribution:
+        measure_attribution(args.measure_attribution, args.batch_size)
+        return
 
     import torch
 
     from manifpt_cli.artifacts import extract_artifacts
-    from manifpt_cli.attribute import Attribution, OnnxAttributor
     from manifpt_cli.export import export_onnx
     from manifpt_cli.images import decode_folder
     from manifpt_cli.manifold import RealIndex, build_index
@@ -99,38 +241,35 @@ def main() -> None:
     index = work / "real.h5"
     settings = RunSettings(batch_size=args.batch_size)
     settings.apply()
-    threads = settings.compute_threads
     build_settings = RunSettings(batch_size=512)
-    t_index, _ = timed(lambda: build_index([work / "real"], index, [space], size=32, settings=build_settings))
+    t_index, _ = timed(
+        lambda: build_index([work / "real"], index, [space], size=32, settings=build_settings, overwrite=True)
+    )
     extract_artifacts(
         index,
         [("plain", str(work / "suspects" / "plain")), ("noisy", str(work / "suspects" / "noisy"))],
         work / "art.h5",
         spaces=[space],
+        overwrite=True,
     )
-    train_attributor(work / "art.h5", space, work / "m.pt", config=TrainConfig(arch=args.arch, epochs=1))
-    export_onnx(work / "m.pt", work / "m.onnx")
+    train_attributor(
+        work / "art.h5", space, work / "m.pt", config=TrainConfig(arch=args.arch, epochs=1), overwrite=True
+    )
+    export_onnx(work / "m.pt", work / "m.onnx", overwrite=True)
     n = len(suspects)
 
-    # (a) end to end
-    with Attribution(work / "m.onnx", index, settings=settings) as run:
-        warm_up = sorted((work / "suspects" / "plain").iterdir())[: args.batch_size]
-        sum(1 for _ in run.rows(warm_up))  # FAISS index load, ORT's first run
-        t_end_to_end, counted = timed(lambda: sum(1 for _ in run.rows([work / "suspects"])))
-    assert counted == n
+    # (a), (b), FAISS alone and each stage, in a process without PyTorch, as `attribute` runs
+    child = [sys.executable, __file__, "--measure-attribution", str(work), "--batch-size", str(args.batch_size)]
+    subprocess.run(child, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    measured = json.loads((work / "attribution.json").read_text())
+    t_end_to_end, t_onnx, t_faiss, stages = (measured[key] for key in ("end_to_end", "onnx", "faiss", "stages"))
+    threads = measured["threads"]
+    t_command, peak_mib = attribute_command(work, index, args.batch_size)
 
-    # (b) ONNX attributor alone, same artifacts
     with RealIndex(index) as real_index:
         decoded = [item for batch in decode_folder([work / "suspects"], 32, settings) for item in batch]
-        pixels = np.stack([item.pixels for item in decoded])
-        queries = PixelEmbedder(space)(pixels)
-        found = real_index.nearest(space, queries)
-        artifacts = (queries - real_index.embeddings(space, found.ids)).reshape(n, 3, 32, 32)
+        queries = PixelEmbedder(space)(np.stack([item.pixels for item in decoded]))
         database = real_index.all_embeddings(space)
-        t_faiss, _ = timed(lambda: real_index.nearest(space, queries))
-    attributor = OnnxAttributor(work / "m.onnx", threads)
-    batches = [artifacts[i : i + args.batch_size] for i in range(0, n, args.batch_size)]
-    t_onnx, _ = timed(lambda: [attributor.predict(b) for b in batches])
 
     # (c) reference-style: PyTorch eager, exhaustive scan per suspect
     model, _ = load_checkpoint(work / "m.pt")
@@ -149,17 +288,22 @@ def main() -> None:
                 px = np.stack([item.pixels for item in batch])
                 q = PixelEmbedder(space)(px)
                 ids = brute_force_ids(q)
-                model(torch.from_numpy((q - database[ids]).reshape(len(q), 3, 32, 32))).softmax(1)
+                model(
+                    torch.from_numpy((q - database[ids]).reshape(len(q), 3, 32, 32))
+                )  # (logits, probabilities, scores)
                 done += len(batch)
         return done
 
     t_reference, _ = timed(reference_pipeline)
     t_brute, brute_ids = timed(lambda: brute_force_ids(queries[:n_reference]))
-    assert (brute_ids == found.ids[:n_reference]).mean() > 0.99, "FAISS and the brute-force scan must agree"
+    faiss_ids = np.array(measured["neighbour_ids"][:n_reference])
+    assert (brute_ids == faiss_ids).mean() > 0.99, "FAISS and the brute-force scan must agree"
 
     rate = lambda seconds, count=n: count / seconds  # noqa: E731
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(
-        f"\nmanifpt attribution throughput — {platform.processor() or platform.machine()}, {threads} threads, "
+        f"\nmanifpt attribution throughput — {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+        f"(load average {load} at the end), {threads} compute threads, "
         f"{args.reals} reals from {origin}, {n} suspects, space {space.value}, arch {args.arch}, batch {args.batch_size}"
     )
     print(f"index build: {args.reals} reals in {t_index:.1f} s\n")
@@ -174,6 +318,18 @@ def main() -> None:
     print(f"(a)/(b) = {rate(t_end_to_end) / rate(t_onnx):.2f}   (target ≥ 0.8)")
     print(f"(a)/(c) = {rate(t_end_to_end) / rate(t_reference, n_reference):.1f}×   (target ≥ 5)")
     print(f"FAISS / brute force = {rate(t_faiss) / rate(t_brute, n_reference):.1f}×   (target ≥ 20 at 20k reals)")
+    print("\n| stage of (a), measured alone | µs per image |\n|---|---:|")
+    for stage, seconds in stages.items():
+        print(f"| {stage} | {seconds / n * 1e6:,.0f} |")
+    total = sum(stages.values())
+    print(f"| **sum of the stages** | **{total / n * 1e6:,.0f}** |")
+    print(f"| (a) end to end | {t_end_to_end / n * 1e6:,.0f} |\n")
+    print(f"(a) / sum of stages = {t_end_to_end / total:.2f}   (below 1: stages overlap; above 1: pipeline overhead)")
+    print(
+        f"`manifpt attribute` command, whole process (start-up, index verification, report): {t_command:.1f} s "
+        f"for {n} suspects, peak resident memory {peak_mib:,.0f} MiB (the measuring process above: "
+        f"{measured['peak_mib']:,.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,16 @@ import numpy as np
 
 from .errors import ManifptError, MismatchError, UsageError
 from .extras import require_extra
-from .images import DecodedImage, DecodeResult, FoundFile, decode_folder, discover_images, iter_batches, try_decode
+from .images import (
+    DecodedImage,
+    DecodeResult,
+    FoundFile,
+    decode_folder,
+    discover_images,
+    display_path,
+    iter_batches,
+    try_decode,
+)
 from .progress import SILENT
 from .settings import RunSettings
 from .spaces import Embedder, Space
@@ -164,7 +173,7 @@ class RayEngine:
         expected = {space: getattr(e, "weights", None) for space, e in embedders.items()}
         Embed = ray.remote(num_cpus=1)(_EmbedActor)
         actors = self._started([Embed.remote(list(embedders), weights, size, expected) for _ in range(self.n_actors)])
-        found = list(discover_images(roots, sniff=settings.sniff))  # listed once, here
+        found = _listed(roots, settings)
         batches = iter_batches(found, settings.batch_size)
         limits = (settings.max_pixels, settings.max_file_bytes)
         submit = lambda batch, i: actors[i % len(actors)].embed.remote(batch, *limits)  # noqa: E731
@@ -179,7 +188,7 @@ class RayEngine:
         paths = (os.path.abspath(model), os.path.abspath(index))
         evidence = attribution.evidence
         actors = self._started([Attribute.remote(*paths, top_k, expected, evidence) for _ in range(self.n_actors)])
-        found = list(discover_images(roots, sniff=settings.sniff))
+        found = _listed(roots, settings)
         size = attribution.model.image_size
         limits = (settings.max_pixels, settings.max_file_bytes)
 
@@ -189,6 +198,18 @@ class RayEngine:
         for rows in self._ordered(submit, iter_batches(found, settings.batch_size), settings.progress):
             yield from rows
         self.peak_memory_mib = ray.get([actor.peak_memory_mib.remote() for actor in actors])
+
+
+def _listed(roots, settings: RunSettings) -> list[FoundFile]:
+    """Every discovered entry, listed once by the driver; array files are refused (they are read in
+    one sequential pass, which the local engine does)."""
+    found = list(discover_images(roots, sniff=settings.sniff))
+    arrays = [entry.path for entry in found if entry.array]
+    if arrays:
+        raise UsageError(
+            f"array files are read by the local engine (--engine local), not on Ray: {display_path(arrays[0])}"
+        )
+    return found
 
 
 def _decode_batch(batch: list[FoundFile], size: int, max_pixels: int, max_file_bytes: int) -> list[DecodeResult]:

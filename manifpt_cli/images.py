@@ -27,6 +27,17 @@ Policy (README, "How images are read"):
   (Lanczos when shrinking, bicubic when enlarging). An image already ``size``×``size`` is left
   untouched, so a generator's own pixels reach the embedding unchanged; so is one whose square
   crop is already ``size``×``size``.
+- Array files: a file named directly whose content is a NumPy ``.npy`` or ``.npz`` file
+  (:mod:`manifpt_cli.arrays`) is read as uint8 N×H×W×3 images, one row per image, in one
+  sequential pass. Row ``i`` of ``images.npz`` is the image ``images.npz#row=i``; its SHA-256 is
+  that of the row's H·W·3 pixel bytes (C order), and it follows the size policy above (a
+  ``size``×``size`` row is left untouched). ``max_pixels`` applies to each row; the file is
+  streamed in blocks of ``batch_size`` rows, so ``max_file_bytes`` does not limit it. A bad
+  header or a damaged ``.npz`` (its CRC-32 is checked before the first row) is one error row for
+  the file; a truncated ``.npy`` ends with one error row after the rows before the cut.
+- Decoding runs ahead of the caller, in ``workers`` background threads, at most
+  ``READ_AHEAD_BATCHES`` batches ahead, so that it overlaps the caller's compute (NumPy, FAISS and
+  ONNX Runtime release the GIL while they work).
 - Memory stays near one decoded copy of the image: the centre crop is the ``box`` of the resize
   (the filter near the square's edges may see the pixels just outside it, as in a resize of the
   whole picture), and RGB, RGBA, L, LA and the 16/32-bit and float modes are resized in their own
@@ -44,10 +55,14 @@ import errno
 import functools
 import hashlib
 import io
+import itertools
 import os
+import queue
 import stat
 import sys
+import threading
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,11 +71,15 @@ from typing import TypeVar
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
+from .arrays import is_array_header, open_array, read_rows
 from .errors import ImageDecodeError, UsageError
 from .settings import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, RunSettings
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+READ_AHEAD_BATCHES = 2  # decoded batches waiting for the caller, at most
+DECODE_CHUNK = 16  # files one decoding thread takes at a time (fewer hand-overs between threads)
 
 
 @functools.cache
@@ -130,12 +149,14 @@ class FoundFile:
     """One discovered entry.
 
     ``error`` is set when its folder could not be listed; ``skipped`` says why a file under a root
-    is not a candidate (its name is not an image file name and ``sniff`` is off).
+    is not a candidate (its name is not an image file name and ``sniff`` is off); ``array`` marks
+    a NumPy array file of images, named directly, whose rows are the images.
     """
 
     path: str
     error: str | None = None
     skipped: str | None = None
+    array: bool = False
 
 
 @dataclass(frozen=True)
@@ -219,7 +240,8 @@ def _walk(root: str, sniff: bool, visited: set[tuple[int, int]]) -> Iterator[Fou
 def discover_images(roots: Iterable[str | os.PathLike], sniff: bool = False) -> Iterator[FoundFile]:
     """Yield every entry under ``roots``: candidates, unlistable folders and skipped files.
 
-    A file given directly as a root is always a candidate. Under a folder, a file is a candidate
+    A file given directly as a root is always a candidate, and an array file when its content is
+    a NumPy file (image-named files are not looked into here). Under a folder, a file is a candidate
     when its extension is an image extension (:func:`image_extensions`), or whatever its name
     with ``sniff``; any other file is yielded with ``skipped`` set.
 
@@ -234,7 +256,7 @@ def discover_images(roots: Iterable[str | os.PathLike], sniff: bool = False) -> 
         if os.path.isdir(root):
             yield from _walk(root, sniff, visited)
         else:
-            yield FoundFile(root)
+            yield FoundFile(root, array=_is_array_file(root))
 
 
 _FILE_KINDS = (
@@ -255,11 +277,11 @@ _OPEN_FLAGS = (
 )
 
 
-def _check_regular(info: os.stat_result, max_file_bytes: int) -> None:
+def _check_regular(info: os.stat_result, max_file_bytes: int | None) -> None:
     if not stat.S_ISREG(info.st_mode):
         kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
         raise ImageDecodeError(f"not a regular file ({kind}); it was not opened")
-    if info.st_size > max_file_bytes:
+    if max_file_bytes is not None and info.st_size > max_file_bytes:
         raise ImageDecodeError(
             f"file is {info.st_size:,} bytes, over the limit of {max_file_bytes:,} "
             "(raise max_file_bytes, --max-file-bytes, if it is genuine)"
@@ -295,8 +317,9 @@ def _read_bounded(fd: int, expected: int, max_file_bytes: int) -> bytes:
     return b"".join(chunks)  # one chunk (the usual case) is returned without a copy
 
 
-def _read_regular_file(path: str, max_file_bytes: int) -> bytes:
-    """The bytes of ``path`` if it is a regular file of at most ``max_file_bytes`` bytes."""
+def _open_regular(path: str, max_file_bytes: int | None) -> tuple[int, os.stat_result]:
+    """A descriptor of ``path`` and its ``fstat``, if it is a regular file of at most ``max_file_bytes``
+    bytes (None: any size). The caller closes the descriptor."""
     try:
         _check_regular(os.stat(path), max_file_bytes)  # nothing that is not a regular file is opened
         fd = os.open(path, _OPEN_FLAGS)
@@ -305,9 +328,39 @@ def _read_regular_file(path: str, max_file_bytes: int) -> bytes:
     try:
         info = os.fstat(fd)
         _check_regular(info, max_file_bytes)  # the path may have been swapped since the stat
+    except OSError as exc:
+        os.close(fd)
+        raise _read_error(exc) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def _read_regular_file(path: str, max_file_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``max_file_bytes`` bytes."""
+    fd, info = _open_regular(path, max_file_bytes)
+    try:
         return _read_bounded(fd, info.st_size, max_file_bytes)
     except OSError as exc:
         raise _read_error(exc) from None
+    finally:
+        os.close(fd)
+
+
+def _is_array_file(path: str) -> bool:
+    """Whether a file named directly starts like a NumPy array file (a file it cannot open is not:
+    it becomes an error row when it is decoded)."""
+    if os.path.splitext(path)[1].lower() in image_extensions():
+        return False
+    try:
+        fd, _ = _open_regular(path, None)
+    except ImageDecodeError:
+        return False
+    try:
+        return is_array_header(os.read(fd, 8))
+    except OSError:
+        return False
     finally:
         os.close(fd)
 
@@ -386,7 +439,9 @@ def _rgb_pixels(image: Image.Image, depth_scale: float | None) -> np.ndarray:
         return np.repeat(gray[..., None], 3, axis=-1)
     if _has_alpha(image):
         image = _on_white(image)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    if image.mode != "RGB":  # an RGB image is read as it is: convert("RGB") would copy it first
+        image = image.convert("RGB")
+    return np.frombuffer(image.tobytes(), np.uint8).reshape(image.height, image.width, 3).copy()
 
 
 def fit_square(image: Image.Image, size: int) -> np.ndarray:
@@ -524,13 +579,60 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, window: 
         yield from map(fn, items)
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = []
+        pending: deque = deque()
         for item in items:
             pending.append(pool.submit(fn, item))
             if len(pending) >= window:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def read_ahead(items: Iterable[T], depth: int) -> Iterator[T]:
+    """``items``, produced by a background thread at most ``depth`` items ahead of the consumer.
+
+    An exception from ``items`` is raised in the consumer, in its place. Closing this iterator
+    (or dropping it) stops the thread after the item it is producing, and closes ``items``.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def hand_over(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(items)
+        try:
+            for item in source:
+                if not hand_over((True, item)):
+                    return
+            hand_over((False, None))
+        except BaseException as exc:  # re-raised in the consumer's thread
+            hand_over((False, exc))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="manifpt-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, value = ready.get()
+            if not more:
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join()
 
 
 def iter_batches(items: Iterable[T], batch_size: int) -> Iterator[list[T]]:
@@ -545,18 +647,109 @@ def iter_batches(items: Iterable[T], batch_size: int) -> Iterator[list[T]]:
         yield batch
 
 
+ARRAY_ROW_MARK = "#row="
+
+
+def array_row_path(path: str, row: int) -> str:
+    """How row ``row`` of the array file ``path`` is named in indexes and reports."""
+    return f"{path}{ARRAY_ROW_MARK}{row}"
+
+
+def split_array_row(path: str) -> tuple[str, int] | None:
+    """(array file, row) of a name :func:`array_row_path` made, when ``path`` is no file itself."""
+    head, mark, row = path.rpartition(ARRAY_ROW_MARK)
+    if not mark or not (row.isascii() and row.isdigit()) or os.path.lexists(path) or not os.path.isfile(head):
+        return None
+    return head, int(row)
+
+
+def _array_image(path: str, pixels: np.ndarray, size: int) -> DecodedImage:
+    """One row of an array file as a decoded image (the size policy of a decoded file)."""
+    sha256 = hashlib.sha256(pixels).hexdigest()
+    height, width = pixels.shape[:2]
+    if (height, width) == (size, size):
+        fitted = pixels.copy()
+    else:
+        fitted = fit_square(Image.fromarray(pixels), size)
+    return DecodedImage(path, fitted, (width, height), sha256)
+
+
+def _array_rows(path: str, size: int, settings: RunSettings) -> Iterator[DecodeResult]:
+    """Every row of the array file ``path`` as ``PATH#row=I``; a bad file, or a damaged tail after
+    the rows before it, is one :class:`FailedImage` named ``path``."""
+    row = 0
+    try:
+        fd, _ = _open_regular(path, None)
+        with os.fdopen(fd, "rb") as handle, open_array(handle) as (shape, stream):
+            if shape.height * shape.width > settings.max_pixels:
+                raise ImageDecodeError(
+                    f"refused: the array's images are {shape.width}×{shape.height} pixels, over the limit of "
+                    f"{settings.max_pixels:,} (raise max_pixels, --max-pixels, if they are genuine)"
+                )
+            for block in read_rows(stream, shape, settings.batch_size):
+                for pixels in block:
+                    yield _array_image(array_row_path(path, row), pixels, size)
+                    row += 1
+    except ImageDecodeError as exc:
+        yield FailedImage(path, str(exc) if row == 0 else f"{exc} (rows 0 to {row - 1} were read)")
+
+
+def array_rows_declared(path: str) -> int:
+    """How many rows an array file's header declares (1, its error row, when it cannot be read)."""
+    try:
+        fd, _ = _open_regular(path, None)
+        with os.fdopen(fd, "rb") as handle, open_array(handle, check_crc=False) as (shape, _stream):
+            return shape.rows
+    except ImageDecodeError:
+        return 1
+
+
+def array_row_sha256(path: str, rows: Iterable[int]) -> dict[int, str]:
+    """The SHA-256 of each of ``rows`` of the array file ``path`` now, read in one pass (rows past
+    the end are left out).
+
+    Raises:
+        ImageDecodeError: the file cannot be read as an array of images.
+    """
+    wanted = set(rows)
+    hashes: dict[int, str] = {}
+    fd, _ = _open_regular(path, None)
+    with os.fdopen(fd, "rb") as handle, open_array(handle) as (shape, stream):
+        start = 0
+        for block in read_rows(stream, shape, 256):
+            for row in wanted.intersection(range(start, start + len(block))):
+                hashes[row] = hashlib.sha256(block[row - start]).hexdigest()
+            start += len(block)
+            if len(hashes) == len(wanted):
+                break
+    return hashes
+
+
+def _decoded_items(roots: Iterable[str | os.PathLike], size: int, settings: RunSettings) -> Iterator[DecodeResult]:
+    """Every discovered entry, decoded, in discovery order (files in ``settings.workers`` threads)."""
+
+    def decode_chunk(chunk: list[FoundFile]) -> list[DecodeResult]:
+        return [try_decode(found, size, settings.max_pixels, settings.max_file_bytes) for found in chunk]
+
+    found = discover_images(roots, sniff=settings.sniff)
+    for is_array, group in itertools.groupby(found, key=lambda entry: entry.array):
+        if is_array:
+            for entry in group:
+                yield from _array_rows(entry.path, size, settings)
+            continue
+        chunks = iter_batches(group, DECODE_CHUNK)
+        for decoded in ordered_map(decode_chunk, chunks, settings.workers, window=4 * settings.workers):
+            yield from decoded
+
+
 def decode_folder(roots: Iterable[str | os.PathLike], size: int, settings: RunSettings) -> Iterator[list[DecodeResult]]:
     """Discover and decode everything under ``roots``, in batches, in discovery order.
 
     Discovery honours ``settings.sniff``; decoding ``settings.max_pixels`` and ``settings.max_file_bytes``.
-    Every discovered entry is one item: decoded, failed or skipped.
+    Every discovered entry is one item: decoded, failed or skipped (an array file: one per row).
+    Decoding runs in background threads, up to ``READ_AHEAD_BATCHES`` batches ahead of the caller.
     """
-
-    def decode(found: FoundFile) -> DecodeResult:
-        return try_decode(found, size, settings.max_pixels, settings.max_file_bytes)
-
-    found = discover_images(roots, sniff=settings.sniff)
-    yield from iter_batches(ordered_map(decode, found, settings.workers), settings.batch_size)
+    return read_ahead(iter_batches(_decoded_items(roots, size, settings), settings.batch_size), READ_AHEAD_BATCHES)
 
 
 def split_batch(batch: list[DecodeResult]) -> tuple[list[DecodedImage], list[FailedImage], list[SkippedFile]]:
@@ -569,6 +762,6 @@ def split_batch(batch: list[DecodeResult]) -> tuple[list[DecodedImage], list[Fai
 def count_images(roots: Iterable[str | os.PathLike], sniff: bool = False) -> int:
     """How many entries ``discover_images`` will yield, skipped ones included (for progress totals).
 
-    Every discovered entry is one item of a batch from :func:`decode_folder`.
+    Every discovered entry is one item of a batch from :func:`decode_folder`, every row of an array file too.
     """
-    return sum(1 for _ in discover_images(roots, sniff=sniff))
+    return sum(array_rows_declared(found.path) if found.array else 1 for found in discover_images(roots, sniff=sniff))

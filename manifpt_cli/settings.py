@@ -1,7 +1,8 @@
 """Run settings shared by every stage: built once (the CLI does it in ``cli/options.py``), applied once.
 
-Decode workers plus compute threads never exceed the cores: by default the compute libraries get
-the cores that ``workers`` leaves free. Library entry points take a :class:`RunSettings` keyword
+Decode workers plus compute threads never exceed the cores: decoding runs in ``workers`` threads
+of its own, alongside the compute, so by default the compute libraries get the cores that
+``workers`` leaves free (at least one). Library entry points take a :class:`RunSettings` keyword
 argument; scripts build one, call :meth:`RunSettings.apply` once, and pass it on.
 """
 
@@ -32,9 +33,9 @@ class RunSettings:
 
     Attributes:
         batch_size: images per batch through embedding, search and the attributor.
-        workers: threads decoding image files.
+        workers: threads decoding image files, ahead of and alongside the compute.
         threads: compute threads for PyTorch, FAISS and ONNX Runtime; None: the cores
-            ``workers`` leaves free.
+            ``workers`` leaves free (at least one).
         device: PyTorch device for backbones, training and generators (``cpu``, ``cuda``, ...).
         max_pixels: images whose header declares more pixels are refused before decoding.
         max_file_bytes: files larger than this are refused without being read.
@@ -63,7 +64,7 @@ class RunSettings:
         """Threads for PyTorch, FAISS and ONNX Runtime."""
         if self.threads:
             return self.threads
-        return max(1, cpu_count() - (self.workers - 1))
+        return max(1, cpu_count() - self.workers)
 
     def apply(self) -> None:
         """Give FAISS and PyTorch the compute-thread budget (once per process, before heavy work).

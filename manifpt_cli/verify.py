@@ -13,9 +13,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .errors import FormatError, ManifptError, UsageError
+from .errors import FormatError, ImageDecodeError, ManifptError, UsageError
 from .formats import file_sha256
-from .images import path_from_display
+from .images import array_row_sha256, path_from_display, split_array_row
 from .report import sidecar_path, unneutralise
 
 MATCHES, CHANGED, MISSING = "matches", "changed", "missing"
@@ -74,13 +74,21 @@ def read_report(path: str) -> tuple[dict, list[dict], Check | None]:
     return header, rows, check
 
 
-def _check_file(what: str, shown: str, expected: str) -> Check:
+def _check_file(what: str, shown: str, expected: str, array_rows: dict | None = None) -> Check:
+    """``shown`` against its recorded SHA-256; a row of an array file against ``array_rows``
+    (:func:`_array_row_hashes`)."""
     try:
         real = path_from_display(shown)
     except ValueError:
         return Check(what, shown, "not checked: the path in the report is not one manifpt writes")
     if not os.path.lexists(real):
-        return Check(what, shown, MISSING)
+        located = split_array_row(os.fsdecode(real)) if array_rows is not None else None
+        now = array_rows.get(located[0], {}).get(located[1]) if located else None
+        if now is None:
+            return Check(what, shown, MISSING)
+        if isinstance(now, ImageDecodeError):
+            return Check(what, shown, f"not checked: {now}")
+        return Check(what, shown, MATCHES if now == expected else CHANGED, f"row sha256 now {now[:16]}…")
     try:
         actual = file_sha256(real)
     except OSError as exc:
@@ -122,9 +130,31 @@ def verify_report(report: str | os.PathLike) -> Verification:
             result.checks.append(Check("index", index, MATCHES if same else CHANGED, "index_hash"))
         except ManifptError as exc:
             result.checks.append(Check("index", index, CHANGED, str(exc)))
+    array_rows = _array_row_hashes(row["path"] for row in rows if row.get("sha256"))
     for row in rows:
         if not row.get("sha256"):
             result.checks.append(Check("suspect", row["path"], NOT_HASHED, row.get("status", "")))
         else:
-            result.checks.append(_check_file("suspect", row["path"], row["sha256"]))
+            result.checks.append(_check_file("suspect", row["path"], row["sha256"], array_rows))
     return result
+
+
+def _array_row_hashes(shown_paths) -> dict[str, dict[int, str | ImageDecodeError]]:
+    """For suspects that were rows of array files (``FILE#row=I``): each file's rows' SHA-256 now,
+    one pass per file (or why the file cannot be read)."""
+    wanted: dict[str, set[int]] = {}
+    for shown in shown_paths:
+        try:
+            real = os.fsdecode(path_from_display(shown))
+        except ValueError:
+            continue
+        located = None if os.path.lexists(real) else split_array_row(real)
+        if located is not None:
+            wanted.setdefault(located[0], set()).add(located[1])
+    hashes: dict = {}
+    for path, rows in wanted.items():
+        try:
+            hashes[path] = array_row_sha256(path, rows)
+        except ImageDecodeError as exc:
+            hashes[path] = dict.fromkeys(rows, exc)
+    return hashes

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from manifpt_cli.errors import UsageError, WeightsNotFoundError
-from manifpt_cli.spaces import FREQ_EPS, PixelEmbedder, Space, load_backbone, make_embedder, parse_spaces
+from manifpt_cli.spaces import (
+    FREQ_EPS,
+    PixelEmbedder,
+    Space,
+    load_backbone,
+    make_embedder,
+    parse_spaces,
+    pixels_to_float,
+)
 
 
 def test_rgb_is_the_pixels_in_unit_range():
@@ -23,6 +31,21 @@ def test_freq_of_a_constant_image_is_one_centred_peak():
     assert np.allclose(spectrum[:, 4, 4], np.log(0.2 * 64 + FREQ_EPS), atol=1e-5)
     off_centre = np.delete(spectrum.reshape(3, -1), 4 * 8 + 4, axis=1)
     assert (off_centre < -20).all(), "every other frequency is log(1e-12)-small"
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (15, 15), (33, 33), (6, 10)])
+def test_freq_from_the_real_fft_is_the_centred_spectrum_of_the_full_fft(height, width):
+    from PIL import Image
+
+    from manifpt_cli.research.samples import bundled_photo_paths
+
+    photo = Image.open(bundled_photo_paths()[0]).convert("RGB").resize((width * 3, height * 2))
+    pixels = np.asarray(photo).reshape(2, height, 3, width, 3).transpose(0, 2, 1, 3, 4).reshape(6, height, width, 3)
+    images = pixels_to_float(pixels)
+    full = np.log(np.abs(np.fft.fftshift(np.fft.fft2(images, axes=(-2, -1)), axes=(-2, -1))) + FREQ_EPS)
+    embedded = PixelEmbedder(Space.FREQ)(pixels)
+    assert embedded.dtype == np.float32 and embedded.shape == (6, 3 * height * width)
+    assert np.allclose(embedded.reshape(full.shape), full, rtol=0, atol=2e-5)
 
 
 def test_parse_spaces_names_the_valid_ones():

@@ -21,7 +21,12 @@ app = App(help="Build and inspect real-manifold indexes (HDF5 + FAISS).")
 @run_options(*BACKBONES, *DECODING, *COMPUTE, *ENGINE, "quiet", "overwrite")
 def build(
     real_dirs: Annotated[
-        list[Path], typer.Argument(metavar="REAL_DIR", help="Folders (searched recursively) or files of real images.")
+        list[Path],
+        typer.Argument(
+            metavar="REAL_DIR",
+            help="Folders (searched recursively) or files of real images, or NumPy array files of them "
+            "(.npy/.npz, uint8 N×H×W×3; row I is recorded as FILE#row=I).",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="Index file to write (HDF5).")],
     space: Annotated[
