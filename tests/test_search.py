@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from manifpt_cli.search import ExactSearch, SearchPlan, fit_plan
+from manifpt_cli.search import ExactSearch, SearchPlan, _augmented, fit_plan, project_rows
 from manifpt_cli.spaces import PixelEmbedder, Space
 
 from .conftest import SOURCES, degrade, photo_crops
@@ -29,21 +29,18 @@ def pca_plan(embeddings: np.ndarray, dims: int = DIMS) -> SearchPlan:
 
 
 def searcher(pixels: np.ndarray, space: Space, plan_kind: str, sha256=None) -> tuple[ExactSearch, np.ndarray]:
+    """The search over ``pixels`` with a full-SVD basis ("pca") or the seeded one of index builds ("fit")."""
     embeddings = PixelEmbedder(space)(pixels)
-    plan = (
-        pca_plan(embeddings)
-        if plan_kind == "pca"
-        else SearchPlan(embeddings.mean(axis=0), np.zeros((0, embeddings.shape[1])))
-    )
     rows = (
         np.ascontiguousarray(pixels.transpose(0, 3, 1, 2).reshape(len(pixels), -1))
         if space is Space.RGB
         else embeddings
     )
+    plan = pca_plan(embeddings) if plan_kind == "pca" else fit_plan(rows, DIMS)
     if sha256 is None:
         sha256 = np.array([b"%064d" % i for i in range(len(pixels))], dtype="S64")
-    vectors = plan.augment(embeddings).astype(np.float32)
-    return ExactSearch(rows, plan, vectors, sha256), embeddings
+    projected, norms = project_rows(plan, rows)
+    return ExactSearch(rows, plan, projected, norms, sha256, (8, DIMS)), embeddings
 
 
 def brute_force(database: np.ndarray, queries: np.ndarray, excluded=None) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +51,7 @@ def brute_force(database: np.ndarray, queries: np.ndarray, excluded=None) -> tup
     return distances.argmin(axis=1), distances.min(axis=1)
 
 
-@pytest.mark.parametrize("plan_kind", ["pca", "none"])
+@pytest.mark.parametrize("plan_kind", ["pca", "fit"])
 @pytest.mark.parametrize("space", [Space.RGB, Space.FREQ])
 def test_neighbours_and_distances_are_brute_forces(crops, space, plan_kind):
     reals, queries = crops
@@ -64,7 +61,7 @@ def test_neighbours_and_distances_are_brute_forces(crops, space, plan_kind):
     ids, distances = brute_force(database, query_vectors)
     assert np.array_equal(found.ids, ids)
     assert np.array_equal(found.distances, distances), "the same float64 sum as brute force"
-    if plan_kind == "pca" and space is Space.RGB:
+    if space is Space.RGB:
         assert found.checked.mean() < len(reals) / 2, "the bound prunes"
 
 
@@ -103,12 +100,12 @@ def test_leave_one_out_skips_every_row_of_the_querys_file(crops):
     ids, distances = brute_force(database, database[rows], excluded)
     assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
     assert not np.isin(found.ids, [7, 100]).any() and (found.distances > 0).all()
-    alone = searcher(reals[:1], Space.RGB, "none")[0].nearest(database[:1], [sha256[0].decode()])
+    alone = searcher(reals[[7, 100]], Space.RGB, "pca", sha256[[7, 100]])[0].nearest(database[:1], [sha256[7].decode()])
     assert alone.ids[0] == -1 and np.isinf(alone.distances[0]), "no neighbour but the image itself"
 
 
-def lower_bound(plan: SearchPlan, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.square(plan.augment(a) - plan.augment(b)).sum(axis=1)
+def lower_bound(plan: SearchPlan, a: np.ndarray, b: np.ndarray, dims: int = DIMS) -> np.ndarray:
+    return np.square(_augmented(*plan.project(a), dims) - _augmented(*plan.project(b), dims)).sum(axis=1)
 
 
 def bound_violations(bound: np.ndarray, a: np.ndarray, b: np.ndarray) -> int:
@@ -123,6 +120,7 @@ def test_the_bound_never_exceeds_the_distance_and_the_check_catches_one_that_doe
         plan = pca_plan(embeddings)
         a, b = embeddings[:120], embeddings[120:240]
         assert bound_violations(lower_bound(plan, a, b), a, b) == 0
+        assert bound_violations(lower_bound(plan, a, b, 4), a, b) == 0, "leading coordinates: a looser bound"
         assert bound_violations(lower_bound(plan, a, b) * 1.5, a, b) > 0, "a too large bound is detected"
 
 
@@ -143,5 +141,4 @@ def test_fit_plan_is_seeded_and_orthonormal(crops):
     embeddings = PixelEmbedder(Space.RGB)(crops[0])
     plan, again = fit_plan(embeddings, DIMS, seed=1), fit_plan(embeddings, DIMS, seed=1)
     assert np.array_equal(plan.basis, again.basis)
-    if plan.projected:
-        assert np.allclose(plan.basis @ plan.basis.T, np.eye(len(plan.basis)), atol=1e-12)
+    assert np.allclose(plan.basis @ plan.basis.T, np.eye(len(plan.basis)), atol=1e-12)
