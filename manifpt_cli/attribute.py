@@ -23,7 +23,7 @@ from .formats import CHECKPOINT_FORMAT, FORMAT_VERSIONS, ONNX_METADATA_KEY, desc
 from .images import DecodedImage, DecodeResult, FailedImage, SkippedFile, decode_folder, display_path
 from .inputs import InputKind, attributor_inputs
 from .integrity import ONNX_DIGEST_KEY, verify_onnx
-from .manifold import RERANKED_CANDIDATES, RealIndex
+from .manifold import RealIndex
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import Embedder, PixelEmbedder, Space, pixels_to_float
 from .verdicts import VerdictRule
@@ -155,18 +155,6 @@ class OnnxAttributor:
             )
 
 
-def search_parameters(index) -> dict:
-    """The FAISS parameters that change what an approximate search returns (none for flat search)."""
-    import faiss
-
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexIVF):
-        return {"nprobe": int(index.nprobe), "nlist": int(index.nlist)}
-    if isinstance(index, faiss.IndexHNSW):
-        return {"efSearch": int(index.hnsw.efSearch)}
-    return {}
-
-
 CARD_KEYS = (
     "arch",
     "space",
@@ -271,7 +259,6 @@ class Attribution:
         """Provenance for the report: what was run, on what, with which model and index, what the
         integrity checks found, and every setting and library version that can change a row."""
         space = self.model.space
-        faiss_factory = str(self.index.space_attrs(space)["faiss_factory"])
         settings = self.settings
         return {
             **provenance(),
@@ -290,12 +277,7 @@ class Attribution:
                 "model": {"digest": self.model.digest, "result": "matches the digest sealed at export"},
                 "index": {**self.index.verification, "result": "matches its index_hash"},
             },
-            "search": {
-                "faiss_factory": faiss_factory,
-                "exact": faiss_factory == "Flat",
-                "parameters": search_parameters(self.index.faiss_index(space)),
-                "reranked_candidates": RERANKED_CANDIDATES,
-            },
+            "search": self.index.search_description(space),
             "settings": {
                 "top_k": self.top_k,
                 "batch_size": settings.batch_size,

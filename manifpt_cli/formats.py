@@ -27,8 +27,12 @@ ARTIFACTS_FORMAT = "manifpt-artifacts"
 CHECKPOINT_FORMAT = "manifpt-attributor"
 ZOO_FORMAT = "manifpt-zoo-generator"
 # The version each reader understands. 2: digests everywhere (manifpt 0.2). Attributors 3: calibration,
-# open-set statistics and thresholds in the checkpoint and the ONNX graph (manifpt 0.3).
-FORMAT_VERSIONS = {INDEX_FORMAT: 2, ARTIFACTS_FORMAT: 2, CHECKPOINT_FORMAT: 3, ZOO_FORMAT: 2}
+# open-set statistics and thresholds in the checkpoint and the ONNX graph (manifpt 0.3). Indexes 3: rgb
+# embeddings as uint8 pixels with the exact-search tables instead of a flat FAISS index.
+FORMAT_VERSIONS = {INDEX_FORMAT: 3, ARTIFACTS_FORMAT: 2, CHECKPOINT_FORMAT: 3, ZOO_FORMAT: 2}
+REMAKE_COMMANDS = {
+    INDEX_FORMAT: "Version 3 stores rgb as uint8 pixels with exact-search tables: run `manifpt index build` again."
+}
 ONNX_METADATA_KEY = "manifpt"  # ONNX metadata_props key holding the JSON model card
 
 RESIZE_POLICY = (
@@ -55,9 +59,10 @@ def check_format(attrs: Mapping, expected: str, path: str | os.PathLike) -> None
         raise FormatError(f"{path} is not a {expected} file (format attribute: {found!r})")
     version = int(attrs.get("format_version", -1))
     if version != FORMAT_VERSIONS[expected]:
+        remedy = REMAKE_COMMANDS.get(expected, "Make the file again with this version.")
         raise FormatError(
             f"{path} is {expected} format version {version}; this manifpt ({__version__}) reads version "
-            f"{FORMAT_VERSIONS[expected]}. Make the file again with this version."
+            f"{FORMAT_VERSIONS[expected]}. {remedy}"
         )
 
 

@@ -2,10 +2,11 @@
 
 Index (HDF5): ``index_hash`` is a SHA-256 over everything attribution reads: the image size, the
 resize policy, the list of spaces, every file path and file SHA-256, and for each space its
-attributes (dimension, shape, metric, FAISS factory, backbone weights), its embeddings and its
-serialised FAISS index. Each space also stores its own ``digest``; opening an index recomputes
-the digests of the spaces it will search and the root hash, and refuses any difference. Links to
-other files and objects manifpt did not write are refused too.
+attributes (dimension, shape, metric, FAISS factory, search method, backbone weights), its
+embeddings and its serialised FAISS index or exact-search tables (PCA mean, basis, projections,
+norms). Each space also stores its own ``digest``; opening an index recomputes the digests of
+the spaces it will search and the root hash, and refuses any difference. Links to other files
+and objects manifpt did not write are refused too.
 
 ONNX model: the metadata key ``manifpt_digest`` holds a SHA-256 of the whole file with that value
 zeroed, so the graph, the weights and the model card are all covered, and the check needs no ONNX
@@ -38,7 +39,13 @@ SPACE_DIGEST_ATTRS = (
     "weights_source",
     "weights_sha256",
     "backbone_input",
+    "search",
+    "search_dims",
 )
+# What a space holds: the exact-search tables (rgb with a flat index) or a FAISS index.
+EXACT_SEARCH = "exact-pca"
+EXACT_SEARCH_DATASETS = ("embeddings", "search_mean", "search_basis", "search_projected", "search_norms")
+FAISS_DATASETS = ("embeddings", "faiss_index")
 ROOT_DIGEST_ATTRS = ("format", "format_version", "image_size", "n_images", "spaces", "resize_policy")
 ROWS_PER_CHUNK = 4096
 ONNX_DIGEST_KEY = "manifpt_digest"
@@ -83,11 +90,16 @@ def _update_dataset(digest, dataset) -> None:
         digest.update(np.ascontiguousarray(dataset[start : start + ROWS_PER_CHUNK]).tobytes())
 
 
+def space_datasets(attrs) -> tuple[str, ...]:
+    """The datasets a space group holds, by its ``search`` attribute."""
+    return EXACT_SEARCH_DATASETS if _attr_text(attrs.get("search", "")) == EXACT_SEARCH else FAISS_DATASETS
+
+
 def space_digest(group) -> str:
-    """SHA-256 over one space's attributes, embeddings and FAISS index."""
+    """SHA-256 over one space's attributes, embeddings and search data (FAISS index or exact-search tables)."""
     digest = hashlib.sha256(b"manifpt-space")
     _update_attrs(digest, group.attrs, SPACE_DIGEST_ATTRS)
-    for name in ("embeddings", "faiss_index"):
+    for name in space_datasets(group.attrs):
         _update_dataset(digest, group[name])
     return digest.hexdigest()
 
@@ -112,7 +124,6 @@ EXPECTED_INDEX_OBJECTS = {
     "failures/error",
     "spaces",
 }
-EXPECTED_SPACE_OBJECTS = ("", "/embeddings", "/faiss_index")
 
 
 def check_structure(handle, path: str, spaces: list[str]) -> None:
@@ -120,7 +131,10 @@ def check_structure(handle, path: str, spaces: list[str]) -> None:
     import h5py
 
     expected = set(EXPECTED_INDEX_OBJECTS)
-    expected.update(f"spaces/{space}{suffix}" for space in spaces for suffix in EXPECTED_SPACE_OBJECTS)
+    for space in spaces:
+        expected.add(f"spaces/{space}")
+        if f"spaces/{space}" in handle:
+            expected.update(f"spaces/{space}/{name}" for name in space_datasets(handle[f"spaces/{space}"].attrs))
     links: list[tuple[str, object]] = []
     handle.visititems_links(lambda name, link: links.append((name, link)))  # raising inside h5py's walk is unsafe
     for name, link in links:

@@ -7,13 +7,19 @@ Layout (README, "File formats"):
     /files/path            (n,) UTF-8 strings — source paths as given, non-UTF-8 bytes escaped
     /files/sha256          (n,) ASCII hex SHA-256 of each source file
     /failures/path, /failures/error   files that could not be decoded (not in the index)
-    /spaces/<space>/embeddings   (n, d) float32
-    /spaces/<space>/faiss_index  (bytes,) uint8 — faiss.serialize_index
-    /spaces/<space>        attrs: embedding_space, dim, shape (JSON), metric, faiss_factory,
-                                  weights_source, weights_sha256
+    /spaces/<space>/embeddings   (n, d) float32; rgb: uint8 pixels p (φ = p / 255, exact)
+    /spaces/<space>/faiss_index  (bytes,) uint8 — faiss.serialize_index (spaces FAISS searches)
+    /spaces/<space>/search_mean, search_basis, search_projected, search_norms
+                                 the exact search's tables (rgb with ``--faiss Flat``):
+                                 (d,) f8 PCA mean, (k, d) f8 basis, (n, k) f4 projections, (n,) f8 ‖r − μ‖²
+    /spaces/<space>        attrs: embedding_space, dim, shape (JSON), metric, faiss_factory, search,
+                                  search_dims (JSON), weights_source, weights_sha256
 
 The nearest real image of x is argmin ||φ(x) − φ(r)||² (k = 1). An image is never its own
 neighbour: index entries whose file SHA-256 equals the query's are skipped (leave-one-out).
+rgb with a flat index is searched by :mod:`search` (exact, the same neighbour and float64 distance
+as brute force, several times faster than FAISS flat search); other spaces and factories by FAISS,
+flat results re-ranked in float64 (freq's log spectra leave the PCA bound nothing to prune).
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from .engines import LocalEngine
 from .errors import FormatError, UsageError
 from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, describe_file, sample_file
 from .images import FailedImage, SkippedFile, count_images, display_path, split_batch
-from .integrity import IntegrityError, index_digest, space_digest, verify_index
+from .integrity import EXACT_SEARCH, IntegrityError, index_digest, space_digest, verify_index
 from .outputs import check_outputs
+from .search import STAGE_DIMS, ExactSearch, SearchPlan, fit_plan, project_rows, rows_as_float
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import Embedder, Space, backbone_attrs, backbone_weights_from, make_embedder
 
@@ -61,6 +68,22 @@ def build_faiss_index(embeddings: np.ndarray, factory: str):
         index.train(embeddings)
     index.add(embeddings)
     return index
+
+
+def uses_exact_search(space: Space, faiss_factory: str) -> bool:
+    """Whether a space is searched by :mod:`search` rather than FAISS: rgb with a flat index (where
+    it is faster than FAISS flat search with identical results; README, *Benchmark*)."""
+    return space is Space.RGB and faiss_factory == "Flat"
+
+
+def stored_rows(space: Space, embeddings: np.ndarray) -> np.ndarray:
+    """Embeddings as the index stores them: rgb as its uint8 pixels (φ = p / 255 read back bit for bit)."""
+    if space is not Space.RGB:
+        return embeddings
+    pixels = np.rint(embeddings * 255).astype(np.uint8)
+    if not np.array_equal(rows_as_float(pixels), embeddings):
+        raise ValueError("rgb embeddings that are not pixels / 255 cannot be stored as uint8")
+    return pixels
 
 
 def build_index(
@@ -110,14 +133,16 @@ def build_index(
             dim = int(np.prod(shape))
             backbone = getattr(embedder, "weights", None)
             extra = backbone_attrs(backbone)
+            exact = uses_exact_search(space, faiss_factory)
             writer.add_space(
                 space.value,
-                {"embeddings": ((dim,), "f4")},
+                {"embeddings": ((dim,), "u1" if space is Space.RGB else "f4")},
                 embedding_space=space.value,
                 dim=dim,
                 shape=json.dumps(shape),
                 metric=METRIC,
                 faiss_factory=faiss_factory,
+                **({"search": EXACT_SEARCH, "search_dims": json.dumps(list(STAGE_DIMS))} if exact else {}),
                 **extra,
             )
 
@@ -134,7 +159,7 @@ def build_index(
             if decoded:
                 writer.append([item.path for item in decoded], [item.sha256 for item in decoded])
                 for space in spaces:
-                    writer.append_space(space.value, embeddings=embedded.embeddings[space])
+                    writer.append_space(space.value, embeddings=stored_rows(space, embedded.embeddings[space]))
 
         if writer.n_rows == 0:
             raise UsageError(
@@ -142,11 +167,22 @@ def build_index(
                 f"({len(failures)} failed, {len(skipped)} skipped as not images)"
             )
 
-        progress.start("Building FAISS indexes", len(spaces))
+        progress.start("Building search indexes", len(spaces))
         for space in spaces:
-            group = writer.space_group(space.value)
-            index = build_faiss_index(group["embeddings"][...], faiss_factory)
-            writer.add_blob(space.value, "faiss_index", faiss.serialize_index(index))
+            rows = writer.space_group(space.value)["embeddings"][...]
+            if uses_exact_search(space, faiss_factory):
+                plan = fit_plan(rows, STAGE_DIMS[-1])
+                projected, norms = project_rows(plan, rows)
+                for name, table in (
+                    ("search_mean", plan.mean),
+                    ("search_basis", plan.basis),
+                    ("search_projected", projected),
+                    ("search_norms", norms),
+                ):
+                    writer.add_blob(space.value, name, table)
+            else:
+                index = build_faiss_index(rows_as_float(rows), faiss_factory)
+                writer.add_blob(space.value, "faiss_index", faiss.serialize_index(index))
             progress.advance(1)
 
         writer.finish(
@@ -164,6 +200,18 @@ def build_index(
         index_hash = writer.handle.attrs["index_hash"] = index_digest(writer.handle, digests)
     seconds = time.perf_counter() - started
     return IndexBuildResult(os.fspath(out), writer.n_rows, list(spaces), index_hash, failures, skipped, seconds)
+
+
+def faiss_search_parameters(index) -> dict:
+    """The FAISS parameters that change what an approximate search returns (none for flat search)."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIVF):
+        return {"nprobe": int(index.nprobe), "nlist": int(index.nlist)}
+    if isinstance(index, faiss.IndexHNSW):
+        return {"efSearch": int(index.hnsw.efSearch)}
+    return {}
 
 
 RERANKED_CANDIDATES = 8  # FAISS candidates whose exact distance decides the neighbour
@@ -221,6 +269,7 @@ class RealIndex:
             self._file.close()
             raise
         self._faiss: dict[Space, object] = {}
+        self._exact: dict[Space, ExactSearch] = {}
         self._paths: list[str] | None = None
 
     def __enter__(self) -> RealIndex:
@@ -260,6 +309,48 @@ class RealIndex:
         """SHA-256 of the source files of index rows ``ids``."""
         return [str(self._sha256[i].decode() if isinstance(self._sha256[i], bytes) else self._sha256[i]) for i in ids]
 
+    def is_exact_search(self, space: Space) -> bool:
+        return str(self._group(space).attrs.get("search", "")) == EXACT_SEARCH
+
+    def exact_search(self, space: Space) -> ExactSearch:
+        """The in-memory exact search of a space that has its tables (read once and kept)."""
+        if space not in self._exact:
+            group = self._group(space)
+            rows = group["embeddings"][...]
+            plan = SearchPlan(group["search_mean"][...], group["search_basis"][...])
+            projected, norms = group["search_projected"][...], group["search_norms"][...]
+            if (
+                len(rows) != self.n_images
+                or projected.shape != (len(rows), len(plan.basis))
+                or norms.shape != (len(rows),)
+            ):
+                raise FormatError(f"index {self.path}: the {space.value} search tables do not match the image list")
+            stage_dims = json.loads(group.attrs["search_dims"])
+            self._exact[space] = ExactSearch(rows, plan, projected, norms, self._sha256, stage_dims)
+        return self._exact[space]
+
+    def search_description(self, space: Space) -> dict:
+        """Which search finds the neighbours, for report headers: exact with its parameters, or the
+        FAISS factory and (for approximate ones) the parameters that change what it returns."""
+        attrs = self._group(space).attrs
+        factory = str(attrs["faiss_factory"])
+        if self.is_exact_search(space):
+            search = self.exact_search(space)
+            return {
+                "method": "exact: PCA lower bound, verified in float64 (manifpt_cli/search.py)",
+                "faiss_factory": factory,
+                "exact": True,
+                "parameters": {"stage_dims": [stage.dims for stage in search.stages], "basis": len(search.plan.basis)},
+            }
+        return {
+            "method": f"FAISS {factory}{'' if factory == 'Flat' else ' (approximate)'}, "
+            f"{RERANKED_CANDIDATES} candidates re-ranked in float64",
+            "faiss_factory": factory,
+            "exact": factory == "Flat",
+            "parameters": faiss_search_parameters(self.faiss_index(space)),
+            "reranked_candidates": RERANKED_CANDIDATES,
+        }
+
     def faiss_index(self, space: Space):
         if space not in self._faiss:
             import faiss
@@ -277,37 +368,45 @@ class RealIndex:
         return self._faiss[space]
 
     def embeddings(self, space: Space, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` of the exact embeddings, in the order given.
+        """Rows ``ids`` of the exact float32 embeddings, in the order given.
 
-        A flat FAISS index holds them exactly in memory already; other factories may compress
-        them, so those are read from the HDF5 dataset.
+        The exact search and a flat FAISS index hold them in memory already; other factories may
+        compress them, so those are read from the HDF5 dataset.
         """
         import faiss
 
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if self.is_exact_search(space):
+            return rows_as_float(self.exact_search(space).rows[ids])
         index = faiss.downcast_index(self.faiss_index(space))
         if isinstance(index, faiss.IndexFlat):
-            return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+            return index.reconstruct_batch(ids)
         dataset = self._group(space)["embeddings"]
         unique, inverse = np.unique(ids, return_inverse=True)
-        return dataset[unique.tolist()][inverse]
+        return rows_as_float(dataset[unique.tolist()][inverse])
 
     @property
     def n_failures(self) -> int:
         return len(self._file["failures/path"])
 
     def all_embeddings(self, space: Space) -> np.ndarray:
-        return self._group(space)["embeddings"][...]
+        """Every row's float32 embedding (rgb: read from the stored uint8 pixels)."""
+        return rows_as_float(self._group(space)["embeddings"][...])
 
     def nearest(self, space: Space, queries: np.ndarray, query_sha256: Sequence[str] | None = None) -> Neighbours:
         """Nearest real image of each query row, skipping index entries with the query's own SHA-256.
 
+        Where the space has exact-search tables, :class:`search.ExactSearch` finds it. Otherwise
         FAISS proposes ``RERANKED_CANDIDATES`` candidates; their distances are then recomputed
         exactly (float64, per row), and the smallest wins, ties going to the lowest index row. So a
         row's neighbour and distance do not depend on how queries are batched or threaded (FAISS's
         own distances change in the last digits with the batch size).
         """
-        index = self.faiss_index(space)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.is_exact_search(space):
+            found = self.exact_search(space).nearest(queries, query_sha256)
+            return Neighbours(found.ids, found.distances)
+        index = self.faiss_index(space)
         n = len(queries)
         ids = np.full(n, -1, dtype=np.int64)
         distances = np.full(n, np.inf, dtype=np.float64)
@@ -356,13 +455,14 @@ def describe_index(path: str | os.PathLike) -> dict:
         spaces = []
         for space in index.spaces:
             space_attrs = index.space_attrs(space)
-            faiss_index = index.faiss_index(space)
+            exact = index.is_exact_search(space)
             spaces.append(
                 {
                     "space": space.value,
                     "dim": int(space_attrs["dim"]),
                     "faiss_factory": str(space_attrs["faiss_factory"]),
-                    "faiss_ntotal": int(faiss_index.ntotal),
+                    "search": "exact" if exact else "faiss",
+                    "faiss_ntotal": index.n_images if exact else int(index.faiss_index(space).ntotal),
                     "weights_source": str(space_attrs.get("weights_source", "")),
                     "weights_sha256": str(space_attrs.get("weights_sha256", "")),
                 }

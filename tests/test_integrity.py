@@ -27,8 +27,8 @@ from manifpt_cli.cli import app
 from manifpt_cli.errors import EXIT_FAILURE, EXIT_USAGE
 from manifpt_cli.export import export_onnx
 from manifpt_cli.images import path_from_display
-from manifpt_cli.integrity import ONNX_DIGEST_PLACEHOLDER, seal_onnx
-from manifpt_cli.manifold import build_index
+from manifpt_cli.integrity import ONNX_DIGEST_PLACEHOLDER, IntegrityError, seal_onnx
+from manifpt_cli.manifold import RealIndex, build_index
 from manifpt_cli.report import ReportFormat, unneutralise
 from manifpt_cli.spaces import Space
 
@@ -116,10 +116,9 @@ def _edit_vector(handle):
     handle["spaces/freq/embeddings"][3, 7] += 1.0
 
 
-def _swap_blobs(handle):
-    rgb, freq = handle["spaces/rgb/faiss_index"][...], handle["spaces/freq/faiss_index"][...]
-    del handle["spaces/rgb/faiss_index"], handle["spaces/freq/faiss_index"]
-    handle["spaces/rgb/faiss_index"], handle["spaces/freq/faiss_index"] = freq, rgb
+def _move_blob(handle):
+    handle["spaces/rgb/faiss_index"] = handle["spaces/freq/faiss_index"][...]
+    del handle["spaces/freq/faiss_index"]
 
 
 def _external_link(handle):
@@ -139,7 +138,7 @@ def _edit_factory(handle):
 
 
 @pytest.mark.parametrize(
-    "tamper", [_edit_vector, _swap_blobs, _external_link, _extra_object, _edit_factory], ids=lambda f: f.__name__[1:]
+    "tamper", [_edit_vector, _move_blob, _external_link, _extra_object, _edit_factory], ids=lambda f: f.__name__[1:]
 )
 def test_tampered_index_is_refused(case, tmp_path, tamper):
     index = _copy(case["index"], tmp_path, "tampered.h5")
@@ -152,6 +151,37 @@ def test_tampered_index_is_refused(case, tmp_path, tamper):
         or "link" in result.stderr
         or "laid out" in result.stderr
     )
+
+
+def _edit_pixel(group):
+    group["embeddings"][2, 5] ^= 1
+
+
+def _edit_projection(group):
+    group["search_projected"][4, 0] = np.nextafter(group["search_projected"][4, 0], np.float32(np.inf))
+
+
+def _swap_tables(group):
+    mean = group["search_mean"][...]
+    group["search_mean"][...] = mean[::-1]
+
+
+def _drop_search(group):
+    del group.attrs["search"]
+
+
+@pytest.mark.parametrize(
+    "tamper", [_edit_pixel, _edit_projection, _swap_tables, _drop_search], ids=lambda f: f.__name__[1:]
+)
+def test_tampered_exact_search_tables_are_refused(real_index, tmp_path, tamper):
+    """Every dataset the rgb exact search reads is covered by the space digest: one flipped bit is refused."""
+    index = _copy(real_index, tmp_path, "tampered.h5")
+    with h5py.File(index, "r+") as handle:
+        tamper(handle["spaces/rgb"])
+    with pytest.raises(IntegrityError, match="digest|laid out"):
+        RealIndex(index, verify=[Space.RGB])
+    if tamper is not _drop_search:  # a data edit leaves the other space usable (the layout check is whole-file)
+        RealIndex(index, verify=[Space.FREQ]).close()
 
 
 def test_another_real_set_with_the_hash_copied_is_refused(case, dataset, tmp_path):

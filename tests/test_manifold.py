@@ -25,30 +25,43 @@ def brute_force_nearest(database: np.ndarray, queries: np.ndarray) -> tuple[np.n
 def test_index_layout_and_attributes(real_index):
     with h5py.File(real_index) as handle:
         attrs = handle.attrs
-        assert attrs["format"] == "manifpt-real-index" and attrs["format_version"] == 2
+        assert attrs["format"] == "manifpt-real-index" and attrs["format_version"] == 3
         assert attrs["image_size"] == SIZE and len(attrs["index_hash"]) == 64
         n = attrs["n_images"]
         assert handle["files/path"].shape == (n,) and handle["files/sha256"].shape == (n,)
-        for space in ("rgb", "freq"):
+        for space, dtype in (("rgb", np.uint8), ("freq", np.float32)):
             group = handle[f"spaces/{space}"]
-            assert group["embeddings"].shape == (n, 3 * SIZE * SIZE) and group["embeddings"].dtype == np.float32
-            assert group["faiss_index"].dtype == np.uint8
+            assert group["embeddings"].shape == (n, 3 * SIZE * SIZE) and group["embeddings"].dtype == dtype
             assert group.attrs["metric"] == "squared_l2" and group.attrs["faiss_factory"] == "Flat"
+        rgb, freq = handle["spaces/rgb"], handle["spaces/freq"]
+        assert "faiss_index" not in rgb and freq["faiss_index"].dtype == np.uint8
+        k = len(rgb["search_basis"])
+        assert rgb["search_basis"].shape == (k, 3 * SIZE * SIZE) and rgb["search_projected"].shape == (n, k)
+        assert rgb["search_norms"].shape == (n,) and rgb["search_mean"].shape == (3 * SIZE * SIZE,)
     summary = describe_index(real_index)
     assert [s["faiss_ntotal"] for s in summary["spaces"]] == [n, n]
+    assert [s["search"] for s in summary["spaces"]] == ["exact", "faiss"]
+    with RealIndex(real_index) as index:
+        assert index.search_description(Space.RGB)["exact"] and "PCA" in index.search_description(Space.RGB)["method"]
+        assert index.search_description(Space.FREQ)["method"].startswith("FAISS Flat")
 
 
 @pytest.mark.parametrize("space", [Space.RGB, Space.FREQ])
-def test_faiss_neighbour_is_the_exact_nearest(real_index, dataset, space):
+def test_the_neighbour_is_brute_forces(real_index, dataset, space):
+    """End to end: the index's search (exact search for rgb, FAISS flat for freq) against float64
+    brute force over the embeddings as built, on real suspects and on copies of the reals."""
     from manifpt_cli.images import decode_folder
 
     batch = next(decode_folder([dataset / "suspects" / "blur"], SIZE, RunSettings(batch_size=12)))
     queries = PixelEmbedder(space)(np.stack([item.pixels for item in batch]))
     with RealIndex(real_index) as index:
+        database = index.all_embeddings(space)
+        queries = np.concatenate([queries, database[:3]])
         found = index.nearest(space, queries)
-        expected_ids, expected_d = brute_force_nearest(index.all_embeddings(space), queries)
+        expected_ids, expected_d = brute_force_nearest(database, queries)
+        assert np.array_equal(index.embeddings(space, found.ids), database[found.ids])
     assert np.array_equal(found.ids, expected_ids)
-    assert np.allclose(found.distances, expected_d, rtol=1e-3)
+    assert np.array_equal(found.distances, expected_d)
 
 
 def test_an_image_is_never_its_own_neighbour(real_index):

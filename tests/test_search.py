@@ -1,0 +1,144 @@
+"""Exact nearest-neighbour search (manifpt_cli/search.py) against brute force on real photo crops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from manifpt_cli.search import ExactSearch, SearchPlan, _augmented, fit_plan, project_rows
+from manifpt_cli.spaces import PixelEmbedder, Space
+
+from .conftest import SOURCES, degrade, photo_crops
+
+DIMS = 24
+
+
+@pytest.fixture(scope="module")
+def crops() -> tuple[np.ndarray, np.ndarray]:
+    """(reals, queries): uint8 crops of the bundled photos, and degraded crops of other regions."""
+    reals = np.stack(photo_crops(20, seed=3))
+    rng = np.random.default_rng(4)
+    queries = np.stack([degrade(SOURCES[i % 4], crop, rng) for i, crop in enumerate(photo_crops(2, seed=5))])
+    return reals, queries
+
+
+def pca_plan(embeddings: np.ndarray, dims: int = DIMS) -> SearchPlan:
+    mean = embeddings.astype(np.float64).mean(axis=0)
+    _, _, vt = np.linalg.svd(embeddings - mean, full_matrices=False)
+    return SearchPlan(mean, vt[:dims])
+
+
+def searcher(pixels: np.ndarray, space: Space, plan_kind: str, sha256=None) -> tuple[ExactSearch, np.ndarray]:
+    """The search over ``pixels`` with a full-SVD basis ("pca") or the seeded one of index builds ("fit")."""
+    embeddings = PixelEmbedder(space)(pixels)
+    rows = (
+        np.ascontiguousarray(pixels.transpose(0, 3, 1, 2).reshape(len(pixels), -1))
+        if space is Space.RGB
+        else embeddings
+    )
+    plan = pca_plan(embeddings) if plan_kind == "pca" else fit_plan(rows, DIMS)
+    if sha256 is None:
+        sha256 = np.array([b"%064d" % i for i in range(len(pixels))], dtype="S64")
+    projected, norms = project_rows(plan, rows)
+    return ExactSearch(rows, plan, projected, norms, sha256, (8, DIMS)), embeddings
+
+
+def brute_force(database: np.ndarray, queries: np.ndarray, excluded=None) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 flat search; ties go to the lowest row (argmin's first minimum)."""
+    distances = np.square(queries[:, None, :].astype(np.float64) - database[None].astype(np.float64)).sum(-1)
+    if excluded is not None:
+        distances[excluded] = np.inf
+    return distances.argmin(axis=1), distances.min(axis=1)
+
+
+@pytest.mark.parametrize("plan_kind", ["pca", "fit"])
+@pytest.mark.parametrize("space", [Space.RGB, Space.FREQ])
+def test_neighbours_and_distances_are_brute_forces(crops, space, plan_kind):
+    reals, queries = crops
+    search, database = searcher(reals, space, plan_kind)
+    query_vectors = PixelEmbedder(space)(queries)
+    found = search.nearest(query_vectors)
+    ids, distances = brute_force(database, query_vectors)
+    assert np.array_equal(found.ids, ids)
+    assert np.array_equal(found.distances, distances), "the same float64 sum as brute force"
+    if space is Space.RGB:
+        assert found.checked.mean() < len(reals) / 2, "the bound prunes"
+
+
+@pytest.mark.parametrize("space", [Space.RGB, Space.FREQ])
+def test_exact_ties_go_to_the_lowest_row_and_near_ties_to_the_nearer(crops, space):
+    reals, queries = crops
+    reals = reals.copy()
+    reals[200] = reals[40]  # the same image under another file (other SHA-256): a tie
+    reals[300] = reals[41]
+    reals[301] = reals[41]
+    reals[301, 5, 5, 0] = min(int(reals[41, 5, 5, 0]) + 1, 254)  # one pixel one step further...
+    probe = reals[301].copy()
+    probe[5, 5, 0] += 1  # ...so this probe is nearer to row 301 than to row 41 or 300
+    search, database = searcher(reals, space, "pca")
+    targets = np.stack([reals[40], reals[200], probe])
+    noisy = targets.copy()
+    noisy[:, 0, 0, :] ^= 1  # not a copy of any real: a tie between rows 40 and 200
+    query_vectors = PixelEmbedder(space)(np.concatenate([targets, noisy]))
+    found = search.nearest(query_vectors)
+    ids, distances = brute_force(database, query_vectors)
+    assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
+    assert list(found.ids[:2]) == [40, 40] and found.ids[3] == 40
+    assert found.ids[2] == 301
+
+
+def test_leave_one_out_skips_every_row_of_the_querys_file(crops):
+    reals = crops[0].copy()
+    reals[100] = reals[7]  # the same file twice: both rows carry its SHA-256
+    sha256 = np.array([b"%064d" % i for i in range(len(reals))], dtype="S64")
+    sha256[100] = sha256[7]
+    search, database = searcher(reals, Space.RGB, "pca", sha256)
+    rows = np.array([7, 8, 9, 100])
+    own = [s.decode() for s in sha256[rows]]
+    found = search.nearest(database[rows], own)
+    excluded = sha256[None, :] == sha256[rows][:, None]
+    ids, distances = brute_force(database, database[rows], excluded)
+    assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
+    assert not np.isin(found.ids, [7, 100]).any() and (found.distances > 0).all()
+    alone = searcher(reals[[7, 100]], Space.RGB, "pca", sha256[[7, 100]])[0].nearest(database[:1], [sha256[7].decode()])
+    assert alone.ids[0] == -1 and np.isinf(alone.distances[0]), "no neighbour but the image itself"
+
+
+def lower_bound(plan: SearchPlan, a: np.ndarray, b: np.ndarray, dims: int = DIMS) -> np.ndarray:
+    return np.square(_augmented(*plan.project(a), dims) - _augmented(*plan.project(b), dims)).sum(axis=1)
+
+
+def bound_violations(bound: np.ndarray, a: np.ndarray, b: np.ndarray) -> int:
+    exact = np.square(a.astype(np.float64) - b.astype(np.float64)).sum(axis=1)
+    return int((bound > exact * (1 + 1e-12)).sum())
+
+
+def test_the_bound_never_exceeds_the_distance_and_the_check_catches_one_that_does(crops):
+    reals, queries = crops
+    for space in (Space.RGB, Space.FREQ):
+        embeddings = PixelEmbedder(space)(reals)
+        plan = pca_plan(embeddings)
+        a, b = embeddings[:120], embeddings[120:240]
+        assert bound_violations(lower_bound(plan, a, b), a, b) == 0
+        assert bound_violations(lower_bound(plan, a, b, 4), a, b) == 0, "leading coordinates: a looser bound"
+        assert bound_violations(lower_bound(plan, a, b) * 1.5, a, b) > 0, "a too large bound is detected"
+
+
+def test_a_too_large_bound_would_prune_the_true_neighbour(crops, monkeypatch):
+    """The search depends on its margin: with the bound inflated it misses neighbours (so the
+    comparison tests above can fail)."""
+    import manifpt_cli.search as search_module
+
+    reals, queries = crops
+    query_vectors = PixelEmbedder(Space.RGB)(queries)
+    monkeypatch.setattr(search_module, "_lower_bound_margin", lambda dims: -0.5)
+    search, database = searcher(reals, Space.RGB, "pca")
+    ids, _ = brute_force(database, query_vectors)
+    assert not np.array_equal(search.nearest(query_vectors).ids, ids)
+
+
+def test_fit_plan_is_seeded_and_orthonormal(crops):
+    embeddings = PixelEmbedder(Space.RGB)(crops[0])
+    plan, again = fit_plan(embeddings, DIMS, seed=1), fit_plan(embeddings, DIMS, seed=1)
+    assert np.array_equal(plan.basis, again.basis)
+    assert np.allclose(plan.basis @ plan.basis.T, np.eye(len(plan.basis)), atol=1e-12)
