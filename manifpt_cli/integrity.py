@@ -47,7 +47,8 @@ EXACT_SEARCH = "exact-pca"
 EXACT_SEARCH_DATASETS = ("embeddings", "search_mean", "search_basis", "search_projected", "search_norms")
 FAISS_DATASETS = ("embeddings", "faiss_index")
 ROOT_DIGEST_ATTRS = ("format", "format_version", "image_size", "n_images", "spaces", "resize_policy")
-ROWS_PER_CHUNK = 4096
+ROWS_PER_CHUNK = 4096  # rows of variable-length strings hashed at a time
+CHUNK_BYTES = 16 * 2**20  # bytes of a numeric dataset read at a time
 ONNX_DIGEST_KEY = "manifpt_digest"
 ONNX_DIGEST_PLACEHOLDER = "0" * 64
 
@@ -86,8 +87,12 @@ def _update_dataset(digest, dataset) -> None:
                 data = value if isinstance(value, bytes) else str(value).encode()
                 digest.update(len(data).to_bytes(8, "little") + data)
         return
-    for start in range(0, len(dataset), ROWS_PER_CHUNK):
-        digest.update(np.ascontiguousarray(dataset[start : start + ROWS_PER_CHUNK]).tobytes())
+    # By bytes, not rows: a serialised FAISS index is one long row of bytes. The digest is the same
+    # whatever the chunking (the bytes are hashed in order).
+    row_bytes = max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:], dtype=np.int64)))
+    rows = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, len(dataset), rows):
+        digest.update(np.ascontiguousarray(dataset[start : start + rows]).tobytes())
 
 
 def space_datasets(attrs) -> tuple[str, ...]:
