@@ -17,7 +17,7 @@ are set on the index after it is opened; IVF256,Flat and HNSW32 are each built o
 
 Real images: ../shared/data/real32.npz when present, otherwise crops of the bundled photos.
 
-    OMP_NUM_THREADS=1 python3 bench/approximate_search.py [--reals 19000] [--per-source 600]
+    python3 bench/approximate_search.py [--reals 19000] [--per-source 600]   # one thread
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 FACTORIES = {"Flat": [None], "IVF256,Flat": [1, 8, 32], "HNSW32": [16, 64, 256]}
 GENERATORS = {
@@ -57,10 +55,12 @@ def main() -> None:
     parser.add_argument("--gen-iters", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")  # before NumPy loads its BLAS
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import faiss
+    import numpy as np
     from attribute_throughput import real_images, write_pngs
 
     from manifpt_cli.artifacts import compute_artifacts, extract_artifacts
