@@ -169,7 +169,7 @@ def build_index(
 
         progress.start("Building search indexes", len(spaces))
         for space in spaces:
-            rows = writer.space_group(space.value)["embeddings"][...]
+            rows = writer.space_group(space.value)["embeddings"]  # read a block at a time where it can be
             if uses_exact_search(space, faiss_factory):
                 plan = fit_plan(rows, STAGE_DIMS[-1])
                 projected, norms = project_rows(plan, rows)
@@ -181,7 +181,7 @@ def build_index(
                 ):
                     writer.add_blob(space.value, name, table)
             else:
-                index = build_faiss_index(rows_as_float(rows), faiss_factory)
+                index = build_faiss_index(rows_as_float(rows[...]), faiss_factory)
                 writer.add_blob(space.value, "faiss_index", faiss.serialize_index(index))
             progress.advance(1)
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 UNIT_ROUNDOFF = 2.0**-24  # float32: fl(a ∘ b) = (a ∘ b)(1 + δ), |δ| ≤ u
-PLAN_SAMPLE = 4096  # real images the basis is fitted on (seeded)
+PLAN_SAMPLE = 4096  # real images the basis is fitted on (seeded), fewer where they would pass PLAN_BYTES
+PLAN_BYTES = 512 * 2**20  # memory for the float64 sample the basis is fitted on
 STAGE_DIMS = (64, 256)  # coordinates of the stage-1 bound, and of the basis (stage 3); bench/exact_search.py
 PROBES = 4  # rows per query of lowest stage-3 bound whose distance tightens the upper bound
 QUERY_BLOCK = 128  # queries searched together (their candidate rows are shared in the products)
@@ -91,11 +92,12 @@ def fit_plan(embeddings: np.ndarray, dims: int = STAGE_DIMS[-1], seed: int = 0) 
     """PCA basis of ``dims`` rows on a seeded sample of (n, d) embeddings (uint8 rows: pixels)."""
     n, d = embeddings.shape
     rng = np.random.default_rng(seed)
-    sample = rows_as_float(embeddings[np.sort(rng.choice(n, size=min(n, PLAN_SAMPLE), replace=False))])
-    sample = sample.astype(np.float64)
-    mean = sample.mean(axis=0)
-    dims = max(1, min(dims, d, len(sample) - 1))
-    centred = sample - mean
+    size = min(n, max(dims + 17, min(PLAN_SAMPLE, PLAN_BYTES // (8 * d))))  # large images: fewer rows
+    picked = np.sort(rng.choice(n, size=size, replace=False))
+    centred = rows_as_float(embeddings[picked]).astype(np.float64)  # ``embeddings`` may be an HDF5 dataset
+    mean = centred.mean(axis=0)
+    dims = max(1, min(dims, d, len(centred) - 1))
+    centred -= mean
     # Randomised range finder (two power iterations), then an exact SVD of the small projection:
     # the rows come out orthonormal to float64 precision, which is all the bound needs.
     basis, _ = np.linalg.qr(centred.T @ (centred @ rng.standard_normal((d, dims + 16))))
@@ -104,8 +106,10 @@ def fit_plan(embeddings: np.ndarray, dims: int = STAGE_DIMS[-1], seed: int = 0) 
     return SearchPlan(mean, np.ascontiguousarray((basis @ vt.T).T[:dims]))
 
 
-def project_rows(plan: SearchPlan, rows: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """The stored search tables of ``rows``: projections (n, k) float32 and ‖r − μ‖² (n,) float64."""
+def project_rows(plan: SearchPlan, rows) -> tuple[np.ndarray, np.ndarray]:
+    """The stored search tables of ``rows`` (an array or an HDF5 dataset, read a block at a time):
+    projections (n, k) float32 and ‖r − μ‖² (n,) float64."""
+    chunk = max(1, BLOCK_BYTES // (8 * rows.shape[1]))
     projected = np.empty((len(rows), len(plan.basis)), dtype=np.float32)
     norms = np.empty(len(rows))
     for start in range(0, len(rows), chunk):
@@ -289,7 +293,10 @@ class ExactSearch:
         union, survivors = union[keep], survivors[:, keep]
         started = self._timed("stage 2 bound", started)
 
-        dots = centred @ self.rows[union].astype(np.float32).T
+        dots = np.empty((len(centred), len(union)), dtype=np.float32)
+        step = max(1, BLOCK_BYTES // (4 * self.rows.shape[1]))  # rows read as float32 at a time
+        for start in range(0, len(union), step):
+            dots[:, start : start + step] = centred @ self.rows[union[start : start + step]].astype(np.float32).T
         query_ids, row_index = np.nonzero(survivors)
         estimate = self._estimate(dots[query_ids, row_index], centred, query_squared, query_ids, union[row_index])
         margins = self._margins(query_squared)[query_ids]
@@ -299,8 +306,13 @@ class ExactSearch:
         started = self._timed("float32 distances", started)
 
         query_ids, row_ids = query_ids[close], union[row_index[close]]
-        exact = np.square(rows_as_float(self.rows[row_ids]).astype(np.float64) - queries[query_ids].astype(np.float64))
-        exact = exact.sum(axis=1)  # the float64 sum brute force computes, term for term
+        exact = np.empty(len(row_ids))
+        step = max(1, BLOCK_BYTES // (8 * self.rows.shape[1]))  # (query, row) pairs in float64 at a time
+        for start in range(0, len(row_ids), step):
+            pairs = slice(start, start + step)
+            difference = rows_as_float(self.rows[row_ids[pairs]]).astype(np.float64)
+            difference -= queries[query_ids[pairs]].astype(np.float64)
+            exact[pairs] = np.square(difference).sum(axis=1)  # the float64 sum brute force computes
         # Lowest distance, then lowest row: sort pairs by (query, distance, row), take each query's first.
         order = np.lexsort((row_ids, exact, query_ids))
         query_ids, row_ids, exact = query_ids[order], row_ids[order], exact[order]
