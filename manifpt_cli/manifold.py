@@ -554,8 +554,9 @@ class RealIndex:
         for start in range(0, m, rows):
             block = candidates[start : start + rows]
             vectors = self.embeddings(space, np.clip(block, 0, None).ravel()).reshape(len(block), k, dim)
-            difference = vectors.astype(np.float64) - queries[start : start + rows, None, :].astype(np.float64)
-            out[start : start + rows] = np.square(difference).sum(axis=2)
+            # float64 throughout, as brute force: the same values, summed in the same order.
+            difference = np.subtract(vectors, queries[start : start + rows, None, :], dtype=np.float64)
+            out[start : start + rows] = np.square(difference, out=difference).sum(axis=2)
         return out
 
 
