@@ -280,6 +280,22 @@ def faiss_distance_margin(dim: int) -> float:
     return 3 * gamma(dim + 4)
 
 
+def others_are_farther(
+    last_candidate: np.ndarray, offsets: np.ndarray, query_norms: np.ndarray, best: np.ndarray, margin: float
+) -> np.ndarray:
+    """Whether every row a flat FAISS search ranked after its last candidate is proven farther (in
+    float64, as brute force computes it) than ``best``, the best exact distance among the candidates.
+
+    Such a row r has FAISS distance F_r ≥ F_last, so ‖q − r‖² ≥ F_last + offset − margin·(‖q‖² + ‖r‖²)
+    in the FAISS coordinates. A row that could win or tie is within √best of the query there, so
+    ‖r‖ ≤ ‖q‖ + √best (1e-6 on top covers rounding the coordinates to float32).
+    """
+    reach = np.where(np.isfinite(best), best, 0.0) * (1 + FLOAT64_SLACK)
+    row_norms = ((np.sqrt(query_norms) + np.sqrt(reach)) * (1 + 1e-6)) ** 2
+    beyond = last_candidate.astype(np.float64) + offsets * (1 - FLOAT64_SLACK) - margin * (query_norms + row_norms)
+    return np.isfinite(best) & (beyond > reach)
+
+
 @dataclass
 class Neighbours:
     """Nearest real images of a batch: row ids into the index and squared L2 distances (−1 / inf: none)."""
@@ -533,11 +549,7 @@ class RealIndex:
             # Look further where all k candidates were copies of the query itself, or where a row
             # beyond them might still win or tie (flat: not proven; approximate: all k tied).
             if proven_by_margin:
-                reach = np.where(found, smallest, 0.0) * (1 + FLOAT64_SLACK)
-                beyond_norms = ((np.sqrt(query_norms[todo]) + np.sqrt(reach)) * (1 + 1e-6)) ** 2
-                offset = offsets[todo] * (1 - FLOAT64_SLACK)
-                beyond = approximate[:, -1].astype(np.float64) + offset - margin * (query_norms[todo] + beyond_norms)
-                unsure = ~(beyond > reach)
+                unsure = ~others_are_farther(approximate[:, -1], offsets[todo], query_norms[todo], smallest, margin)
             else:
                 unsure = (np.where(valid, exact, -np.inf).max(axis=1) == smallest) & valid.all(axis=1)
             complete = (candidates >= 0).all(axis=1)
