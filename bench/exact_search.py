@@ -1,7 +1,9 @@
-"""rgb exact search (manifpt_cli/search.py) against faiss.IndexFlatL2 and float64 brute force, in one run.
+"""manifpt's exact searches against faiss.IndexFlatL2 on the full vectors and float64 brute force, in one run.
 
-Queries are samples of a zoo GAN trained for a few hundred iterations on some of the reals. freq
-is searched by FAISS flat (its log spectra leave the PCA bound nothing to prune; README).
+rgb: the PCA-bound search (manifpt_cli/search.py). freq: ``RealIndex.nearest`` on an index that
+``build_index`` made from the same reals (FAISS flat over the √w-scaled unique half of each
+spectrum, re-ranked in float64 on the full vectors). Queries are samples of a zoo GAN trained for a
+few hundred iterations on some of the reals, the same for both spaces.
 Threads: FAISS and NumPy's BLAS both get --threads (OMP_NUM_THREADS is set before NumPy loads).
 
     python3 bench/exact_search.py --reals 20000 --queries 512 --stages 64 256 --threads 1
@@ -35,8 +37,10 @@ def main() -> None:
     import numpy as np
     from PIL import Image
 
+    from manifpt_cli.manifold import RealIndex, build_index
     from manifpt_cli.research.zoo import make_design, sample_generator, train_generator
     from manifpt_cli.search import ExactSearch, fit_plan, project_rows, rows_as_float
+    from manifpt_cli.settings import RunSettings
     from manifpt_cli.spaces import PixelEmbedder, Space
 
     faiss.omp_set_num_threads(args.threads)
@@ -48,6 +52,12 @@ def main() -> None:
         train_generator([f"{work}/real"], f"{work}/gan", make_design("gan"), iters=args.gan_iters, batch_size=32)
         paths = sample_generator(f"{work}/gan", args.queries, f"{work}/samples", seed=0)
         suspects = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+        np.save(f"{work}/reals.npy", reals)
+        started = time.perf_counter()
+        build_index([f"{work}/reals.npy"], f"{work}/freq.h5", [Space.FREQ], settings=RunSettings(threads=args.threads))
+        freq_build_seconds = time.perf_counter() - started
+        with RealIndex(f"{work}/freq.h5") as freq_index:
+            freq_line = freq_row(freq_index, suspects, args.checked, freq_build_seconds)
     sha256 = np.array([b"%064d" % i for i in range(len(reals))], dtype="S64")
     print(f"{len(reals)} reals, {len(suspects)} zoo GAN queries, {args.threads} thread(s), stages {args.stages}")
     rows = np.ascontiguousarray(reals.transpose(0, 3, 1, 2).reshape(len(reals), -1))  # rgb as stored: uint8
@@ -67,15 +77,7 @@ def main() -> None:
     found = search.nearest(queries)
     exact_seconds = time.perf_counter() - started
     n = len(queries)
-    checked = queries[: args.checked]
-    brute_ids, brute_distances = [], []
-    for query in checked.astype(np.float64):
-        distances = np.square(database - query).sum(axis=1)
-        brute_ids.append(int(distances.argmin()))
-        brute_distances.append(distances.min())
-    identical = np.array_equal(found.ids[: len(checked)], brute_ids) and np.array_equal(
-        found.distances[: len(checked)], brute_distances
-    )
+    identical = matches_brute_force(database, queries[: args.checked], found)
     assert identical, "rgb: the exact search differs from float64 brute force"
     print(f"tables at build: {build_seconds:.1f} s; per stage, µs per query:")
     for step, seconds in search.seconds.items():
@@ -86,9 +88,59 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---|---:|")
     print(
         f"| rgb | {n / faiss_seconds:,.0f} | {n / exact_seconds:,.0f} | {faiss_seconds / exact_seconds:.2f}× | "
-        f"{found.checked.mean():.0f} | {identical} ({len(checked)} queries; FAISS agrees on "
+        f"{found.checked.mean():.0f} | {identical} ({min(args.checked, n)} queries; FAISS agrees on "
         f"{np.mean(faiss_ids[:, 0] == found.ids):.0%}) | {search.nbytes / len(rows):,.0f} (FAISS flat: "
         f"{4 * database.shape[1]:,}) |"
+    )
+    print(freq_line)
+
+
+def matches_brute_force(database, queries, found) -> bool:
+    """Whether ``found``'s first rows are float64 brute force's neighbours and distances (ties: lowest row)."""
+    import numpy as np
+
+    brute_ids, brute_distances = [], []
+    for query in queries.astype(np.float64):
+        distances = np.square(database - query).sum(axis=1)
+        brute_ids.append(int(distances.argmin()))
+        brute_distances.append(distances.min())
+    return np.array_equal(found.ids[: len(queries)], brute_ids) and np.array_equal(
+        found.distances[: len(queries)], brute_distances
+    )
+
+
+def freq_row(index, suspects, checked: int, build_seconds: float) -> str:
+    """The freq line of the table: FAISS flat on the full 3,072-d vectors vs ``RealIndex.nearest``."""
+    import faiss
+    import h5py
+    import numpy as np
+
+    from manifpt_cli.spaces import PixelEmbedder, Space
+
+    database = index.all_embeddings(Space.FREQ)
+    queries = PixelEmbedder(Space.FREQ)(suspects)
+    flat = faiss.IndexFlatL2(database.shape[1])
+    flat.add(database)
+    started = time.perf_counter()
+    _, faiss_ids = flat.search(queries, 1)
+    faiss_seconds = time.perf_counter() - started
+    index.nearest(Space.FREQ, queries[:1])  # loads the FAISS index and the stored rows
+    started = time.perf_counter()
+    found = index.nearest(Space.FREQ, queries)
+    manifpt_seconds = time.perf_counter() - started
+    identical = matches_brute_force(database, queries[:checked], found)
+    assert identical, "freq: the search differs from float64 brute force"
+    n = len(queries)
+    with h5py.File(index.path) as handle:
+        stored = handle["spaces/freq"]
+        searched_dims = stored["embeddings"].shape[1]
+        disk = sum(stored[name].id.get_storage_size() for name in ("embeddings", "faiss_index")) / index.n_images
+    ram = 2 * 4 * searched_dims  # FAISS's scaled copy and the stored rows, float32
+    return (
+        f"| freq | {n / faiss_seconds:,.0f} | {n / manifpt_seconds:,.0f} | {faiss_seconds / manifpt_seconds:.2f}× | "
+        f"{searched_dims:,} dims searched of {database.shape[1]:,} | {identical} ({checked} queries; "
+        f"FAISS agrees on {np.mean(faiss_ids[:, 0] == found.ids):.0%}) | {ram:,} (FAISS flat: "
+        f"{4 * database.shape[1]:,}); on disk {disk:,.0f} (index built in {build_seconds:.1f} s) |"
     )
 
 

@@ -28,10 +28,12 @@ CHECKPOINT_FORMAT = "manifpt-attributor"
 ZOO_FORMAT = "manifpt-zoo-generator"
 # The version each reader understands. 2: digests everywhere (manifpt 0.2). Attributors 3: calibration,
 # open-set statistics and thresholds in the checkpoint and the ONNX graph (manifpt 0.3). Indexes 3: rgb
-# embeddings as uint8 pixels with the exact-search tables instead of a flat FAISS index.
-FORMAT_VERSIONS = {INDEX_FORMAT: 3, ARTIFACTS_FORMAT: 2, CHECKPOINT_FORMAT: 3, ZOO_FORMAT: 2}
+# embeddings as uint8 pixels with the exact-search tables instead of a flat FAISS index. Indexes 4:
+# freq embeddings and FAISS index over the unique half of each point-symmetric spectrum.
+FORMAT_VERSIONS = {INDEX_FORMAT: 4, ARTIFACTS_FORMAT: 2, CHECKPOINT_FORMAT: 3, ZOO_FORMAT: 2}
 REMAKE_COMMANDS = {
-    INDEX_FORMAT: "Version 3 stores rgb as uint8 pixels with exact-search tables: run `manifpt index build` again."
+    INDEX_FORMAT: "Version 4 stores freq as the unique half of each spectrum (and rgb as uint8 pixels with "
+    "exact-search tables): run `manifpt index build` again."
 }
 ONNX_METADATA_KEY = "manifpt"  # ONNX metadata_props key holding the JSON model card
 

@@ -2,7 +2,7 @@
 
 Index (HDF5): ``index_hash`` is a SHA-256 over everything attribution reads: the image size, the
 resize policy, the list of spaces, every file path and file SHA-256, and for each space its
-attributes (dimension, shape, metric, FAISS factory, search method, backbone weights), its
+attributes (dimension, shape, metric, FAISS factory, search method, stored layout, backbone weights), its
 embeddings and its serialised FAISS index or exact-search tables (PCA mean, basis, projections,
 norms). Each space also stores its own ``digest``; opening an index recomputes the digests of
 the spaces it will search and the root hash, and refuses any difference. Links to other files
@@ -41,6 +41,7 @@ SPACE_DIGEST_ATTRS = (
     "backbone_input",
     "search",
     "search_dims",
+    "layout",
 )
 # What a space holds: the exact-search tables (rgb with a flat index) or a FAISS index.
 EXACT_SEARCH = "exact-pca"

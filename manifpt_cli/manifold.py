@@ -7,19 +7,24 @@ Layout (README, "File formats"):
     /files/path            (n,) UTF-8 strings — source paths as given, non-UTF-8 bytes escaped
     /files/sha256          (n,) ASCII hex SHA-256 of each source file
     /failures/path, /failures/error   files that could not be decoded (not in the index)
-    /spaces/<space>/embeddings   (n, d) float32; rgb: uint8 pixels p (φ = p / 255, exact)
-    /spaces/<space>/faiss_index  (bytes,) uint8 — faiss.serialize_index (spaces FAISS searches)
+    /spaces/<space>/embeddings   (n, d) float32; rgb: uint8 pixels p (φ = p / 255, exact);
+                                 freq: (n, m) float32, the unique half of each point-symmetric
+                                 spectrum (m = 1,542 of d = 3,072 at 32 px; spaces.SymmetricHalf)
+    /spaces/<space>/faiss_index  (bytes,) uint8 — faiss.serialize_index (spaces FAISS searches);
+                                 freq's holds the stored bins scaled by √w (w = 2 for a mirrored pair)
     /spaces/<space>/search_mean, search_basis, search_projected, search_norms
                                  the exact search's tables (rgb with ``--faiss Flat``):
                                  (d,) f8 PCA mean, (k, d) f8 basis, (n, k) f4 projections, (n,) f8 ‖r − μ‖²
     /spaces/<space>        attrs: embedding_space, dim, shape (JSON), metric, faiss_factory, search,
-                                  search_dims (JSON), weights_source, weights_sha256
+                                  search_dims (JSON), layout (freq: symmetric-half), weights_source,
+                                  weights_sha256
 
 The nearest real image of x is argmin ||φ(x) − φ(r)||² (k = 1). An image is never its own
 neighbour: index entries whose file SHA-256 equals the query's are skipped (leave-one-out).
 rgb with a flat index is searched by :mod:`search` (exact, the same neighbour and float64 distance
 as brute force, several times faster than FAISS flat search); other spaces and factories by FAISS,
-flat results re-ranked in float64 (freq's log spectra leave the PCA bound nothing to prune).
+flat results re-ranked in float64 on the full vectors (freq's log spectra leave the PCA bound nothing
+to prune; FAISS searches freq's unique half, about half the work).
 """
 
 from __future__ import annotations
@@ -38,9 +43,17 @@ from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, describe
 from .images import FailedImage, SkippedFile, count_images, display_path, split_batch
 from .integrity import EXACT_SEARCH, IntegrityError, index_digest, space_digest, verify_index
 from .outputs import check_outputs
-from .search import STAGE_DIMS, ExactSearch, SearchPlan, fit_plan, project_rows, rows_as_float
+from .search import STAGE_DIMS, ExactSearch, SearchPlan, fit_plan, gamma, project_rows, rows_as_float
 from .settings import DEFAULT_SETTINGS, RunSettings
-from .spaces import Embedder, Space, backbone_attrs, backbone_weights_from, make_embedder
+from .spaces import (
+    Embedder,
+    Space,
+    SymmetricHalf,
+    backbone_attrs,
+    backbone_weights_from,
+    make_embedder,
+    symmetric_half,
+)
 
 
 @dataclass
@@ -76,14 +89,44 @@ def uses_exact_search(space: Space, faiss_factory: str) -> bool:
     return space is Space.RGB and faiss_factory == "Flat"
 
 
-def stored_rows(space: Space, embeddings: np.ndarray) -> np.ndarray:
-    """Embeddings as the index stores them: rgb as its uint8 pixels (φ = p / 255 read back bit for bit)."""
+SYMMETRIC_HALF = "symmetric-half"  # freq's stored layout (spaces.SymmetricHalf)
+
+
+def stored_layout(space: Space, size: int) -> SymmetricHalf | None:
+    """The unique half a space's rows are stored as (freq), or None (stored in full)."""
+    return symmetric_half(size, size) if space is Space.FREQ else None
+
+
+def stored_rows(space: Space, embeddings: np.ndarray, size: int) -> np.ndarray:
+    """Embeddings as the index stores them: rgb as its uint8 pixels (φ = p / 255 read back bit for
+    bit), freq as the unique half of its point-symmetric spectra (unfolded back bit for bit)."""
+    half = stored_layout(space, size)
+    if half is not None:
+        return half.fold(embeddings)
     if space is not Space.RGB:
         return embeddings
     pixels = np.rint(embeddings * 255).astype(np.uint8)
     if not np.array_equal(rows_as_float(pixels), embeddings):
         raise ValueError("rgb embeddings that are not pixels / 255 cannot be stored as uint8")
     return pixels
+
+
+def faiss_coordinates(half: SymmetricHalf, stored: np.ndarray) -> np.ndarray:
+    """Stored freq bins scaled by √w (in float64, then rounded once to float32): FAISS's L2
+    distance between them is the full vectors' up to rounding (:func:`faiss_distance_margin`)."""
+    return (stored.astype(np.float64) * np.sqrt(half.weights)).astype(np.float32)
+
+
+def fold_queries(half: SymmetricHalf, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Full query vectors → FAISS coordinates of their pair means q̄, and the distance those leave out.
+
+    For a point-symmetric x, (a − x)² + (b − x)² = 2((a + b)/2 − x)² + (a − b)²/2, so
+    ‖q − x‖² = Σ w·(q̄ − x)² + offset(q) for any q: a query need not be symmetric (φ's are, offset 0).
+    """
+    first = np.take(queries, half.unique, axis=1).astype(np.float64)
+    second = np.take(queries, half.mirror, axis=1).astype(np.float64)
+    offsets = np.square(first - second) @ (half.weights / 4)  # (a − b)²/2 per pair; 0 for a bin's own mirror
+    return faiss_coordinates(half, (first + second) / 2), offsets
 
 
 def build_index(
@@ -134,15 +177,17 @@ def build_index(
             backbone = getattr(embedder, "weights", None)
             extra = backbone_attrs(backbone)
             exact = uses_exact_search(space, faiss_factory)
+            half = stored_layout(space, size)
             writer.add_space(
                 space.value,
-                {"embeddings": ((dim,), "u1" if space is Space.RGB else "f4")},
+                {"embeddings": ((dim if half is None else len(half.unique),), "u1" if space is Space.RGB else "f4")},
                 embedding_space=space.value,
                 dim=dim,
                 shape=json.dumps(shape),
                 metric=METRIC,
                 faiss_factory=faiss_factory,
                 **({"search": EXACT_SEARCH, "search_dims": json.dumps(list(STAGE_DIMS))} if exact else {}),
+                **({"layout": SYMMETRIC_HALF} if half is not None else {}),
                 **extra,
             )
 
@@ -159,7 +204,7 @@ def build_index(
             if decoded:
                 writer.append([item.path for item in decoded], [item.sha256 for item in decoded])
                 for space in spaces:
-                    writer.append_space(space.value, embeddings=stored_rows(space, embedded.embeddings[space]))
+                    writer.append_space(space.value, embeddings=stored_rows(space, embedded.embeddings[space], size))
 
         if writer.n_rows == 0:
             raise UsageError(
@@ -181,7 +226,9 @@ def build_index(
                 ):
                     writer.add_blob(space.value, name, table)
             else:
-                index = build_faiss_index(rows_as_float(rows[...]), faiss_factory)
+                half = stored_layout(space, size)
+                searched = rows_as_float(rows[...]) if half is None else faiss_coordinates(half, rows[...])
+                index = build_faiss_index(searched, faiss_factory)
                 writer.add_blob(space.value, "faiss_index", faiss.serialize_index(index))
             progress.advance(1)
 
@@ -214,8 +261,39 @@ def faiss_search_parameters(index) -> dict:
     return {}
 
 
-RERANKED_CANDIDATES = 8  # FAISS candidates whose exact distance decides the neighbour
+RERANKED_CANDIDATES = 8  # FAISS candidates whose exact distance decides the neighbour (more where unsure)
 EXACT_CHUNK_BYTES = 64 * 2**20  # memory for exact re-ranking at a time
+FLOAT64_SLACK = 1e-12  # relative: covers the float64 sums' rounding (≤ 3,072·2⁻⁵³ ≈ 3.4e-13) at every size here
+
+
+def faiss_distance_margin(dim: int) -> float:
+    """Factor c with |F − ‖x − y‖²| ≤ c·(‖x‖² + ‖y‖²) for FAISS's float32 flat L2 distance F between
+    d-dimensional vectors, each rounded to float32 once from exact values (freq's √w·x).
+
+    FAISS computes ‖x‖² + ‖y‖² − 2⟨x, y⟩ (BLAS, for batches of queries) or Σ(x − y)² in float32.
+    A float32 sum of d products errs by at most γ_d times the sum of their magnitudes, in any order
+    and with or without FMA: γ_d(‖x‖² + ‖y‖²) for the two norms, γ_d·2|⟨x, y⟩| ≤ γ_d(‖x‖² + ‖y‖²) for
+    the product. The two additions add at most 4u(‖x‖² + ‖y‖²), rounding √w·x to float32 at most
+    about 4u(‖x‖² + ‖y‖²) (‖e‖ ≤ u(‖x‖ + ‖y‖) moves ‖x − y‖² by 2‖x − y‖‖e‖ + ‖e‖²). So 2γ_d + 8u
+    suffices; 3γ_{d+4} ≥ that for d ≥ 8.
+    """
+    return 3 * gamma(dim + 4)
+
+
+def others_are_farther(
+    last_candidate: np.ndarray, offsets: np.ndarray, query_norms: np.ndarray, best: np.ndarray, margin: float
+) -> np.ndarray:
+    """Whether every row a flat FAISS search ranked after its last candidate is proven farther (in
+    float64, as brute force computes it) than ``best``, the best exact distance among the candidates.
+
+    Such a row r has FAISS distance F_r ≥ F_last, so ‖q − r‖² ≥ F_last + offset − margin·(‖q‖² + ‖r‖²)
+    in the FAISS coordinates. A row that could win or tie is within √best of the query there, so
+    ‖r‖ ≤ ‖q‖ + √best (1e-6 on top covers rounding the coordinates to float32).
+    """
+    reach = np.where(np.isfinite(best), best, 0.0) * (1 + FLOAT64_SLACK)
+    row_norms = ((np.sqrt(query_norms) + np.sqrt(reach)) * (1 + 1e-6)) ** 2
+    beyond = last_candidate.astype(np.float64) + offsets * (1 - FLOAT64_SLACK) - margin * (query_norms + row_norms)
+    return np.isfinite(best) & (beyond > reach)
 
 
 @dataclass
@@ -270,6 +348,7 @@ class RealIndex:
             raise
         self._faiss: dict[Space, object] = {}
         self._exact: dict[Space, ExactSearch] = {}
+        self._held: dict[Space, np.ndarray] = {}
         self._paths: list[str] | None = None
 
     def __enter__(self) -> RealIndex:
@@ -309,6 +388,12 @@ class RealIndex:
         """SHA-256 of the source files of index rows ``ids``."""
         return [str(self._sha256[i].decode() if isinstance(self._sha256[i], bytes) else self._sha256[i]) for i in ids]
 
+    def stored_layout(self, space: Space) -> SymmetricHalf | None:
+        """The unique half a space's rows are stored as (freq), or None (stored in full)."""
+        if str(self._group(space).attrs.get("layout", "")) != SYMMETRIC_HALF:
+            return None
+        return symmetric_half(self.image_size, self.image_size)
+
     def is_exact_search(self, space: Space) -> bool:
         return str(self._group(space).attrs.get("search", "")) == EXACT_SEARCH
 
@@ -342,9 +427,10 @@ class RealIndex:
                 "exact": True,
                 "parameters": {"stage_dims": [stage.dims for stage in search.stages], "basis": len(search.plan.basis)},
             }
+        half = " over the unique half of each spectrum" if self.stored_layout(space) is not None else ""
         return {
-            "method": f"FAISS {factory}{'' if factory == 'Flat' else ' (approximate)'}, "
-            f"{RERANKED_CANDIDATES} candidates re-ranked in float64",
+            "method": f"FAISS {factory}{'' if factory == 'Flat' else ' (approximate)'}{half}, "
+            f"{RERANKED_CANDIDATES} or more candidates re-ranked in float64",
             "faiss_factory": factory,
             "exact": factory == "Flat",
             "parameters": faiss_search_parameters(self.faiss_index(space)),
@@ -362,51 +448,84 @@ class RealIndex:
                 raise FormatError(
                     f"index {self.path}: the {space.value} FAISS index cannot be read: {message}"
                 ) from None
-            if index.ntotal != self.n_images or index.d != int(self._group(space).attrs["dim"]):
+            if index.ntotal != self.n_images or index.d != self._group(space)["embeddings"].shape[1]:
                 raise FormatError(f"index {self.path}: the {space.value} FAISS index does not match the image list")
             self._faiss[space] = index
         return self._faiss[space]
 
     def embeddings(self, space: Space, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` of the exact float32 embeddings, in the order given.
+        """Rows ``ids`` of the exact, full float32 embeddings, in the order given.
 
-        The exact search and a flat FAISS index hold them in memory already; other factories may
-        compress them, so those are read from the HDF5 dataset.
+        The exact search and a flat FAISS index hold them in memory already (freq's flat index holds
+        scaled bins, so its stored rows are held beside it); other factories may compress them, so
+        those are read from the HDF5 dataset.
         """
         import faiss
 
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if self.is_exact_search(space):
             return rows_as_float(self.exact_search(space).rows[ids])
-        index = faiss.downcast_index(self.faiss_index(space))
-        if isinstance(index, faiss.IndexFlat):
-            return index.reconstruct_batch(ids)
-        dataset = self._group(space)["embeddings"]
+        flat = isinstance(faiss.downcast_index(self.faiss_index(space)), faiss.IndexFlat)
+        half = self.stored_layout(space)
+        if half is not None:
+            return half.unfold(self._held_rows(space)[ids] if flat else self._read_rows(space, ids))
+        if flat:
+            return self.faiss_index(space).reconstruct_batch(ids)
+        return rows_as_float(self._read_rows(space, ids))
+
+    def _held_rows(self, space: Space) -> np.ndarray:
+        """A space's stored rows, read once and kept."""
+        if space not in self._held:
+            self._held[space] = self._group(space)["embeddings"][...]
+        return self._held[space]
+
+    def _read_rows(self, space: Space, ids: np.ndarray) -> np.ndarray:
+        """Stored rows ``ids`` read from the HDF5 dataset, in the order given."""
         unique, inverse = np.unique(ids, return_inverse=True)
-        return rows_as_float(dataset[unique.tolist()][inverse])
+        return self._group(space)["embeddings"][unique.tolist()][inverse]
 
     @property
     def n_failures(self) -> int:
         return len(self._file["failures/path"])
 
     def all_embeddings(self, space: Space) -> np.ndarray:
-        """Every row's float32 embedding (rgb: read from the stored uint8 pixels)."""
-        return rows_as_float(self._group(space)["embeddings"][...])
+        """Every row's full float32 embedding (rgb: from the stored uint8 pixels; freq: unfolded)."""
+        rows = self._group(space)["embeddings"][...]
+        half = self.stored_layout(space)
+        return rows_as_float(rows) if half is None else half.unfold(rows)
 
     def nearest(self, space: Space, queries: np.ndarray, query_sha256: Sequence[str] | None = None) -> Neighbours:
         """Nearest real image of each query row, skipping index entries with the query's own SHA-256.
 
         Where the space has exact-search tables, :class:`search.ExactSearch` finds it. Otherwise
-        FAISS proposes ``RERANKED_CANDIDATES`` candidates; their distances are then recomputed
-        exactly (float64, per row), and the smallest wins, ties going to the lowest index row. So a
-        row's neighbour and distance do not depend on how queries are batched or threaded (FAISS's
-        own distances change in the last digits with the batch size).
+        FAISS proposes ``RERANKED_CANDIDATES`` candidates (for freq, from the √w-scaled unique half:
+        :func:`fold_queries`); their distances are then recomputed exactly (float64, per row, on the
+        full vectors), and the smallest wins, ties going to the lowest index row. So a row's
+        neighbour and distance do not depend on how queries are batched or threaded (FAISS's own
+        distances change in the last digits with the batch size).
+
+        A flat index is searched again with 4× the candidates until the result is proven: every row
+        FAISS ranked below the last candidate is at least its FAISS distance minus the rounding bound
+        of :func:`faiss_distance_margin` away, so once that exceeds the best exact distance, no
+        other row can win or tie. Rows that could win must lie within √(best) of the query, which
+        bounds their norms (a single outlier row does not widen every margin). Near-ties within
+        rounding, and copies of a query skipped by leave-one-out, are what widen the search.
         """
+        import faiss
+
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.is_exact_search(space):
             found = self.exact_search(space).nearest(queries, query_sha256)
             return Neighbours(found.ids, found.distances)
         index = self.faiss_index(space)
+        half = self.stored_layout(space)
+        if half is None:
+            searched, offsets = queries, np.zeros(len(queries))
+        else:
+            searched, offsets = fold_queries(half, queries)
+        proven_by_margin = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+        query_norms = np.square(searched.astype(np.float64)).sum(axis=1)
+        margin = faiss_distance_margin(index.d)
         n = len(queries)
         ids = np.full(n, -1, dtype=np.int64)
         distances = np.full(n, np.inf, dtype=np.float64)
@@ -415,22 +534,26 @@ class RealIndex:
         k = RERANKED_CANDIDATES
         while len(todo):
             k = min(k, self.n_images)
-            _, candidates = index.search(queries[todo], k)
+            approximate, candidates = index.search(searched[todo], k)
             valid = candidates >= 0
             if own is not None:
                 valid &= self._sha256[np.clip(candidates, 0, None)] != own[todo, None]
             exact = self._exact_distances(space, queries[todo], candidates)
             exact[~valid] = np.inf
-            found = np.isfinite(exact).any(axis=1)
-            closest = exact == exact.min(axis=1, keepdims=True)
+            smallest = exact.min(axis=1)
+            found = np.isfinite(smallest)
+            closest = exact == smallest[:, None]
             best = np.where(closest & valid, candidates, np.iinfo(np.int64).max).min(axis=1)
             ids[todo[found]] = best[found]
-            distances[todo[found]] = exact.min(axis=1)[found]
-            # Look further where all k candidates were copies of the query itself, or were all tied
-            # at the minimum (more tied rows may lie beyond them, and the lowest row must win).
+            distances[todo[found]] = smallest[found]
+            # Look further where all k candidates were copies of the query itself, or where a row
+            # beyond them might still win or tie (flat: not proven; approximate: all k tied).
+            if proven_by_margin:
+                unsure = ~others_are_farther(approximate[:, -1], offsets[todo], query_norms[todo], smallest, margin)
+            else:
+                unsure = (np.where(valid, exact, -np.inf).max(axis=1) == smallest) & valid.all(axis=1)
             complete = (candidates >= 0).all(axis=1)
-            all_tied = found & (np.where(valid, exact, -np.inf).max(axis=1) == exact.min(axis=1)) & valid.all(axis=1)
-            todo = todo[(~found | all_tied) & (k < self.n_images) & complete]
+            todo = todo[(~found | unsure) & (k < self.n_images) & complete]
             k *= 4
         return Neighbours(ids, distances)
 
@@ -443,8 +566,9 @@ class RealIndex:
         for start in range(0, m, rows):
             block = candidates[start : start + rows]
             vectors = self.embeddings(space, np.clip(block, 0, None).ravel()).reshape(len(block), k, dim)
-            difference = vectors.astype(np.float64) - queries[start : start + rows, None, :].astype(np.float64)
-            out[start : start + rows] = np.square(difference).sum(axis=2)
+            # float64 throughout, as brute force: the same values, summed in the same order.
+            difference = np.subtract(vectors, queries[start : start + rows, None, :], dtype=np.float64)
+            out[start : start + rows] = np.square(difference, out=difference).sum(axis=2)
         return out
 
 

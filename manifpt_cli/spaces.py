@@ -3,7 +3,7 @@
 | space | φ(x) for x in [0, 1], (3, H, W)                         | stored as        |
 |-------|----------------------------------------------------------|------------------|
 | rgb   | x                                                        | 3·H·W floats     |
-| freq  | per channel log(|fftshift(fft2(x))| + 1e-12)             | 3·H·W floats     |
+| freq  | per channel log(|fftshift(fft2(x))| + 1e-12)             | 3·H·W floats (the index: the unique half) |
 | sl    | ImageNet-supervised ResNet50 features (torchvision V1)   | 2048 floats      |
 | ssl   | Barlow Twins ResNet50 features                           | 2048 floats      |
 
@@ -111,6 +111,57 @@ def log_spectrum(images: np.ndarray) -> np.ndarray:
     half = np.log(np.abs(np.fft.rfft2(images, axes=(-2, -1))) + FREQ_EPS).astype(np.float32)
     flat = half.reshape(*half.shape[:-2], -1)
     return np.take(flat, _centred_from_half(height, width), axis=-1).reshape(images.shape)
+
+
+@dataclass(frozen=True)
+class SymmetricHalf:
+    """The unique bins of a freq vector: each channel's centred spectrum is point-symmetric bit
+    for bit (bin (u, v) and its mirror (−u, −v) are one ``rfft2`` value, :func:`_centred_from_half`),
+    so the index stores one bin per mirrored pair and the full vector is a gather away.
+
+    Squared distances between such vectors are Σ_unique w·(x − y)², w = 2 for a mirrored pair and
+    1 for a bin that is its own mirror: (0, 0), and (−H/2, ·), (·, −W/2) where a size is even
+    (4 per channel when both are even, 2 when one is, 1 when both are odd).
+    """
+
+    unique: np.ndarray  # (m,) position in the full vector of each stored bin (the first of its pair)
+    mirror: np.ndarray  # (m,) position of its mirror (itself for a self-mirrored bin)
+    weights: np.ndarray  # (m,) float64: 2.0 for a mirrored pair, 1.0 for a self-mirrored bin
+    full_from_unique: np.ndarray  # (3·H·W,) for each position of the full vector, its stored bin
+
+    def unfold(self, stored: np.ndarray) -> np.ndarray:
+        """(n, m) stored bins → (n, 3·H·W) full vectors, bit for bit."""
+        return np.take(stored, self.full_from_unique, axis=-1)
+
+    def fold(self, full: np.ndarray) -> np.ndarray:
+        """(n, 3·H·W) point-symmetric vectors → (n, m) stored bins; ValueError if one is not symmetric."""
+        stored = np.take(full, self.unique, axis=-1)
+        if not np.array_equal(stored, np.take(full, self.mirror, axis=-1)):
+            raise ValueError("freq embeddings that are not point-symmetric cannot be stored as their unique half")
+        return stored
+
+
+@functools.cache
+def symmetric_half(height: int, width: int, channels: int = 3) -> SymmetricHalf:
+    """The :class:`SymmetricHalf` of ``channels`` centred H×W spectra, flattened channel-first."""
+    # Centred position i holds frequency i − H//2; its mirror −(i − H//2) sits at 2·(H//2) − i (mod H).
+    mirror_rows = (2 * (height // 2) - np.arange(height)) % height
+    mirror_cols = (2 * (width // 2) - np.arange(width)) % width
+    plane = height * width
+    mirror = (
+        np.arange(channels)[:, None, None] * plane + mirror_rows[None, :, None] * width + mirror_cols[None, None, :]
+    ).ravel()
+    position = np.arange(channels * plane)
+    unique = position[position <= mirror]
+    half = SymmetricHalf(
+        unique=unique,
+        mirror=mirror[unique],
+        weights=np.where(mirror[unique] == unique, 1.0, 2.0),
+        full_from_unique=np.searchsorted(unique, np.minimum(position, mirror)),
+    )
+    for table in (half.unique, half.mirror, half.weights, half.full_from_unique):
+        table.setflags(write=False)
+    return half
 
 
 class Embedder(Protocol):

@@ -184,6 +184,25 @@ def test_tampered_exact_search_tables_are_refused(real_index, tmp_path, tamper):
         RealIndex(index, verify=[Space.FREQ]).close()
 
 
+def _drop_layout(group):
+    del group.attrs["layout"]
+
+
+def _edit_stored_bin(group):
+    group["embeddings"][1, 3] = np.nextafter(group["embeddings"][1, 3], np.float32(np.inf))
+
+
+@pytest.mark.parametrize("tamper", [_drop_layout, _edit_stored_bin], ids=lambda f: f.__name__[1:])
+def test_tampered_freq_half_is_refused(real_index, tmp_path, tamper):
+    """freq's stored half and its layout attribute are covered by the space digest."""
+    index = _copy(real_index, tmp_path, "tampered.h5")
+    with h5py.File(index, "r+") as handle:
+        tamper(handle["spaces/freq"])
+    with pytest.raises(IntegrityError, match="digest"):
+        RealIndex(index, verify=[Space.FREQ])
+    RealIndex(index, verify=[Space.RGB]).close()
+
+
 def test_another_real_set_with_the_hash_copied_is_refused(case, dataset, tmp_path):
     few = tmp_path / "few"
     few.mkdir()

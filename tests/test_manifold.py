@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -25,14 +26,17 @@ def brute_force_nearest(database: np.ndarray, queries: np.ndarray) -> tuple[np.n
 def test_index_layout_and_attributes(real_index):
     with h5py.File(real_index) as handle:
         attrs = handle.attrs
-        assert attrs["format"] == "manifpt-real-index" and attrs["format_version"] == 3
+        assert attrs["format"] == "manifpt-real-index" and attrs["format_version"] == 4
         assert attrs["image_size"] == SIZE and len(attrs["index_hash"]) == 64
         n = attrs["n_images"]
         assert handle["files/path"].shape == (n,) and handle["files/sha256"].shape == (n,)
-        for space, dtype in (("rgb", np.uint8), ("freq", np.float32)):
+        unique_bins = 3 * (SIZE * SIZE + 4) // 2  # one bin per mirrored pair, and the 4 self-mirrored ones
+        for space, dtype, stored_dim in (("rgb", np.uint8, 3 * SIZE * SIZE), ("freq", np.float32, unique_bins)):
             group = handle[f"spaces/{space}"]
-            assert group["embeddings"].shape == (n, 3 * SIZE * SIZE) and group["embeddings"].dtype == dtype
+            assert group["embeddings"].shape == (n, stored_dim) and group["embeddings"].dtype == dtype
             assert group.attrs["metric"] == "squared_l2" and group.attrs["faiss_factory"] == "Flat"
+            assert group.attrs["dim"] == 3 * SIZE * SIZE
+        assert handle["spaces/freq"].attrs["layout"] == "symmetric-half" and "layout" not in handle["spaces/rgb"].attrs
         rgb, freq = handle["spaces/rgb"], handle["spaces/freq"]
         assert "faiss_index" not in rgb and freq["faiss_index"].dtype == np.uint8
         k = len(rgb["search_basis"])
@@ -64,6 +68,69 @@ def test_the_neighbour_is_brute_forces(real_index, dataset, space):
     assert np.array_equal(found.distances, expected_d)
 
 
+COPIES = 12  # more than the FAISS candidates re-ranked at first, so ties must widen the search
+
+
+@pytest.fixture(scope="module", params=[SIZE, SIZE - 1], ids=["even", "odd"])
+def freq_index(request, dataset, tmp_path_factory):
+    """A freq index of the real photos plus ``COPIES`` files with one photo's pixels (other bytes,
+    so other SHA-256s: exact ties), at an even and an odd size (self-mirrored bins differ)."""
+    from PIL import Image, PngImagePlugin
+
+    folder = tmp_path_factory.mktemp("freq-reals")
+    shutil.copytree(dataset / "real", folder / "real")
+    tied = Image.open(sorted((dataset / "real").iterdir())[5])
+    for i in range(COPIES):
+        note = PngImagePlugin.PngInfo()
+        note.add_text("copy", str(i))
+        tied.save(folder / "real" / f"tied_{i:02d}.png", pnginfo=note)
+    out = folder / "freq.h5"
+    build_index([folder / "real"], out, [Space.FREQ], size=request.param)
+    with RealIndex(out) as index:
+        yield index
+
+
+def brute_force_leave_one_out(index, queries, shas=None):
+    """float64 brute force on the FULL vectors; rows with a query's SHA-256 skipped; ties: lowest row."""
+    database = index.all_embeddings(Space.FREQ).astype(np.float64)
+    distances = np.stack([np.square(database - query).sum(-1) for query in queries.astype(np.float64)])
+    if shas is not None:
+        own = np.array([s.encode() for s in shas], dtype="S64")
+        distances[index._sha256[None, :] == own[:, None]] = np.inf
+    return distances.argmin(1), distances.min(1)
+
+
+def test_freq_neighbours_are_brute_forces_on_the_full_vectors(freq_index, dataset):
+    """Suspects, exact ties, near-ties and leave-one-out, at an even and an odd image size."""
+    from manifpt_cli.images import decode_folder
+
+    index = freq_index
+    database = index.all_embeddings(Space.FREQ)
+    assert database.shape == (index.n_images, 3 * index.image_size**2)
+    batches = decode_folder([dataset / "suspects"], index.image_size, RunSettings())
+    suspects = np.stack([item.pixels for batch in batches for item in batch])
+    first_copy = [Path(p).name for p in index.paths(range(index.n_images))].index("tied_00.png")
+    tied_rows = np.flatnonzero((database == database[first_copy]).all(axis=1))
+    assert len(tied_rows) == COPIES + 1, "the copies and the photo they copy"
+    rng = np.random.default_rng(0)
+    pairs = rng.choice(index.n_images, (16, 2), replace=False)
+    # Midpoints of two reals are near-ties: their two distances agree to rounding.
+    near_ties = ((database[pairs[:, 0]].astype(np.float64) + database[pairs[:, 1]]) / 2).astype(np.float32)
+    perturbed = database[:4] + rng.normal(0, 1e-3, database[:4].shape).astype(np.float32)  # not point-symmetric
+    queries = np.concatenate([PixelEmbedder(Space.FREQ)(suspects), near_ties, perturbed, database])
+    found = index.nearest(Space.FREQ, queries)
+    expected_ids, expected_d = brute_force_leave_one_out(index, queries)
+    assert np.array_equal(found.ids, expected_ids) and np.array_equal(found.distances, expected_d)
+    assert found.ids[-index.n_images + tied_rows[-1]] == tied_rows[0], "a tie goes to the lowest row"
+    # Leave-one-out: each real skips itself; a tied copy finds the lowest other copy at distance 0.
+    shas = index.sha256(np.arange(index.n_images))
+    found = index.nearest(Space.FREQ, database, shas)
+    expected_ids, expected_d = brute_force_leave_one_out(index, database, shas)
+    assert np.array_equal(found.ids, expected_ids) and np.array_equal(found.distances, expected_d)
+    assert found.ids[tied_rows[0]] == tied_rows[1] and found.distances[tied_rows[0]] == 0
+    assert (found.ids != np.arange(index.n_images)).all()
+
+
 def test_an_image_is_never_its_own_neighbour(real_index):
     with RealIndex(real_index) as index:
         rows = np.arange(5)
@@ -92,8 +159,15 @@ def test_duplicate_files_are_all_skipped(tmp_path, dataset):
 
 def test_ivf_factory_string(tmp_path, dataset):
     out = tmp_path / "ivf.h5"
-    build_index([dataset / "real"], out, [Space.RGB], size=SIZE, faiss_factory="IVF4,Flat")
-    assert describe_index(out)["spaces"][0]["faiss_factory"] == "IVF4,Flat"
+    build_index([dataset / "real"], out, [Space.RGB, Space.FREQ], size=SIZE, faiss_factory="IVF4,Flat")
+    assert [s["faiss_factory"] for s in describe_index(out)["spaces"]] == ["IVF4,Flat"] * 2
+    with RealIndex(out) as index:  # approximate: rows are read back from the file, freq unfolded
+        database = index.all_embeddings(Space.FREQ)
+        rows = np.array([7, 2, 7])
+        assert database.shape[1] == 3 * SIZE * SIZE
+        assert np.array_equal(index.embeddings(Space.FREQ, rows), database[rows])
+        found = index.nearest(Space.FREQ, database[:5])
+        assert np.array_equal(found.ids, np.arange(5)) and (found.distances == 0).all()
     with pytest.raises(UsageError, match="FAISS cannot build"):
         build_index([dataset / "real"], tmp_path / "bad.h5", [Space.RGB], size=SIZE, faiss_factory="NotAnIndex")
     assert not (tmp_path / "bad.h5").exists()

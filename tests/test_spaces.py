@@ -14,6 +14,7 @@ from manifpt_cli.spaces import (
     make_embedder,
     parse_spaces,
     pixels_to_float,
+    symmetric_half,
 )
 
 
@@ -46,6 +47,32 @@ def test_freq_from_the_real_fft_is_the_centred_spectrum_of_the_full_fft(height, 
     embedded = PixelEmbedder(Space.FREQ)(pixels)
     assert embedded.dtype == np.float32 and embedded.shape == (6, 3 * height * width)
     assert np.allclose(embedded.reshape(full.shape), full, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize(("height", "width", "own_mirrors"), [(32, 32, 4), (31, 31, 1), (6, 5, 2), (5, 6, 2)])
+def test_the_symmetric_half_maps_one_to_one_onto_the_full_vector(height, width, own_mirrors):
+    half = symmetric_half(height, width)
+    full_dim = 3 * height * width
+    assert int((half.weights == 1).sum()) == 3 * own_mirrors and half.weights.sum() == full_dim
+    assert len(half.unique) == 3 * (height * width + own_mirrors) // 2
+    # Each stored bin is one pair {p, mirror(p)}; together the pairs partition the full vector.
+    covered = np.concatenate([half.unique, half.mirror[half.weights == 2]])
+    assert np.array_equal(np.sort(covered), np.arange(full_dim))
+    assert np.array_equal(half.full_from_unique[half.unique], np.arange(len(half.unique)))
+    assert np.array_equal(half.full_from_unique[half.mirror], np.arange(len(half.unique)))
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4, height, width, 3), dtype=np.uint8)
+    embedded = PixelEmbedder(Space.FREQ)(pixels)
+    stored = half.fold(embedded)
+    assert np.array_equal(half.unfold(stored), embedded), "φ is point-symmetric bit for bit"
+    assert np.array_equal(half.fold(half.unfold(stored)), stored)
+    full_distance = np.square(embedded[0].astype(np.float64) - embedded[1]).sum()
+    half_distance = (half.weights * np.square(stored[0].astype(np.float64) - stored[1])).sum()
+    assert np.isclose(full_distance, half_distance, rtol=1e-12)
+    asymmetric = embedded.copy()
+    asymmetric[0, half.mirror[half.weights == 2][0]] += 1
+    with pytest.raises(ValueError, match="not point-symmetric"):
+        half.fold(asymmetric)
 
 
 def test_parse_spaces_names_the_valid_ones():
