@@ -77,9 +77,13 @@ def build_faiss_index(embeddings: np.ndarray, factory: str):
         index = faiss.index_factory(embeddings.shape[1], factory, faiss.METRIC_L2)
     except RuntimeError as exc:
         raise UsageError(f"FAISS cannot build index {factory!r}: {str(exc).splitlines()[0]}") from None
-    if not index.is_trained:
-        index.train(embeddings)
-    index.add(embeddings)
+    try:
+        if not index.is_trained:
+            index.train(embeddings)
+        index.add(embeddings)
+    except RuntimeError as exc:  # e.g. fewer images than IVF lists or PQ centroids
+        message = str(exc).splitlines()[0].split("Error: ")[-1]
+        raise UsageError(f"FAISS cannot train index {factory!r} on {len(embeddings)} images: {message}") from None
     return index
 
 
@@ -250,18 +254,23 @@ def build_index(
 
 
 def faiss_search_parameters(index) -> dict:
-    """The FAISS parameters that change what an approximate search returns (none for flat search)."""
+    """The FAISS parameters that change what an approximate search returns (none for flat search):
+    IVF's lists probed of all (also behind a transform such as ``PCA64,IVF…``), HNSW's search
+    breadth and links per node."""
     import faiss
 
     index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
     if isinstance(index, faiss.IndexIVF):
         return {"nprobe": int(index.nprobe), "nlist": int(index.nlist)}
     if isinstance(index, faiss.IndexHNSW):
-        return {"efSearch": int(index.hnsw.efSearch)}
+        return {"efSearch": int(index.hnsw.efSearch), "M": int(index.hnsw.nb_neighbors(1))}
     return {}
 
 
 RERANKED_CANDIDATES = 8  # FAISS candidates whose exact distance decides the neighbour (more where unsure)
+SCAN_FALLBACK = "a float64 scan of every real for queries whose FAISS candidates ran out before one that is not a copy"
 EXACT_CHUNK_BYTES = 64 * 2**20  # memory for exact re-ranking at a time
 FLOAT64_SLACK = 1e-12  # relative: covers the float64 sums' rounding (≤ 3,072·2⁻⁵³ ≈ 3.4e-13) at every size here
 
@@ -435,6 +444,7 @@ class RealIndex:
             "exact": factory == "Flat",
             "parameters": faiss_search_parameters(self.faiss_index(space)),
             "reranked_candidates": RERANKED_CANDIDATES,
+            **({} if factory == "Flat" else {"fallback": SCAN_FALLBACK}),
         }
 
     def faiss_index(self, space: Space):
@@ -553,9 +563,37 @@ class RealIndex:
             else:
                 unsure = (np.where(valid, exact, -np.inf).max(axis=1) == smallest) & valid.all(axis=1)
             complete = (candidates >= 0).all(axis=1)
+            # An approximate index returns fewer than k (padded with −1) when the lists it probes
+            # run out: a larger k finds nothing more there, so those rows are scanned instead.
+            short = todo[~found & ~complete]
+            if len(short):
+                ids[short], distances[short] = self._scan_nearest(
+                    space, queries[short], own[short] if own is not None else None
+                )
             todo = todo[(~found | unsure) & (k < self.n_images) & complete]
             k *= 4
         return Neighbours(ids, distances)
+
+    def _scan_nearest(self, space: Space, queries: np.ndarray, own: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest row of each query by a float64 scan of every stored embedding, skipping its own
+        SHA-256 (ties: the lowest row; −1 / inf where every row is a copy of the query)."""
+        dataset = self._group(space)["embeddings"]
+        half = self.stored_layout(space)
+        queries = queries.astype(np.float64)
+        ids = np.full(len(queries), -1, dtype=np.int64)
+        distances = np.full(len(queries), np.inf)
+        step = max(1, EXACT_CHUNK_BYTES // (queries.shape[1] * 8))
+        for start in range(0, self.n_images, step):
+            stored = dataset[start : start + step]
+            rows = (rows_as_float(stored) if half is None else half.unfold(stored)).astype(np.float64)
+            for i, query in enumerate(queries):
+                block = np.square(rows - query).sum(axis=1)
+                if own is not None:
+                    block[self._sha256[start : start + len(rows)] == own[i]] = np.inf
+                nearest = int(block.argmin())
+                if block[nearest] < distances[i]:  # strictly: earlier rows win ties
+                    ids[i], distances[i] = start + nearest, block[nearest]
+        return ids, distances
 
     def _exact_distances(self, space: Space, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """(m, k) squared L2 distances in float64 between each query and its candidates, in chunks."""

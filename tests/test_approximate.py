@@ -1,0 +1,72 @@
+"""Approximate FAISS indexes (IVF, HNSW): real FAISS and HDF5, images decoded from disk."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+from PIL import Image
+
+from manifpt_cli.errors import UsageError
+from manifpt_cli.manifold import RealIndex, build_index
+from manifpt_cli.spaces import PixelEmbedder, Space
+
+from .conftest import SIZE
+from .test_manifold import brute_force_nearest
+
+
+@pytest.fixture(scope="module")
+def real_with_an_outlier(dataset, tmp_path_factory):
+    """The session's reals plus two copies of a white image, which IVF puts in a list of its own."""
+    folder = tmp_path_factory.mktemp("outlier") / "real"
+    shutil.copytree(dataset / "real", folder)
+    Image.fromarray(np.full((SIZE, SIZE, 3), 255, np.uint8)).save(folder / "white_a.png")
+    shutil.copy(folder / "white_a.png", folder / "white_b.png")
+    return folder
+
+
+def test_a_query_whose_probed_list_holds_only_its_copies_is_searched_further(real_with_an_outlier, tmp_path):
+    out = tmp_path / "ivf.h5"
+    build_index([real_with_an_outlier], out, [Space.FREQ], size=SIZE, faiss_factory="IVF4,Flat")
+    white = PixelEmbedder(Space.FREQ)(np.asarray(Image.open(real_with_an_outlier / "white_a.png"))[None])
+    own = hashlib.sha256((real_with_an_outlier / "white_a.png").read_bytes()).hexdigest()
+    with RealIndex(out) as index:
+        _, candidates = index.faiss_index(Space.FREQ).search(white, 8)
+        copies = [i for i, path in enumerate(index.paths(np.arange(index.n_images))) if "white" in path]
+        assert sorted(candidates[0][candidates[0] >= 0]) == copies and (candidates[0] < 0).any(), (
+            "the situation under test: the probed list holds only the copies, FAISS pads with -1"
+        )
+        found = index.nearest(Space.FREQ, white, [own])
+        database = index.all_embeddings(Space.FREQ)
+    others = np.setdiff1d(np.arange(len(database)), copies)
+    expected_id, expected_distance = brute_force_nearest(database[others], white)
+    assert found.ids.tolist() == [others[expected_id[0]]]
+    assert found.distances.tolist() == expected_distance.tolist()
+
+
+@pytest.mark.parametrize(
+    ("factory", "parameters"),
+    [("IVF4,Flat", {"nprobe": 3, "nlist": 4}), ("HNSW32", {"efSearch": 24, "M": 32})],
+)
+def test_the_header_says_approximate_with_the_parameters_searched(dataset, tmp_path, factory, parameters):
+    out = tmp_path / "approximate.h5"
+    build_index([dataset / "real"], out, [Space.RGB], size=SIZE, faiss_factory=factory)
+    with RealIndex(out) as index:
+        searched = faiss.downcast_index(index.faiss_index(Space.RGB))
+        if "nprobe" in parameters:
+            searched.nprobe = parameters["nprobe"]
+        else:
+            searched.hnsw.efSearch = parameters["efSearch"]
+        description = index.search_description(Space.RGB)
+    assert description["exact"] is False and f"FAISS {factory} (approximate)" in description["method"]
+    assert description["parameters"] == parameters
+    assert "scan" in description["fallback"]
+
+
+def test_too_few_images_to_train_is_a_usage_error(dataset, tmp_path):
+    with pytest.raises(UsageError, match=r"cannot train index 'IVF4,PQ16' on \d+ images"):
+        build_index([dataset / "real"], tmp_path / "pq.h5", [Space.RGB], size=SIZE, faiss_factory="IVF4,PQ16")
+    assert not (tmp_path / "pq.h5").exists()
