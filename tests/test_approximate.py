@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from manifpt_cli.errors import UsageError
-from manifpt_cli.manifold import RealIndex, build_index
+from manifpt_cli.manifold import RealIndex, build_index, fold_queries
 from manifpt_cli.spaces import PixelEmbedder, Space
 
 from .conftest import SIZE
@@ -34,7 +34,8 @@ def test_a_query_whose_probed_list_holds_only_its_copies_is_searched_further(rea
     white = PixelEmbedder(Space.FREQ)(np.asarray(Image.open(real_with_an_outlier / "white_a.png"))[None])
     own = hashlib.sha256((real_with_an_outlier / "white_a.png").read_bytes()).hexdigest()
     with RealIndex(out) as index:
-        _, candidates = index.faiss_index(Space.FREQ).search(white, 8)
+        searched, _ = fold_queries(index.stored_layout(Space.FREQ), white)  # FAISS's coordinates
+        _, candidates = index.faiss_index(Space.FREQ).search(np.ascontiguousarray(searched, np.float32), 8)
         copies = [i for i, path in enumerate(index.paths(np.arange(index.n_images))) if "white" in path]
         assert sorted(candidates[0][candidates[0] >= 0]) == copies and (candidates[0] < 0).any(), (
             "the situation under test: the probed list holds only the copies, FAISS pads with -1"
