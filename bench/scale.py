@@ -8,9 +8,8 @@ Not a test (figures, not pass/fail). From one uint8 N×S×S×3 array file of rea
 2. `manifpt index build` of the real set, `extract`, `train` (small CNN, ``--epochs``), `export`;
 3. `manifpt attribute` of the suspects;
 
-each as its own process under ``/usr/bin/time``-style accounting (wall time and peak resident
-memory of the process, from ``resource.getrusage`` of the child), and prints the table the README
-quotes, with the machine.
+each as its own process under GNU ``/usr/bin/time`` (wall time and the peak resident memory of
+that process), and prints the table the README quotes, with the machine.
 
     python bench/scale.py --images real256.npy --index-rows 30000 --spaces rgb [--suspects 600]
 """
@@ -25,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +31,16 @@ from PIL import Image, ImageFilter
 
 
 def run(*args: str) -> tuple[float, float]:
-    """(seconds, peak resident MiB) of one `manifpt` command, run as a child process."""
-    start = time.perf_counter()
+    """(seconds, peak resident MiB) of one `manifpt` command, measured by /usr/bin/time (GNU time):
+    the peak of the command's own process, whatever this script holds."""
     quiet = [] if args[0] == "export" else ["-q"]  # export has no progress to silence
-    child = subprocess.Popen([sys.executable, "-m", "manifpt_cli", *args, *quiet])
-    _, status, usage = os.wait4(child.pid, 0)  # this child's own resource use
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode not in (0, 3):
-        raise SystemExit(f"manifpt {' '.join(args)} exited {child.returncode}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
+    command = ["/usr/bin/time", "-f", "manifpt-scale %e %M", sys.executable, "-m", "manifpt_cli", *args, *quiet]
+    result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(result.stderr)
+    if result.returncode not in (0, 3):
+        raise SystemExit(f"manifpt {' '.join(args)} exited {result.returncode}")
+    seconds, kib = result.stderr.rsplit("manifpt-scale ", 1)[1].split()
+    return float(seconds), int(kib) / 1024
 
 
 def degrade(kind: str, pixels: np.ndarray) -> np.ndarray:
