@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--suspects", type=int, default=600, help="held-out suspects (a third each source)")
     parser.add_argument("--train-per-source", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--attribute-batch-size", type=int, default=64, help="attribute's --batch-size")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
 
@@ -121,6 +122,8 @@ def main() -> None:
             "csv",
             "--out",
             str(work / "report.csv"),
+            "--batch-size",
+            str(args.attribute_batch_size),
         ),
     }
     results = {name: run(*command) for name, command in steps.items()}

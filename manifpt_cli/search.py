@@ -255,7 +255,10 @@ class ExactSearch:
         checked = np.zeros(n, dtype=np.int64)
         if n == 0 or len(self.rows) == 0:
             return SearchResult(ids, distances, checked)
-        block = max(1, min(QUERY_BLOCK, BLOCK_BYTES // (4 * len(self.rows))))
+        # Bounded by the (queries × rows) bound matrix, and by the probes' float32/float64 copies of
+        # the queries and their rows (which matter at large image sizes: 10 queries at 256×256).
+        per_query = max(4 * len(self.rows), 8 * PROBES * self.rows.shape[1])
+        block = max(1, min(QUERY_BLOCK, BLOCK_BYTES // per_query))
         for start in range(0, n, block):
             part = slice(start, start + block)
             own = own_sha256[part] if own_sha256 is not None else None
