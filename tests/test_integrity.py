@@ -170,20 +170,6 @@ def _drop_search(group):
     del group.attrs["search"]
 
 
-@pytest.mark.parametrize(
-    "tamper", [_edit_pixel, _edit_projection, _swap_tables, _drop_search], ids=lambda f: f.__name__[1:]
-)
-def test_tampered_exact_search_tables_are_refused(real_index, tmp_path, tamper):
-    """Every dataset the rgb exact search reads is covered by the space digest: one flipped bit is refused."""
-    index = _copy(real_index, tmp_path, "tampered.h5")
-    with h5py.File(index, "r+") as handle:
-        tamper(handle["spaces/rgb"])
-    with pytest.raises(IntegrityError, match="digest|laid out"):
-        RealIndex(index, verify=[Space.RGB])
-    if tamper is not _drop_search:  # a data edit leaves the other space usable (the layout check is whole-file)
-        RealIndex(index, verify=[Space.FREQ]).close()
-
-
 def _drop_layout(group):
     del group.attrs["layout"]
 
@@ -192,15 +178,23 @@ def _edit_stored_bin(group):
     group["embeddings"][1, 3] = np.nextafter(group["embeddings"][1, 3], np.float32(np.inf))
 
 
-@pytest.mark.parametrize("tamper", [_drop_layout, _edit_stored_bin], ids=lambda f: f.__name__[1:])
-def test_tampered_freq_half_is_refused(real_index, tmp_path, tamper):
-    """freq's stored half and its layout attribute are covered by the space digest."""
+TAMPERED_SEARCH_DATA = [(Space.RGB, f) for f in (_edit_pixel, _edit_projection, _swap_tables, _drop_search)]
+TAMPERED_SEARCH_DATA += [(Space.FREQ, f) for f in (_drop_layout, _edit_stored_bin)]
+
+
+@pytest.mark.parametrize(
+    ("space", "tamper"), TAMPERED_SEARCH_DATA, ids=lambda p: p.__name__[1:] if callable(p) else p.value
+)
+def test_tampered_search_data_is_refused(real_index, tmp_path, space, tamper):
+    """Every dataset and layout attribute a space's search reads (rgb's exact-search tables, freq's
+    stored half) is covered by the space digest: one edit is refused."""
     index = _copy(real_index, tmp_path, "tampered.h5")
     with h5py.File(index, "r+") as handle:
-        tamper(handle["spaces/freq"])
-    with pytest.raises(IntegrityError, match="digest"):
-        RealIndex(index, verify=[Space.FREQ])
-    RealIndex(index, verify=[Space.RGB]).close()
+        tamper(handle[f"spaces/{space.value}"])
+    with pytest.raises(IntegrityError, match="digest|laid out"):
+        RealIndex(index, verify=[space])
+    if tamper is not _drop_search:  # a data edit leaves the other space usable (the layout check is whole-file)
+        RealIndex(index, verify=[Space.FREQ if space is Space.RGB else Space.RGB]).close()
 
 
 def test_another_real_set_with_the_hash_copied_is_refused(case, dataset, tmp_path):
