@@ -18,12 +18,12 @@ from .artifacts import index_images
 from .attribute import Attribution, AttributionRow
 from .case_report import evidence_record
 from .engines import LocalEngine
-from .errors import EXIT_OK, EXIT_PARTIAL, ImageDecodeError, MismatchError, UsageError
+from .errors import EXIT_OK, EXIT_PARTIAL, FormatError, ImageDecodeError, MismatchError, UsageError
 from .evidence import Evidence, render_evidence
 from .formats import backbone_path_for, utc_now
 from .images import FailedImage, count_images, decode_image, display_path, path_from_display
 from .outputs import check_outputs
-from .report import ReportFormat, open_report, sidecar_path
+from .report import COLUMNS, ReportFormat, open_report, sidecar_path
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import PixelEmbedder, Space
 
@@ -138,7 +138,10 @@ def run_attribution(
 
 def _record(row: dict) -> dict:
     """A report row in its JSON form, whether it was read from JSON or from CSV text cells."""
-    if not isinstance(row.get("top_k"), str):
+    missing = [column for column in COLUMNS if column not in row]
+    if missing:
+        raise KeyError(f"a row lacks {', '.join(missing)}")
+    if not isinstance(row["top_k"], str):
         return row
     number = lambda text: float(text) if text not in ("", None) else None  # noqa: E731
     top_k = []
@@ -193,9 +196,13 @@ def render_case_report(
 
     report = os.fspath(report)
     header, rows, _ = read_report(report)
-    index_path = os.fspath(index) if index is not None else os.fsdecode(path_from_display(header.get("index", "")))
+    try:
+        space = Space(header["space"])
+        index_path = os.fspath(index) if index is not None else os.fsdecode(path_from_display(header["index"]))
+        rows = [_record(row) for row in rows]
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise FormatError(f"{report} is not a manifpt report (or is damaged): {type(exc).__name__}: {exc}") from None
     check_outputs([out], inputs=[report, sidecar_path(report), index_path], overwrite=overwrite)
-    space = Space(header["space"])
     summary = CaseReportSummary(os.fspath(out))
     with RealIndex(index_path, verify=[space]) as real:
         if real.index_hash != header.get("index_hash"):
@@ -208,7 +215,7 @@ def render_case_report(
         header = {**header, "rendered_from": f"{display_path(report)}, re-rendered {utc_now()}"}
         settings.progress.start("Rendering the case report", len(rows))
         with open_report(ReportFormat.HTML, out, header, overwrite=overwrite) as writer:
-            for row in map(_record, rows):
+            for row in rows:
                 evidence = None
                 if row["status"] == "ok":
                     evidence = _evidence_again(row, real, row_of_path, embed, space, settings)

@@ -65,7 +65,7 @@ def read_report(path: str) -> tuple[dict, list[dict], Check | None]:
         with open(sidecar_path(path), encoding="utf-8") as handle:
             header = json.load(handle)
     except FileNotFoundError as exc:
-        raise UsageError(f"cannot verify {path}: {exc.filename} does not exist") from None
+        raise UsageError(f"cannot read report {path}: {exc.filename} does not exist") from None
     except (ValueError, KeyError, UnicodeDecodeError) as exc:
         raise FormatError(f"{path} is not a manifpt report (or is damaged): {exc}") from None
     recorded = header.get("report_sha256", "")

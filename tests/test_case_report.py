@@ -256,6 +256,20 @@ def test_report_command_reads_a_csv_report_with_its_sidecar(case, freq_model, tm
     assert again and all(again[path] == first[path] for path in again)
 
 
+@pytest.mark.parametrize("damage", ["no header space", "a row without sha256", "truncated"])
+def test_report_command_refuses_a_damaged_report(case, tmp_path, damage):
+    report = json.loads(case["report"].read_text(encoding="utf-8"))
+    if damage == "no header space":
+        del report["header"]["space"]
+    elif damage == "a row without sha256":
+        del report["rows"][0]["sha256"]
+    text = json.dumps(report)
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(text[: len(text) // 2] if damage == "truncated" else text, encoding="utf-8")
+    result = cli("report", damaged, "--html", tmp_path / "case.html", code=1)
+    assert "is not a manifpt report" in result.stderr and not (tmp_path / "case.html").exists()
+
+
 def test_html_needs_a_file(case, freq_model):
     model = freq_model / "freq.onnx"
     result = cli("attribute", case["suspects"], "--model", model, "--index", case["index"], "--report", "html", code=2)
