@@ -157,3 +157,13 @@ def test_errors_are_one_line_with_no_blank_line_before(tmp_path):
     assert result.stderr.startswith("error: no such artifacts file") and result.stderr.count("\n") == 1
     usage = CliRunner().invoke(app, ["attribute", str(tmp_path), "--model", "m", "--index", "i", "--report", "pdf"])
     assert usage.exit_code == 2 and usage.stderr.startswith("Usage: ") and "\n\n" not in usage.stderr
+
+
+def test_messages_on_stderr_are_one_line_however_long():
+    """A log keeps a message whole: stderr never hard-wraps one (here 500 characters)."""
+    from manifpt_cli.cli.console import stderr
+
+    message = "saved " + "x" * 494
+    with stderr.capture() as captured:
+        stderr.print(message)
+    assert stderr.width < len(message) and captured.get() == message + "\n"

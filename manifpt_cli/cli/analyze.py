@@ -56,4 +56,4 @@ def clusters(
     print_table(stdout, table)
     for factor, why in result.skipped.items():
         stderr.print(f"not scored: {factor} ({why})")
-    stderr.print(f"wrote {', '.join(p.name for p in result.files.values())} to {safe(out)}", soft_wrap=True)
+    stderr.print(f"wrote {', '.join(p.name for p in result.files.values())} to {safe(out)}")

@@ -27,7 +27,7 @@ from ..extras import missing_extra, require_extra
 from ..progress import Progress
 
 stdout = Console(soft_wrap=False)
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # a message is one line, however long: logs keep it whole
 
 
 CONTROL_NAMES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
@@ -167,7 +167,7 @@ class RichProgress(Progress):
 
 def _fail(exc: ManifptError) -> None:
     # One line, however long (a log keeps it whole), right after what came before.
-    stderr.print(Text("error: ", style="bold red") + literal(exc), highlight=False, soft_wrap=True)
+    stderr.print(Text("error: ", style="bold red") + literal(exc), highlight=False)
     raise typer.Exit(exc.exit_code) from None
 
 

@@ -73,4 +73,4 @@ def demo(
     stdout.print(f"reports: {result.reports['csv']} (+ .meta.json), {result.reports['json']}")
     stderr.print(f"\nEverything is in {result.workdir}. Each step again, with the normal commands:")
     for command in result.commands:
-        stderr.print(f"  {command}", highlight=False, soft_wrap=True)
+        stderr.print(f"  {command}", highlight=False)

@@ -74,9 +74,7 @@ def extract(
             table.add_row(literal(name), str(count))
         print_table(stderr, table)
         spaces = ", ".join(s.value for s in result.spaces)
-        stderr.print(
-            f"[green]{result.n_samples} artifacts[/] in {spaces} → {safe(out)} ({result.seconds:.1f} s)", soft_wrap=True
-        )
+        stderr.print(f"[green]{result.n_samples} artifacts[/] in {spaces} → {safe(out)} ({result.seconds:.1f} s)")
         if result.failures:
             print_failures([(f.path, f"[{name}] {f.error}") for name, f in result.failures])
             raise typer.Exit(EXIT_PARTIAL)
