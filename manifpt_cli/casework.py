@@ -221,7 +221,7 @@ def render_case_report(
                     evidence = _evidence_again(row, real, row_of_path, embed, space, settings)
                     summary.pictured += evidence.suspect is not None
                     summary.problems.update(evidence.missing.keys())
-                writer.case.write_record(row, evidence_record(evidence))
+                writer.write_case_record(row, evidence_record(evidence))
                 summary.rows += 1
                 settings.progress.advance(1)
     return summary

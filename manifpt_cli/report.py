@@ -129,8 +129,15 @@ class ReportWriter:
         elif self.format is ReportFormat.JSON:
             self.stream.write(("\n" if self.first else ",\n") + _json(row_record(row)))
         else:
-            self.case.write_record(row_record(row), evidence_record(row.evidence))
+            self.write_case_record(row_record(row), evidence_record(row.evidence))
         self.first = False
+
+    def write_case_record(self, record: dict, evidence: dict | None) -> None:
+        """One row of an HTML case report from its JSON form and pictures (`manifpt report` has no
+        :class:`AttributionRow`, only the rows of an earlier report)."""
+        if self.format is not ReportFormat.HTML:
+            raise UsageError(f"rows of an earlier report are rendered as html, not {self.format.value}")
+        self.case.write_record(record, evidence)
 
     def close(self) -> None:
         self.finished_utc = utc_now()
