@@ -1,4 +1,4 @@
-"""Exact nearest real image (k = 1, squared L2), without scanning every real image in full.
+"""Exact nearest real image (k = 1, squared L2) among uint8 pixel rows, without scanning every row in full.
 
 A PCA basis Q (k orthonormal rows, fitted at build time on a seeded sample) and the mean μ give,
 for x = Q(q − μ), y = Q(r − μ) and the residual norms ρ = ‖(I − QᵀQ)(· − μ)‖, the lower bound
@@ -8,18 +8,22 @@ for x = Q(q − μ), y = Q(r − μ) and the residual norms ρ = ‖(I − QᵀQ
 (Pythagoras, then the triangle inequality on the residuals). It is the squared distance between the
 augmented vectors [x, ρ_q] and [y, ρ_r], so one matrix product per block of queries gives it for
 every real image. Any leading j < k of the basis rows give a looser bound of the same form, with
-ρ grown by the dropped coordinates. The search runs in stages, all batched over a block of queries:
+ρ grown by the dropped coordinates. Pixels are integers, so the distance itself is one too:
+‖q − r‖² = D / 255² with D = ‖q‖² + ‖r‖² − 2 q·r, which :class:`PixelProducts` computes exactly
+(8-bit integer products). The search runs in stages, all batched over a block of queries:
 
-1. the bound in the first ``STAGE_DIMS[0]`` coordinates for every row (one small float32 product),
-   and an upper bound per query: the distance to its row of smallest bound;
+1. the bound in the first ``STAGE_DIMS[0]`` coordinates for every row (one float32 product), and
+   an upper bound per query: its smallest exact distance to the rows of lowest bound of all the
+   queries in the block (a pool they share: nearby queries often share neighbours);
 2. the bound in all k coordinates for the rows that stage 1 left (their union over the block), and
-   a tighter upper bound from the ``PROBES`` rows of smallest bound;
-3. float32 distances to the rows that survive (one product over their union);
-4. the float64 sum brute force computes, for the rows within rounding of the smallest distance.
+   a tighter upper bound from the pool of their rows of lowest bound;
+3. exact integer distances to the rows that survive (one integer product over their union);
+4. the float64 sum brute force computes, for the rows within its rounding of the smallest.
 
 A row is dropped only when its bound exceeds a query's upper bound (strictly, so every row tied at
 the minimum survives and the lowest row wins). Rounding never drops the true neighbour: every
-float32 quantity carries a proven margin (:func:`_lower_bound_margin`, :func:`_distance_margin`).
+float32 bound carries a proven margin (:func:`_lower_bound_margin`), and the step from integer
+distances to brute force's float64 ones another (:meth:`ExactSearch._slack`).
 """
 
 from __future__ import annotations
@@ -27,45 +31,38 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from .pixel_products import PixelProducts
 
 UNIT_ROUNDOFF = 2.0**-24  # float32: fl(a ∘ b) = (a ∘ b)(1 + δ), |δ| ≤ u
 PLAN_SAMPLE = 4096  # real images the basis is fitted on (seeded), fewer where they would pass PLAN_BYTES
 PLAN_BYTES = 512 * 2**20  # memory for the float64 sample the basis is fitted on
 STAGE_DIMS = (64, 256)  # coordinates of the stage-1 bound, and of the basis (stage 3); bench/exact_search.py
-PROBES = 4  # rows per query of lowest stage-3 bound whose distance tightens the upper bound
 QUERY_BLOCK = 128  # queries searched together (their candidate rows are shared in the products)
 BLOCK_BYTES = 64 * 2**20  # at most this much memory for one block's (queries × rows) bound matrix
+NO_ROW = np.iinfo(np.int64).max  # the distance to a query's own rows (leave-one-out), and to none
 
 
-def gamma(n: int) -> float:
-    """γ_n = n·u / (1 − n·u): the relative error bound of a float32 sum of n products (any order)."""
-    return n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
+def gamma(n: int, unit_roundoff: float = UNIT_ROUNDOFF) -> float:
+    """γ_n = n·u / (1 − n·u): the relative error bound of a sum of n products (any order); float32
+    by default."""
+    return n * unit_roundoff / (1 - n * unit_roundoff)
 
 
 def _lower_bound_margin(dims: int) -> float:
     """Factor c such that LB_float32 − c·(‖x‖ + max‖y‖)² ≤ LB_exact ≤ ‖q − r‖².
 
-    The float32 product G = ‖y‖² − 2 x·y over m = dims + 1 augmented coordinates errs by at most
-    γ_m·2‖x‖‖y‖ (dot product) plus u·(‖y‖² + 2‖x‖‖y‖) (the addition of ‖y‖²); rounding x and y
-    to float32 moves ‖x − y‖ by at most u(‖x‖ + ‖y‖), so ‖x − y‖² by at most 2u(‖x‖ + ‖y‖)².
-    All terms are below (2γ_m + 4u)(‖x‖ + ‖y‖)²; 8u and 1e-9 on top cover the float64 projection
-    and residual norms (computed from float32 coordinates: errors ~u relative) with room to spare.
+    The float32 product G = ‖y‖² − 2 x·y over m = dims + 2 coordinates (the augmented vector and
+    the ‖y‖² column) errs by at most γ_m(2‖x‖‖y‖ + ‖y‖²), and rounding ‖y‖² to float32 adds
+    u‖y‖²; rounding x and y to float32 moves ‖x − y‖ by at most u(‖x‖ + ‖y‖), so ‖x − y‖² by at
+    most 2u(‖x‖ + ‖y‖)². All terms are below (γ_m + 3u)(‖x‖ + ‖y‖)²; twice that, 2u more and
+    1e-9 on top cover the float64 projection and residual norms (computed from float32
+    coordinates: errors ~u relative) with room to spare.
     """
-    return 2 * gamma(dims + 1) + 8 * UNIT_ROUNDOFF + 1e-9
-
-
-def _distance_margin(dim: int) -> float:
-    """Factor c such that |E − ‖q − r‖²| ≤ c·‖q − μ‖·max‖r‖ + 1e-9·(‖q − μ‖² + max‖r − μ‖²).
-
-    E = ‖q − μ‖² + ‖r − μ‖² − 2(s·(q − μ)·p − (q − μ)·μ), with r = fl(s·p) the stored row p read
-    as floats (s = 1/255 for pixels, 1 otherwise). The float32 product (q − μ)·p errs by at most
-    γ_d‖q − μ‖‖p‖, fl(s·p) differs from s·p by at most u·|s·p|, and rounding q − μ to float32
-    moves the product by at most u‖q − μ‖‖r‖ (6u covers both, twice); the float64 rest (1e-9).
-    """
-    return 2 * gamma(dim + 1) + 6 * UNIT_ROUNDOFF
+    return 2 * gamma(dims + 2) + 8 * UNIT_ROUNDOFF + 1e-9
 
 
 def _round_up32(values: np.ndarray) -> np.ndarray:
@@ -138,42 +135,44 @@ def _augmented(coords: np.ndarray, centred_squared: np.ndarray, dims: int) -> np
 class SearchResult:
     ids: np.ndarray
     distances: np.ndarray
-    checked: np.ndarray  # rows whose full distance was computed, per query
+    checked: np.ndarray  # rows whose exact distance was computed, per query
 
 
 @dataclass
 class _Stage:
-    """One lower bound: ``operand`` (n, dims + 1) float32 augmented rows, their squared norms."""
+    """One lower bound. ``operand`` (n, dims + 2) float32 holds each row's augmented vector y as
+    [−2y, ‖y‖²], so that one product with the query's [x, 1] gives G = ‖y‖² − 2x·y."""
 
     dims: int
     operand: np.ndarray
-    squared: np.ndarray = field(init=False)
-    max_norm: float = field(init=False)
-    margin: float = field(init=False)
+    max_norm: float
+    margin: float
 
-    def __post_init__(self) -> None:
-        squared = np.einsum("ij,ij->i", self.operand, self.operand, dtype=np.float64)
-        self.squared = squared.astype(np.float32)
-        self.max_norm = float(np.sqrt(squared.max())) if len(squared) else 0.0
-        self.margin = _lower_bound_margin(self.dims)
+    @classmethod
+    def of(cls, dims: int, augmented: np.ndarray) -> _Stage:
+        squared = np.einsum("ij,ij->i", augmented, augmented)
+        operand = np.concatenate([-2 * augmented, squared[:, None]], axis=1).astype(np.float32)
+        max_norm = float(np.sqrt(squared.max())) if len(squared) else 0.0
+        return cls(dims, operand, max_norm, _lower_bound_margin(dims))
 
     def bound_terms(self, coords: np.ndarray, centred_squared: np.ndarray, rows=slice(None)):
-        """(G, offset) with ‖a − b‖² − margin ≥ G + offset: G = ‖b‖² − 2a·b in float32 per
-        (query, row), offset = ‖a‖² − margin per query (float64)."""
+        """(G, offset) with G + offset ≤ ‖a − b‖² − margin ≤ the bound: G float32 per (query,
+        row), offset = ‖a‖² − margin per query (float64)."""
         augmented = _augmented(coords, centred_squared, self.dims)
-        operand = self.operand[rows]
-        bound = augmented.astype(np.float32) @ (-2 * operand.T)
-        bound += self.squared[rows]
+        query = np.concatenate([augmented, np.ones((len(augmented), 1))], axis=1).astype(np.float32)
+        bound = query @ self.operand[rows].T
         query_squared = np.einsum("ij,ij->i", augmented, augmented)
         return bound, query_squared - self.margin * (np.sqrt(query_squared) + self.max_norm) ** 2
 
 
 class ExactSearch:
-    """Exact k = 1 search over ``rows`` (n, d) uint8 pixels or float32 embeddings, held in memory.
+    """Exact k = 1 search over ``rows`` (n, d) uint8 pixels (the rgb space: φ = p / 255), in memory.
 
     ``projected`` (n, k) float32 and ``centred_squared`` (n,) float64 are :func:`project_rows` of
     the rows (stored in the index); ``sha256`` (n,) S64 lets a query skip the rows of its own file
-    (leave-one-out). ``seconds`` adds up the time spent in each step, for benchmarks.
+    (leave-one-out). ``seconds`` adds up the time spent in each step, for benchmarks. ``threads``
+    (default: FAISS's, which :meth:`RunSettings.apply` sets) and ``kernel`` go to
+    :class:`PixelProducts`.
     """
 
     def __init__(
@@ -184,17 +183,27 @@ class ExactSearch:
         centred_squared: np.ndarray,
         sha256: np.ndarray,
         stage_dims: Sequence[int] = STAGE_DIMS,
+        threads: int | None = None,
+        kernel: str | None = None,
     ) -> None:
+        if rows.dtype != np.uint8:
+            raise ValueError(f"the exact search takes uint8 pixel rows, not {rows.dtype}")
+        if threads is None:
+            import faiss
+
+            threads = faiss.omp_get_max_threads()
         self.rows, self.plan = rows, plan
         dims = sorted({min(k, projected.shape[1]) for k in stage_dims})
-        self.stages = [
-            _Stage(k, _augmented(projected, centred_squared, k).astype(np.float32)) for k in (dims[0], dims[-1])
-        ]
-        self.centred_squared = centred_squared
-        self.scale = 1 / 255 if rows.dtype == np.uint8 else 1.0
-        self.max_row_norm = float(np.sqrt(np.max(centred_squared, initial=0.0))) + float(np.linalg.norm(plan.mean))
-        self.max_centred = float(np.sqrt(np.max(centred_squared, initial=0.0)))
-        self.distance_margin = _distance_margin(rows.shape[1])
+        self.stages = [_Stage.of(k, _augmented(projected, centred_squared, k)) for k in (dims[0], dims[-1])]
+        self.basis = np.ascontiguousarray(plan.basis[: dims[-1]])  # the coordinates the stages use
+        self.squared_norms = np.empty(len(rows), dtype=np.int64)  # ‖r‖² in pixels², exact
+        step = max(1, BLOCK_BYTES // max(1, rows.shape[1]))
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
+            self.squared_norms[start : start + step] = np.einsum("ij,ij->i", chunk, chunk, dtype=np.int64)
+        self.max_norm = float(np.sqrt(self.squared_norms.max(initial=0)))
+        self.products = PixelProducts(threads, kernel)
+        self._precision = gamma(rows.shape[1] + 1, 2.0**-53)
         order = np.argsort(sha256, kind="stable")
         self._sha_sorted, self._sha_order = sha256[order], order
         self.seconds: dict[str, float] = defaultdict(float)
@@ -202,127 +211,162 @@ class ExactSearch:
     @property
     def nbytes(self) -> int:
         """Memory the search holds per the whole index (rows, bound operands, norms)."""
-        held = self.rows.nbytes + self.centred_squared.nbytes + self._sha_order.nbytes
-        return held + sum(stage.operand.nbytes + stage.squared.nbytes for stage in self.stages)
+        held = self.rows.nbytes + self.squared_norms.nbytes + self._sha_order.nbytes
+        return held + sum(stage.operand.nbytes for stage in self.stages)
 
-    def _own_rows(self, sha: bytes) -> np.ndarray:
-        start = np.searchsorted(self._sha_sorted, sha, side="left")
-        stop = np.searchsorted(self._sha_sorted, sha, side="right")
-        return self._sha_order[start:stop]
+    def _own_pairs(self, own_sha256) -> tuple[np.ndarray, np.ndarray]:
+        """(query, row) pairs of each query's own file (leave-one-out), rows ascending per query."""
+        if own_sha256 is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        queries, rows = [], []
+        for i, sha in enumerate(own_sha256):
+            key = sha.encode()
+            start = np.searchsorted(self._sha_sorted, key, side="left")
+            stop = np.searchsorted(self._sha_sorted, key, side="right")
+            rows.append(self._sha_order[start:stop])
+            queries.append(np.full(stop - start, i))
+        return np.concatenate(queries).astype(np.int64), np.concatenate(rows).astype(np.int64)
 
     def _timed(self, step: str, started: float) -> float:
         now = time.perf_counter()
         self.seconds[step] += now - started
         return now
 
-    def _upper_estimates(self, centred: np.ndarray, query_squared: np.ndarray, query_ids, row_ids) -> np.ndarray:
-        """E + margin ≥ ‖q − r‖² for (query, row) pairs (float64), from a float32 dot per pair."""
-        dots = np.einsum("ij,ij->i", centred[query_ids], self.rows[row_ids].astype(np.float32), dtype=np.float32)
-        estimate = self._estimate(dots, centred, query_squared, query_ids, row_ids)
-        return estimate + self._margins(query_squared)[query_ids]
+    def _slack(self, distances: np.ndarray, query_norms: np.ndarray) -> np.ndarray:
+        """e(D) ≥ |255²·E − D| for a pair at integer distance D, E its float64 brute-force distance.
 
-    def _probe(self, bound, centred, query_squared, columns, probes: int) -> np.ndarray:
-        """An upper bound per query: the smallest distance to its ``probes`` rows of lowest bound
-        (``columns`` maps the bound's columns to rows); inf where every bound is inf."""
-        probes = min(probes, bound.shape[1])
-        if probes == 0:
-            return np.full(len(bound), np.inf)
-        if probes == 1:
-            nearest = bound.argmin(axis=1)[:, None]
-        else:
-            nearest = np.argpartition(bound, probes - 1, axis=1)[:, :probes]
-        b = len(bound)
-        query_ids = np.repeat(np.arange(b), probes)
-        upper = self._upper_estimates(centred, query_squared, query_ids, columns[nearest.ravel()]).reshape(b, probes)
-        upper[~np.isfinite(np.take_along_axis(bound, nearest, axis=1))] = np.inf
-        return upper.min(axis=1)
-
-    def _estimate(self, dots, centred, query_squared, query_ids, row_ids) -> np.ndarray:
-        mean_dot = centred.astype(np.float64) @ self.plan.mean
-        cross = dots.astype(np.float64) * self.scale - mean_dot[query_ids]
-        return query_squared[query_ids] + self.centred_squared[row_ids] - 2 * cross
-
-    def _margins(self, query_squared: np.ndarray) -> np.ndarray:
-        norms = np.sqrt(query_squared)
-        extra = 1e-9 * (query_squared + self.max_centred**2)
-        return self.distance_margin * norms * self.max_row_norm + extra
+        With a = fl(q / 255) = q / 255 + α (|α_i| ≤ u·q_i / 255), b likewise, S = √D and
+        N = ‖q‖ + ‖r‖: Σ(a − b)² differs from D / 255² by at most (2uSN + u²N²) / 255²
+        (Cauchy–Schwarz on the cross term) and is at most (S + uN)² / 255²; float64 squares and
+        sums it with relative error γ_{d+1}. ‖r‖ is bounded by the largest row norm.
+        """
+        norms = query_norms + self.max_norm
+        root = np.sqrt(distances.astype(np.float64))
+        return (
+            2 * UNIT_ROUNDOFF * root * norms
+            + UNIT_ROUNDOFF**2 * norms**2
+            + self._precision * (root + UNIT_ROUNDOFF * norms) ** 2 * 1.01
+            + 1.0
+        )
 
     def nearest(self, queries: np.ndarray, own_sha256: Sequence[str] | None = None) -> SearchResult:
+        """Brute force's neighbour and float64 distance for each row of (n, d) float32 ``queries``,
+        which must be 8-bit pixel embeddings (p / 255: every rgb query is)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        pixels = np.clip(np.rint(queries * 255), 0, 255).astype(np.uint8)
+        if not np.array_equal(rows_as_float(pixels), queries):
+            raise ValueError("the exact search takes 8-bit pixel embeddings (p / 255) as queries")
         n = len(queries)
         ids = np.full(n, -1, dtype=np.int64)
         distances = np.full(n, np.inf)
         checked = np.zeros(n, dtype=np.int64)
         if n == 0 or len(self.rows) == 0:
             return SearchResult(ids, distances, checked)
-        # Bounded by the (queries × rows) bound matrix, and by the probes' float32/float64 copies of
-        # the queries and their rows (which matter at large image sizes: 10 queries at 256×256).
-        per_query = max(4 * len(self.rows), 8 * PROBES * self.rows.shape[1])
+        # Bounded by the (queries × rows) bound matrix, and by the queries' float64 copies (which
+        # matter at large image sizes: 10 queries at 256×256).
+        per_query = max(4 * len(self.rows), 8 * self.rows.shape[1])
         block = max(1, min(QUERY_BLOCK, BLOCK_BYTES // per_query))
         for start in range(0, n, block):
             part = slice(start, start + block)
             own = own_sha256[part] if own_sha256 is not None else None
-            ids[part], distances[part], checked[part] = self._nearest_block(queries[part], own)
+            ids[part], distances[part], checked[part] = self._nearest_block(pixels[part], queries[part], own)
         return SearchResult(ids, distances, checked)
 
-    def _nearest_block(self, queries: np.ndarray, own_sha256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @staticmethod
+    def _own_cells(columns: np.ndarray, own) -> tuple[np.ndarray, np.ndarray]:
+        """(query, position in ``columns``) of each query's own rows among ascending ``columns``."""
+        own_queries, own_rows = own
+        if not len(own_rows) or not len(columns):
+            return own_queries[:0], own_rows[:0]
+        at = np.minimum(np.searchsorted(columns, own_rows), len(columns) - 1)
+        hit = columns[at] == own_rows
+        return own_queries[hit], at[hit]
+
+    def _distances(self, operand, query_squared, row_ids: np.ndarray, own) -> np.ndarray:
+        """(len(row_ids), b) exact integer squared distances (pixels²) to ascending ``row_ids``;
+        NO_ROW to a query's own rows."""
+        distances = np.empty((len(row_ids), len(query_squared)), dtype=np.int64)
+        step = max(1, BLOCK_BYTES // (8 * max(len(query_squared), self.rows.shape[1] // 8)))
+        for start in range(0, len(row_ids), step):
+            chunk = row_ids[start : start + step]
+            dots = self.products.dots(self.rows[chunk], operand)
+            distances[start : start + step] = self.squared_norms[chunk, None] + query_squared[None] - 2 * dots
+        queries, positions = self._own_cells(row_ids, own)
+        distances[positions, queries] = NO_ROW
+        return distances
+
+    def _bound(self, stage: _Stage, coords, centred_squared, columns: np.ndarray, own):
+        """A stage's (G, offset) over ``columns``, with G = inf at a query's own rows."""
+        every_row = len(columns) == len(stage.operand)  # columns are ascending and unique
+        bound, offset = stage.bound_terms(coords, centred_squared, slice(None) if every_row else columns)
+        queries, positions = self._own_cells(columns, own)
+        bound[queries, positions] = np.inf
+        return bound, offset
+
+    def _upper(self, bound, operand, query_squared, columns, own) -> np.ndarray:
+        """Per query, the smallest exact distance to the rows of lowest bound of every query in the
+        block (pooled; ``columns`` maps the bound's columns to rows); NO_ROW where none is finite."""
+        if not bound.shape[1]:
+            return np.full(len(bound), NO_ROW)
+        lowest = bound.argmin(axis=1)
+        pool = columns[np.unique(lowest[np.isfinite(bound[np.arange(len(bound)), lowest])])]
+        return self._distances(operand, query_squared, pool, own).min(axis=0, initial=NO_ROW)
+
+    def _threshold(self, upper, query_norms, offset) -> np.ndarray:
+        """float32 bound thresholds: rows above them are farther than ``upper`` (no_row: none)."""
+        reach = (upper + self._slack(upper, query_norms)) / 255.0**2
+        return _round_up32(np.where(upper < NO_ROW, reach - offset, np.inf))[:, None]
+
+    def _nearest_block(self, pixels: np.ndarray, queries: np.ndarray, own_sha256):
         started = time.perf_counter()
-        b = len(queries)
-        coords, query_squared = self.plan.project(queries)
-        centred = (queries.astype(np.float64) - self.plan.mean).astype(np.float32)
+        b = len(pixels)
+        centred = queries.astype(np.float64) - self.plan.mean
+        coords = centred @ self.basis.T
+        centred_squared = np.einsum("ij,ij->i", centred, centred)
+        operand = self.products.operand(pixels)
+        query_squared = np.einsum("ij,ij->i", pixels, pixels, dtype=np.int64)
+        query_norms = np.sqrt(query_squared.astype(np.float64))
+        own = self._own_pairs(own_sha256)
         started = self._timed("project", started)
 
         first, last = self.stages
-        bound, offset = first.bound_terms(coords, query_squared)
-        if own_sha256 is not None:
-            for i, sha in enumerate(own_sha256):
-                bound[i, self._own_rows(sha.encode())] = np.inf
+        every_row = np.arange(len(self.rows))
+        bound, offset = self._bound(first, coords, centred_squared, every_row, own)
+        upper = self._upper(bound, operand, query_squared, every_row, own)
+        survivors = bound <= self._threshold(upper, query_norms, offset)
+        union = np.flatnonzero(survivors.any(axis=0))
         started = self._timed("stage 1 bound", started)
 
-        upper = self._probe(bound, centred, query_squared, np.arange(len(self.rows)), 1)
-        searched = np.isfinite(upper)  # False: every row is the query's own file
-        if not searched.any():
-            return np.full(b, -1, dtype=np.int64), np.full(b, np.inf), np.zeros(b, dtype=np.int64)
-        survivors = bound <= _round_up32(np.where(searched, upper - offset, -np.inf))[:, None]
-        union = np.flatnonzero(survivors.any(axis=0))
-        survivors = survivors[:, union]
-        started = self._timed("stage 1 survivors", started)
-
-        bound, offset = last.bound_terms(coords, query_squared, union)
-        bound[~survivors] = np.inf
-        upper = np.minimum(upper, self._probe(bound, centred, query_squared, union, PROBES))
-        survivors = bound <= _round_up32(np.where(searched, upper - offset, -np.inf))[:, None]
-        keep = survivors.any(axis=0)
-        union, survivors = union[keep], survivors[:, keep]
+        bound, offset = self._bound(last, coords, centred_squared, union, own)
+        upper = np.minimum(upper, self._upper(bound, operand, query_squared, union, own))
+        survivors = bound <= self._threshold(upper, query_norms, offset)
+        union = union[survivors.any(axis=0)]
         started = self._timed("stage 2 bound", started)
 
-        dots = np.empty((len(centred), len(union)), dtype=np.float32)
-        step = max(1, BLOCK_BYTES // (4 * self.rows.shape[1]))  # rows read as float32 at a time
-        for start in range(0, len(union), step):
-            dots[:, start : start + step] = centred @ self.rows[union[start : start + step]].astype(np.float32).T
-        query_ids, row_index = np.nonzero(survivors)
-        estimate = self._estimate(dots[query_ids, row_index], centred, query_squared, query_ids, union[row_index])
-        margins = self._margins(query_squared)[query_ids]
-        best_upper = np.full(b, np.inf)
-        np.minimum.at(best_upper, query_ids, estimate + margins)
-        close = estimate - margins <= best_upper[query_ids]
-        started = self._timed("float32 distances", started)
+        exact = self._distances(operand, query_squared, union, own)
+        smallest = exact.min(axis=0, initial=NO_ROW)
+        # A row can beat the smallest only if D − e(D) ≤ D_min + e(D_min); every such D is below
+        # 2·D_min + N², and e grows with D.
+        largest = 2 * smallest.astype(np.float64) + (query_norms + self.max_norm) ** 2
+        reach = smallest + self._slack(smallest, query_norms) + self._slack(largest, query_norms)
+        row_index, query_ids = np.nonzero((exact <= reach[None]) & (exact < NO_ROW))
+        started = self._timed("integer distances", started)
 
-        query_ids, row_ids = query_ids[close], union[row_index[close]]
-        exact = np.empty(len(row_ids))
+        row_ids = union[row_index]
+        found = np.empty(len(row_ids))
         step = max(1, BLOCK_BYTES // (8 * self.rows.shape[1]))  # (query, row) pairs in float64 at a time
         for start in range(0, len(row_ids), step):
             pairs = slice(start, start + step)
             difference = rows_as_float(self.rows[row_ids[pairs]]).astype(np.float64)
             difference -= queries[query_ids[pairs]].astype(np.float64)
-            exact[pairs] = np.square(difference).sum(axis=1)  # the float64 sum brute force computes
+            found[pairs] = np.square(difference).sum(axis=1)  # the float64 sum brute force computes
         # Lowest distance, then lowest row: sort pairs by (query, distance, row), take each query's first.
-        order = np.lexsort((row_ids, exact, query_ids))
-        query_ids, row_ids, exact = query_ids[order], row_ids[order], exact[order]
+        order = np.lexsort((row_ids, found, query_ids))
+        query_ids, row_ids, found = query_ids[order], row_ids[order], found[order]
         first_of_query = np.flatnonzero(np.r_[True, query_ids[1:] != query_ids[:-1]]) if len(order) else order
         ids = np.full(b, -1, dtype=np.int64)
         distances = np.full(b, np.inf)
         ids[query_ids[first_of_query]] = row_ids[first_of_query]
-        distances[query_ids[first_of_query]] = exact[first_of_query]
+        distances[query_ids[first_of_query]] = found[first_of_query]
         self._timed("float64 check", started)
         return ids, distances, survivors.sum(axis=1)

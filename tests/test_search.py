@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from manifpt_cli.pixel_products import KERNELS, PixelProducts, is_exact
 from manifpt_cli.search import ExactSearch, SearchPlan, _augmented, fit_plan, project_rows
 from manifpt_cli.spaces import PixelEmbedder, Space
 
@@ -28,19 +29,16 @@ def pca_plan(embeddings: np.ndarray, dims: int = DIMS) -> SearchPlan:
     return SearchPlan(mean, vt[:dims])
 
 
-def searcher(pixels: np.ndarray, space: Space, plan_kind: str, sha256=None) -> tuple[ExactSearch, np.ndarray]:
-    """The search over ``pixels`` with a full-SVD basis ("pca") or the seeded one of index builds ("fit")."""
-    embeddings = PixelEmbedder(space)(pixels)
-    rows = (
-        np.ascontiguousarray(pixels.transpose(0, 3, 1, 2).reshape(len(pixels), -1))
-        if space is Space.RGB
-        else embeddings
-    )
+def searcher(pixels: np.ndarray, plan_kind: str, sha256=None, kernel=None) -> tuple[ExactSearch, np.ndarray]:
+    """The rgb search over ``pixels`` with a full-SVD basis ("pca") or the seeded one of index
+    builds ("fit"), and its rows' embeddings."""
+    embeddings = PixelEmbedder(Space.RGB)(pixels)
+    rows = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2).reshape(len(pixels), -1))
     plan = pca_plan(embeddings) if plan_kind == "pca" else fit_plan(rows, DIMS)
     if sha256 is None:
         sha256 = np.array([b"%064d" % i for i in range(len(pixels))], dtype="S64")
     projected, norms = project_rows(plan, rows)
-    return ExactSearch(rows, plan, projected, norms, sha256, (8, DIMS)), embeddings
+    return ExactSearch(rows, plan, projected, norms, sha256, (8, DIMS), kernel=kernel), embeddings
 
 
 def brute_force(database: np.ndarray, queries: np.ndarray, excluded=None) -> tuple[np.ndarray, np.ndarray]:
@@ -51,22 +49,19 @@ def brute_force(database: np.ndarray, queries: np.ndarray, excluded=None) -> tup
     return distances.argmin(axis=1), distances.min(axis=1)
 
 
-@pytest.mark.parametrize("plan_kind", ["pca", "fit"])
-@pytest.mark.parametrize("space", [Space.RGB, Space.FREQ])
-def test_neighbours_and_distances_are_brute_forces(crops, space, plan_kind):
+@pytest.mark.parametrize(("plan_kind", "kernel"), [("pca", None), ("fit", None), *(("fit", k) for k in KERNELS)])
+def test_neighbours_and_distances_are_brute_forces(crops, plan_kind, kernel):
     reals, queries = crops
-    search, database = searcher(reals, space, plan_kind)
-    query_vectors = PixelEmbedder(space)(queries)
+    search, database = searcher(reals, plan_kind, kernel=kernel)
+    query_vectors = PixelEmbedder(Space.RGB)(queries)
     found = search.nearest(query_vectors)
     ids, distances = brute_force(database, query_vectors)
     assert np.array_equal(found.ids, ids)
     assert np.array_equal(found.distances, distances), "the same float64 sum as brute force"
-    if space is Space.RGB:
-        assert found.checked.mean() < len(reals) / 2, "the bound prunes"
+    assert found.checked.mean() < len(reals) / 2, "the bound prunes"
 
 
-@pytest.mark.parametrize("space", [Space.RGB, Space.FREQ])
-def test_exact_ties_go_to_the_lowest_row_and_near_ties_to_the_nearer(crops, space):
+def test_exact_ties_go_to_the_lowest_row_and_near_ties_to_the_nearer(crops):
     reals, queries = crops
     reals = reals.copy()
     reals[200] = reals[40]  # the same image under another file (other SHA-256): a tie
@@ -75,11 +70,11 @@ def test_exact_ties_go_to_the_lowest_row_and_near_ties_to_the_nearer(crops, spac
     reals[301, 5, 5, 0] = min(int(reals[41, 5, 5, 0]) + 1, 254)  # one pixel one step further...
     probe = reals[301].copy()
     probe[5, 5, 0] += 1  # ...so this probe is nearer to row 301 than to row 41 or 300
-    search, database = searcher(reals, space, "pca")
+    search, database = searcher(reals, "pca")
     targets = np.stack([reals[40], reals[200], probe])
     noisy = targets.copy()
     noisy[:, 0, 0, :] ^= 1  # not a copy of any real: a tie between rows 40 and 200
-    query_vectors = PixelEmbedder(space)(np.concatenate([targets, noisy]))
+    query_vectors = PixelEmbedder(Space.RGB)(np.concatenate([targets, noisy]))
     found = search.nearest(query_vectors)
     ids, distances = brute_force(database, query_vectors)
     assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
@@ -92,7 +87,7 @@ def test_leave_one_out_skips_every_row_of_the_querys_file(crops):
     reals[100] = reals[7]  # the same file twice: both rows carry its SHA-256
     sha256 = np.array([b"%064d" % i for i in range(len(reals))], dtype="S64")
     sha256[100] = sha256[7]
-    search, database = searcher(reals, Space.RGB, "pca", sha256)
+    search, database = searcher(reals, "pca", sha256)
     rows = np.array([7, 8, 9, 100])
     own = [s.decode() for s in sha256[rows]]
     found = search.nearest(database[rows], own)
@@ -100,7 +95,7 @@ def test_leave_one_out_skips_every_row_of_the_querys_file(crops):
     ids, distances = brute_force(database, database[rows], excluded)
     assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
     assert not np.isin(found.ids, [7, 100]).any() and (found.distances > 0).all()
-    alone = searcher(reals[[7, 100]], Space.RGB, "pca", sha256[[7, 100]])[0].nearest(database[:1], [sha256[7].decode()])
+    alone = searcher(reals[[7, 100]], "pca", sha256[[7, 100]])[0].nearest(database[:1], [sha256[7].decode()])
     assert alone.ids[0] == -1 and np.isinf(alone.distances[0]), "no neighbour but the image itself"
 
 
@@ -132,9 +127,40 @@ def test_a_too_large_bound_would_prune_the_true_neighbour(crops, monkeypatch):
     reals, queries = crops
     query_vectors = PixelEmbedder(Space.RGB)(queries)
     monkeypatch.setattr(search_module, "_lower_bound_margin", lambda dims: -0.5)
-    search, database = searcher(reals, Space.RGB, "pca")
+    search, database = searcher(reals, "pca")
     ids, _ = brute_force(database, query_vectors)
     assert not np.array_equal(search.nearest(query_vectors).ids, ids)
+
+
+class SaturatingProducts(PixelProducts):
+    """What an AVX2 u8 × s8 kernel without VNNI computes: pairs of products summed in saturating int16."""
+
+    def dots(self, rows, operand):
+        pairs = rows.astype(np.int64)[:, None, :] * (operand.T.astype(np.int64) - 128)[None, :, :]
+        pairs = pairs.reshape(*pairs.shape[:2], -1, 2).sum(axis=-1)
+        shifted = np.clip(pairs, -(2**15), 2**15 - 1).sum(axis=-1)
+        return shifted + 128 * rows.astype(np.int64).sum(axis=1)[:, None]
+
+
+def test_a_saturating_kernel_is_caught_and_every_kernel_here_is_exact(crops):
+    saturating = SaturatingProducts(kernel="u8u8")
+    assert not is_exact(saturating)
+    pixels = crops[0].reshape(len(crops[0]), -1)[:50]
+    exact = pixels[:30].astype(np.int64) @ pixels[30:].T.astype(np.int64)
+    assert not np.array_equal(saturating.dots(pixels[:30], pixels[30:].T), exact), "photos saturate it too"
+    for kernel in KERNELS:
+        products = PixelProducts(kernel=kernel)
+        assert is_exact(products)
+        assert np.array_equal(products.dots(pixels[:30], products.operand(pixels[30:])), exact)
+    assert PixelProducts().kernel in KERNELS
+
+
+def test_only_pixel_rows_and_pixel_queries_are_searched(crops):
+    search, database = searcher(crops[0], "pca")
+    with pytest.raises(ValueError, match="8-bit pixel"):
+        search.nearest(database[:2] + np.float32(1e-3))
+    with pytest.raises(ValueError, match="uint8 pixel rows"):
+        ExactSearch(database, search.plan, *project_rows(search.plan, database), search._sha_sorted)
 
 
 def test_fit_plan_is_seeded_and_orthonormal(crops):
@@ -142,3 +168,25 @@ def test_fit_plan_is_seeded_and_orthonormal(crops):
     plan, again = fit_plan(embeddings, DIMS, seed=1), fit_plan(embeddings, DIMS, seed=1)
     assert np.array_equal(plan.basis, again.basis)
     assert np.allclose(plan.basis @ plan.basis.T, np.eye(len(plan.basis)), atol=1e-12)
+
+
+@pytest.mark.parametrize("query_type", ["INT8", "UINT8"])
+def test_the_hand_written_model_is_the_one_onnx_helper_makes(query_type):
+    onnx = pytest.importorskip("onnx")
+    from manifpt_cli.pixel_products import matmul_integer_model
+
+    ours = onnx.load_from_string(matmul_integer_model(getattr(onnx.TensorProto, query_type)))
+    onnx.checker.check_model(ours, full_check=True)
+    helper = onnx.helper
+
+    def info(name, elem_type, dims):
+        return helper.make_tensor_value_info(name, elem_type, list(dims))
+
+    node = helper.make_node("MatMulInteger", ["rows", "queries"], ["dots"])
+    inputs = [
+        info("rows", onnx.TensorProto.UINT8, "mk"),
+        info("queries", getattr(onnx.TensorProto, query_type), "kn"),
+    ]
+    graph = helper.make_graph([node], "pixel_products", inputs, [info("dots", onnx.TensorProto.INT32, "mn")])
+    assert ours.graph == graph
+    assert [(o.domain, o.version) for o in ours.opset_import] == [("", 13)]
