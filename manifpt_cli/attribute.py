@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import __version__
-from .artifacts import compute_artifacts, index_images
+from .artifacts import SpaceArtifacts, compute_artifacts, index_images
 from .errors import FormatError, MismatchError, UsageError
 from .evidence import Evidence, render_evidence
 from .formats import CHECKPOINT_FORMAT, FORMAT_VERSIONS, ONNX_METADATA_KEY, describe_file, provenance
@@ -223,6 +223,16 @@ class AttributionRow:
         return self.status == "ok"
 
 
+@dataclass
+class SearchedBatch:
+    """A decoded batch with its suspects' nearest real images and attributor inputs (if any decoded)."""
+
+    batch: Sequence[DecodeResult]
+    decoded: list[DecodedImage]
+    found: SpaceArtifacts | None = None
+    inputs: np.ndarray | None = None
+
+
 class Attribution:
     """An open model + index pair that attributes folders. Use as a context manager."""
 
@@ -291,26 +301,41 @@ class Attribution:
         }
 
     def rows(self, roots: Sequence[str | os.PathLike]) -> Iterator[AttributionRow]:
-        """Attribute every image under ``roots``, in discovery order, one row per file."""
-        for batch in decode_folder(roots, self.model.image_size, self.settings):
-            yield from self.attribute_batch(batch)
-            self.settings.progress.advance(len(batch))
+        """Attribute every image under ``roots``, in discovery order, one row per file.
+
+        Each batch's search runs in the read-ahead thread while this one runs the attributor on
+        the batch before: two busy threads, the cores that ``workers`` + ``threads`` give.
+        """
+        for searched in decode_folder(roots, self.model.image_size, self.settings, then=self.search_batch):
+            yield from self.finish_batch(searched)
+            self.settings.progress.advance(len(searched.batch))
 
     def attribute_batch(self, batch: Sequence[DecodeResult]) -> list[AttributionRow]:
         """One row per item of a decoded batch, in its order (every engine goes through here)."""
+        return self.finish_batch(self.search_batch(batch))
+
+    def search_batch(self, batch: Sequence[DecodeResult]) -> SearchedBatch:
+        """A batch's nearest real images and artifacts: the part of attribution before the attributor."""
         decoded = [item for item in batch if isinstance(item, DecodedImage)]
+        if not decoded:
+            return SearchedBatch(batch, decoded)
+        pixels = np.stack([d.pixels for d in decoded])
+        found = compute_artifacts(
+            self.index, {self.model.space: self.model.embedder}, pixels, [d.sha256 for d in decoded]
+        )
+        found = found[self.model.space]
+        return SearchedBatch(batch, decoded, found, attributor_inputs(self.model.input_kind, pixels, found.artifacts))
+
+    def finish_batch(self, searched: SearchedBatch) -> list[AttributionRow]:
+        """One row per item of a searched batch, in its order: the attributor, verdicts, evidence."""
+        decoded, found = searched.decoded, searched.found
         results: dict[int, AttributionRow] = {}
         if decoded:
-            space = self.model.space
-            shas = [item.sha256 for item in decoded]
-            pixels = np.stack([d.pixels for d in decoded])
-            found = compute_artifacts(self.index, {space: self.model.embedder}, pixels, shas)[space]
-            inputs = attributor_inputs(self.model.input_kind, pixels, found.artifacts)
             has_neighbour = found.neighbours.ids >= 0
             probabilities = np.full((len(decoded), len(self.model.classes)), np.nan, np.float32)
             scores = np.full((len(decoded), len(self.model.rule.graph_scores)), np.nan, np.float32)
             if has_neighbour.any():
-                probabilities[has_neighbour], scores[has_neighbour] = self.model.predict(inputs[has_neighbour])
+                probabilities[has_neighbour], scores[has_neighbour] = self.model.predict(searched.inputs[has_neighbour])
             nearest = self.index.paths(found.neighbours.ids)
             pictures = self._evidence(decoded, found) if self.evidence else {}
             for i, item in enumerate(decoded):
@@ -333,7 +358,7 @@ class Attribution:
                     row.evidence = pictures.get(i)
                 results[id(item)] = row
         rows = []
-        for item in batch:
+        for item in searched.batch:
             if isinstance(item, FailedImage):
                 rows.append(AttributionRow(display_path(item.path), item.sha256, error=item.error))
             elif isinstance(item, SkippedFile):

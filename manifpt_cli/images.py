@@ -742,14 +742,22 @@ def _decoded_items(roots: Iterable[str | os.PathLike], size: int, settings: RunS
             yield from decoded
 
 
-def decode_folder(roots: Iterable[str | os.PathLike], size: int, settings: RunSettings) -> Iterator[list[DecodeResult]]:
+def decode_folder(
+    roots: Iterable[str | os.PathLike],
+    size: int,
+    settings: RunSettings,
+    then: Callable[[list[DecodeResult]], T] | None = None,
+) -> Iterator[list[DecodeResult]] | Iterator[T]:
     """Discover and decode everything under ``roots``, in batches, in discovery order.
 
     Discovery honours ``settings.sniff``; decoding ``settings.max_pixels`` and ``settings.max_file_bytes``.
     Every discovered entry is one item: decoded, failed or skipped (an array file: one per row).
     Decoding runs in background threads, up to ``READ_AHEAD_BATCHES`` batches ahead of the caller.
+    ``then`` runs on each batch in the read-ahead thread too, so that it overlaps the caller's
+    work on the batch before (attribution: the search, while the caller runs the attributor).
     """
-    return read_ahead(iter_batches(_decoded_items(roots, size, settings), settings.batch_size), READ_AHEAD_BATCHES)
+    batches = iter_batches(_decoded_items(roots, size, settings), settings.batch_size)
+    return read_ahead(batches if then is None else map(then, batches), READ_AHEAD_BATCHES)
 
 
 def split_batch(batch: list[DecodeResult]) -> tuple[list[DecodedImage], list[FailedImage], list[SkippedFile]]:

@@ -86,7 +86,18 @@ class SearchPlan:
 
 
 def fit_plan(embeddings: np.ndarray, dims: int = STAGE_DIMS[-1], seed: int = 0) -> SearchPlan:
-    """PCA basis of ``dims`` rows on a seeded sample of (n, d) embeddings (uint8 rows: pixels)."""
+    """PCA basis of ``dims`` rows on a seeded sample of (n, d) embeddings (uint8 rows: pixels).
+
+    Fitted with one BLAS thread: LAPACK's last bits change with the thread count, and the basis
+    is part of the index, whose hash must not depend on ``--threads``.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fit_plan(embeddings, dims, seed)
+
+
+def _fit_plan(embeddings: np.ndarray, dims: int, seed: int) -> SearchPlan:
     n, d = embeddings.shape
     rng = np.random.default_rng(seed)
     size = min(n, max(dims + 17, min(PLAN_SAMPLE, PLAN_BYTES // (8 * d))))  # large images: fewer rows

@@ -67,15 +67,21 @@ class RunSettings:
         return max(1, cpu_count() - self.workers)
 
     def apply(self) -> None:
-        """Give FAISS and PyTorch the compute-thread budget (once per process, before heavy work).
+        """Give FAISS, NumPy's BLAS and PyTorch the compute-thread budget (once per process, before
+        heavy work).
 
-        PyTorch is not imported for this: where it is not loaded yet, ``OMP_NUM_THREADS`` tells
-        it the budget when (if ever) it loads, so attribution never pays for importing it.
+        NumPy's BLAS reads its thread count when NumPy loads, before any option is parsed, so it
+        is set here through threadpoolctl: left at one thread per core, its spinning threads
+        would share the cores with the decoding threads and the attributor. PyTorch is not
+        imported for this: where it is not loaded yet, ``OMP_NUM_THREADS`` tells it the budget
+        when (if ever) it loads, so attribution never pays for importing it.
         """
         import faiss
+        from threadpoolctl import threadpool_limits
 
         threads = self.compute_threads
         faiss.omp_set_num_threads(threads)
+        threadpool_limits(limits=threads, user_api="blas")
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(threads)
         else:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -216,6 +219,21 @@ def test_decoding_threads_and_compute_threads_share_the_cores():
     assert RunSettings(workers=1).compute_threads == max(1, cpu_count() - 1)
     assert RunSettings(workers=cpu_count() + 3).compute_threads == 1
     assert RunSettings(workers=2, threads=5).compute_threads == 5
+
+
+def test_numpys_blas_gets_the_compute_thread_budget():
+    """NumPy's BLAS starts with a thread per core; apply() brings it within --threads."""
+    script = (
+        "import numpy, sys; from threadpoolctl import threadpool_info as info; "
+        "from manifpt_cli.settings import RunSettings; "
+        "before = [p['num_threads'] for p in info() if p['user_api'] == 'blas']; "
+        "RunSettings(threads=int(sys.argv[1])).apply(); "
+        "print(before, [p['num_threads'] for p in info() if p['user_api'] == 'blas'])"
+    )
+    for threads in (1, 2):
+        done = subprocess.run([sys.executable, "-c", script, str(threads)], capture_output=True, text=True, check=True)
+        before, after = (json.loads(part) for part in done.stdout.strip().replace("] [", "]|[").split("|"))
+        assert before and after and set(after) == {threads}, "NumPy's BLAS and FAISS's alike"
 
 
 def test_rows_of_an_array_are_attributed_and_verified_against_their_pixels(freq_model, real_index, crops, tmp_path):

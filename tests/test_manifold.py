@@ -239,3 +239,14 @@ def test_index_hash_depends_on_the_images(tmp_path, dataset):
     again = build_index([tmp_path / "a"], tmp_path / "a2.h5", [Space.RGB], size=SIZE).index_hash
     other = build_index([tmp_path / "b"], tmp_path / "b.h5", [Space.RGB], size=SIZE).index_hash
     assert first == again != other
+
+
+def test_index_hash_does_not_depend_on_the_blas_threads(tmp_path, dataset):
+    from threadpoolctl import threadpool_limits
+
+    hashes = []
+    for threads in (1, 2):
+        with threadpool_limits(limits=threads, user_api="blas"):
+            built = build_index([dataset / "real"], tmp_path / f"{threads}.h5", [Space.RGB], size=SIZE)
+            hashes.append(built.index_hash)
+    assert hashes[0] == hashes[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from manifpt_cli.pixel_products import KERNELS, PixelProducts, is_exact
+from manifpt_cli.pixel_products import COLUMN_CHUNK, KERNELS, PixelProducts, is_exact
 from manifpt_cli.search import ExactSearch, SearchPlan, _augmented, fit_plan, project_rows
 from manifpt_cli.spaces import PixelEmbedder, Space
 
@@ -148,10 +148,14 @@ def test_a_saturating_kernel_is_caught_and_every_kernel_here_is_exact(crops):
     pixels = crops[0].reshape(len(crops[0]), -1)[:50]
     exact = pixels[:30].astype(np.int64) @ pixels[30:].T.astype(np.int64)
     assert not np.array_equal(saturating.dots(pixels[:30], pixels[30:].T), exact), "photos saturate it too"
+    wide = np.random.default_rng(0).integers(0, 256, (4, 2 * COLUMN_CHUNK + 7), dtype=np.uint8)  # 256 px is 6 chunks
+    wide[0] = 255  # where an int32 accumulator over all columns would overflow
+    wide_exact = wide.astype(np.int64) @ wide.T.astype(np.int64)
     for kernel in KERNELS:
         products = PixelProducts(kernel=kernel)
         assert is_exact(products)
         assert np.array_equal(products.dots(pixels[:30], products.operand(pixels[30:])), exact)
+        assert np.array_equal(products.dots(wide, products.operand(wide)), wide_exact)
     assert PixelProducts().kernel in KERNELS
 
 
