@@ -320,7 +320,9 @@ class ExactSearch:
         if not bound.shape[1]:
             return np.full(len(bound), NO_ROW)
         lowest = bound.argmin(axis=1)
-        pool = columns[np.unique(lowest[np.isfinite(bound[np.arange(len(bound)), lowest])])]
+        lowest = np.sort(lowest[np.isfinite(bound[np.arange(len(bound)), lowest])])
+        # Sorted, then deduplicated by hand: np.unique took 30 ms for 128 values in some processes.
+        pool = columns[lowest[np.r_[True, lowest[1:] != lowest[:-1]]]] if len(lowest) else columns[:0]
         return self._distances(operand, query_squared, pool, own).min(axis=0, initial=NO_ROW)
 
     def _threshold(self, upper, query_norms, offset) -> np.ndarray:
