@@ -37,11 +37,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import mapped_rows
 from .engines import LocalEngine
 from .errors import FormatError, UsageError
 from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, describe_file, sample_file
 from .images import FailedImage, SkippedFile, count_images, display_path, split_batch
 from .integrity import EXACT_SEARCH, IntegrityError, index_digest, space_digest, verify_index
+from .mapped_rows import MappedRows
 from .outputs import check_outputs
 from .search import STAGE_DIMS, ExactSearch, SearchPlan, fit_plan, gamma, project_rows, rows_as_float
 from .settings import DEFAULT_SETTINGS, RunSettings
@@ -407,10 +409,10 @@ class RealIndex:
         return str(self._group(space).attrs.get("search", "")) == EXACT_SEARCH
 
     def exact_search(self, space: Space) -> ExactSearch:
-        """The in-memory exact search of a space that has its tables (read once and kept)."""
+        """The exact search of a space that has its tables (read once and kept; its rows as :meth:`_rows`)."""
         if space not in self._exact:
             group = self._group(space)
-            rows = group["embeddings"][...]
+            rows = self._rows(space)
             plan = SearchPlan(group["search_mean"][...], group["search_basis"][...])
             projected, norms = group["search_projected"][...], group["search_norms"][...]
             if (
@@ -478,15 +480,18 @@ class RealIndex:
         flat = isinstance(faiss.downcast_index(self.faiss_index(space)), faiss.IndexFlat)
         half = self.stored_layout(space)
         if half is not None:
-            return half.unfold(self._held_rows(space)[ids] if flat else self._read_rows(space, ids))
+            return half.unfold(self._rows(space)[ids] if flat else self._read_rows(space, ids))
         if flat:
             return self.faiss_index(space).reconstruct_batch(ids)
         return rows_as_float(self._read_rows(space, ids))
 
-    def _held_rows(self, space: Space) -> np.ndarray:
-        """A space's stored rows, read once and kept."""
+    def _rows(self, space: Space) -> np.ndarray | MappedRows:
+        """A space's stored rows: read once and held, or, above ``HELD_ROWS_BYTES``, gathered from
+        the file when needed (:class:`MappedRows`: a memory map, after the open verified the file)."""
         if space not in self._held:
-            self._held[space] = self._group(space)["embeddings"][...]
+            dataset = self._group(space)["embeddings"]
+            large = dataset.size * dataset.dtype.itemsize > mapped_rows.HELD_ROWS_BYTES
+            self._held[space] = MappedRows(self.path, dataset) if large else dataset[...]
         return self._held[space]
 
     def _read_rows(self, space: Space, ids: np.ndarray) -> np.ndarray:

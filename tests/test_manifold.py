@@ -68,6 +68,32 @@ def test_the_neighbour_is_brute_forces(real_index, dataset, space):
     assert np.array_equal(found.distances, expected_d)
 
 
+@pytest.mark.parametrize("space", [Space.RGB, Space.FREQ])
+def test_rows_mapped_from_the_file_give_what_held_rows_give(real_index, dataset, space, monkeypatch):
+    """Above HELD_ROWS_BYTES a space's rows stay in the file (a memory map of its chunks): the
+    same neighbours, distances and artifacts, and the memory held is the chunk offsets."""
+    import manifpt_cli.mapped_rows as mapped_rows
+    from manifpt_cli.images import decode_folder
+
+    batch = next(decode_folder([dataset / "suspects" / "blur"], SIZE, RunSettings(batch_size=12)))
+    queries = PixelEmbedder(space)(np.stack([item.pixels for item in batch]))
+    with RealIndex(real_index) as index:
+        held = index.nearest(space, queries)
+        held_rows = index.embeddings(space, held.ids[::-1])
+    with h5py.File(real_index) as handle:
+        stored = handle[f"spaces/{space.value}/embeddings"][...]
+    monkeypatch.setattr(mapped_rows, "HELD_ROWS_BYTES", 0)
+    with RealIndex(real_index) as index:
+        mapped = index.nearest(space, queries)
+        assert np.array_equal(index.embeddings(space, held.ids[::-1]), held_rows)
+        rows = index._rows(space)
+        assert isinstance(rows, mapped_rows.MappedRows) and rows.nbytes < stored.nbytes / 100
+        assert np.array_equal(rows[:], stored) and np.array_equal(rows[[5, 0, 5]], stored[[5, 0, 5]])
+        with pytest.raises(IndexError):
+            rows[[len(stored)]]
+    assert np.array_equal(mapped.ids, held.ids) and np.array_equal(mapped.distances, held.distances)
+
+
 COPIES = 12  # more than the FAISS candidates re-ranked at first, so ties must widen the search
 
 
