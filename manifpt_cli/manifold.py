@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import mapped_rows
+from . import file_rows
 from .engines import LocalEngine
 from .errors import FormatError, UsageError
+from .file_rows import FileRows
 from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, describe_file, sample_file
 from .images import FailedImage, SkippedFile, count_images, display_path, split_batch
 from .integrity import EXACT_SEARCH, IntegrityError, index_digest, space_digest, verify_index
-from .mapped_rows import MappedRows
 from .outputs import check_outputs
 from .search import STAGE_DIMS, ExactSearch, SearchPlan, fit_plan, gamma, project_rows, rows_as_float
 from .settings import DEFAULT_SETTINGS, RunSettings
@@ -369,6 +369,9 @@ class RealIndex:
         self.close()
 
     def close(self) -> None:
+        for rows in self._held.values():
+            if isinstance(rows, FileRows):
+                rows.close()
         self._file.close()
 
     @property
@@ -485,13 +488,16 @@ class RealIndex:
             return self.faiss_index(space).reconstruct_batch(ids)
         return rows_as_float(self._read_rows(space, ids))
 
-    def _rows(self, space: Space) -> np.ndarray | MappedRows:
+    def _rows(self, space: Space) -> np.ndarray | FileRows:
         """A space's stored rows: read once and held, or, above ``HELD_ROWS_BYTES``, gathered from
-        the file when needed (:class:`MappedRows`: a memory map, after the open verified the file)."""
+        the file when needed (:class:`FileRows`, after the open verified the file)."""
         if space not in self._held:
             dataset = self._group(space)["embeddings"]
-            large = dataset.size * dataset.dtype.itemsize > mapped_rows.HELD_ROWS_BYTES
-            self._held[space] = MappedRows(self.path, dataset) if large else dataset[...]
+            large = dataset.size * dataset.dtype.itemsize > file_rows.HELD_ROWS_BYTES
+            try:
+                self._held[space] = FileRows(self.path, dataset) if large else dataset[...]
+            except ValueError as exc:  # stored compressed, or not by whole rows: not written by manifpt
+                raise FormatError(f"index {self.path}: {exc}") from None
         return self._held[space]
 
     def _read_rows(self, space: Space, ids: np.ndarray) -> np.ndarray:

@@ -69,10 +69,10 @@ def test_the_neighbour_is_brute_forces(real_index, dataset, space):
 
 
 @pytest.mark.parametrize("space", [Space.RGB, Space.FREQ])
-def test_rows_mapped_from_the_file_give_what_held_rows_give(real_index, dataset, space, monkeypatch):
-    """Above HELD_ROWS_BYTES a space's rows stay in the file (a memory map of its chunks): the
+def test_rows_read_from_the_file_give_what_held_rows_give(real_index, dataset, space, monkeypatch):
+    """Above HELD_ROWS_BYTES a space's rows stay in the file (read row by row at their offsets): the
     same neighbours, distances and artifacts, and the memory held is the chunk offsets."""
-    import manifpt_cli.mapped_rows as mapped_rows
+    import manifpt_cli.file_rows as file_rows
     from manifpt_cli.images import decode_folder
 
     batch = next(decode_folder([dataset / "suspects" / "blur"], SIZE, RunSettings(batch_size=12)))
@@ -82,16 +82,34 @@ def test_rows_mapped_from_the_file_give_what_held_rows_give(real_index, dataset,
         held_rows = index.embeddings(space, held.ids[::-1])
     with h5py.File(real_index) as handle:
         stored = handle[f"spaces/{space.value}/embeddings"][...]
-    monkeypatch.setattr(mapped_rows, "HELD_ROWS_BYTES", 0)
+    monkeypatch.setattr(file_rows, "HELD_ROWS_BYTES", 0)
     with RealIndex(real_index) as index:
         mapped = index.nearest(space, queries)
         assert np.array_equal(index.embeddings(space, held.ids[::-1]), held_rows)
         rows = index._rows(space)
-        assert isinstance(rows, mapped_rows.MappedRows) and rows.nbytes < stored.nbytes / 100
+        assert isinstance(rows, file_rows.FileRows) and rows.nbytes < stored.nbytes / 100
         assert np.array_equal(rows[:], stored) and np.array_equal(rows[[5, 0, 5]], stored[[5, 0, 5]])
         with pytest.raises(IndexError):
             rows[[len(stored)]]
     assert np.array_equal(mapped.ids, held.ids) and np.array_equal(mapped.distances, held.distances)
+
+
+def test_a_compressed_large_space_is_a_format_error(real_index, tmp_path, monkeypatch):
+    """Rows stored compressed cannot be mapped: the same data gzip-compressed (so its digest still
+    verifies) is a clear FormatError when the rows would stay in the file, not a traceback."""
+    import manifpt_cli.file_rows as file_rows
+
+    copy = tmp_path / "compressed.h5"
+    shutil.copy(real_index, copy)
+    with h5py.File(copy, "r+") as handle:
+        group = handle["spaces/rgb"]
+        rows = group["embeddings"][...]
+        del group["embeddings"]
+        group.create_dataset("embeddings", data=rows, chunks=(4, rows.shape[1]), compression="gzip")
+    monkeypatch.setattr(file_rows, "HELD_ROWS_BYTES", 0)
+    with RealIndex(copy) as index:
+        with pytest.raises(FormatError, match="compressed"):
+            index.nearest(Space.RGB, index.all_embeddings(Space.RGB)[:2])
 
 
 COPIES = 12  # more than the FAISS candidates re-ranked at first, so ties must widen the search
