@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -177,6 +177,7 @@ def _append_rows(dataset, rows) -> None:
 
 
 DISK_RESERVE_BYTES = 4 * 2**20  # room HDF5 needs to close a file cleanly
+BLOB_CHUNK = 2**20  # bytes per HDF5 chunk of a streamed blob (a serialised FAISS index)
 
 # A per-sample column: (shape of one row, HDF5 dtype).
 Column = tuple[tuple[int, ...], object]
@@ -228,9 +229,22 @@ class SampleFile:
             )
 
     def add_blob(self, space: str, name: str, data: np.ndarray) -> None:
-        """Store one whole array (a serialised FAISS index) in ``space``'s group."""
+        """Store one whole array (a search table) in ``space``'s group."""
         self.ensure_space(data.nbytes)
         self.space_group(space).create_dataset(name, data=data)
+
+    def add_stream(self, space: str, name: str) -> Callable[[bytes], int]:
+        """A (bytes,) uint8 dataset in ``space``'s group, and a function that appends to it (what
+        ``faiss.PyCallbackIOWriter`` calls): a serialised FAISS index is written as it is made,
+        without a second copy of it in memory."""
+        dataset = self.space_group(space).create_dataset(name, (0,), maxshape=(None,), dtype="u1", chunks=(BLOB_CHUNK,))
+
+        def append(data: bytes) -> int:
+            self.ensure_space(len(data))
+            _append_rows(dataset, np.frombuffer(data, dtype=np.uint8))
+            return len(data)
+
+        return append
 
     def append(self, paths: Sequence[str], sha256: Sequence[str], **columns) -> None:
         """Append one batch of samples: their paths, SHA-256s and every other per-sample column."""

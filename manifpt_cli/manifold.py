@@ -10,7 +10,7 @@ Layout (README, "File formats"):
     /spaces/<space>/embeddings   (n, d) float32; rgb: uint8 pixels p (φ = p / 255, exact);
                                  freq: (n, m) float32, the unique half of each point-symmetric
                                  spectrum (m = 1,542 of d = 3,072 at 32 px; spaces.SymmetricHalf)
-    /spaces/<space>/faiss_index  (bytes,) uint8 — faiss.serialize_index (spaces FAISS searches);
+    /spaces/<space>/faiss_index  (bytes,) uint8 — a serialised FAISS index (spaces FAISS searches);
                                  freq's holds the stored bins scaled by √w (w = 2 for a mirrored pair)
     /spaces/<space>/search_mean, search_basis, search_projected, search_norms
                                  the exact search's tables (rgb with ``--faiss Flat``):
@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,22 +71,53 @@ class IndexBuildResult:
     seconds: float = 0.0
 
 
-def build_faiss_index(embeddings: np.ndarray, factory: str):
-    """A FAISS index over ``embeddings`` (n, d) from an index-factory string, trained if it needs it."""
+FAISS_ADD_BYTES = 64 * 2**20  # rows handed to FAISS at a time, so a build never holds a second copy of them
+
+
+def build_faiss_index(coordinates: Callable[[int, int], np.ndarray], n: int, dim: int, factory: str):
+    """A FAISS index over ``n`` rows of ``dim`` float32 coordinates from an index-factory string,
+    trained (on all of them) if it needs it. ``coordinates(start, stop)`` gives rows start..stop:
+    a flat index gets them a block at a time, so memory holds one copy (FAISS's) of the rows."""
     import faiss
 
     try:
-        index = faiss.index_factory(embeddings.shape[1], factory, faiss.METRIC_L2)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_L2)
     except RuntimeError as exc:
         raise UsageError(f"FAISS cannot build index {factory!r}: {str(exc).splitlines()[0]}") from None
     try:
         if not index.is_trained:
-            index.train(embeddings)
-        index.add(embeddings)
+            index.train(coordinates(0, n))
+        step = max(1, FAISS_ADD_BYTES // (4 * dim))
+        for start in range(0, n, step):
+            index.add(coordinates(start, min(n, start + step)))
     except RuntimeError as exc:  # e.g. fewer images than IVF lists or PQ centroids
         message = str(exc).splitlines()[0].split("Error: ")[-1]
-        raise UsageError(f"FAISS cannot train index {factory!r} on {len(embeddings)} images: {message}") from None
+        raise UsageError(f"FAISS cannot train index {factory!r} on {n} images: {message}") from None
     return index
+
+
+def write_faiss_index(index, append: Callable[[bytes], int]) -> None:
+    """Serialise ``index`` through ``append`` as FAISS writes it (no whole copy in memory)."""
+    import faiss
+
+    stream = faiss.PyCallbackIOWriter(append)
+    faiss.write_index(index, stream)
+    del stream  # its destructor writes the last buffered bytes
+
+
+def read_faiss_index(dataset):
+    """The FAISS index serialised in a (bytes,) uint8 HDF5 dataset, read a block at a time."""
+    import faiss
+
+    position = 0
+
+    def read(size: int) -> bytes:
+        nonlocal position
+        data = dataset[position : position + size].tobytes()
+        position += len(data)
+        return data
+
+    return faiss.read_index(faiss.PyCallbackIOReader(read))
 
 
 def uses_exact_search(space: Space, faiss_factory: str) -> bool:
@@ -161,7 +192,6 @@ def build_index(
         UsageError: no decodable image was found, or a bad argument.
         WeightsNotFoundError: sl/ssl weights are missing.
     """
-    import faiss
 
     started = time.perf_counter()
     check_outputs([out], inputs=roots, overwrite=overwrite)
@@ -233,9 +263,13 @@ def build_index(
                     writer.add_blob(space.value, name, table)
             else:
                 half = stored_layout(space, size)
-                searched = rows_as_float(rows[...]) if half is None else faiss_coordinates(half, rows[...])
-                index = build_faiss_index(searched, faiss_factory)
-                writer.add_blob(space.value, "faiss_index", faiss.serialize_index(index))
+
+                def coordinates(start: int, stop: int, half=half, rows=rows) -> np.ndarray:
+                    block = rows[start:stop]
+                    return rows_as_float(block) if half is None else faiss_coordinates(half, block)
+
+                index = build_faiss_index(coordinates, rows.shape[0], rows.shape[1], faiss_factory)
+                write_faiss_index(index, writer.add_stream(space.value, "faiss_index"))
             progress.advance(1)
 
         writer.finish(
@@ -454,10 +488,8 @@ class RealIndex:
 
     def faiss_index(self, space: Space):
         if space not in self._faiss:
-            import faiss
-
             try:
-                index = faiss.deserialize_index(self._group(space)["faiss_index"][...])
+                index = read_faiss_index(self._group(space)["faiss_index"])
             except RuntimeError as exc:
                 message = str(exc).splitlines()[0]
                 raise FormatError(

@@ -160,11 +160,19 @@ class _Stage:
     margin: float
 
     @classmethod
-    def of(cls, dims: int, augmented: np.ndarray) -> _Stage:
-        squared = np.einsum("ij,ij->i", augmented, augmented)
-        operand = np.concatenate([-2 * augmented, squared[:, None]], axis=1).astype(np.float32)
-        max_norm = float(np.sqrt(squared.max())) if len(squared) else 0.0
-        return cls(dims, operand, max_norm, _lower_bound_margin(dims))
+    def of(cls, dims: int, projected: np.ndarray, centred_squared: np.ndarray) -> _Stage:
+        """The stage over the leading ``dims`` of the rows' projections (in blocks: no float64
+        copy of all of them)."""
+        operand = np.empty((len(projected), dims + 2), dtype=np.float32)
+        largest = 0.0
+        step = max(1, BLOCK_BYTES // (8 * (dims + 2)))
+        for start in range(0, len(projected), step):
+            augmented = _augmented(projected[start : start + step], centred_squared[start : start + step], dims)
+            squared = np.einsum("ij,ij->i", augmented, augmented)
+            operand[start : start + step, :-1] = -2 * augmented
+            operand[start : start + step, -1] = squared
+            largest = max(largest, float(squared.max()))
+        return cls(dims, operand, float(np.sqrt(largest)), _lower_bound_margin(dims))
 
     def bound_terms(self, coords: np.ndarray, centred_squared: np.ndarray, rows=slice(None)):
         """(G, offset) with G + offset ≤ ‖a − b‖² − margin ≤ the bound: G float32 per (query,
@@ -205,7 +213,7 @@ class ExactSearch:
             threads = faiss.omp_get_max_threads()
         self.rows, self.plan = rows, plan
         dims = sorted({min(k, projected.shape[1]) for k in stage_dims})
-        self.stages = [_Stage.of(k, _augmented(projected, centred_squared, k)) for k in (dims[0], dims[-1])]
+        self.stages = [_Stage.of(k, projected, centred_squared) for k in (dims[0], dims[-1])]
         self.basis = np.ascontiguousarray(plan.basis[: dims[-1]])  # the coordinates the stages use
         self.squared_norms = np.empty(len(rows), dtype=np.int64)  # ‖r‖² in pixels², exact
         step = max(1, BLOCK_BYTES // max(1, rows.shape[1]))
