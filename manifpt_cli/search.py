@@ -40,7 +40,7 @@ from .pixel_products import PixelProducts
 UNIT_ROUNDOFF = 2.0**-24  # float32: fl(a ∘ b) = (a ∘ b)(1 + δ), |δ| ≤ u
 PLAN_SAMPLE = 4096  # real images the basis is fitted on (seeded), fewer where they would pass PLAN_BYTES
 PLAN_BYTES = 512 * 2**20  # memory for the float64 sample the basis is fitted on
-STAGE_DIMS = (64, 256)  # coordinates of the stage-1 bound, and of the basis (stage 3); bench/exact_search.py
+STAGE_DIMS = (64, 256)  # coordinates of the stage-1 bound, and of the basis (stage 2); bench/exact_search.py
 QUERY_BLOCK = 128  # queries searched together (their candidate rows are shared in the products)
 BLOCK_BYTES = 64 * 2**20  # at most this much memory for one block's (queries × rows) bound matrix
 NO_ROW = np.iinfo(np.int64).max  # the distance to a query's own rows (leave-one-out), and to none
