@@ -4,7 +4,8 @@ Two rgb embeddings are pixels p / 255, so their squared distance is an integer D
 2 q·r over 255², and integer products compute it with nothing to round. On CPUs with 8-bit dot
 product instructions (x86 VNNI, Arm dot product) they also run several times faster than float32.
 ``MatMulInteger`` multiplies uint8 by int8, so the queries go in as q − 128 (it fits int8) and a
-column of ones gives Σr: r·q = r·(q − 128) + 128·Σr.
+column of ones gives Σr: r·q = r·(q − 128) + 128·Σr. The same products, with signed 8-bit
+digits of the PCA basis on the right, project pixels onto it (:mod:`manifpt_cli.search`).
 
 Not every kernel is exact: x86 CPUs with AVX2 but without VNNI add pairs of u8 × s8 products in
 saturating int16. So each kernel is checked once, on the products that saturate (255 × −128 and
@@ -14,6 +15,8 @@ saturating int16. So each kernel is checked once, on the products that saturate 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -96,41 +99,55 @@ class PixelProducts:
             return False
         return is_exact(probe)
 
-    def operand(self, queries: np.ndarray) -> np.ndarray:
-        """The (d, b or b + 1) query side of the products for (b, d) uint8 ``queries``."""
-        if self.kernel == "u8s8":
-            signed = np.empty((queries.shape[1], len(queries) + 1), dtype=np.int8)
-            signed[:, :-1] = (queries.T.astype(np.int16) - 128).astype(np.int8)
-            signed[:, -1] = 1  # Σr, for the +128·Σr that undoes the shift
-            return signed
-        if self.kernel == "u8u8":
-            return np.ascontiguousarray(queries.T)
-        return queries.T.astype(np.float64)
+    def operand(self, values: np.ndarray) -> Operand:
+        """The right-hand side of products for (n, d) integer ``values``: pixels (0..255) or
+        signed digits (−127..127). Either is shifted into the kernel's type, and a column of
+        ones gives Σr to undo the shift: r·v = r·(v + shift) − shift·Σr."""
+        signed = bool(values.size) and int(values.min()) < 0
+        if signed and int(np.abs(values).max()) > 127:
+            raise ValueError("operand values must be pixels (0..255) or signed digits (−127..127)")
+        shift, dtype = {"u8s8": (0 if signed else -128, np.int8), "u8u8": (128 if signed else 0, np.uint8)}.get(
+            self.kernel, (0, np.float64)
+        )
+        data = np.empty((values.shape[1], len(values) + 1), dtype=dtype)
+        data[:, :-1] = (values.T.astype(np.int16) + shift).astype(dtype)
+        data[:, -1] = 1
+        return Operand(data, shift)
 
-    def dots(self, rows: np.ndarray, operand: np.ndarray) -> np.ndarray:
-        """(m, b) int64 r·q for (m, d) uint8 ``rows`` and an :meth:`operand` of b queries."""
+    def dots(self, rows: np.ndarray, operand: Operand) -> np.ndarray:
+        """(m, n) int64 r·v for (m, d) uint8 ``rows`` and an :meth:`operand` of n vectors v."""
         total = None
         for start in range(0, rows.shape[1], COLUMN_CHUNK):
             part = rows[:, start : start + COLUMN_CHUNK]
-            side = operand[start : start + COLUMN_CHUNK]
+            side = operand.data[start : start + COLUMN_CHUNK]
             if self.kernel == "float64":
                 chunk = np.rint(part.astype(np.float64) @ side).astype(np.int64)
             else:
                 feeds = {"rows": np.ascontiguousarray(part), "queries": np.ascontiguousarray(side)}
                 chunk = self._sessions[self.kernel].run(None, feeds)[0].astype(np.int64)
             total = chunk if total is None else total + chunk
-        if self.kernel == "u8s8":
-            return total[:, :-1] + 128 * total[:, -1:]
-        return total
+        return total[:, :-1] - operand.shift * total[:, -1:]
+
+
+@dataclass(frozen=True)
+class Operand:
+    """The right-hand side of :meth:`PixelProducts.dots`: (d, n + 1) values + shift, and ones."""
+
+    data: np.ndarray
+    shift: int
 
 
 def is_exact(products: PixelProducts) -> bool:
-    """Whether ``products`` are exact on the products that saturate 16-bit kernels."""
+    """Whether ``products`` are exact on the products that saturate 16-bit kernels, for pixel
+    and for signed operands."""
     width = 64
     rows = np.full((3, width), 255, dtype=np.uint8)
     rows[2, ::2] = 0
-    queries = np.zeros((3, width), dtype=np.uint8)  # q − 128 = −128
-    queries[1] = 255  # q − 128 = 127
-    queries[2] = np.arange(width) * 4 % 256
-    expected = rows.astype(np.int64) @ queries.T.astype(np.int64)
-    return np.array_equal(products.dots(rows, products.operand(queries)), expected)
+    pixels = np.zeros((3, width), dtype=np.int64)  # shifted for u8 × s8: −128
+    pixels[1] = 255  # shifted: 127
+    pixels[2] = np.arange(width) * 4 % 256
+    digits = np.stack([np.full(width, -127), np.full(width, 127), np.arange(width) * 4 % 255 - 127])
+    return all(
+        np.array_equal(products.dots(rows, products.operand(values)), rows.astype(np.int64) @ values.T)
+        for values in (pixels, digits)
+    )

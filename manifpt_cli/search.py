@@ -43,6 +43,7 @@ PLAN_BYTES = 512 * 2**20  # memory for the float64 sample the basis is fitted on
 STAGE_DIMS = (64, 256)  # coordinates of the stage-1 bound, and of the basis (stage 2); bench/exact_search.py
 QUERY_BLOCK = 128  # queries searched together (their candidate rows are shared in the products)
 BLOCK_BYTES = 64 * 2**20  # at most this much memory for one block's (queries × rows) bound matrix
+PROJECTION_DIGITS = 3  # 8-bit digits of the basis: what they leave out is below 6.2e-8 of its largest entry
 NO_ROW = np.iinfo(np.int64).max  # the distance to a query's own rows (leave-one-out), and to none
 
 
@@ -174,14 +175,24 @@ class _Stage:
             largest = max(largest, float(squared.max()))
         return cls(dims, operand, float(np.sqrt(largest)), _lower_bound_margin(dims))
 
-    def bound_terms(self, coords: np.ndarray, centred_squared: np.ndarray, rows=slice(None)):
-        """(G, offset) with G + offset ≤ ‖a − b‖² − margin ≤ the bound: G float32 per (query,
-        row), offset = ‖a‖² − margin per query (float64)."""
+    def bound_terms(self, coords: np.ndarray, centred_squared: np.ndarray, coord_error: np.ndarray, rows=slice(None)):
+        """(G, offset) with G + offset ≤ the bound: G float32 per (query, row), offset per query
+        (float64): ‖a‖² less the rounding margin and the cost of the query's coordinates being
+        within ``coord_error`` (per coordinate) of exact."""
         augmented = _augmented(coords, centred_squared, self.dims)
         query = np.concatenate([augmented, np.ones((len(augmented), 1))], axis=1).astype(np.float32)
         bound = query @ self.operand[rows].T
         query_squared = np.einsum("ij,ij->i", augmented, augmented)
-        return bound, query_squared - self.margin * (np.sqrt(query_squared) + self.max_norm) ** 2
+        norms = np.sqrt(query_squared)
+        # x̃ within δ of x moves ρ = √(‖c‖² − ‖x‖²) by at most min(√g, g / ρ̃), g = δ(2‖x̃‖ + δ);
+        # the augmented query then lies within ε of its exact value, and for any row
+        # ‖z − y‖² ≥ ‖z̃ − y‖² − 2ε(‖z̃‖ + ‖y‖).
+        delta = np.sqrt(self.dims) * coord_error
+        g = delta * (2 * np.linalg.norm(augmented[:, :-1], axis=1) + delta)
+        residual = augmented[:, -1]
+        moved = np.minimum(np.sqrt(g), np.divide(g, residual, out=np.full_like(g, np.inf), where=residual > 0))
+        shift = 2 * np.sqrt(delta**2 + moved**2) * (norms + self.max_norm)
+        return bound, query_squared - self.margin * (norms + self.max_norm) ** 2 - shift
 
 
 class ExactSearch:
@@ -214,14 +225,26 @@ class ExactSearch:
         self.rows, self.plan = rows, plan
         dims = sorted({min(k, projected.shape[1]) for k in stage_dims})
         self.stages = [_Stage.of(k, projected, centred_squared) for k in (dims[0], dims[-1])]
-        self.basis = np.ascontiguousarray(plan.basis[: dims[-1]])  # the coordinates the stages use
+        basis = plan.basis[: dims[-1]]  # the coordinates the stages use
+        self.products = PixelProducts(threads, kernel)
+        # Q / σ = Σ_t D_t · unit_t + R with integer digits D_t in −127..127 (σ = max |Q|): the
+        # projection of pixels is then exact integer products, and R bounds what it leaves out.
+        self._basis_scale = float(np.abs(basis).max(initial=0.0)) or 1.0
+        remainder, digits = basis / self._basis_scale, []
+        self._digit_units = [1 / (127 * 254.0**t) for t in range(PROJECTION_DIGITS)]
+        for unit in self._digit_units:
+            digit = np.rint(remainder / unit)
+            digits.append(digit)
+            remainder = remainder - digit * unit
+        self._digits = self.products.operand(np.concatenate(digits).astype(np.int64))
+        self._remainder = self._basis_scale * float(np.abs(remainder).max(initial=0.0))
+        self._basis_mean = basis @ plan.mean
         self.squared_norms = np.empty(len(rows), dtype=np.int64)  # ‖r‖² in pixels², exact
         step = max(1, BLOCK_BYTES // max(1, rows.shape[1]))
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]
             self.squared_norms[start : start + step] = np.einsum("ij,ij->i", chunk, chunk, dtype=np.int64)
         self.max_norm = float(np.sqrt(self.squared_norms.max(initial=0)))
-        self.products = PixelProducts(threads, kernel)
         self._precision = gamma(rows.shape[1] + 1, 2.0**-53)
         order = np.argsort(sha256, kind="stable")
         self._sha_sorted, self._sha_order = sha256[order], order
@@ -314,10 +337,11 @@ class ExactSearch:
         distances[positions, queries] = NO_ROW
         return distances
 
-    def _bound(self, stage: _Stage, coords, centred_squared, columns: np.ndarray, own):
+    def _bound(self, stage: _Stage, coords, centred_squared, coord_error, columns: np.ndarray, own):
         """A stage's (G, offset) over ``columns``, with G = inf at a query's own rows."""
         every_row = len(columns) == len(stage.operand)  # columns are ascending and unique
-        bound, offset = stage.bound_terms(coords, centred_squared, slice(None) if every_row else columns)
+        selected = slice(None) if every_row else columns
+        bound, offset = stage.bound_terms(coords, centred_squared, coord_error, selected)
         queries, positions = self._own_cells(columns, own)
         bound[queries, positions] = np.inf
         return bound, offset
@@ -338,12 +362,28 @@ class ExactSearch:
         reach = (upper + self._slack(upper, query_norms)) / 255.0**2
         return _round_up32(np.where(upper < NO_ROW, reach - offset, np.inf))[:, None]
 
+    def _project(self, pixels: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(x̃, η): the queries' coordinates Q(φ − μ) from integer products with the basis digits,
+        and a bound per query on |x̃_i − x_i| for every coordinate.
+
+        x̃ = (σ / 255) Σ_t unit_t (D_t p) − Qμ differs from Q(p / 255 − μ) by (σ / 255) R p,
+        at most σ·max|R|·Σp / 255 per coordinate, and Q(p / 255) from Qφ (φ = fl(p / 255)) by
+        at most u‖φ‖ (the rows of Q are unit vectors); 1e-12·Σp / 255 covers float64's sums.
+        """
+        k = len(self._basis_mean)
+        products = self.products.dots(pixels, self._digits).astype(np.float64)
+        scaled = sum(products[:, t * k : (t + 1) * k] * unit for t, unit in enumerate(self._digit_units))
+        coords = scaled * (self._basis_scale / 255) - self._basis_mean
+        total = pixels.sum(axis=1, dtype=np.int64) / 255
+        norms = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
+        return coords, (self._remainder + 1e-12) * total + UNIT_ROUNDOFF * norms
+
     def _nearest_block(self, pixels: np.ndarray, queries: np.ndarray, own_sha256):
         started = time.perf_counter()
         b = len(pixels)
         centred = queries.astype(np.float64) - self.plan.mean
-        coords = centred @ self.basis.T
         centred_squared = np.einsum("ij,ij->i", centred, centred)
+        coords, coord_error = self._project(pixels, queries)
         operand = self.products.operand(pixels)
         query_squared = np.einsum("ij,ij->i", pixels, pixels, dtype=np.int64)
         query_norms = np.sqrt(query_squared.astype(np.float64))
@@ -352,13 +392,13 @@ class ExactSearch:
 
         first, last = self.stages
         every_row = np.arange(len(self.rows))
-        bound, offset = self._bound(first, coords, centred_squared, every_row, own)
+        bound, offset = self._bound(first, coords, centred_squared, coord_error, every_row, own)
         upper = self._upper(bound, operand, query_squared, every_row, own)
         survivors = bound <= self._threshold(upper, query_norms, offset)
         union = np.flatnonzero(survivors.any(axis=0))
         started = self._timed("stage 1 bound", started)
 
-        bound, offset = self._bound(last, coords, centred_squared, union, own)
+        bound, offset = self._bound(last, coords, centred_squared, coord_error, union, own)
         upper = np.minimum(upper, self._upper(bound, operand, query_squared, union, own))
         survivors = bound <= self._threshold(upper, query_norms, offset)
         union = union[survivors.any(axis=0)]

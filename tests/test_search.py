@@ -136,18 +136,20 @@ class SaturatingProducts(PixelProducts):
     """What an AVX2 u8 × s8 kernel without VNNI computes: pairs of products summed in saturating int16."""
 
     def dots(self, rows, operand):
-        pairs = rows.astype(np.int64)[:, None, :] * (operand.T.astype(np.int64) - 128)[None, :, :]
+        pairs = rows.astype(np.int64)[:, None, :] * operand.data.T.astype(np.int64)[None, :, :]
         pairs = pairs.reshape(*pairs.shape[:2], -1, 2).sum(axis=-1)
-        shifted = np.clip(pairs, -(2**15), 2**15 - 1).sum(axis=-1)
-        return shifted + 128 * rows.astype(np.int64).sum(axis=1)[:, None]
+        total = np.clip(pairs, -(2**15), 2**15 - 1).sum(axis=-1)
+        return total[:, :-1] - operand.shift * total[:, -1:]
 
 
 def test_a_saturating_kernel_is_caught_and_every_kernel_here_is_exact(crops):
-    saturating = SaturatingProducts(kernel="u8u8")
+    saturating = SaturatingProducts(kernel="u8s8")
     assert not is_exact(saturating)
     pixels = crops[0].reshape(len(crops[0]), -1)[:50]
     exact = pixels[:30].astype(np.int64) @ pixels[30:].T.astype(np.int64)
-    assert not np.array_equal(saturating.dots(pixels[:30], pixels[30:].T), exact), "photos saturate it too"
+    found = saturating.dots(pixels[:30], saturating.operand(pixels[30:]))
+    assert not np.array_equal(found, exact), "photos saturate it too"
+    digits = np.random.default_rng(1).integers(-127, 128, (20, pixels.shape[1]))
     wide = np.random.default_rng(0).integers(0, 256, (4, 2 * COLUMN_CHUNK + 7), dtype=np.uint8)  # 256 px is 6 chunks
     wide[0] = 255  # where an int32 accumulator over all columns would overflow
     wide_exact = wide.astype(np.int64) @ wide.T.astype(np.int64)
@@ -156,6 +158,7 @@ def test_a_saturating_kernel_is_caught_and_every_kernel_here_is_exact(crops):
         assert is_exact(products)
         assert np.array_equal(products.dots(pixels[:30], products.operand(pixels[30:])), exact)
         assert np.array_equal(products.dots(wide, products.operand(wide)), wide_exact)
+        assert np.array_equal(products.dots(pixels, products.operand(digits)), pixels.astype(np.int64) @ digits.T)
     assert PixelProducts().kernel in KERNELS
 
 
