@@ -27,7 +27,11 @@ class FileRows:
         self.shape, self.dtype = dataset.shape, dataset.dtype
         self.row_bytes = int(self.dtype.itemsize * np.prod(self.shape[1:], dtype=np.int64))
         self._dataset = dataset  # contiguous slices: HDF5's own read
+        if dataset.id.get_create_plist().get_nfilters():
+            raise ValueError(f"{dataset.name} is filtered (compressed): its rows cannot be read one by one")
         contiguous = dataset.id.get_offset()
+        if contiguous is None and dataset.chunks is None:
+            raise ValueError(f"{dataset.name} was never written")
         if contiguous is not None:
             self.rows_per_chunk = max(1, self.shape[0])
             self.chunk_offsets = np.array([contiguous], dtype=np.int64)
@@ -38,8 +42,8 @@ class FileRows:
             self.chunk_offsets = np.full(-(-self.shape[0] // self.rows_per_chunk), -1, dtype=np.int64)
             for i in range(dataset.id.get_num_chunks()):
                 info = dataset.id.get_chunk_info(i)
-                if info.filter_mask != 0 or info.size != self.rows_per_chunk * self.row_bytes:
-                    raise ValueError(f"{dataset.name} is filtered (compressed): its rows cannot be read one by one")
+                if info.size != self.rows_per_chunk * self.row_bytes:
+                    raise ValueError(f"{dataset.name} has a chunk of {info.size} bytes, not whole rows")
                 self.chunk_offsets[info.chunk_offset[0] // self.rows_per_chunk] = info.byte_offset
             if (self.chunk_offsets < 0).any():
                 raise ValueError(f"{dataset.name} has chunks that were never written")

@@ -51,6 +51,7 @@ Policy (README, "How images are read"):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -757,7 +758,14 @@ def decode_folder(
     work on the batch before (attribution: the search, while the caller runs the attributor).
     """
     batches = iter_batches(_decoded_items(roots, size, settings), settings.batch_size)
-    return read_ahead(batches if then is None else map(then, batches), READ_AHEAD_BATCHES)
+    return read_ahead(batches if then is None else _each(then, batches), READ_AHEAD_BATCHES)
+
+
+def _each(then: Callable[[T], R], items: Iterator[T]) -> Iterator[R]:
+    """``map``, but closing ``items`` when closed itself (read_ahead closes its source)."""
+    with contextlib.closing(items):
+        for item in items:
+            yield then(item)
 
 
 def split_batch(batch: list[DecodeResult]) -> tuple[list[DecodedImage], list[FailedImage], list[SkippedFile]]:

@@ -100,9 +100,7 @@ def write_faiss_index(index, append: Callable[[bytes], int]) -> None:
     """Serialise ``index`` through ``append`` as FAISS writes it (no whole copy in memory)."""
     import faiss
 
-    stream = faiss.PyCallbackIOWriter(append)
-    faiss.write_index(index, stream)
-    del stream  # its destructor writes the last buffered bytes
+    faiss.write_index(index, faiss.PyCallbackIOWriter(append))  # an error in append propagates as itself
 
 
 def read_faiss_index(dataset):

@@ -140,13 +140,14 @@ class Operand:
 def is_exact(products: PixelProducts) -> bool:
     """Whether ``products`` are exact on the products that saturate 16-bit kernels, for pixel
     and for signed operands."""
-    width = 64
+    width, columns = 512, 16  # shaped like the search's products, in case a kernel is picked by shape
     rows = np.full((3, width), 255, dtype=np.uint8)
     rows[2, ::2] = 0
     pixels = np.zeros((3, width), dtype=np.int64)  # shifted for u8 × s8: −128
     pixels[1] = 255  # shifted: 127
     pixels[2] = np.arange(width) * 4 % 256
     digits = np.stack([np.full(width, -127), np.full(width, 127), np.arange(width) * 4 % 255 - 127])
+    pixels, digits = np.resize(pixels, (columns, width)), np.resize(digits, (columns, width))
     return all(
         np.array_equal(products.dots(rows, products.operand(values)), rows.astype(np.int64) @ values.T)
         for values in (pixels, digits)

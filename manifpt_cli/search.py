@@ -56,14 +56,14 @@ def gamma(n: int, unit_roundoff: float = UNIT_ROUNDOFF) -> float:
 def _lower_bound_margin(dims: int) -> float:
     """Factor c such that LB_float32 − c·(‖x‖ + max‖y‖)² ≤ LB_exact ≤ ‖q − r‖².
 
-    The float32 product G = ‖y‖² − 2 x·y over m = dims + 2 coordinates (the augmented vector and
-    the ‖y‖² column) errs by at most γ_m(2‖x‖‖y‖ + ‖y‖²), and rounding ‖y‖² to float32 adds
-    u‖y‖²; rounding x and y to float32 moves ‖x − y‖ by at most u(‖x‖ + ‖y‖), so ‖x − y‖² by at
-    most 2u(‖x‖ + ‖y‖)². All terms are below (γ_m + 3u)(‖x‖ + ‖y‖)²; twice that, 2u more and
-    1e-9 on top cover the float64 projection and residual norms (computed from float32
-    coordinates: errors ~u relative) with room to spare.
+    The float32 product G = ‖y‖² − 2 x·y (− the rows' error terms, each below ‖y‖² and 2‖x‖‖y‖
+    in size) over m = dims + 3 coordinates errs by at most γ_m(4‖x‖‖y‖ + 2‖y‖²), and rounding
+    the ‖y‖² column to float32 adds u‖y‖²; rounding x and y to float32 moves ‖x − y‖ by at most u(‖x‖ + ‖y‖), so ‖x − y‖² by at
+    most 2u(‖x‖ + ‖y‖)². All terms are below (2γ_m + 3u)(‖x‖ + ‖y‖)²; 5u more and 1e-9 on top
+    cover the float64 arithmetic with room to spare. (Errors in the coordinates themselves, and
+    what they do to the residual norms, are bounded separately: :func:`_augmented_error`.)
     """
-    return 2 * gamma(dims + 2) + 8 * UNIT_ROUNDOFF + 1e-9
+    return 2 * gamma(dims + 3) + 8 * UNIT_ROUNDOFF + 1e-9
 
 
 def _round_up32(values: np.ndarray) -> np.ndarray:
@@ -150,10 +150,27 @@ class SearchResult:
     checked: np.ndarray  # rows whose exact distance was computed, per query
 
 
+def _augmented_error(augmented: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """ε ≥ ‖z − z̃‖ for augmented vectors z̃ = [x̃, ρ̃] whose coordinates x̃ lie within ``delta``
+    (Euclidean) of exact ones x, ρ̃ = √(‖c‖² − ‖x̃‖²) and ρ = √(‖c‖² − ‖x‖²).
+
+    |‖x‖² − ‖x̃‖²| ≤ g = δ(2‖x̃‖ + δ), so ρ moves by at most min(√g, g / ρ̃): a coordinate error
+    of order u can move a small residual by far more than u, which is why this is not left to
+    the rounding margin.
+    """
+    g = delta * (2 * np.linalg.norm(augmented[:, :-1], axis=1) + delta)
+    residual = augmented[:, -1]
+    moved = np.minimum(np.sqrt(g), np.divide(g, residual, out=np.full_like(g, np.inf), where=residual > 0))
+    return np.sqrt(delta**2 + moved**2)
+
+
 @dataclass
 class _Stage:
-    """One lower bound. ``operand`` (n, dims + 2) float32 holds each row's augmented vector y as
-    [−2y, ‖y‖²], so that one product with the query's [x, 1] gives G = ‖y‖² − 2x·y."""
+    """One lower bound. ``operand`` (n, dims + 3) float32 holds each row's augmented vector y as
+    [−2y, ‖y‖² − 2ε‖y‖, −2ε], so that one product with the query's [x, 1, ‖x‖ + ε_x] gives
+    ‖y‖² − 2x·y − 2ε(‖x‖ + ‖y‖) ≤ ‖x − y_exact‖² − ‖x‖²: ε bounds how far the row's augmented
+    vector, computed from its float32 projection, lies from the exact one (:func:`_augmented_error`),
+    and ‖x − y_exact‖ ≥ ‖x − y‖ − ε."""
 
     dims: int
     operand: np.ndarray
@@ -162,16 +179,20 @@ class _Stage:
 
     @classmethod
     def of(cls, dims: int, projected: np.ndarray, centred_squared: np.ndarray) -> _Stage:
-        """The stage over the leading ``dims`` of the rows' projections (in blocks: no float64
-        copy of all of them)."""
-        operand = np.empty((len(projected), dims + 2), dtype=np.float32)
+        """The stage over the leading ``dims`` of the rows' float32 projections (in blocks: no
+        float64 copy of all of them)."""
+        operand = np.empty((len(projected), dims + 3), dtype=np.float32)
         largest = 0.0
-        step = max(1, BLOCK_BYTES // (8 * (dims + 2)))
+        step = max(1, BLOCK_BYTES // (8 * (dims + 3)))
         for start in range(0, len(projected), step):
             augmented = _augmented(projected[start : start + step], centred_squared[start : start + step], dims)
+            # Each float32 coordinate is within u of its float64 value, relatively.
+            kept = np.linalg.norm(augmented[:, :-1], axis=1)
+            error = _augmented_error(augmented, UNIT_ROUNDOFF * (1 + UNIT_ROUNDOFF) * kept)
             squared = np.einsum("ij,ij->i", augmented, augmented)
-            operand[start : start + step, :-1] = -2 * augmented
-            operand[start : start + step, -1] = squared
+            operand[start : start + step, :-2] = -2 * augmented
+            operand[start : start + step, -2] = squared - 2 * error * np.sqrt(squared)
+            operand[start : start + step, -1] = -2 * error
             largest = max(largest, float(squared.max()))
         return cls(dims, operand, float(np.sqrt(largest)), _lower_bound_margin(dims))
 
@@ -180,18 +201,14 @@ class _Stage:
         (float64): ‖a‖² less the rounding margin and the cost of the query's coordinates being
         within ``coord_error`` (per coordinate) of exact."""
         augmented = _augmented(coords, centred_squared, self.dims)
-        query = np.concatenate([augmented, np.ones((len(augmented), 1))], axis=1).astype(np.float32)
-        bound = query @ self.operand[rows].T
         query_squared = np.einsum("ij,ij->i", augmented, augmented)
         norms = np.sqrt(query_squared)
-        # x̃ within δ of x moves ρ = √(‖c‖² − ‖x‖²) by at most min(√g, g / ρ̃), g = δ(2‖x̃‖ + δ);
-        # the augmented query then lies within ε of its exact value, and for any row
-        # ‖z − y‖² ≥ ‖z̃ − y‖² − 2ε(‖z̃‖ + ‖y‖).
-        delta = np.sqrt(self.dims) * coord_error
-        g = delta * (2 * np.linalg.norm(augmented[:, :-1], axis=1) + delta)
-        residual = augmented[:, -1]
-        moved = np.minimum(np.sqrt(g), np.divide(g, residual, out=np.full_like(g, np.inf), where=residual > 0))
-        shift = 2 * np.sqrt(delta**2 + moved**2) * (norms + self.max_norm)
+        # The query's augmented vector lies within ε of its exact value, so for any row
+        # ‖z − y‖² ≥ ‖z̃ − y‖² − 2ε(‖z̃‖ + ‖y‖); ‖z‖ ≤ ‖z̃‖ + ε in the rows' own term.
+        error = _augmented_error(augmented, np.sqrt(self.dims) * coord_error)
+        query = np.concatenate([augmented, np.ones((len(augmented), 1)), (norms + error)[:, None]], axis=1)
+        bound = query.astype(np.float32) @ self.operand[rows].T
+        shift = 2 * error * (norms + self.max_norm)
         return bound, query_squared - self.margin * (norms + self.max_norm) ** 2 - shift
 
 

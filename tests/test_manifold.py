@@ -294,3 +294,25 @@ def test_index_hash_does_not_depend_on_the_blas_threads(tmp_path, dataset):
             built = build_index([dataset / "real"], tmp_path / f"{threads}.h5", [Space.RGB], size=SIZE)
             hashes.append(built.index_hash)
     assert hashes[0] == hashes[1]
+
+
+def test_a_failing_write_of_the_faiss_index_is_reported_as_itself():
+    """FAISS turns an exception in its write callback into RuntimeError("py err"); the index
+    writer's own error (a full disk: NoSpaceError) must reach the user instead."""
+    import faiss
+
+    from manifpt_cli.manifold import write_faiss_index
+    from manifpt_cli.outputs import NoSpaceError
+
+    index = faiss.IndexFlatL2(8)
+    index.add(np.random.default_rng(0).random((4000, 8), dtype=np.float32))
+    written = []
+
+    def append(data: bytes) -> int:
+        if written:
+            raise NoSpaceError("no space left for the index")
+        written.append(len(data))
+        return len(data)
+
+    with pytest.raises(NoSpaceError, match="no space left"):
+        write_faiss_index(index, append)

@@ -197,3 +197,25 @@ def test_the_hand_written_model_is_the_one_onnx_helper_makes(query_type):
     graph = helper.make_graph([node], "pixel_products", inputs, [info("dots", onnx.TensorProto.INT32, "mn")])
     assert ours.graph == graph
     assert [(o.domain, o.version) for o in ours.opset_import] == [("", 13)]
+
+
+def test_a_row_almost_in_the_basis_span_is_not_pruned():
+    """A row whose residual ρ is tiny: its float32 projection moves ρ by far more than float32
+    rounding (√u, not u). One-row indexes with a basis nearly through the row, and queries off it
+    along the residual; without the rows' own error term some of these lost their only row."""
+    from manifpt_cli.search import rows_as_float
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        row = rng.integers(30, 226, 3).astype(np.uint8)
+        phi = rows_as_float(row[None])[0].astype(np.float64)
+        tilt = np.cross(phi, rng.standard_normal(3))
+        basis = phi + 10 ** rng.uniform(-6, -3.5) * np.linalg.norm(phi) * tilt / np.linalg.norm(tilt)
+        basis /= np.linalg.norm(basis)
+        residual = phi - (phi @ basis) * basis
+        query = np.clip(np.rint(row + 25 * residual / np.linalg.norm(residual)), 0, 255).astype(np.uint8)
+        plan = SearchPlan(np.zeros(3), basis[None])
+        search = ExactSearch(row[None], plan, *project_rows(plan, row[None]), np.array([b"x" * 64]), kernel="float64")
+        found = search.nearest(rows_as_float(query[None]))
+        expected = np.square(rows_as_float(query[None]).astype(np.float64) - phi).sum()
+        assert found.ids[0] == 0 and found.distances[0] == expected
