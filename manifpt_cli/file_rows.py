@@ -16,6 +16,8 @@ import threading
 
 import numpy as np
 
+from .integrity import IntegrityError
+
 HELD_ROWS_BYTES = 1 << 30  # a space's rows up to this size are read once and held; larger ones stay in the file
 
 
@@ -73,5 +75,8 @@ class FileRows:
             for row, start in zip(out, starts.tolist()):
                 self._file.seek(start)
                 if self._file.readinto(row) != self.row_bytes:
-                    raise OSError(f"{self._file.name}: short read at byte {start} (the file changed?)")
+                    raise IntegrityError(
+                        f"{self._file.name} changed after it was opened and verified (it ends before byte "
+                        f"{start + self.row_bytes}); open it again"
+                    )
         return out.view(self.dtype).reshape(len(ids), *self.shape[1:])

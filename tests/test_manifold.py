@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -316,3 +317,20 @@ def test_a_failing_write_of_the_faiss_index_is_reported_as_itself():
 
     with pytest.raises(NoSpaceError, match="no space left"):
         write_faiss_index(index, append)
+
+
+def test_an_index_cut_short_after_it_was_opened_is_an_integrity_error(real_index, tmp_path, monkeypatch):
+    """Rows read from the file later (large spaces) meet a file truncated since it was verified:
+    a clear IntegrityError, not a short read handed on as pixels."""
+    import manifpt_cli.file_rows as file_rows
+    from manifpt_cli.integrity import IntegrityError
+
+    copy = tmp_path / "copy.h5"
+    shutil.copy(real_index, copy)
+    monkeypatch.setattr(file_rows, "HELD_ROWS_BYTES", 0)
+    with RealIndex(copy) as index:
+        rows = index._rows(Space.RGB)
+        holding_the_last_row = rows.chunk_offsets[(len(rows) - 1) // rows.rows_per_chunk]
+        os.truncate(copy, int(holding_the_last_row))
+        with pytest.raises(IntegrityError, match="changed after it was opened"):
+            rows[[len(rows) - 1]]
