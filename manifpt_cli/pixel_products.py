@@ -81,23 +81,19 @@ class PixelProducts:
     """
 
     def __init__(self, threads: int = 1, kernel: str | None = None) -> None:
-        self.threads = threads
-        self._sessions = {}
-        if kernel is None:
-            kernel = next(name for name in KERNELS if name == "float64" or self._checked(name))
-        elif kernel not in KERNELS:
+        if kernel is not None and kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; one of {', '.join(KERNELS)}")
-        types = {"u8s8": INT8, "u8u8": UINT8}
-        if kernel in types:
-            self._sessions[kernel] = _integer_session(types[kernel], threads)
-        self.kernel = kernel
-
-    def _checked(self, kernel: str) -> bool:
-        try:
-            probe = PixelProducts(self.threads, kernel)
-        except Exception:  # an execution provider without the operator: not usable here
-            return False
-        return is_exact(probe)
+        for name in KERNELS if kernel is None else (kernel,):
+            query_type = {"u8s8": INT8, "u8u8": UINT8}.get(name)
+            try:
+                session = None if query_type is None else _integer_session(query_type, threads)
+            except Exception:  # an execution provider without the operator: not usable here
+                if kernel is not None:
+                    raise
+                continue
+            self.kernel, self._session = name, session
+            if kernel is not None or session is None or is_exact(self):  # float64 is exact by construction
+                break
 
     def operand(self, values: np.ndarray) -> Operand:
         """The right-hand side of products for (n, d) integer ``values``: pixels (0..255) or
@@ -124,7 +120,7 @@ class PixelProducts:
                 chunk = np.rint(part.astype(np.float64) @ side).astype(np.int64)
             else:
                 feeds = {"rows": np.ascontiguousarray(part), "queries": np.ascontiguousarray(side)}
-                chunk = self._sessions[self.kernel].run(None, feeds)[0].astype(np.int64)
+                chunk = self._session.run(None, feeds)[0].astype(np.int64)
             total = chunk if total is None else total + chunk
         return total[:, :-1] - operand.shift * total[:, -1:]
 
