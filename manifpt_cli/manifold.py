@@ -21,10 +21,11 @@ Layout (README, "File formats"):
 
 The nearest real image of x is argmin ||φ(x) − φ(r)||² (k = 1). An image is never its own
 neighbour: index entries whose file SHA-256 equals the query's are skipped (leave-one-out).
-rgb with a flat index is searched by :mod:`search` (exact, the same neighbour and float64 distance
-as brute force, several times faster than FAISS flat search); other spaces and factories by FAISS,
-flat results re-ranked in float64 on the full vectors (freq's log spectra leave the PCA bound nothing
-to prune; FAISS searches freq's unique half, about half the work).
+With a flat index, rgb is searched by :mod:`search` and freq by :mod:`coded_search` (exact: the
+same neighbour and float64 distance as brute force, several times faster than FAISS flat search;
+freq's log spectra leave a PCA bound little to prune, so its rows are scanned as 8-bit codes).
+Other spaces and factories are searched by FAISS, its candidates re-ranked in float64 on the full
+vectors (for freq, FAISS searches the unique half of each spectrum: about half the work).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import file_rows
+from .coded_search import CodedSearch
 from .engines import LocalEngine
 from .errors import FormatError, UsageError
 from .file_rows import FileRows
@@ -45,7 +47,16 @@ from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, describe
 from .images import FailedImage, SkippedFile, count_images, display_path, split_batch
 from .integrity import EXACT_SEARCH, IntegrityError, index_digest, space_digest, verify_index
 from .outputs import check_outputs
-from .search import STAGE_DIMS, ExactSearch, SearchPlan, fit_plan, gamma, project_rows, rows_as_float
+from .search import (
+    FLOAT64_SLACK,
+    STAGE_DIMS,
+    ExactSearch,
+    SearchPlan,
+    faiss_distance_margin,
+    fit_plan,
+    project_rows,
+    rows_as_float,
+)
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import (
     Embedder,
@@ -152,8 +163,9 @@ def faiss_coordinates(half: SymmetricHalf, stored: np.ndarray) -> np.ndarray:
     return (stored.astype(np.float64) * np.sqrt(half.weights)).astype(np.float32)
 
 
-def fold_queries(half: SymmetricHalf, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Full query vectors → FAISS coordinates of their pair means q̄, and the distance those leave out.
+def pair_means(half: SymmetricHalf, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Full query vectors → their pair means q̄ (float64, in the stored layout), and the distance
+    those leave out.
 
     For a point-symmetric x, (a − x)² + (b − x)² = 2((a + b)/2 − x)² + (a − b)²/2, so
     ‖q − x‖² = Σ w·(q̄ − x)² + offset(q) for any q: a query need not be symmetric (φ's are, offset 0).
@@ -161,7 +173,13 @@ def fold_queries(half: SymmetricHalf, queries: np.ndarray) -> tuple[np.ndarray, 
     first = np.take(queries, half.unique, axis=1).astype(np.float64)
     second = np.take(queries, half.mirror, axis=1).astype(np.float64)
     offsets = np.square(first - second) @ (half.weights / 4)  # (a − b)²/2 per pair; 0 for a bin's own mirror
-    return faiss_coordinates(half, (first + second) / 2), offsets
+    return (first + second) / 2, offsets
+
+
+def fold_queries(half: SymmetricHalf, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Full query vectors → FAISS coordinates of their pair means (:func:`pair_means`), and offsets."""
+    means, offsets = pair_means(half, queries)
+    return faiss_coordinates(half, means), offsets
 
 
 def build_index(
@@ -306,21 +324,6 @@ def faiss_search_parameters(index) -> dict:
 RERANKED_CANDIDATES = 8  # FAISS candidates whose exact distance decides the neighbour (more where unsure)
 SCAN_FALLBACK = "a float64 scan of every real for queries whose FAISS candidates ran out before one that is not a copy"
 EXACT_CHUNK_BYTES = 64 * 2**20  # memory for exact re-ranking at a time
-FLOAT64_SLACK = 1e-12  # relative: covers the float64 sums' rounding (≤ 3,072·2⁻⁵³ ≈ 3.4e-13) at every size here
-
-
-def faiss_distance_margin(dim: int) -> float:
-    """Factor c with |F − ‖x − y‖²| ≤ c·(‖x‖² + ‖y‖²) for FAISS's float32 flat L2 distance F between
-    d-dimensional vectors, each rounded to float32 once from exact values (freq's √w·x).
-
-    FAISS computes ‖x‖² + ‖y‖² − 2⟨x, y⟩ (BLAS, for batches of queries) or Σ(x − y)² in float32.
-    A float32 sum of d products errs by at most γ_d times the sum of their magnitudes, in any order
-    and with or without FMA: γ_d(‖x‖² + ‖y‖²) for the two norms, γ_d·2|⟨x, y⟩| ≤ γ_d(‖x‖² + ‖y‖²) for
-    the product. The two additions add at most 4u(‖x‖² + ‖y‖²), rounding √w·x to float32 at most
-    about 4u(‖x‖² + ‖y‖²) (‖e‖ ≤ u(‖x‖ + ‖y‖) moves ‖x − y‖² by 2‖x − y‖‖e‖ + ‖e‖²). So 2γ_d + 8u
-    suffices; 3γ_{d+4} ≥ that for d ≥ 8.
-    """
-    return 3 * gamma(dim + 4)
 
 
 def others_are_farther(
@@ -391,6 +394,7 @@ class RealIndex:
             raise
         self._faiss: dict[Space, object] = {}
         self._exact: dict[Space, ExactSearch] = {}
+        self._coded: dict[Space, CodedSearch] = {}
         self._held: dict[Space, np.ndarray] = {}
         self._paths: list[str] | None = None
 
@@ -460,6 +464,21 @@ class RealIndex:
             self._exact[space] = ExactSearch(rows, plan, projected, norms, self._sha256, stage_dims)
         return self._exact[space]
 
+    def is_coded_search(self, space: Space) -> bool:
+        """Whether a space is searched by :class:`CodedSearch`: freq with a flat index (exact, the
+        same neighbour and distance as FAISS flat search re-ranked in float64, several times faster)."""
+        return self.stored_layout(space) is not None and str(self._group(space).attrs["faiss_factory"]) == "Flat"
+
+    def coded_search(self, space: Space) -> CodedSearch:
+        """The code scan of a freq space (made from its stored rows when first needed, then kept)."""
+        if space not in self._coded:
+            rows = self._rows(space)
+            if len(rows) != self.n_images:
+                raise FormatError(f"index {self.path}: the {space.value} embeddings do not match the image list")
+            scale = np.sqrt(self.stored_layout(space).weights)
+            self._coded[space] = CodedSearch(rows, self._sha256, scale)
+        return self._coded[space]
+
     def search_description(self, space: Space) -> dict:
         """Which search finds the neighbours, for report headers: exact with its parameters, or the
         FAISS factory and (for approximate ones) the parameters that change what it returns."""
@@ -472,6 +491,19 @@ class RealIndex:
                 "faiss_factory": factory,
                 "exact": True,
                 "parameters": {"stage_dims": [stage.dims for stage in search.stages], "basis": len(search.plan.basis)},
+            }
+        if self.is_coded_search(space):
+            search = self.coded_search(space)
+            return {
+                "method": "exact: 8-bit code scan with a proven error band over the unique half of each "
+                "spectrum, verified in float64 (manifpt_cli/coded_search.py)",
+                "faiss_factory": factory,
+                "exact": True,
+                "parameters": {
+                    "grid_step": search.grid.step,
+                    "shared_residual": search.band,
+                    "outlier_rows": len(search.outliers),
+                },
             }
         half = " over the unique half of each spectrum" if self.stored_layout(space) is not None else ""
         return {
@@ -501,19 +533,21 @@ class RealIndex:
     def embeddings(self, space: Space, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of the exact, full float32 embeddings, in the order given.
 
-        The exact search and a flat FAISS index hold them in memory already (freq's flat index holds
-        scaled bins, so its stored rows are held beside it); other factories may compress them, so
-        those are read from the HDF5 dataset.
+        The exact searches hold them already (rgb's pixels; freq's stored rows, in memory or read
+        from the file: :meth:`_rows`), as does a flat FAISS index; other factories may compress
+        them, so those are read from the HDF5 dataset.
         """
         import faiss
 
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if self.is_exact_search(space):
             return rows_as_float(self.exact_search(space).rows[ids])
-        flat = isinstance(faiss.downcast_index(self.faiss_index(space)), faiss.IndexFlat)
         half = self.stored_layout(space)
+        if self.is_coded_search(space):
+            return half.unfold(self._rows(space)[ids])
         if half is not None:
-            return half.unfold(self._rows(space)[ids] if flat else self._read_rows(space, ids))
+            return half.unfold(self._read_rows(space, ids))
+        flat = isinstance(faiss.downcast_index(self.faiss_index(space)), faiss.IndexFlat)
         if flat:
             return self.faiss_index(space).reconstruct_batch(ids)
         return rows_as_float(self._read_rows(space, ids))
@@ -548,7 +582,8 @@ class RealIndex:
     def nearest(self, space: Space, queries: np.ndarray, query_sha256: Sequence[str] | None = None) -> Neighbours:
         """Nearest real image of each query row, skipping index entries with the query's own SHA-256.
 
-        Where the space has exact-search tables, :class:`search.ExactSearch` finds it. Otherwise
+        Where the space has exact-search tables (rgb), :class:`search.ExactSearch` finds it; freq
+        with a flat index, :class:`coded_search.CodedSearch` (from the query's pair means). Otherwise
         FAISS proposes ``RERANKED_CANDIDATES`` candidates (for freq, from the √w-scaled unique half:
         :func:`fold_queries`); their distances are then recomputed exactly (float64, per row, on the
         full vectors), and the smallest wins, ties going to the lowest index row. So a row's
@@ -567,6 +602,14 @@ class RealIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.is_exact_search(space):
             found = self.exact_search(space).nearest(queries, query_sha256)
+            return Neighbours(found.ids, found.distances)
+        if self.is_coded_search(space):
+            means, offsets = pair_means(self.stored_layout(space), queries)
+
+            def exact(query_ids: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
+                return self._pair_distances(space, queries, query_ids, row_ids)
+
+            found = self.coded_search(space).nearest(means, exact, offsets, query_sha256)
             return Neighbours(found.ids, found.distances)
         index = self.faiss_index(space)
         half = self.stored_layout(space)
@@ -636,6 +679,18 @@ class RealIndex:
                     ids[i], distances[i] = start + nearest, block[nearest]
         return ids, distances
 
+    def _pair_distances(self, space: Space, queries: np.ndarray, query_ids: np.ndarray, row_ids: np.ndarray):
+        """Brute force's float64 squared distance between each (query, row) pair, in chunks."""
+        out = np.empty(len(row_ids))
+        step = max(1, EXACT_CHUNK_BYTES // (queries.shape[1] * 8))
+        for start in range(0, len(row_ids), step):
+            pairs = slice(start, start + step)
+            difference = np.subtract(
+                self.embeddings(space, row_ids[pairs]), queries[query_ids[pairs]], dtype=np.float64
+            )
+            out[pairs] = np.square(difference, out=difference).sum(axis=1)
+        return out
+
     def _exact_distances(self, space: Space, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         """(m, k) squared L2 distances in float64 between each query and its candidates, in chunks."""
         m, k = candidates.shape
@@ -658,7 +713,7 @@ def describe_index(path: str | os.PathLike) -> dict:
         spaces = []
         for space in index.spaces:
             space_attrs = index.space_attrs(space)
-            exact = index.is_exact_search(space)
+            exact = index.is_exact_search(space) or index.is_coded_search(space)
             spaces.append(
                 {
                     "space": space.value,

@@ -110,8 +110,9 @@ class PixelProducts:
         data[:, -1] = 1
         return Operand(data, shift)
 
-    def dots(self, rows: np.ndarray, operand: Operand) -> np.ndarray:
-        """(m, n) int64 r·v for (m, d) uint8 ``rows`` and an :meth:`operand` of n vectors v."""
+    def products(self, rows: np.ndarray, operand: Operand) -> np.ndarray:
+        """(m, n + 1) r·(v + shift) for (m, d) uint8 ``rows``, the last column Σr: int32 (as the
+        kernel returns it) where d fits one chunk, else int64. :meth:`dots` undoes the shift."""
         total = None
         for start in range(0, rows.shape[1], COLUMN_CHUNK):
             part = rows[:, start : start + COLUMN_CHUNK]
@@ -120,8 +121,13 @@ class PixelProducts:
                 chunk = np.rint(part.astype(np.float64) @ side).astype(np.int64)
             else:
                 feeds = {"rows": np.ascontiguousarray(part), "queries": np.ascontiguousarray(side)}
-                chunk = self._session.run(None, feeds)[0].astype(np.int64)
-            total = chunk if total is None else total + chunk
+                chunk = self._session.run(None, feeds)[0]
+            total = chunk if total is None else total.astype(np.int64, copy=False) + chunk
+        return total
+
+    def dots(self, rows: np.ndarray, operand: Operand) -> np.ndarray:
+        """(m, n) int64 r·v for (m, d) uint8 ``rows`` and an :meth:`operand` of n vectors v."""
+        total = self.products(rows, operand).astype(np.int64, copy=False)
         return total[:, :-1] - operand.shift * total[:, -1:]
 
 

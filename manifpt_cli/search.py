@@ -45,12 +45,27 @@ QUERY_BLOCK = 128  # queries searched together (their candidate rows are shared 
 BLOCK_BYTES = 64 * 2**20  # at most this much memory for one block's (queries × rows) bound matrix
 PROJECTION_DIGITS = 3  # 8-bit digits of the basis: what they leave out is below 6.2e-8 of its largest entry
 NO_ROW = np.iinfo(np.int64).max  # the distance to a query's own rows (leave-one-out), and to none
+FLOAT64_SLACK = 1e-12  # relative: covers the float64 sums' rounding (≤ 3,072·2⁻⁵³ ≈ 3.4e-13) at every size here
 
 
 def gamma(n: int, unit_roundoff: float = UNIT_ROUNDOFF) -> float:
     """γ_n = n·u / (1 − n·u): the relative error bound of a sum of n products (any order); float32
     by default."""
     return n * unit_roundoff / (1 - n * unit_roundoff)
+
+
+def faiss_distance_margin(dim: int) -> float:
+    """Factor c with |F − ‖x − y‖²| ≤ c·(‖x‖² + ‖y‖²) for FAISS's float32 flat L2 distance F between
+    d-dimensional vectors, each rounded to float32 once from exact values (freq's √w·x).
+
+    FAISS computes ‖x‖² + ‖y‖² − 2⟨x, y⟩ (BLAS, for batches of queries) or Σ(x − y)² in float32.
+    A float32 sum of d products errs by at most γ_d times the sum of their magnitudes, in any order
+    and with or without FMA: γ_d(‖x‖² + ‖y‖²) for the two norms, γ_d·2|⟨x, y⟩| ≤ γ_d(‖x‖² + ‖y‖²) for
+    the product. The two additions add at most 4u(‖x‖² + ‖y‖²), rounding √w·x to float32 at most
+    about 4u(‖x‖² + ‖y‖²) (‖e‖ ≤ u(‖x‖ + ‖y‖) moves ‖x − y‖² by 2‖x − y‖‖e‖ + ‖e‖²). So 2γ_d + 8u
+    suffices; 3γ_{d+4} ≥ that for d ≥ 8.
+    """
+    return 3 * gamma(dim + 4)
 
 
 def _lower_bound_margin(dims: int) -> float:
@@ -263,28 +278,14 @@ class ExactSearch:
             self.squared_norms[start : start + step] = np.einsum("ij,ij->i", chunk, chunk, dtype=np.int64)
         self.max_norm = float(np.sqrt(self.squared_norms.max(initial=0)))
         self._precision = gamma(rows.shape[1] + 1, 2.0**-53)
-        order = np.argsort(sha256, kind="stable")
-        self._sha_sorted, self._sha_order = sha256[order], order
+        self.own_rows = OwnRows(sha256)
         self.seconds: dict[str, float] = defaultdict(float)
 
     @property
     def nbytes(self) -> int:
         """Memory the search holds per the whole index (rows, bound operands, norms)."""
-        held = self.rows.nbytes + self.squared_norms.nbytes + self._sha_order.nbytes
+        held = self.rows.nbytes + self.squared_norms.nbytes + self.own_rows.nbytes
         return held + sum(stage.operand.nbytes for stage in self.stages)
-
-    def _own_pairs(self, own_sha256) -> tuple[np.ndarray, np.ndarray]:
-        """(query, row) pairs of each query's own file (leave-one-out), rows ascending per query."""
-        if own_sha256 is None:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        queries, rows = [], []
-        for i, sha in enumerate(own_sha256):
-            key = sha.encode()
-            start = np.searchsorted(self._sha_sorted, key, side="left")
-            stop = np.searchsorted(self._sha_sorted, key, side="right")
-            rows.append(self._sha_order[start:stop])
-            queries.append(np.full(stop - start, i))
-        return np.concatenate(queries).astype(np.int64), np.concatenate(rows).astype(np.int64)
 
     def _timed(self, step: str, started: float) -> float:
         now = time.perf_counter()
@@ -404,7 +405,7 @@ class ExactSearch:
         operand = self.products.operand(pixels)
         query_squared = np.einsum("ij,ij->i", pixels, pixels, dtype=np.int64)
         query_norms = np.sqrt(query_squared.astype(np.float64))
-        own = self._own_pairs(own_sha256)
+        own = self.own_rows.pairs(own_sha256)
         started = self._timed("project", started)
 
         first, last = self.stages
@@ -438,13 +439,46 @@ class ExactSearch:
             difference = rows_as_float(self.rows[row_ids[pairs]]).astype(np.float64)
             difference -= queries[query_ids[pairs]].astype(np.float64)
             found[pairs] = np.square(difference).sum(axis=1)  # the float64 sum brute force computes
-        # Lowest distance, then lowest row: sort pairs by (query, distance, row), take each query's first.
-        order = np.lexsort((row_ids, found, query_ids))
-        query_ids, row_ids, found = query_ids[order], row_ids[order], found[order]
-        first_of_query = np.flatnonzero(np.r_[True, query_ids[1:] != query_ids[:-1]]) if len(order) else order
-        ids = np.full(b, -1, dtype=np.int64)
-        distances = np.full(b, np.inf)
-        ids[query_ids[first_of_query]] = row_ids[first_of_query]
-        distances[query_ids[first_of_query]] = found[first_of_query]
+        ids, distances = closest_pairs(b, query_ids, row_ids, found)
         self._timed("float64 check", started)
         return ids, distances, survivors.sum(axis=1)
+
+
+class OwnRows:
+    """The rows of each query's own file (leave-one-out), looked up by SHA-256 in a sorted copy."""
+
+    def __init__(self, sha256: np.ndarray) -> None:
+        order = np.argsort(sha256, kind="stable")
+        self.sorted, self.order = sha256[order], order
+
+    @property
+    def nbytes(self) -> int:
+        return self.sorted.nbytes + self.order.nbytes
+
+    def pairs(self, own_sha256: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
+        """(query, row) pairs of each query's own file, rows ascending per query."""
+        if own_sha256 is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        queries, rows = [], []
+        for i, sha in enumerate(own_sha256):
+            key = sha.encode()
+            start = np.searchsorted(self.sorted, key, side="left")
+            stop = np.searchsorted(self.sorted, key, side="right")
+            rows.append(self.order[start:stop])
+            queries.append(np.full(stop - start, i))
+        return np.concatenate(queries).astype(np.int64), np.concatenate(rows).astype(np.int64)
+
+
+def closest_pairs(
+    n: int, query_ids: np.ndarray, row_ids: np.ndarray, found: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each of ``n`` queries' nearest row among its (query, row, distance) pairs, ties going to the
+    lowest row (−1 / inf for a query without pairs)."""
+    order = np.lexsort((row_ids, found, query_ids))  # by query, then distance, then row
+    query_ids, row_ids, found = query_ids[order], row_ids[order], found[order]
+    first_of_query = np.flatnonzero(np.r_[True, query_ids[1:] != query_ids[:-1]]) if len(order) else order
+    ids = np.full(n, -1, dtype=np.int64)
+    distances = np.full(n, np.inf)
+    ids[query_ids[first_of_query]] = row_ids[first_of_query]
+    distances[query_ids[first_of_query]] = found[first_of_query]
+    return ids, distances

@@ -167,7 +167,7 @@ def test_only_pixel_rows_and_pixel_queries_are_searched(crops):
     with pytest.raises(ValueError, match="8-bit pixel"):
         search.nearest(database[:2] + np.float32(1e-3))
     with pytest.raises(ValueError, match="uint8 pixel rows"):
-        ExactSearch(database, search.plan, *project_rows(search.plan, database), search._sha_sorted)
+        ExactSearch(database, search.plan, *project_rows(search.plan, database), search.own_rows.sorted)
 
 
 def test_fit_plan_is_seeded_and_orthonormal(crops):
