@@ -3,27 +3,27 @@
 
 Log spectra lie far from any low-dimensional subspace (a PCA bound over 64 of freq's 1,542
 coordinates still keeps two thirds of the rows), so every row has to be looked at, but not at full
-precision. Every coordinate is coded on one grid, v ≈ μ + s·k with k an integer in −127..127 (μ the
-rows' mean, s one step for all coordinates), and each row keeps its residual ρ_r = ‖r − (μ + s·k_r)‖.
-A query is coded the same way (ρ_q). The code distance D = ‖k_q − k_r‖² is an integer, which
-8-bit integer products compute exactly (:class:`PixelProducts`), and the triangle inequality gives
+precision. Every coordinate is coded on one grid: v ≈ μ + s·k, k = rint((v − μ)/s) clipped to
+−127..127 (μ the rows' mean, s one step for all coordinates). Clipping to the grid's range,
+c(v) = min(max(v, μ − 127s), μ + 127s) per coordinate, never increases a distance,
+‖c(q) − c(r)‖ ≤ ‖q − r‖, and c(v) lies within ρ = ‖c(v) − (μ + s·k)‖ ≤ s√m / 2 of its grid point
+(m coordinates), whatever v. The code distance D = ‖k_q − k_r‖² is an integer, which
+8-bit integer products compute exactly (:class:`PixelProducts`), so
 
-    s·√D − ρ_q − ρ_r  ≤  ‖q − r‖  ≤  s·√D + ρ_q + ρ_r.
+    s·√D − ρ_q − ρ_r  ≤  ‖c(q) − c(r)‖  ≤  ‖q − r‖.
+
+Values far off the grid (a spectrum's empty bins are log 10⁻¹²) only make the bound looser for
+their rows; every row's ρ stays under s√m / 2, and the search uses the largest ρ_r for all.
 
 Per block of queries, the search:
 
 1. computes D to every row (one integer product per block of ``ROW_BLOCK`` rows), and the smallest
    D of each group of ``GROUP`` rows;
 2. takes as an upper bound the float64 distance to the row of smallest D;
-3. keeps the rows whose lower bound does not exceed it (a few dozen of 20,000 for zoo queries),
-   looking only in groups whose smallest D is in reach: every row that could win or tie;
-4. computes their float64 distances, then brute force's for the few within rounding of the
-   smallest (:data:`search.FLOAT64_SLACK`); the smallest wins, ties going to the lowest row.
-
-One step s for all coordinates keeps D an integer. Values off the grid (a spectrum's empty bins are
-log ε) are clipped, and their rows' ρ_r grows without bound. So the rows whose ρ_r is over
-``OUTLIER_FACTOR`` times the median are coded again on a grid of their own, each with its own ρ_r
-in the bound; all the other rows share one ρ_r, the largest among them.
+3. keeps the rows whose lower bound does not exceed it (a few of 20,000 for zoo queries), looking
+   only in groups whose smallest D is in reach: every row that could win or tie;
+4. computes their float64 distances with a proven error, then brute force's own sum for the few
+   within rounding of the smallest; the smallest wins, ties going to the lowest row.
 """
 
 from __future__ import annotations
@@ -41,50 +41,49 @@ GRID_SAMPLE = 4096  # evenly spaced rows a grid is fitted on
 ROW_BLOCK = 2048  # rows per integer product: their packed codes stay in cache (fastest in a sweep)
 QUERY_BLOCK = 256  # queries coded and scanned together (fastest in a sweep of 64..512 at 20,000 rows)
 GROUP = 64  # rows whose smallest code distance is kept together (ROW_BLOCK is a multiple)
-OUTLIER_FACTOR = 1.5  # rows with a residual over this many medians go on a grid of their own
 INT32_DIMS = 12_000  # up to this many coordinates every code-distance term fits int32
 BAND_SLACK = 1e-9  # relative to the norms: float64's rounding in coordinates, codes and residuals
 
 
 class _Grid:
-    """Rows ``ids`` coded on one grid: their codes as :class:`PixelProducts` operands a block at a
-    time, and per row the constant of its code distance, ρ_r and ‖r − μ‖."""
+    """n rows coded on one grid: their codes as :class:`PixelProducts` operands a block at a time,
+    and per row the constant of its code distance and ‖r‖²; the largest ρ_r and ‖r − μ‖."""
 
-    def __init__(self, read: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, dims: int, products) -> None:
-        self.ids, self.products = ids, products
+    def __init__(self, read: Callable[[np.ndarray], np.ndarray], n: int, dims: int, products) -> None:
+        self.n, self.products = n, products
         self.key_type = np.int64 if dims > INT32_DIMS else np.int32
         self.no_row = np.iinfo(self.key_type).max
-        picked = ids[np.unique(np.linspace(0, len(ids) - 1, min(len(ids), GRID_SAMPLE)).astype(np.int64))]
+        picked = np.unique(np.linspace(0, n - 1, min(n, GRID_SAMPLE)).astype(np.int64))
         sample = read(picked)
         spread = float(np.median(sample.std(axis=0))) if len(sample) else 0.0
         self.mean = sample.mean(axis=0) if len(sample) else np.zeros(dims)
         self.step = GRID_STDS * spread / CODE_LIMIT if spread > 0 else 1.0
-        self.operands, constants, residuals, squared, self.max_norm = [], [], [], [], 0.0
-        for start in range(0, len(ids), ROW_BLOCK):
-            coords = read(ids[start : start + ROW_BLOCK])
+        self.operands, constants, squared, self.max_norm, self.max_residual = [], [], [], 0.0, 0.0
+        for start in range(0, n, ROW_BLOCK):
+            coords = read(np.arange(start, min(start + ROW_BLOCK, n)))
             codes = self.codes(coords)
-            self.operands.append(products.operand(codes))
+            self.operands.append(products.operand(codes, signed=True))  # one shift for every block
             codes = codes.astype(np.int64)
             # D = ‖k_q‖² + ‖k_r‖² − 2k_q·k_r, and the products give Σ(k_q + 128)·k_r = k_q·k_r + 128Σk_r.
             constants.append(np.einsum("ij,ij->i", codes, codes) + 256 * codes.sum(axis=1))
-            residuals.append(self.residuals(coords, codes))
+            self.max_residual = max(self.max_residual, float(self.residuals(coords, codes).max()))
             squared.append(np.einsum("ij,ij->i", coords, coords))
             self.max_norm = max(self.max_norm, float(np.linalg.norm(coords - self.mean, axis=1).max()))
         self.constants = np.concatenate(constants).astype(self.key_type) if constants else np.zeros(0, np.int64)
-        self.row_residuals = np.concatenate(residuals) if residuals else np.zeros(0)
         self.row_squared = np.concatenate(squared) if squared else np.zeros(0)  # ‖r‖²_w, float64
 
     @property
     def nbytes(self) -> int:
-        held = sum(operand.data.nbytes for operand in self.operands) + self.row_squared.nbytes
-        return held + self.ids.nbytes + self.constants.nbytes + self.row_residuals.nbytes
+        return sum(operand.data.nbytes for operand in self.operands) + self.row_squared.nbytes + self.constants.nbytes
 
     def codes(self, coords: np.ndarray) -> np.ndarray:
         return np.clip(np.rint((coords - self.mean) / self.step), -CODE_LIMIT, CODE_LIMIT).astype(np.int8)
 
     def residuals(self, coords: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """ρ = ‖v − (μ + s·k)‖ per row, in float64."""
-        return np.linalg.norm(coords - self.mean - self.step * codes, axis=1)
+        """ρ = ‖c(v) − (μ + s·k)‖ per row, in float64, c clipping v to the grid's range."""
+        reach = CODE_LIMIT * self.step
+        clipped = np.clip(coords - self.mean, -reach, reach)
+        return np.linalg.norm(clipped - self.step * codes, axis=1)
 
     def keys(self, coords: np.ndarray, excluded: tuple[np.ndarray, np.ndarray]):
         """For (b, m) query coordinates: keys (b, columns padded to whole groups) with D = key + the
@@ -92,7 +91,7 @@ class _Grid:
         each group's smallest key; the queries' constants and ρ_q."""
         codes = self.codes(coords).astype(np.int64)
         left = (codes + 128).astype(np.uint8)
-        b, groups = len(coords), -(-len(self.ids) // GROUP)
+        b, groups = len(coords), -(-self.n // GROUP)
         keys = np.full((b, groups * GROUP), self.no_row, dtype=self.key_type)
         excluded_queries, excluded_columns = excluded
         order = np.argsort(excluded_columns, kind="stable")
@@ -119,11 +118,13 @@ class _Grid:
         inside = keys[valid[:, None], columns].argmin(axis=1)
         return valid, columns[np.arange(len(valid)), inside]
 
-    def thresholds(self, root: np.ndarray, row_residuals: np.ndarray, constant: np.ndarray) -> np.ndarray:
-        """Largest key of a row that can be within ``root`` − ρ_r of the query: s√D ≤ root + ρ_r."""
-        limit = np.floor(np.square((root[:, None] + row_residuals) / self.step) * (1 + BAND_SLACK))
+    def thresholds(self, root: np.ndarray, band: float, constant: np.ndarray) -> np.ndarray:
+        """(b, 1) largest keys of rows that can be within ``root`` − ρ_q of a query, ρ_r ≤ ``band``:
+        s√D ≤ root + band."""
+        limit = np.floor(np.square((root[:, None] + band) / self.step) * (1 + BAND_SLACK))
         limit -= constant[:, None]
-        return np.minimum(limit, self.no_row - 1).astype(self.key_type)
+        below = np.nextafter(np.float64(self.no_row), 0.0)  # int64's largest rounds up to 2⁶³ in float64
+        return np.minimum(limit, below).astype(self.key_type)
 
 
 class CodedSearch:
@@ -155,18 +156,17 @@ class CodedSearch:
         products = PixelProducts(threads, kernel)
 
         def read(ids: np.ndarray) -> np.ndarray:
-            return self._coordinates(rows[ids])
+            coords = self._coordinates(rows[ids])
+            _check_finite(coords, "rows")
+            return coords
 
-        self.grid = _Grid(read, np.arange(self.n), self.dims, products)
-        median = float(np.median(self.grid.row_residuals)) if self.n else 0.0
-        self.outliers = np.flatnonzero(self.grid.row_residuals > OUTLIER_FACTOR * median)
-        self.band = float(np.delete(self.grid.row_residuals, self.outliers).max(initial=0.0))
-        self.outlier_grid = _Grid(read, self.outliers, self.dims, products)
+        self.grid = _Grid(read, self.n, self.dims, products)
+        self.band = self.grid.max_residual  # the largest ρ_r, ≤ s√m / 2
 
     @property
     def nbytes(self) -> int:
-        """Memory the search holds (codes, per-row constants and residuals, the SHA-256 lookup)."""
-        return self.grid.nbytes + self.outlier_grid.nbytes + self.own_rows.nbytes
+        """Memory the search holds (codes, per-row constants, the SHA-256 lookup)."""
+        return self.grid.nbytes + self.own_rows.nbytes
 
     def _coordinates(self, rows: np.ndarray) -> np.ndarray:
         return rows.astype(np.float64) * self.scale
@@ -206,18 +206,8 @@ class CodedSearch:
     def _nearest_block(self, queries: np.ndarray, offsets: np.ndarray, exact, own_sha256):
         b = len(queries)
         coords = self._coordinates(queries)
-        own_queries, own_rows = self.own_rows.pairs(own_sha256)
-        # Both grids skip each query's own rows. The main grid's band does not cover the outliers:
-        # it may or may not keep them, and the outlier grid does whatever it does.
-        keys, smallest, constant, query_residuals = self.grid.keys(coords, (own_queries, own_rows))
-        outlier_at = np.minimum(np.searchsorted(self.outliers, own_rows), max(len(self.outliers) - 1, 0))
-        own_outliers = (
-            self.outliers[outlier_at] == own_rows if len(self.outliers) else np.zeros(len(own_rows), dtype=bool)
-        )
-        outlier_keys, outlier_smallest, outlier_constant, outlier_query_residuals = self.outlier_grid.keys(
-            coords, (own_queries[own_outliers], outlier_at[own_outliers])
-        )
-
+        _check_finite(coords, "queries")
+        keys, smallest, constant, query_residuals = self.grid.keys(coords, self.own_rows.pairs(own_sha256))
         # Upper bound: the float64 distance to the row of smallest code distance.
         upper = np.full(b, np.inf)
         valid, columns = self.grid.lowest(keys, smallest)
@@ -227,22 +217,15 @@ class CodedSearch:
         # the coordinates; ``rounding`` covers float64's in coordinates, codes and residuals.
         reach = np.sqrt(np.maximum(upper[valid] * (1 + 2 * FLOAT64_SLACK) - offsets[valid] * (1 - FLOAT64_SLACK), 0))
         query_norms = np.linalg.norm(coords[valid] - self.grid.mean, axis=1) + np.linalg.norm(self.grid.mean)
-        rounding = BAND_SLACK * (query_norms + self.grid.max_norm + self.outlier_grid.max_norm + reach + 1)
-
-        # Regular rows: only in groups whose smallest key is within the shared band's threshold.
-        limit = self.grid.thresholds(reach + query_residuals[valid] + rounding, np.array([self.band]), constant[valid])
+        rounding = BAND_SLACK * (query_norms + self.grid.max_norm + reach + 1)
+        limit = self.grid.thresholds(reach + query_residuals[valid] + rounding, self.band, constant[valid])
+        # Only in groups whose smallest key is within reach.
         hit_queries, hit_groups = np.nonzero(smallest[valid] <= limit)
         columns = hit_groups[:, None] * GROUP + np.arange(GROUP)
         cells = keys[valid[hit_queries, None], columns] <= limit[hit_queries]  # never a padding column
         pair_queries = valid[np.repeat(hit_queries, GROUP).reshape(-1, GROUP)[cells]]
         pair_rows = columns[cells]
-        if len(self.outliers):
-            root = reach + outlier_query_residuals[valid] + rounding
-            limits = self.outlier_grid.thresholds(root, self.outlier_grid.row_residuals, outlier_constant[valid])
-            hits, columns = np.nonzero(outlier_keys[valid, : len(self.outliers)] <= limits)
-            pair_queries = np.concatenate([pair_queries, valid[hits]])
-            pair_rows = np.concatenate([pair_rows, self.outliers[columns]])
-        pair_queries, pair_rows = self._narrowed(queries, offsets, upper, *_distinct(pair_queries, pair_rows))
+        pair_queries, pair_rows = self._narrowed(queries, offsets, upper, pair_queries, pair_rows)
         ids, distances = closest_pairs(b, pair_queries, pair_rows, exact(pair_queries, pair_rows))
         return ids, distances, np.bincount(pair_queries, minlength=b)
 
@@ -259,8 +242,10 @@ class CodedSearch:
         dots = np.empty(len(row_ids))
         order = np.argsort(query_ids, kind="stable")
         starts = np.flatnonzero(np.diff(query_ids[order])) + 1
-        for pairs in np.split(order, starts):
-            if len(pairs):
+        step = max(1, BLOCK_BYTES // (8 * self.dims))  # rows in float64 at a time
+        for of_query in np.split(order, starts):
+            for start in range(0, len(of_query), step):
+                pairs = of_query[start : start + step]
                 rows = np.asarray(self.rows[row_ids[pairs]], dtype=np.float64)
                 dots[pairs] = rows @ weighted[query_ids[pairs[0]]]
         squares = self.grid.row_squared[row_ids] + query_squared[query_ids]
@@ -282,11 +267,7 @@ class CodedSearch:
         return query_ids[keep], row_ids[keep]
 
 
-def _distinct(query_ids: np.ndarray, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The (query, row) pairs without repeats (an outlier can be kept by both grids)."""
-    if not len(row_ids):
-        return query_ids, row_ids
-    order = np.lexsort((row_ids, query_ids))
-    query_ids, row_ids = query_ids[order], row_ids[order]
-    first = np.r_[True, (query_ids[1:] != query_ids[:-1]) | (row_ids[1:] != row_ids[:-1])]
-    return query_ids[first], row_ids[first]
+def _check_finite(coords: np.ndarray, what: str) -> None:
+    """Embeddings are finite by construction; an inf or NaN would silently void every bound."""
+    if not np.isfinite(coords).all():
+        raise ValueError(f"the code scan takes finite {what}; these hold inf or NaN")

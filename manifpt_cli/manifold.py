@@ -499,11 +499,7 @@ class RealIndex:
                 "spectrum, verified in float64 (manifpt_cli/coded_search.py)",
                 "faiss_factory": factory,
                 "exact": True,
-                "parameters": {
-                    "grid_step": search.grid.step,
-                    "shared_residual": search.band,
-                    "outlier_rows": len(search.outliers),
-                },
+                "parameters": {"grid_step": search.grid.step, "largest_residual": search.band},
             }
         half = " over the unique half of each spectrum" if self.stored_layout(space) is not None else ""
         return {

@@ -95,11 +95,13 @@ class PixelProducts:
             if kernel is not None or session is None or is_exact(self):  # float64 is exact by construction
                 break
 
-    def operand(self, values: np.ndarray) -> Operand:
+    def operand(self, values: np.ndarray, signed: bool | None = None) -> Operand:
         """The right-hand side of products for (n, d) integer ``values``: pixels (0..255) or
-        signed digits (−127..127). Either is shifted into the kernel's type, and a column of
-        ones gives Σr to undo the shift: r·v = r·(v + shift) − shift·Σr."""
-        signed = bool(values.size) and int(values.min()) < 0
+        signed digits (−127..127; by default, when any value is negative). Either is shifted into
+        the kernel's type, and a column of ones gives Σr to undo the shift: r·v = r·(v + shift) −
+        shift·Σr. Operands of one kind share one shift."""
+        if signed is None:
+            signed = bool(values.size) and int(values.min()) < 0
         if signed and int(np.abs(values).max()) > 127:
             raise ValueError("operand values must be pixels (0..255) or signed digits (−127..127)")
         shift, dtype = {"u8s8": (0 if signed else -128, np.int8), "u8u8": (128 if signed else 0, np.uint8)}.get(
