@@ -29,10 +29,14 @@ ZOO_FORMAT = "manifpt-zoo-generator"
 # The version each reader understands. 2: digests everywhere (manifpt 0.2). Attributors 3: calibration,
 # open-set statistics and thresholds in the checkpoint and the ONNX graph (manifpt 0.3). Indexes 3: rgb
 # embeddings as uint8 pixels with the exact-search tables instead of a flat FAISS index. Indexes 4:
-# freq embeddings and FAISS index over the unique half of each point-symmetric spectrum.
-FORMAT_VERSIONS = {INDEX_FORMAT: 4, ARTIFACTS_FORMAT: 2, CHECKPOINT_FORMAT: 3, ZOO_FORMAT: 2}
+# freq embeddings and FAISS index over the unique half of each point-symmetric spectrum. Indexes 5:
+# no FAISS index for freq with a flat factory (its exact search codes the stored rows when opened).
+FORMAT_VERSIONS = {INDEX_FORMAT: 5, ARTIFACTS_FORMAT: 2, CHECKPOINT_FORMAT: 3, ZOO_FORMAT: 2}
+# Older versions a reader still reads as they are: an index of version 4 differs from 5 only by a
+# flat FAISS index of freq that version 5 does not write (and does not need).
+ALSO_READ = {INDEX_FORMAT: (4,)}
 REMAKE_COMMANDS = {
-    INDEX_FORMAT: "Version 4 stores freq as the unique half of each spectrum (and rgb as uint8 pixels with "
+    INDEX_FORMAT: "Versions 4 and 5 store freq as the unique half of each spectrum (and rgb as uint8 pixels with "
     "exact-search tables): run `manifpt index build` again."
 }
 ONNX_METADATA_KEY = "manifpt"  # ONNX metadata_props key holding the JSON model card
@@ -60,7 +64,7 @@ def check_format(attrs: Mapping, expected: str, path: str | os.PathLike) -> None
     if found != expected:
         raise FormatError(f"{path} is not a {expected} file (format attribute: {found!r})")
     version = int(attrs.get("format_version", -1))
-    if version != FORMAT_VERSIONS[expected]:
+    if version != FORMAT_VERSIONS[expected] and version not in ALSO_READ.get(expected, ()):
         remedy = REMAKE_COMMANDS.get(expected, "Make the file again with this version.")
         raise FormatError(
             f"{path} is {expected} format version {version}; this manifpt ({__version__}) reads version "

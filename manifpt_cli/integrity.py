@@ -43,9 +43,12 @@ SPACE_DIGEST_ATTRS = (
     "search_dims",
     "layout",
 )
-# What a space holds: the exact-search tables (rgb with a flat index) or a FAISS index.
+# What a space holds: the exact-search tables (rgb with a flat index), nothing but its rows (freq
+# with a flat index: its code scan is made from them) or a FAISS index.
 EXACT_SEARCH = "exact-pca"
 EXACT_SEARCH_DATASETS = ("embeddings", "search_mean", "search_basis", "search_projected", "search_norms")
+CODED_SEARCH = "exact-codes"
+CODED_SEARCH_DATASETS = ("embeddings",)
 FAISS_DATASETS = ("embeddings", "faiss_index")
 ROOT_DIGEST_ATTRS = ("format", "format_version", "image_size", "n_images", "spaces", "resize_policy")
 ROWS_PER_CHUNK = 4096  # rows of variable-length strings hashed at a time
@@ -98,7 +101,8 @@ def _update_dataset(digest, dataset) -> None:
 
 def space_datasets(attrs) -> tuple[str, ...]:
     """The datasets a space group holds, by its ``search`` attribute."""
-    return EXACT_SEARCH_DATASETS if _attr_text(attrs.get("search", "")) == EXACT_SEARCH else FAISS_DATASETS
+    search = _attr_text(attrs.get("search", ""))
+    return {EXACT_SEARCH: EXACT_SEARCH_DATASETS, CODED_SEARCH: CODED_SEARCH_DATASETS}.get(search, FAISS_DATASETS)
 
 
 def space_digest(group) -> str:

@@ -10,12 +10,14 @@ Layout (README, "File formats"):
     /spaces/<space>/embeddings   (n, d) float32; rgb: uint8 pixels p (φ = p / 255, exact);
                                  freq: (n, m) float32, the unique half of each point-symmetric
                                  spectrum (m = 1,542 of d = 3,072 at 32 px; spaces.SymmetricHalf)
-    /spaces/<space>/faiss_index  (bytes,) uint8 — a serialised FAISS index (spaces FAISS searches);
-                                 freq's holds the stored bins scaled by √w (w = 2 for a mirrored pair)
+    /spaces/<space>/faiss_index  (bytes,) uint8 — a serialised FAISS index (spaces FAISS searches:
+                                 not rgb or freq with ``--faiss Flat``); freq's holds the stored bins
+                                 scaled by √w (w = 2 for a mirrored pair)
     /spaces/<space>/search_mean, search_basis, search_projected, search_norms
                                  the exact search's tables (rgb with ``--faiss Flat``):
                                  (d,) f8 PCA mean, (k, d) f8 basis, (n, k) f4 projections, (n,) f8 ‖r − μ‖²
-    /spaces/<space>        attrs: embedding_space, dim, shape (JSON), metric, faiss_factory, search,
+    /spaces/<space>        attrs: embedding_space, dim, shape (JSON), metric, faiss_factory, search
+                                  (exact-pca: rgb, exact-codes: freq, with ``--faiss Flat``),
                                   search_dims (JSON), layout (freq: symmetric-half), weights_source,
                                   weights_sha256
 
@@ -45,7 +47,7 @@ from .errors import FormatError, UsageError
 from .file_rows import FileRows
 from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, describe_file, sample_file
 from .images import FailedImage, SkippedFile, count_images, display_path, split_batch
-from .integrity import EXACT_SEARCH, IntegrityError, index_digest, space_digest, verify_index
+from .integrity import CODED_SEARCH, EXACT_SEARCH, IntegrityError, index_digest, space_digest, verify_index
 from .outputs import check_outputs
 from .search import (
     FLOAT64_SLACK,
@@ -133,6 +135,12 @@ def uses_exact_search(space: Space, faiss_factory: str) -> bool:
     """Whether a space is searched by :mod:`search` rather than FAISS: rgb with a flat index (where
     it is faster than FAISS flat search with identical results; README, *Benchmark*)."""
     return space is Space.RGB and faiss_factory == "Flat"
+
+
+def uses_coded_search(space: Space, faiss_factory: str) -> bool:
+    """Whether a space is searched by :mod:`coded_search` rather than FAISS: freq with a flat
+    index (faster than FAISS flat search, identical results, and nothing to store but the rows)."""
+    return space is Space.FREQ and faiss_factory == "Flat"
 
 
 SYMMETRIC_HALF = "symmetric-half"  # freq's stored layout (spaces.SymmetricHalf)
@@ -239,6 +247,7 @@ def build_index(
                 metric=METRIC,
                 faiss_factory=faiss_factory,
                 **({"search": EXACT_SEARCH, "search_dims": json.dumps(list(STAGE_DIMS))} if exact else {}),
+                **({"search": CODED_SEARCH} if uses_coded_search(space, faiss_factory) else {}),
                 **({"layout": SYMMETRIC_HALF} if half is not None else {}),
                 **extra,
             )
@@ -277,7 +286,7 @@ def build_index(
                     ("search_norms", norms),
                 ):
                     writer.add_blob(space.value, name, table)
-            else:
+            elif not uses_coded_search(space, faiss_factory):
                 half = stored_layout(space, size)
 
                 def coordinates(start: int, stop: int, half=half, rows=rows) -> np.ndarray:
@@ -466,8 +475,9 @@ class RealIndex:
 
     def is_coded_search(self, space: Space) -> bool:
         """Whether a space is searched by :class:`CodedSearch`: freq with a flat index (exact, the
-        same neighbour and distance as FAISS flat search re-ranked in float64, several times faster)."""
-        return self.stored_layout(space) is not None and str(self._group(space).attrs["faiss_factory"]) == "Flat"
+        same neighbour and distance as brute force, several times faster than FAISS flat search).
+        (A version-4 index also holds a flat FAISS index of freq, which is not read.)"""
+        return uses_coded_search(space, str(self._group(space).attrs["faiss_factory"]))
 
     def coded_search(self, space: Space) -> CodedSearch:
         """The code scan of a freq space (made from its stored rows when first needed, then kept)."""

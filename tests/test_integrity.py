@@ -117,8 +117,8 @@ def _edit_vector(handle):
 
 
 def _move_blob(handle):
-    handle["spaces/rgb/faiss_index"] = handle["spaces/freq/faiss_index"][...]
-    del handle["spaces/freq/faiss_index"]
+    handle["spaces/freq/search_norms"] = handle["spaces/rgb/search_norms"][...]
+    del handle["spaces/rgb/search_norms"]
 
 
 def _external_link(handle):

@@ -27,7 +27,7 @@ def brute_force_nearest(database: np.ndarray, queries: np.ndarray) -> tuple[np.n
 def test_index_layout_and_attributes(real_index):
     with h5py.File(real_index) as handle:
         attrs = handle.attrs
-        assert attrs["format"] == "manifpt-real-index" and attrs["format_version"] == 4
+        assert attrs["format"] == "manifpt-real-index" and attrs["format_version"] == 5
         assert attrs["image_size"] == SIZE and len(attrs["index_hash"]) == 64
         n = attrs["n_images"]
         assert handle["files/path"].shape == (n,) and handle["files/sha256"].shape == (n,)
@@ -39,7 +39,8 @@ def test_index_layout_and_attributes(real_index):
             assert group.attrs["dim"] == 3 * SIZE * SIZE
         assert handle["spaces/freq"].attrs["layout"] == "symmetric-half" and "layout" not in handle["spaces/rgb"].attrs
         rgb, freq = handle["spaces/rgb"], handle["spaces/freq"]
-        assert "faiss_index" not in rgb and freq["faiss_index"].dtype == np.uint8
+        assert "faiss_index" not in rgb and "faiss_index" not in freq, "both exact searches need none"
+        assert rgb.attrs["search"] == "exact-pca" and freq.attrs["search"] == "exact-codes"
         k = len(rgb["search_basis"])
         assert rgb["search_basis"].shape == (k, 3 * SIZE * SIZE) and rgb["search_projected"].shape == (n, k)
         assert rgb["search_norms"].shape == (n,) and rgb["search_mean"].shape == (3 * SIZE * SIZE,)
@@ -268,6 +269,35 @@ def test_reader_refuses_other_files_and_versions(tmp_path, real_index):
         handle.attrs["format_version"] = 99
     with pytest.raises(FormatError, match="version 99"):
         RealIndex(newer)
+
+
+def test_a_version_4_index_is_read_as_it_is(tmp_path, real_index):
+    """Version 4 held a flat FAISS index of freq beside its rows: the same search, not read."""
+    import faiss
+
+    from manifpt_cli.integrity import index_digest, space_digest
+    from manifpt_cli.manifold import faiss_coordinates
+
+    old = tmp_path / "v4.h5"
+    shutil.copy(real_index, old)
+    with h5py.File(old, "a") as handle:
+        freq = handle["spaces/freq"]
+        flat = faiss.IndexFlatL2(freq["embeddings"].shape[1])
+        flat.add(faiss_coordinates(RealIndex(real_index).stored_layout(Space.FREQ), freq["embeddings"][...]))
+        freq["faiss_index"] = faiss.serialize_index(flat)
+        del freq.attrs["search"]
+        handle.attrs["format_version"] = 4
+        digests = {}
+        for space in ("rgb", "freq"):
+            group = handle[f"spaces/{space}"]
+            digests[space] = group.attrs["digest"] = space_digest(group)
+        handle.attrs["index_hash"] = index_digest(handle, digests)
+    with RealIndex(real_index) as current, RealIndex(old) as earlier:
+        queries = current.all_embeddings(Space.FREQ)[:8] + np.float32(0.01)
+        found, again = current.nearest(Space.FREQ, queries), earlier.nearest(Space.FREQ, queries)
+        assert np.array_equal(found.ids, again.ids) and np.array_equal(found.distances, again.distances)
+        assert earlier.search_description(Space.FREQ)["exact"] and not earlier._faiss, "its FAISS index is not read"
+    assert describe_index(old)["format_version"] == 4
 
 
 def test_empty_folder_is_a_usage_error(tmp_path):
