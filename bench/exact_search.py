@@ -134,7 +134,7 @@ def freq_row(index, suspects, checked_queries: int, build_seconds: float) -> str
     with h5py.File(index.path) as handle:
         stored = handle["spaces/freq"]
         searched_dims = stored["embeddings"].shape[1]
-        disk = sum(stored[name].id.get_storage_size() for name in ("embeddings", "faiss_index")) / index.n_images
+        disk = sum(dataset.id.get_storage_size() for dataset in stored.values()) / index.n_images
     codes = index.coded_search(Space.FREQ)
     ram = codes.nbytes / index.n_images + 4 * searched_dims  # codes etc., and the stored float32 rows
     return (
