@@ -197,6 +197,7 @@ def build_index(
     *,
     size: int = 32,
     faiss_factory: str = "Flat",
+    faiss_parameters: dict[str, int] | None = None,
     weights: dict[Space, str | None] | None = None,
     backbone_input: str = "resize",
     settings: RunSettings = DEFAULT_SETTINGS,
@@ -211,6 +212,8 @@ def build_index(
     process writes the file, so every engine builds the same index (the same ``index_hash``).
     ``backbone_input`` is how sl/ssl bring an image to 224×224: ``resize`` or the authors' ``crop``
     (see :mod:`models.backbones`); it is recorded in the index and used by everything made from it.
+    ``faiss_parameters`` (``nprobe`` for IVF, ``efSearch`` for HNSW) are set on the FAISS indexes
+    before they are written, so every search of the index uses them (and reports them).
 
     Raises:
         UsageError: no decodable image was found, or a bad argument.
@@ -219,6 +222,9 @@ def build_index(
 
     started = time.perf_counter()
     check_outputs([out], inputs=roots, overwrite=overwrite)
+    faiss_parameters = faiss_parameters or {}
+    for space in spaces:
+        check_faiss_parameters(space, size, faiss_factory, faiss_parameters)
     weights = weights or {}
     embedders: dict[Space, Embedder] = {
         s: make_embedder(s, weights.get(s), settings.device, backbone_input) for s in spaces
@@ -294,6 +300,7 @@ def build_index(
                     return rows_as_float(block) if half is None else faiss_coordinates(half, block)
 
                 index = build_faiss_index(coordinates, rows.shape[0], rows.shape[1], faiss_factory)
+                set_search_parameters(index, faiss_parameters)
                 write_faiss_index(index, writer.add_stream(space.value, "faiss_index"))
             progress.advance(1)
 
@@ -312,6 +319,40 @@ def build_index(
         index_hash = writer.handle.attrs["index_hash"] = index_digest(writer.handle, digests)
     seconds = time.perf_counter() - started
     return IndexBuildResult(os.fspath(out), writer.n_rows, list(spaces), index_hash, failures, skipped, seconds)
+
+
+SEARCH_PARAMETERS = ("nprobe", "efSearch")  # what `index build` may set: IVF's, HNSW's
+
+
+def check_faiss_parameters(space: Space, size: int, factory: str, parameters: dict[str, int]) -> None:
+    """UsageError unless every search parameter is one the space's FAISS index has (before any
+    image is embedded): none for the exact searches, nprobe for IVF, efSearch for HNSW."""
+    import faiss
+
+    if not parameters:
+        return
+    if uses_exact_search(space, factory) or uses_coded_search(space, factory):
+        raise UsageError(
+            f"{space.value} with --faiss {factory} is searched exactly: it takes no FAISS search parameters"
+        )
+    dim = len(stored_layout(space, size).unique) if space is Space.FREQ else int(np.prod(space.artifact_shape(size)))
+    try:
+        known = faiss_search_parameters(faiss.index_factory(dim, factory, faiss.METRIC_L2))
+    except RuntimeError as exc:
+        raise UsageError(f"FAISS cannot build index {factory!r}: {str(exc).splitlines()[0]}") from None
+    for name, value in parameters.items():
+        if name not in SEARCH_PARAMETERS or name not in known:
+            raise UsageError(f"--faiss {factory} has no search parameter {name!r} (nprobe: IVF; efSearch: HNSW)")
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, not {value}")
+
+
+def set_search_parameters(index, parameters: dict[str, int]) -> None:
+    """Set nprobe / efSearch on a FAISS index (through a transform such as ``PCA64,IVF…`` too)."""
+    import faiss
+
+    for name, value in parameters.items():
+        faiss.ParameterSpace().set_index_parameter(index, name, value)
 
 
 def faiss_search_parameters(index) -> dict:

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from manifpt_cli.errors import UsageError
+from manifpt_cli.errors import EXIT_USAGE, UsageError
 from manifpt_cli.manifold import RealIndex, build_index, fold_queries
 from manifpt_cli.spaces import PixelEmbedder, Space
 
 from .conftest import SIZE
+from .test_integrity import cli
 from .test_manifold import brute_force_nearest
 
 
@@ -71,3 +72,32 @@ def test_too_few_images_to_train_is_a_usage_error(dataset, tmp_path):
     with pytest.raises(UsageError, match=r"cannot train index 'IVF4,PQ16' on \d+ images"):
         build_index([dataset / "real"], tmp_path / "pq.h5", [Space.RGB], size=SIZE, faiss_factory="IVF4,PQ16")
     assert not (tmp_path / "pq.h5").exists()
+
+
+@pytest.mark.parametrize(
+    ("factory", "option", "value", "parameter"),
+    [("IVF4,Flat", "--nprobe", 3, "nprobe"), ("HNSW32", "--ef-search", 40, "efSearch")],
+)
+def test_index_build_stores_the_search_parameters_given(dataset, tmp_path, factory, option, value, parameter):
+    out = tmp_path / "approximate.h5"
+    cli("index", "build", dataset / "real", "--out", out, "--space", "rgb", "--faiss", factory, option, value, "-q")
+    with RealIndex(out) as index:
+        assert index.search_description(Space.RGB)["parameters"][parameter] == value, "searched with it, and said so"
+
+
+@pytest.mark.parametrize(
+    ("space", "factory", "option", "message"),
+    [
+        ("rgb", "Flat", "--nprobe", "searched exactly"),
+        ("freq", "Flat", "--ef-search", "searched exactly"),
+        ("rgb", "HNSW32", "--nprobe", "no search parameter 'nprobe'"),
+        ("freq", "IVF4,Flat", "--ef-search", "no search parameter 'efSearch'"),
+    ],
+)
+def test_a_search_parameter_the_index_does_not_have_is_refused_up_front(
+    dataset, tmp_path, space, factory, option, message
+):
+    out = tmp_path / "refused.h5"
+    args = ("index", "build", dataset / "real", "--out", out, "--space", space, "--faiss", factory, option, 8)
+    result = cli(*args, code=EXIT_USAGE)
+    assert message in result.stderr and not out.exists()

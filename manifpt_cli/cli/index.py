@@ -48,6 +48,23 @@ def build(
             help="FAISS index-factory string; 'Flat' is exact search (e.g. 'IVF256,Flat' is faster).",
         ),
     ] = "Flat",
+    nprobe: Annotated[
+        int | None,
+        typer.Option(
+            "--nprobe",
+            min=1,
+            help="IVF factories: lists searched per query, stored in the index (FAISS's default 1 misses "
+            "many neighbours; README, Approximate indexes).",
+        ),
+    ] = None,
+    ef_search: Annotated[
+        int | None,
+        typer.Option(
+            "--ef-search",
+            min=1,
+            help="HNSW factories: search breadth (efSearch), stored in the index (FAISS's default: 16).",
+        ),
+    ] = None,
     backbone_input: Annotated[
         str,
         typer.Option(
@@ -79,6 +96,9 @@ def build(
             spaces,
             size=size,
             faiss_factory=faiss_factory,
+            faiss_parameters={
+                name: value for name, value in (("nprobe", nprobe), ("efSearch", ef_search)) if value is not None
+            },
             weights=weights,
             backbone_input=backbone_input,
             settings=settings,
