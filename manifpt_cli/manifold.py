@@ -337,14 +337,17 @@ def check_faiss_parameters(space: Space, size: int, factory: str, parameters: di
         )
     dim = len(stored_layout(space, size).unique) if space is Space.FREQ else int(np.prod(space.artifact_shape(size)))
     try:
-        known = faiss_search_parameters(faiss.index_factory(dim, factory, faiss.METRIC_L2))
+        probe = faiss.index_factory(dim, factory, faiss.METRIC_L2)
     except RuntimeError as exc:
         raise UsageError(f"FAISS cannot build index {factory!r}: {str(exc).splitlines()[0]}") from None
+    known = faiss_search_parameters(probe)
     for name, value in parameters.items():
         if name not in SEARCH_PARAMETERS or name not in known:
             raise UsageError(f"--faiss {factory} has no search parameter {name!r} (nprobe: IVF; efSearch: HNSW)")
         if value < 1:
             raise UsageError(f"{name} must be at least 1, not {value}")
+    if parameters.get("nprobe", 0) > known.get("nlist", 0):
+        raise UsageError(f"--nprobe {parameters['nprobe']} is more than the {known['nlist']} lists of {factory}")
 
 
 def set_search_parameters(index, parameters: dict[str, int]) -> None:
@@ -361,13 +364,14 @@ def faiss_search_parameters(index) -> dict:
     breadth and links per node."""
     import faiss
 
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexPreTransform):
-        index = faiss.downcast_index(index.index)
-    if isinstance(index, faiss.IndexIVF):
-        return {"nprobe": int(index.nprobe), "nlist": int(index.nlist)}
-    if isinstance(index, faiss.IndexHNSW):
-        return {"efSearch": int(index.hnsw.efSearch), "M": int(index.hnsw.nb_neighbors(1))}
+    # ``index`` stays bound: a downcast view does not own the index, and a temporary one
+    # (check_faiss_parameters') would be freed under it.
+    outer = faiss.downcast_index(index)
+    inner = faiss.downcast_index(outer.index) if isinstance(outer, faiss.IndexPreTransform) else outer
+    if isinstance(inner, faiss.IndexIVF):
+        return {"nprobe": int(inner.nprobe), "nlist": int(inner.nlist)}
+    if isinstance(inner, faiss.IndexHNSW):
+        return {"efSearch": int(inner.hnsw.efSearch), "M": int(inner.hnsw.nb_neighbors(1))}
     return {}
 
 

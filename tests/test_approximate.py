@@ -76,7 +76,11 @@ def test_too_few_images_to_train_is_a_usage_error(dataset, tmp_path):
 
 @pytest.mark.parametrize(
     ("factory", "option", "value", "parameter"),
-    [("IVF4,Flat", "--nprobe", 3, "nprobe"), ("HNSW32", "--ef-search", 40, "efSearch")],
+    [
+        ("IVF4,Flat", "--nprobe", 3, "nprobe"),
+        ("PCA16,IVF4,Flat", "--nprobe", 2, "nprobe"),  # behind a transform (once a crash, found by review)
+        ("HNSW32", "--ef-search", 40, "efSearch"),
+    ],
 )
 def test_index_build_stores_the_search_parameters_given(dataset, tmp_path, factory, option, value, parameter):
     out = tmp_path / "approximate.h5"
@@ -92,6 +96,7 @@ def test_index_build_stores_the_search_parameters_given(dataset, tmp_path, facto
         ("freq", "Flat", "--ef-search", "searched exactly"),
         ("rgb", "HNSW32", "--nprobe", "no search parameter 'nprobe'"),
         ("freq", "IVF4,Flat", "--ef-search", "no search parameter 'efSearch'"),
+        ("rgb", "IVF4,Flat", "--nprobe", "more than the 4 lists"),
     ],
 )
 def test_a_search_parameter_the_index_does_not_have_is_refused_up_front(
