@@ -27,6 +27,15 @@ def brute_force(database: np.ndarray, queries: np.ndarray, excluded=None) -> tup
     return ids, distances.min(axis=1)
 
 
+def pair_distances(rows: np.ndarray, queries: np.ndarray):
+    """The search's ``exact`` callback: brute force's float64 distance of (query, row) pairs."""
+
+    def exact(query_ids, row_ids):
+        return np.square(np.subtract(rows[row_ids], queries[query_ids], dtype=np.float64)).sum(axis=1)
+
+    return exact
+
+
 class FreqRows:
     """freq embeddings of crops as the index stores and searches them: the unique half, √w scale."""
 
@@ -38,11 +47,7 @@ class FreqRows:
 
     def nearest(self, queries: np.ndarray, own=None):
         means, offsets = pair_means(self.half, queries)
-
-        def exact(query_ids, row_ids):
-            return np.square(np.subtract(self.full[row_ids], queries[query_ids], dtype=np.float64)).sum(axis=1)
-
-        return self.search.nearest(means, exact, offsets, own)
+        return self.search.nearest(means, pair_distances(self.full, queries), offsets, own)
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +101,7 @@ def test_rows_the_grid_cannot_tell_apart_tie_to_the_lowest_row(crops):
     search = CodedSearch(stored, shas(len(stored)), np.sqrt(half.weights), 1)
     queries = np.concatenate([full[[0, 25]], full[[25]] + np.float32(1e-6)])
     means, offsets = pair_means(half, queries)
-
-    def exact(query_ids, row_ids):
-        return np.square(np.subtract(full[row_ids], queries[query_ids], dtype=np.float64)).sum(axis=1)
-
+    exact = pair_distances(full, queries)
     found = search.nearest(means, exact, offsets)
     ids, distances = brute_force(full, queries)
     assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
@@ -128,10 +130,7 @@ def test_without_the_residuals_in_the_bound_true_neighbours_are_lost(monkeypatch
     rng = np.random.default_rng(2)
     rows = rng.normal(0, 1, (400, 24)).astype(np.float32)
     queries = (rows[:200] + rng.normal(0, 0.6, (200, 24))).astype(np.float32)
-
-    def exact(query_ids, row_ids):
-        return np.square(np.subtract(rows[row_ids], queries[query_ids], dtype=np.float64)).sum(axis=1)
-
+    exact = pair_distances(rows, queries)
     ids, distances = brute_force(rows, queries)
     found = CodedSearch(rows, shas(len(rows)), threads=1).nearest(queries, exact)
     assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
@@ -150,10 +149,7 @@ def test_many_coordinates_use_wide_keys():
     queries = np.concatenate([rows[[9, 1]], rows[:2] + rng.normal(0, 0.5, (2, dims)).astype(np.float32)])
     search = CodedSearch(rows, shas(len(rows)), threads=1)
     assert search.grid.key_type is np.int64
-
-    def exact(query_ids, row_ids):
-        return np.square(np.subtract(rows[row_ids], queries[query_ids], dtype=np.float64)).sum(axis=1)
-
+    exact = pair_distances(rows, queries)
     found = search.nearest(queries, exact)
     ids, distances = brute_force(rows, queries)
     assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
@@ -168,10 +164,7 @@ def test_a_row_block_of_non_negative_codes_gets_the_same_shift(kernel):
     rows = rng.normal(0, 1, (coded_search.ROW_BLOCK + 1, 16)).astype(np.float32)
     rows[-1] = 3.0
     queries = (rows[-1:] + rng.normal(0, 0.05, (1, 16))).astype(np.float32)
-
-    def exact(query_ids, row_ids):
-        return np.square(np.subtract(rows[row_ids], queries[query_ids], dtype=np.float64)).sum(axis=1)
-
+    exact = pair_distances(rows, queries)
     found = CodedSearch(rows, shas(len(rows)), threads=1, kernel=kernel).nearest(queries, exact)
     ids, distances = brute_force(rows, queries)
     assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
@@ -184,10 +177,7 @@ def test_a_query_far_off_the_grid_with_wide_keys():
     rows = rng.normal(0, 1, (12, coded_search.INT32_DIMS + 100)).astype(np.float32)
     queries = rows[:2].copy()
     queries[:, 0] += np.float32(1e8)
-
-    def exact(query_ids, row_ids):
-        return np.square(np.subtract(rows[row_ids], queries[query_ids], dtype=np.float64)).sum(axis=1)
-
+    exact = pair_distances(rows, queries)
     found = CodedSearch(rows, shas(len(rows)), threads=1).nearest(queries, exact)
     ids, distances = brute_force(rows, queries)
     assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
