@@ -731,7 +731,8 @@ class RealIndex:
         return ids, distances
 
     def _pair_distances(self, space: Space, queries: np.ndarray, query_ids: np.ndarray, row_ids: np.ndarray):
-        """Brute force's float64 squared distance between each (query, row) pair, in chunks."""
+        """Brute force's float64 squared distance between each (query, row) pair, in chunks: the
+        same values, summed in the same order."""
         out = np.empty(len(row_ids))
         step = max(1, EXACT_CHUNK_BYTES // (queries.shape[1] * 8))
         for start in range(0, len(row_ids), step):
@@ -743,18 +744,10 @@ class RealIndex:
         return out
 
     def _exact_distances(self, space: Space, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        """(m, k) squared L2 distances in float64 between each query and its candidates, in chunks."""
+        """(m, k) squared L2 distances in float64 between each query and its candidates (−1: row 0)."""
         m, k = candidates.shape
-        dim = queries.shape[1]
-        out = np.empty((m, k), dtype=np.float64)
-        rows = max(1, EXACT_CHUNK_BYTES // (k * dim * 8))
-        for start in range(0, m, rows):
-            block = candidates[start : start + rows]
-            vectors = self.embeddings(space, np.clip(block, 0, None).ravel()).reshape(len(block), k, dim)
-            # float64 throughout, as brute force: the same values, summed in the same order.
-            difference = np.subtract(vectors, queries[start : start + rows, None, :], dtype=np.float64)
-            out[start : start + rows] = np.square(difference, out=difference).sum(axis=2)
-        return out
+        pairs = self._pair_distances(space, queries, np.repeat(np.arange(m), k), np.clip(candidates, 0, None).ravel())
+        return pairs.reshape(m, k)
 
 
 def describe_index(path: str | os.PathLike) -> dict:
