@@ -64,11 +64,12 @@ def check_format(attrs: Mapping, expected: str, path: str | os.PathLike) -> None
     if found != expected:
         raise FormatError(f"{path} is not a {expected} file (format attribute: {found!r})")
     version = int(attrs.get("format_version", -1))
-    if version != FORMAT_VERSIONS[expected] and version not in ALSO_READ.get(expected, ()):
+    readable = (*ALSO_READ.get(expected, ()), FORMAT_VERSIONS[expected])
+    if version not in readable:
         remedy = REMAKE_COMMANDS.get(expected, "Make the file again with this version.")
         raise FormatError(
-            f"{path} is {expected} format version {version}; this manifpt ({__version__}) reads version "
-            f"{FORMAT_VERSIONS[expected]}. {remedy}"
+            f"{path} is {expected} format version {version}; this manifpt ({__version__}) reads "
+            f"version{'s' if len(readable) > 1 else ''} {' and '.join(map(str, readable))}. {remedy}"
         )
 
 
