@@ -594,6 +594,37 @@ def test_an_interrupted_build_or_extract_leaves_nothing_and_exits_130(dataset, r
     assert [p.name for p in tmp_path.iterdir()] == ["many"], "nothing under the final name, no partial file"
 
 
+INTERRUPT_INSIDE_A_C_EXTENSION = """
+import os, signal, time
+import typer
+from manifpt_cli.cli.console import Interrupts, errors_to_exit
+
+def command():
+    with errors_to_exit():
+        try:
+            os.kill(os.getpid(), signal.{sig})
+            time.sleep(30)
+        except KeyboardInterrupt:
+            # What h5py's Cython converters make of an exception raised inside them (CI saw exactly this).
+            raise TypeError("Operation not defined for data type class")
+
+Interrupts.install()
+typer.run(command)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_that_a_library_turns_into_its_own_error_still_exits_130(sig):
+    script = INTERRUPT_INSIDE_A_C_EXTENSION.format(sig=sig)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert "interrupted: no partial output was kept" in done.stderr and "TypeError" not in done.stderr
+    not_interrupted = script.replace(f"os.kill(os.getpid(), signal.{sig})", "raise KeyboardInterrupt")
+    not_interrupted = not_interrupted.replace("Interrupts.install()", "")
+    plain = subprocess.run([sys.executable, "-c", not_interrupted], capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 1 and "TypeError" in plain.stderr, "a library's error without a signal stays itself"
+
+
 def test_research_results_are_not_overwritten_either(artifacts_file, tmp_path):
     (tmp_path / "metrics.json").write_text("an earlier evaluation")
     started = time.perf_counter()

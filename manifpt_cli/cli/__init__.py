@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from typing import Annotated, Optional
 
 import typer
@@ -12,6 +11,7 @@ from .analyze import app as analyze_app
 from .attribute import attribute
 from .benchmark import benchmark
 from .case_report import report
+from .console import Interrupts
 from .demo import demo
 from .enroll import enroll
 from .evaluate import evaluate
@@ -81,11 +81,6 @@ def root(
     """Attribute suspect images to the generative model that made them (ManiFPT, CVPR 2024)."""
 
 
-def _terminate(signum, frame) -> None:
-    """SIGTERM (a `kill`, a container stop) cleans up as Ctrl-C does: no partial output is kept."""
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    Interrupts.install()  # SIGTERM (a `kill`, a container stop) cleans up as Ctrl-C does
     app()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Iterable, Iterator
 
 import typer
@@ -171,24 +172,42 @@ def _fail(exc: ManifptError) -> None:
     raise typer.Exit(exc.exit_code) from None
 
 
+class Interrupts:
+    """Ctrl-C and SIGTERM, remembered: a signal that lands inside a C extension (h5py converting an
+    attribute, say) can surface as that library's own error instead of KeyboardInterrupt, and the
+    investigator must still be told "interrupted" and get exit 130, not a misleading failure."""
+
+    received: int | None = None
+
+    @classmethod
+    def handle(cls, signum, frame) -> None:
+        cls.received = signum
+        raise KeyboardInterrupt
+
+    @classmethod
+    def install(cls) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, cls.handle)
+
+
 @contextlib.contextmanager
 def errors_to_exit(needs: str | None = None) -> Iterator[None]:
     """Turn a ManifptError into a red message on stderr and its exit code (no traceback, no locals).
 
     ``needs`` names an optional extra the command cannot run without; its absence is reported
-    before any work starts.
+    before any work starts. An interrupt wins over whatever error it caused on its way up.
     """
     try:
         if needs:
             require_extra(needs)
         yield
-    except ManifptError as exc:
-        _fail(exc)
-    except ModuleNotFoundError as exc:
-        extra = missing_extra(exc)
+    except (KeyboardInterrupt, Exception) as exc:
+        if isinstance(exc, KeyboardInterrupt) or Interrupts.received is not None:
+            stderr.print("[yellow]interrupted: no partial output was kept under the final name[/]")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        if isinstance(exc, ManifptError):
+            _fail(exc)
+        extra = missing_extra(exc) if isinstance(exc, ModuleNotFoundError) else None
         if extra is None:
             raise
         _fail(extra)
-    except KeyboardInterrupt:
-        stderr.print("[yellow]interrupted: no partial output was kept under the final name[/]")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
