@@ -24,9 +24,10 @@ COLUMN_CHUNK = 32_768  # · 255 · 255 < 2³¹: no int32 accumulator overflows, 
 KERNELS = ("u8s8", "u8u8", "float64")
 
 
-# The one-node ONNX model, written as protobuf here: the attribution path has ONNX Runtime but not
-# the ``onnx`` package (tests check it against onnx.helper's). Field numbers: onnx/onnx.proto3.
-UINT8, INT8, INT32 = 2, 3, 6  # TensorProto.DataType
+# The one-node ONNX models, written as protobuf here: the attribution path has ONNX Runtime but not
+# the ``onnx`` package (tests check them against onnx.helper's). Field numbers: onnx/onnx.proto3.
+FLOAT, UINT8, INT8, INT32 = 1, 2, 3, 6  # TensorProto.DataType
+ATTRIBUTE_INT = 2  # AttributeProto.AttributeType
 IR_VERSION, OPSET = 7, 13
 
 
@@ -53,24 +54,53 @@ def _tensor_info(name: str, elem_type: int, dims: tuple[str, str]) -> bytes:
     return _field(1, name) + _field(2, _field(1, tensor_type))
 
 
-def matmul_integer_model(query_type: int) -> bytes:
-    """A serialised ModelProto: dots (int32, m × n) = MatMulInteger(rows (uint8, m × k), queries (k × n))."""
-    node = _field(1, "rows") + _field(1, "queries") + _field(2, "dots") + _field(4, "MatMulInteger")
-    graph = _field(1, node) + _field(2, "pixel_products")
-    graph += _field(11, _tensor_info("rows", UINT8, ("m", "k"))) + _field(
-        11, _tensor_info("queries", query_type, ("k", "n"))
-    )
-    graph += _field(12, _tensor_info("dots", INT32, ("m", "n")))
+def _model(node: bytes, name: str, inputs: list[tuple[str, int, tuple[str, str]]], output) -> bytes:
+    """A serialised ModelProto of one node, its graph ``name``, inputs and output (name, type, dims)."""
+    graph = _field(1, node) + _field(2, name)
+    graph += b"".join(_field(11, _tensor_info(*tensor)) for tensor in inputs)
+    graph += _field(12, _tensor_info(*output))
     return _field(1, IR_VERSION) + _field(7, graph) + _field(8, _field(1, "") + _field(2, OPSET))
 
 
-def _integer_session(query_type: int, threads: int):
+def matmul_integer_model(query_type: int) -> bytes:
+    """dots (int32, m × n) = MatMulInteger(rows (uint8, m × k), queries (k × n))."""
+    node = _field(1, "rows") + _field(1, "queries") + _field(2, "dots") + _field(4, "MatMulInteger")
+    inputs = [("rows", UINT8, ("m", "k")), ("queries", query_type, ("k", "n"))]
+    return _model(node, "pixel_products", inputs, ("dots", INT32, ("m", "n")))
+
+
+def transposed_gemm_model() -> bytes:
+    """products (float32, m × n) = Gemm(queries (m × k), rows (n × k), transB = 1)."""
+    transpose_rows = _field(1, "transB") + _field(20, ATTRIBUTE_INT) + _field(3, 1)
+    node = _field(1, "queries") + _field(1, "rows") + _field(2, "products") + _field(4, "Gemm")
+    node += _field(5, transpose_rows)
+    inputs = [("queries", FLOAT, ("m", "k")), ("rows", FLOAT, ("n", "k"))]
+    return _model(node, "float_products", inputs, ("products", FLOAT, ("m", "n")))
+
+
+def _session(model: bytes, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(matmul_integer_model(query_type), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+class FloatProducts:
+    """q·r in float32 for the rows of two matrices, in ONNX Runtime (MLAS): its AVX-512 kernels ran
+    twice as fast as NumPy's bundled OpenBLAS on this project's machine (bench/exact_search.py).
+    The search's bounds carry a margin for any float32 sum, in any order, with or without FMA."""
+
+    def __init__(self, threads: int = 1) -> None:
+        self._session = _session(transposed_gemm_model(), threads)
+
+    def __call__(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(m, n) float32 ``queries @ rows.T`` for (m, k) and (n, k) float32 matrices."""
+        if not queries.size or not rows.size:
+            return np.zeros((len(queries), len(rows)), dtype=np.float32)
+        feeds = {"queries": np.ascontiguousarray(queries), "rows": np.ascontiguousarray(rows)}
+        return self._session.run(None, feeds)[0]
 
 
 class PixelProducts:
@@ -86,7 +116,7 @@ class PixelProducts:
         for name in KERNELS if kernel is None else (kernel,):
             query_type = {"u8s8": INT8, "u8u8": UINT8}.get(name)
             try:
-                session = None if query_type is None else _integer_session(query_type, threads)
+                session = None if query_type is None else _session(matmul_integer_model(query_type), threads)
             except Exception:  # an execution provider without the operator: not usable here
                 if kernel is not None:
                     raise

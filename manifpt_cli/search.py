@@ -10,11 +10,14 @@ augmented vectors [x, ρ_q] and [y, ρ_r], so one matrix product per block of qu
 every real image. Any leading j < k of the basis rows give a looser bound of the same form, with
 ρ grown by the dropped coordinates. Pixels are integers, so the distance itself is one too:
 ‖q − r‖² = D / 255² with D = ‖q‖² + ‖r‖² − 2 q·r, which :class:`PixelProducts` computes exactly
-(8-bit integer products). The search runs in stages, all batched over a block of queries:
+(8-bit integer products). Queries are searched in blocks of alike ones (ordered by brightness,
+the first principal component of photographs: alike queries share candidate rows), and each block
+in stages:
 
-1. the bound in the first ``STAGE_DIMS[0]`` coordinates for every row (one float32 product), and
-   an upper bound per query: its smallest exact distance to the rows of lowest bound of all the
-   queries in the block (a pool they share: nearby queries often share neighbours);
+1. the bound in the first ``STAGE_DIMS[0]`` coordinates for every row (one float32 product, in
+   :class:`FloatProducts`), and an upper bound per query: its smallest exact distance to a pool of
+   rows of low bound, each query's lowest in each of ``UPPER_PARTS`` slices of the rows, shared by
+   the block (nearby queries often share neighbours);
 2. the bound in all k coordinates for the rows that stage 1 left (their union over the block), and
    a tighter upper bound from the pool of their rows of lowest bound;
 3. exact integer distances to the rows that survive (one integer product over their union);
@@ -35,13 +38,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .pixel_products import PixelProducts
+from .pixel_products import FloatProducts, PixelProducts
 
 UNIT_ROUNDOFF = 2.0**-24  # float32: fl(a ∘ b) = (a ∘ b)(1 + δ), |δ| ≤ u
 PLAN_SAMPLE = 4096  # real images the basis is fitted on (seeded), fewer where they would pass PLAN_BYTES
 PLAN_BYTES = 512 * 2**20  # memory for the float64 sample the basis is fitted on
 STAGE_DIMS = (64, 256)  # coordinates of the stage-1 bound, and of the basis (stage 2); bench/exact_search.py
 QUERY_BLOCK = 128  # queries searched together (their candidate rows are shared in the products)
+UPPER_PARTS = 8  # slices of the rows in each of which a query's lowest bound joins the upper bound's pool
 BLOCK_BYTES = 64 * 2**20  # at most this much memory for one block's (queries × rows) bound matrix
 PROJECTION_DIGITS = 3  # 8-bit digits of the basis: what they leave out is below 6.2e-8 of its largest entry
 NO_ROW = np.iinfo(np.int64).max  # the distance to a query's own rows (leave-one-out), and to none
@@ -211,8 +215,9 @@ class _Stage:
             largest = max(largest, float(squared.max()))
         return cls(dims, operand, float(np.sqrt(largest)), _lower_bound_margin(dims))
 
-    def bound_terms(self, coords: np.ndarray, centred_squared: np.ndarray, coord_error: np.ndarray, rows=slice(None)):
-        """(G, offset) with G + offset ≤ the bound: G float32 per (query, row), offset per query
+    def bound_terms(self, products, coords, centred_squared, coord_error, rows=slice(None)):
+        """(G, offset) with G + offset ≤ the bound: G float32 per (query, row) from ``products``
+        (:class:`FloatProducts`), offset per query
         (float64): ‖a‖² less the rounding margin and the cost of the query's coordinates being
         within ``coord_error`` (per coordinate) of exact."""
         augmented = _augmented(coords, centred_squared, self.dims)
@@ -222,7 +227,7 @@ class _Stage:
         # ‖z − y‖² ≥ ‖z̃ − y‖² − 2ε(‖z̃‖ + ‖y‖); ‖z‖ ≤ ‖z̃‖ + ε in the rows' own term.
         error = _augmented_error(augmented, np.sqrt(self.dims) * coord_error)
         query = np.concatenate([augmented, np.ones((len(augmented), 1)), (norms + error)[:, None]], axis=1)
-        bound = query.astype(np.float32) @ self.operand[rows].T
+        bound = products(query.astype(np.float32), self.operand[rows])
         shift = 2 * error * (norms + self.max_norm)
         return bound, query_squared - self.margin * (norms + self.max_norm) ** 2 - shift
 
@@ -256,9 +261,10 @@ class ExactSearch:
             threads = faiss.omp_get_max_threads()
         self.rows, self.plan = rows, plan
         dims = sorted({min(k, projected.shape[1]) for k in stage_dims})
-        self.stages = [_Stage.of(k, projected, centred_squared) for k in (dims[0], dims[-1])]
+        self.stages = [_Stage.of(k, projected, centred_squared) for k in dims]
         basis = plan.basis[: dims[-1]]  # the coordinates the stages use
         self.products = PixelProducts(threads, kernel)
+        self.float_products = FloatProducts(threads)
         # Q / σ = Σ_t D_t · unit_t + R with integer digits D_t in −127..127 (σ = max |Q|): the
         # projection of pixels is then exact integer products, and R bounds what it leaves out.
         self._basis_scale = float(np.abs(basis).max(initial=0.0)) or 1.0
@@ -326,9 +332,12 @@ class ExactSearch:
         # matter at large image sizes: 10 queries at 256×256).
         per_query = max(4 * len(self.rows), 8 * self.rows.shape[1])
         block = max(1, min(QUERY_BLOCK, BLOCK_BYTES // per_query))
+        # Blocks of alike queries (by brightness, the first principal component of photographs)
+        # share more of their candidate rows, so the products over their union are smaller.
+        order = np.argsort(pixels.sum(axis=1, dtype=np.int64), kind="stable")
         for start in range(0, n, block):
-            part = slice(start, start + block)
-            own = own_sha256[part] if own_sha256 is not None else None
+            part = order[start : start + block]
+            own = [own_sha256[i] for i in part] if own_sha256 is not None else None
             ids[part], distances[part], checked[part] = self._nearest_block(pixels[part], queries[part], own)
         return SearchResult(ids, distances, checked)
 
@@ -359,18 +368,24 @@ class ExactSearch:
         """A stage's (G, offset) over ``columns``, with G = inf at a query's own rows."""
         every_row = len(columns) == len(stage.operand)  # columns are ascending and unique
         selected = slice(None) if every_row else columns
-        bound, offset = stage.bound_terms(coords, centred_squared, coord_error, selected)
+        bound, offset = stage.bound_terms(self.float_products, coords, centred_squared, coord_error, selected)
         queries, positions = self._own_cells(columns, own)
         bound[queries, positions] = np.inf
         return bound, offset
 
     def _upper(self, bound, operand, query_squared, columns, own) -> np.ndarray:
-        """Per query, the smallest exact distance to the rows of lowest bound of every query in the
-        block (pooled; ``columns`` maps the bound's columns to rows); NO_ROW where none is finite."""
+        """Per query, the smallest exact distance to a pool of rows of low bound: each query's
+        lowest in every one of ``UPPER_PARTS`` slices of the columns, pooled over the block (``columns``
+        maps the bound's columns to rows); NO_ROW where none is finite."""
         if not bound.shape[1]:
             return np.full(len(bound), NO_ROW)
-        lowest = bound.argmin(axis=1)
-        lowest = np.sort(lowest[np.isfinite(bound[np.arange(len(bound)), lowest])])
+        width = -(-bound.shape[1] // UPPER_PARTS)
+        lowest = []
+        for start in range(0, bound.shape[1], width):
+            part = bound[:, start : start + width]
+            at = part.argmin(axis=1)
+            lowest.append(start + at[np.isfinite(part[np.arange(len(part)), at])])
+        lowest = np.sort(np.concatenate(lowest))
         # Sorted, then deduplicated by hand: np.unique took 30 ms for 128 values in some processes.
         pool = columns[lowest[np.r_[True, lowest[1:] != lowest[:-1]]]] if len(lowest) else columns[:0]
         return self._distances(operand, query_squared, pool, own).min(axis=0, initial=NO_ROW)
@@ -408,19 +423,14 @@ class ExactSearch:
         own = self.own_rows.pairs(own_sha256)
         started = self._timed("project", started)
 
-        first, last = self.stages
-        every_row = np.arange(len(self.rows))
-        bound, offset = self._bound(first, coords, centred_squared, coord_error, every_row, own)
-        upper = self._upper(bound, operand, query_squared, every_row, own)
-        survivors = bound <= self._threshold(upper, query_norms, offset)
-        union = np.flatnonzero(survivors.any(axis=0))
-        started = self._timed("stage 1 bound", started)
-
-        bound, offset = self._bound(last, coords, centred_squared, coord_error, union, own)
-        upper = np.minimum(upper, self._upper(bound, operand, query_squared, union, own))
-        survivors = bound <= self._threshold(upper, query_norms, offset)
-        union = union[survivors.any(axis=0)]
-        started = self._timed("stage 2 bound", started)
+        union = np.arange(len(self.rows))
+        upper = np.full(b, NO_ROW)
+        for number, stage in enumerate(self.stages, start=1):
+            bound, offset = self._bound(stage, coords, centred_squared, coord_error, union, own)
+            upper = np.minimum(upper, self._upper(bound, operand, query_squared, union, own))
+            survivors = bound <= self._threshold(upper, query_norms, offset)
+            union = union[survivors.any(axis=0)]
+            started = self._timed(f"stage {number} bound", started)
 
         exact = self._distances(operand, query_squared, union, own)
         smallest = exact.min(axis=0, initial=NO_ROW)

@@ -199,6 +199,25 @@ def test_the_hand_written_model_is_the_one_onnx_helper_makes(query_type):
     assert [(o.domain, o.version) for o in ours.opset_import] == [("", 13)]
 
 
+def test_the_hand_written_float_model_is_the_one_onnx_helper_makes_and_computes_the_products():
+    onnx = pytest.importorskip("onnx")
+    from manifpt_cli.pixel_products import FloatProducts, transposed_gemm_model
+
+    ours = onnx.load_from_string(transposed_gemm_model())
+    onnx.checker.check_model(ours, full_check=True)
+    helper, FLOAT = onnx.helper, onnx.TensorProto.FLOAT
+    node = helper.make_node("Gemm", ["queries", "rows"], ["products"], transB=1)
+    inputs = [helper.make_tensor_value_info("queries", FLOAT, ["m", "k"])]
+    inputs.append(helper.make_tensor_value_info("rows", FLOAT, ["n", "k"]))
+    output = helper.make_tensor_value_info("products", FLOAT, ["m", "n"])
+    assert ours.graph == helper.make_graph([node], "float_products", inputs, [output])
+    rng = np.random.default_rng(0)
+    queries, rows = rng.standard_normal((5, 67), dtype=np.float32), rng.standard_normal((300, 67), dtype=np.float32)
+    products = FloatProducts()
+    assert np.allclose(products(queries, rows), queries.astype(np.float64) @ rows.T, rtol=1e-5, atol=1e-4)
+    assert products(queries, rows[:0]).shape == (5, 0) and products(queries[:0], rows).shape == (0, 300)
+
+
 def test_a_row_almost_in_the_basis_span_is_not_pruned():
     """A row whose residual ρ is tiny: its float32 projection moves ρ by far more than float32
     rounding (√u, not u). One-row indexes with a basis nearly through the row, and queries off it
