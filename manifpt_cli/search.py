@@ -15,9 +15,9 @@ the first principal component of photographs: alike queries share candidate rows
 in stages:
 
 1. the bound in the first ``STAGE_DIMS[0]`` coordinates for every row (one float32 product, in
-   :class:`FloatProducts`), and an upper bound per query: its smallest exact distance to a pool of
-   rows of low bound, each query's lowest in each of ``UPPER_PARTS`` slices of the rows, shared by
-   the block (nearby queries often share neighbours);
+   :class:`FloatProducts`), and an upper bound per query: its smallest exact distance to the rows
+   of lowest bound of all the queries in the block (a pool they share: nearby queries often share
+   neighbours);
 2. the bound in all k coordinates for the rows that stage 1 left (their union over the block), and
    a tighter upper bound from the pool of their rows of lowest bound;
 3. exact integer distances to the rows that survive (one integer product over their union);
@@ -45,7 +45,6 @@ PLAN_SAMPLE = 4096  # real images the basis is fitted on (seeded), fewer where t
 PLAN_BYTES = 512 * 2**20  # memory for the float64 sample the basis is fitted on
 STAGE_DIMS = (64, 256)  # coordinates of the stage-1 bound, and of the basis (stage 2); bench/exact_search.py
 QUERY_BLOCK = 128  # queries searched together (their candidate rows are shared in the products)
-UPPER_PARTS = 8  # slices of the rows in each of which a query's lowest bound joins the upper bound's pool
 BLOCK_BYTES = 64 * 2**20  # at most this much memory for one block's (queries × rows) bound matrix
 PROJECTION_DIGITS = 3  # 8-bit digits of the basis: what they leave out is below 6.2e-8 of its largest entry
 NO_ROW = np.iinfo(np.int64).max  # the distance to a query's own rows (leave-one-out), and to none
@@ -374,18 +373,12 @@ class ExactSearch:
         return bound, offset
 
     def _upper(self, bound, operand, query_squared, columns, own) -> np.ndarray:
-        """Per query, the smallest exact distance to a pool of rows of low bound: each query's
-        lowest in every one of ``UPPER_PARTS`` slices of the columns, pooled over the block (``columns``
-        maps the bound's columns to rows); NO_ROW where none is finite."""
+        """Per query, the smallest exact distance to the rows of lowest bound of every query in the
+        block (pooled; ``columns`` maps the bound's columns to rows); NO_ROW where none is finite."""
         if not bound.shape[1]:
             return np.full(len(bound), NO_ROW)
-        width = -(-bound.shape[1] // UPPER_PARTS)
-        lowest = []
-        for start in range(0, bound.shape[1], width):
-            part = bound[:, start : start + width]
-            at = part.argmin(axis=1)
-            lowest.append(start + at[np.isfinite(part[np.arange(len(part)), at])])
-        lowest = np.sort(np.concatenate(lowest))
+        lowest = bound.argmin(axis=1)
+        lowest = np.sort(lowest[np.isfinite(bound[np.arange(len(bound)), lowest])])
         # Sorted, then deduplicated by hand: np.unique took 30 ms for 128 values in some processes.
         pool = columns[lowest[np.r_[True, lowest[1:] != lowest[:-1]]]] if len(lowest) else columns[:0]
         return self._distances(operand, query_squared, pool, own).min(axis=0, initial=NO_ROW)
