@@ -170,6 +170,26 @@ def test_only_pixel_rows_and_pixel_queries_are_searched(crops):
         ExactSearch(database, search.plan, *project_rows(search.plan, database), search.own_rows.sorted)
 
 
+def test_queries_blocked_by_brightness_keep_their_own_neighbours_and_exclusions(crops, monkeypatch):
+    """Queries are searched in blocks of alike ones (ordered by brightness): each must still get
+    its own neighbour, and skip its own file's rows, whatever block it lands in."""
+    import manifpt_cli.search as search_module
+
+    monkeypatch.setattr(search_module, "QUERY_BLOCK", 3)
+    reals, queries = crops
+    sha256 = np.array([b"%064d" % i for i in range(len(reals))], dtype="S64")
+    search, database = searcher(reals, "fit", sha256)
+    rows = np.random.default_rng(0).permutation(len(reals))[:10]
+    query_vectors = np.concatenate([database[rows], PixelEmbedder(Space.RGB)(queries[:10])])
+    assert not np.array_equal(np.argsort(query_vectors.sum(axis=1), kind="stable"), np.arange(20)), "reordered"
+    own = [s.decode() for s in sha256[rows]] + ["f" * 64] * 10  # the first ten are index rows
+    found = search.nearest(query_vectors, own)
+    excluded = np.zeros((20, len(reals)), dtype=bool)
+    excluded[np.arange(10), rows] = True
+    ids, distances = brute_force(database, query_vectors, excluded)
+    assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
+
+
 def test_fit_plan_is_seeded_and_orthonormal(crops):
     embeddings = PixelEmbedder(Space.RGB)(crops[0])
     plan, again = fit_plan(embeddings, DIMS, seed=1), fit_plan(embeddings, DIMS, seed=1)
