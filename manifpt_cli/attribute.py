@@ -250,7 +250,7 @@ class Attribution:
             raise UsageError(f"top_k must be at least 1, got {top_k}")
         self.settings = settings
         self.model = OnnxAttributor(model, settings.compute_threads)
-        self.index = RealIndex(index, verify=[self.model.space])
+        self.index = RealIndex(index, verify=[self.model.space], threads=settings.compute_threads)
         try:
             self.model.check_index(self.index)
         except Exception:

@@ -407,16 +407,25 @@ class Neighbours:
 class RealIndex:
     """A read-only real-manifold index file. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike, *, verify: Sequence[Space] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, verify: Sequence[Space] | None = None, threads: int | None = None
+    ) -> None:
         """Open and verify an index: its structure, the digests of the spaces in ``verify`` (default:
         all) and the root ``index_hash``.
+
+        ``threads`` is the searches' thread budget (default: FAISS's in the opening thread, which
+        :meth:`RunSettings.apply` sets). It holds in whichever thread searches: OpenMP keeps a
+        thread count per thread, so a search in a read-ahead thread would otherwise run (and spin)
+        one thread per core beside the attributor.
 
         Raises:
             UsageError: no such file.
             FormatError: not an index of this format version, damaged, or altered (IntegrityError).
         """
+        import faiss
         import h5py
 
+        self.threads = threads or faiss.omp_get_max_threads()
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise UsageError(f"no such index file: {self.path} (build one with `manifpt index build`)")
@@ -515,7 +524,7 @@ class RealIndex:
             ):
                 raise FormatError(f"index {self.path}: the {space.value} search tables do not match the image list")
             stage_dims = json.loads(group.attrs["search_dims"])
-            self._exact[space] = ExactSearch(rows, plan, projected, norms, self._sha256, stage_dims)
+            self._exact[space] = ExactSearch(rows, plan, projected, norms, self._sha256, stage_dims, self.threads)
         return self._exact[space]
 
     def is_coded_search(self, space: Space) -> bool:
@@ -531,7 +540,7 @@ class RealIndex:
             if len(rows) != self.n_images:
                 raise FormatError(f"index {self.path}: the {space.value} embeddings do not match the image list")
             scale = np.sqrt(self.stored_layout(space).weights)
-            self._coded[space] = CodedSearch(rows, self._sha256, scale)
+            self._coded[space] = CodedSearch(rows, self._sha256, scale, self.threads)
         return self._coded[space]
 
     def search_description(self, space: Space) -> dict:
@@ -650,6 +659,7 @@ class RealIndex:
         """
         import faiss
 
+        faiss.omp_set_num_threads(self.threads)  # this thread's OpenMP count: see __init__
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.is_exact_search(space):
             found = self.exact_search(space).nearest(queries, query_sha256)

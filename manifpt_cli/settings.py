@@ -76,10 +76,12 @@ class RunSettings:
         imported for this: where it is not loaded yet, ``OMP_NUM_THREADS`` tells it the budget
         when (if ever) it loads, so attribution never pays for importing it.
         """
+        threads = self.compute_threads
+        if "faiss" not in sys.modules:  # OpenMP reads it once, when FAISS loads it: every thread's count
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         import faiss
         from threadpoolctl import threadpool_limits
 
-        threads = self.compute_threads
         faiss.omp_set_num_threads(threads)
         threadpool_limits(limits=threads, user_api="blas")
         if "torch" in sys.modules:

@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 from manifpt_cli.errors import FormatError, UsageError
 from manifpt_cli.manifold import RealIndex, build_index, describe_index
@@ -188,6 +189,31 @@ def test_an_image_is_never_its_own_neighbour(real_index):
     assert np.array_equal(with_self.ids, rows) and np.allclose(with_self.distances, 0)
     assert (without_self.ids != rows).all()
     assert (without_self.distances > 0).all()
+
+
+def test_a_search_in_another_thread_keeps_the_index_thread_budget(real_index, dataset):
+    """OpenMP keeps a thread count per thread: a search first run in a read-ahead thread used to
+    start one ONNX Runtime thread per core (spinning beside the attributor) whatever --threads said."""
+    import threading
+
+    import faiss
+
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((dataset / "real").iterdir())[:4]])
+    counts = []
+
+    def search() -> None:
+        for space in (Space.RGB, Space.FREQ):
+            index.nearest(space, PixelEmbedder(space)(pixels))
+        counts.append(faiss.omp_get_max_threads())
+
+    with RealIndex(real_index, threads=1) as index:
+        worker = threading.Thread(target=search)
+        worker.start()
+        worker.join()
+        assert counts == [1]
+        sessions = [index.exact_search(Space.RGB).products, index.exact_search(Space.RGB).float_products]
+        sessions.append(index.coded_search(Space.FREQ).grid.products)
+        assert [s._session.get_session_options().intra_op_num_threads for s in sessions] == [1, 1, 1]
 
 
 def test_duplicate_files_are_all_skipped(tmp_path, dataset):
