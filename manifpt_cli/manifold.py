@@ -659,7 +659,7 @@ class RealIndex:
         """
         import faiss
 
-        faiss.omp_set_num_threads(self.threads)  # this thread's OpenMP count: see __init__
+        faiss.omp_set_num_threads(self.threads)  # this thread's OpenMP count, and it stays so: see __init__
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.is_exact_search(space):
             found = self.exact_search(space).nearest(queries, query_sha256)

@@ -15,11 +15,12 @@ the first principal component of photographs: alike queries share candidate rows
 in stages:
 
 1. the bound in the first ``STAGE_DIMS[0]`` coordinates for every row (one float32 product, in
-   :class:`FloatProducts`), and an upper bound per query: its smallest exact distance to the rows
-   of lowest bound of all the queries in the block (a pool they share: nearby queries often share
-   neighbours);
+   :class:`FloatProducts`), and an upper bound per query: its smallest exact distance to a pool
+   of rows of low bound, each query's lowest in each of ``UPPER_PARTS`` slices of the rows,
+   shared by the block (nearby queries often share neighbours);
 2. the bound in all k coordinates for the rows that stage 1 left (their union over the block), and
-   a tighter upper bound from the pool of their rows of lowest bound;
+   a tighter upper bound from the same kind of pool (``STAGE_DIMS`` may name more stages: each
+   bounds the rows that the one before left);
 3. exact integer distances to the rows that survive (one integer product over their union);
 4. the float64 sum brute force computes, for the rows within its rounding of the smallest.
 
@@ -45,7 +46,7 @@ PLAN_SAMPLE = 4096  # real images the basis is fitted on (seeded), fewer where t
 PLAN_BYTES = 512 * 2**20  # memory for the float64 sample the basis is fitted on
 STAGE_DIMS = (64, 256)  # coordinates of the stage-1 bound, and of the basis (stage 2); bench/exact_search.py
 QUERY_BLOCK = 128  # queries searched together (their candidate rows are shared in the products)
-UPPER_PARTS = 8  # slices of the rows in each of which a query's lowest bound joins the upper bound's pool
+UPPER_PARTS = 8  # slices of a stage's rows; a query's lowest bound in each joins the upper bound's pool
 BLOCK_BYTES = 64 * 2**20  # at most this much memory for one block's (queries × rows) bound matrix
 PROJECTION_DIGITS = 3  # 8-bit digits of the basis: what they leave out is below 6.2e-8 of its largest entry
 NO_ROW = np.iinfo(np.int64).max  # the distance to a query's own rows (leave-one-out), and to none
@@ -238,8 +239,8 @@ class ExactSearch:
     ``projected`` (n, k) float32 and ``centred_squared`` (n,) float64 are :func:`project_rows` of
     the rows (stored in the index); ``sha256`` (n,) S64 lets a query skip the rows of its own file
     (leave-one-out). ``seconds`` adds up the time spent in each step, for benchmarks. ``threads``
-    (default: FAISS's, which :meth:`RunSettings.apply` sets) and ``kernel`` go to
-    :class:`PixelProducts`.
+    (default: FAISS's, which :meth:`RunSettings.apply` sets) sizes :class:`PixelProducts` and
+    :class:`FloatProducts`; ``kernel`` goes to :class:`PixelProducts`.
     """
 
     def __init__(
@@ -374,8 +375,9 @@ class ExactSearch:
         return bound, offset
 
     def _upper(self, bound, operand, query_squared, columns, own) -> np.ndarray:
-        """Per query, the smallest exact distance to the rows of lowest bound of every query in the
-        block (pooled; ``columns`` maps the bound's columns to rows); NO_ROW where none is finite."""
+        """Per query, the smallest exact distance to a pool of rows of low bound: each query's lowest
+        in each of ``UPPER_PARTS`` slices of the bound's columns, pooled over the block (``columns``
+        maps the columns to rows); NO_ROW where none is finite."""
         if not bound.shape[1]:
             return np.full(len(bound), NO_ROW)
         b, n = bound.shape

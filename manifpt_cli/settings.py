@@ -77,7 +77,9 @@ class RunSettings:
         when (if ever) it loads, so attribution never pays for importing it.
         """
         threads = self.compute_threads
-        if "faiss" not in sys.modules:  # OpenMP reads it once, when FAISS loads it: every thread's count
+        if "faiss" not in sys.modules or "torch" not in sys.modules:
+            # Read once, when FAISS's or PyTorch's OpenMP loads: every thread's count, where
+            # omp_set_num_threads sets only the calling thread's.
             os.environ["OMP_NUM_THREADS"] = str(threads)
         import faiss
         from threadpoolctl import threadpool_limits
@@ -86,8 +88,6 @@ class RunSettings:
         threadpool_limits(limits=threads, user_api="blas")
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(threads)
-        else:
-            os.environ["OMP_NUM_THREADS"] = str(threads)
 
     def check_device(self) -> None:
         """Refuse an invalid or unavailable ``device`` early (PyTorch is imported only for non-CPU)."""

@@ -625,6 +625,27 @@ def test_an_interrupt_that_a_library_turns_into_its_own_error_still_exits_130(si
     assert plain.returncode == 1 and "TypeError" in plain.stderr, "a library's error without a signal stays itself"
 
 
+def test_a_commands_own_exit_and_a_later_commands_error_are_not_taken_for_an_interrupt(monkeypatch):
+    import typer
+
+    from manifpt_cli.cli.console import Interrupts, errors_to_exit
+
+    def run(exc: BaseException) -> BaseException:
+        try:
+            with errors_to_exit():
+                Interrupts.received = signal.SIGTERM  # a signal that lands in this command
+                raise exc
+        except BaseException as raised:
+            return raised
+
+    monkeypatch.setattr(Interrupts, "received", None)
+    assert run(typer.Exit(3)).exit_code == 3, "a partial result's exit code stays its own"
+    assert run(TypeError("in h5py")).exit_code == 130
+    monkeypatch.setattr(Interrupts, "received", signal.SIGTERM)  # from an earlier command
+    with pytest.raises(ValueError), errors_to_exit():
+        raise ValueError("a later command's own error")
+
+
 def test_research_results_are_not_overwritten_either(artifacts_file, tmp_path):
     (tmp_path / "metrics.json").write_text("an earlier evaluation")
     started = time.perf_counter()

@@ -197,10 +197,13 @@ def errors_to_exit(needs: str | None = None) -> Iterator[None]:
     ``needs`` names an optional extra the command cannot run without; its absence is reported
     before any work starts. An interrupt wins over whatever error it caused on its way up.
     """
+    Interrupts.received = None  # a signal counts for the command it lands in
     try:
         if needs:
             require_extra(needs)
         yield
+    except typer.Exit:  # a command's own exit code (partial results, say) stays its own
+        raise
     except (KeyboardInterrupt, Exception) as exc:
         if isinstance(exc, KeyboardInterrupt) or Interrupts.received is not None:
             stderr.print("[yellow]interrupted: no partial output was kept under the final name[/]")
