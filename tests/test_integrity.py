@@ -574,7 +574,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(case, dataset, tmp_path
 @pytest.mark.parametrize("command", ["index build", "extract"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_build_or_extract_leaves_nothing_and_exits_130(dataset, real_index, tmp_path, command, sig):
-    many = linked_copies(dataset / "real", tmp_path / "many", 64)  # long enough that the signal lands mid-run
+    many = linked_copies(dataset / "real", tmp_path / "many", 256)  # long enough that the signal lands mid-run
     out = tmp_path / "out.h5"
     if command == "index build":
         args = ["index", "build", str(many), "--space", "rgb,freq"]
