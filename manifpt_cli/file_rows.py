@@ -42,11 +42,13 @@ class FileRows:
             if dataset.chunks[1:] != self.shape[1:]:
                 raise ValueError(f"{dataset.name} is not chunked by whole rows")
             self.chunk_offsets = np.full(-(-self.shape[0] // self.rows_per_chunk), -1, dtype=np.int64)
-            for i in range(dataset.id.get_num_chunks()):
-                info = dataset.id.get_chunk_info(i)
-                if info.size != self.rows_per_chunk * self.row_bytes:
-                    raise ValueError(f"{dataset.name} has a chunk of {info.size} bytes, not whole rows")
-                self.chunk_offsets[info.chunk_offset[0] // self.rows_per_chunk] = info.byte_offset
+            chunks = []
+            # One pass over the chunk index (get_chunk_info(i) walks it anew for every i: 2 s at 1M rows).
+            dataset.id.chunk_iter(lambda info: chunks.append((info.chunk_offset[0], info.byte_offset, info.size)))
+            for first_row, byte_offset, size in chunks:
+                if size != self.rows_per_chunk * self.row_bytes:
+                    raise ValueError(f"{dataset.name} has a chunk of {size} bytes, not whole rows")
+                self.chunk_offsets[first_row // self.rows_per_chunk] = byte_offset
             if (self.chunk_offsets < 0).any():
                 raise ValueError(f"{dataset.name} has chunks that were never written")
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed with the index (close())

@@ -98,6 +98,22 @@ def test_rows_read_from_the_file_give_what_held_rows_give(real_index, dataset, s
     assert np.array_equal(mapped.ids, held.ids) and np.array_equal(mapped.distances, held.distances)
 
 
+def test_file_rows_find_every_chunk_and_refuse_unwritten_ones(tmp_path):
+    from manifpt_cli.file_rows import FileRows
+
+    rows = np.arange(10 * 4, dtype=np.float32).reshape(10, 4)
+    with h5py.File(tmp_path / "rows.h5", "w") as handle:
+        handle.create_dataset("whole", data=rows, chunks=(3, 4))
+        handle.create_dataset("partly", shape=(10, 4), dtype="f4", chunks=(2, 4))[:4] = rows[:4]
+    with h5py.File(tmp_path / "rows.h5", "r") as handle:
+        read = FileRows(tmp_path / "rows.h5", handle["whole"])
+        ids = np.array([9, 0, 4, 3, 9])
+        assert np.array_equal(read[ids], rows[ids])
+        read.close()
+        with pytest.raises(ValueError, match="never written"):
+            FileRows(tmp_path / "rows.h5", handle["partly"])
+
+
 def test_a_compressed_large_space_is_a_format_error(real_index, tmp_path, monkeypatch):
     """Rows stored compressed cannot be mapped: the same data gzip-compressed (so its digest still
     verifies) is a clear FormatError when the rows would stay in the file, not a traceback."""
