@@ -156,11 +156,13 @@ def rows_as_float(rows: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _augmented(coords: np.ndarray, centred_squared: np.ndarray, dims: int) -> np.ndarray:
-    """[x_1..x_dims, ρ] in float64: the first ``dims`` coordinates and the norm of the rest."""
-    kept = coords[:, :dims].astype(np.float64)
-    residual = np.sqrt(np.maximum(centred_squared - np.einsum("ij,ij->i", kept, kept), 0))
-    return np.concatenate([kept, residual[:, None]], axis=1)
+def _augmented(coords: np.ndarray, centred_squared: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """[x_1..x_dims, ρ] in float64 (the first ``dims`` coordinates and the norm of the rest), and ‖x‖."""
+    augmented = np.empty((len(coords), dims + 1))
+    augmented[:, :-1] = coords[:, :dims]
+    kept_squared = np.einsum("ij,ij->i", augmented[:, :-1], augmented[:, :-1])
+    augmented[:, -1] = np.sqrt(np.maximum(centred_squared - kept_squared, 0))
+    return augmented, np.sqrt(kept_squared)
 
 
 @dataclass
@@ -170,15 +172,15 @@ class SearchResult:
     checked: np.ndarray  # rows whose exact distance was computed, per query
 
 
-def _augmented_error(augmented: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    """ε ≥ ‖z − z̃‖ for augmented vectors z̃ = [x̃, ρ̃] whose coordinates x̃ lie within ``delta``
-    (Euclidean) of exact ones x, ρ̃ = √(‖c‖² − ‖x̃‖²) and ρ = √(‖c‖² − ‖x‖²).
+def _augmented_error(augmented: np.ndarray, delta: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """ε ≥ ‖z − z̃‖ for augmented vectors z̃ = [x̃, ρ̃] whose coordinates x̃ (of norm ``kept``) lie
+    within ``delta`` (Euclidean) of exact ones x, ρ̃ = √(‖c‖² − ‖x̃‖²) and ρ = √(‖c‖² − ‖x‖²).
 
     |‖x‖² − ‖x̃‖²| ≤ g = δ(2‖x̃‖ + δ), so ρ moves by at most min(√g, g / ρ̃): a coordinate error
     of order u can move a small residual by far more than u, which is why this is not left to
     the rounding margin.
     """
-    g = delta * (2 * np.linalg.norm(augmented[:, :-1], axis=1) + delta)
+    g = delta * (2 * kept + delta)
     residual = augmented[:, -1]
     moved = np.minimum(np.sqrt(g), np.divide(g, residual, out=np.full_like(g, np.inf), where=residual > 0))
     return np.sqrt(delta**2 + moved**2)
@@ -205,11 +207,10 @@ class _Stage:
         largest = 0.0
         step = max(1, BLOCK_BYTES // (8 * (dims + 3)))
         for start in range(0, len(projected), step):
-            augmented = _augmented(projected[start : start + step], centred_squared[start : start + step], dims)
+            augmented, kept = _augmented(projected[start : start + step], centred_squared[start : start + step], dims)
             # Each float32 coordinate is within u of its float64 value, relatively.
-            kept = np.linalg.norm(augmented[:, :-1], axis=1)
-            error = _augmented_error(augmented, UNIT_ROUNDOFF * (1 + UNIT_ROUNDOFF) * kept)
-            squared = np.einsum("ij,ij->i", augmented, augmented)
+            error = _augmented_error(augmented, UNIT_ROUNDOFF * (1 + UNIT_ROUNDOFF) * kept, kept)
+            squared = np.square(kept) + np.square(augmented[:, -1])
             operand[start : start + step, :-2] = -2 * augmented
             operand[start : start + step, -2] = squared - 2 * error * np.sqrt(squared)
             operand[start : start + step, -1] = -2 * error
@@ -221,12 +222,12 @@ class _Stage:
         (:class:`FloatProducts`), offset per query
         (float64): ‖a‖² less the rounding margin and the cost of the query's coordinates being
         within ``coord_error`` (per coordinate) of exact."""
-        augmented = _augmented(coords, centred_squared, self.dims)
-        query_squared = np.einsum("ij,ij->i", augmented, augmented)
+        augmented, kept = _augmented(coords, centred_squared, self.dims)
+        query_squared = np.square(kept) + np.square(augmented[:, -1])
         norms = np.sqrt(query_squared)
         # The query's augmented vector lies within ε of its exact value, so for any row
         # ‖z − y‖² ≥ ‖z̃ − y‖² − 2ε(‖z̃‖ + ‖y‖); ‖z‖ ≤ ‖z̃‖ + ε in the rows' own term.
-        error = _augmented_error(augmented, np.sqrt(self.dims) * coord_error)
+        error = _augmented_error(augmented, np.sqrt(self.dims) * coord_error, kept)
         query = np.concatenate([augmented, np.ones((len(augmented), 1)), (norms + error)[:, None]], axis=1)
         bound = products(query.astype(np.float32), self.operand[rows])
         shift = 2 * error * (norms + self.max_norm)

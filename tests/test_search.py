@@ -100,7 +100,7 @@ def test_leave_one_out_skips_every_row_of_the_querys_file(crops):
 
 
 def lower_bound(plan: SearchPlan, a: np.ndarray, b: np.ndarray, dims: int = DIMS) -> np.ndarray:
-    return np.square(_augmented(*plan.project(a), dims) - _augmented(*plan.project(b), dims)).sum(axis=1)
+    return np.square(_augmented(*plan.project(a), dims)[0] - _augmented(*plan.project(b), dims)[0]).sum(axis=1)
 
 
 def bound_violations(bound: np.ndarray, a: np.ndarray, b: np.ndarray) -> int:
