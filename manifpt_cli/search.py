@@ -211,9 +211,10 @@ class _Stage:
             # Each float32 coordinate is within u of its float64 value, relatively.
             error = _augmented_error(augmented, UNIT_ROUNDOFF * (1 + UNIT_ROUNDOFF) * kept, kept)
             squared = np.square(kept) + np.square(augmented[:, -1])
-            operand[start : start + step, :-2] = -2 * augmented
-            operand[start : start + step, -2] = squared - 2 * error * np.sqrt(squared)
-            operand[start : start + step, -1] = -2 * error
+            block = operand[start : start + step]
+            np.multiply(augmented, -2, out=block[:, :-2], casting="same_kind")  # no float64 temporary
+            block[:, -2] = squared - 2 * error * np.sqrt(squared)
+            block[:, -1] = -2 * error
             largest = max(largest, float(squared.max()))
         return cls(dims, operand, float(np.sqrt(largest)), _lower_bound_margin(dims))
 
