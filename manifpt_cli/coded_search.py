@@ -49,7 +49,7 @@ class _Grid:
     """n rows coded on one grid: their codes as :class:`PixelProducts` operands a block at a time,
     and per row the constant of its code distance and ‖r‖²; the largest ρ_r and ‖r − μ‖."""
 
-    def __init__(self, read: Callable[[np.ndarray], np.ndarray], n: int, dims: int, products) -> None:
+    def __init__(self, read: Callable[[np.ndarray | slice], np.ndarray], n: int, dims: int, products) -> None:
         self.n, self.products = n, products
         self.key_type = np.int64 if dims > INT32_DIMS else np.int32
         self.no_row = np.iinfo(self.key_type).max
@@ -60,15 +60,15 @@ class _Grid:
         self.step = GRID_STDS * spread / CODE_LIMIT if spread > 0 else 1.0
         self.operands, constants, squared, self.max_norm, self.max_residual = [], [], [], 0.0, 0.0
         for start in range(0, n, ROW_BLOCK):
-            coords = read(np.arange(start, min(start + ROW_BLOCK, n)))
-            codes = self.codes(coords)
+            coords = read(slice(start, start + ROW_BLOCK))  # one read of the block, also from a file
+            squared.append(np.einsum("ij,ij->i", coords, coords))
+            codes, residuals, centred_norms = self.coded(coords)
             self.operands.append(products.operand(codes, signed=True))  # one shift for every block
             codes = codes.astype(np.int64)
             # D = ‖k_q‖² + ‖k_r‖² − 2k_q·k_r, and the products give Σ(k_q + 128)·k_r = k_q·k_r + 128Σk_r.
             constants.append(np.einsum("ij,ij->i", codes, codes) + 256 * codes.sum(axis=1))
-            self.max_residual = max(self.max_residual, float(self.residuals(coords, codes).max()))
-            squared.append(np.einsum("ij,ij->i", coords, coords))
-            self.max_norm = max(self.max_norm, float(np.linalg.norm(coords - self.mean, axis=1).max()))
+            self.max_residual = max(self.max_residual, float(residuals.max()))
+            self.max_norm = max(self.max_norm, float(centred_norms.max()))
         self.constants = np.concatenate(constants).astype(self.key_type) if constants else np.zeros(0, np.int64)
         self.row_squared = np.concatenate(squared) if squared else np.zeros(0)  # ‖r‖²_w, float64
 
@@ -76,20 +76,25 @@ class _Grid:
     def nbytes(self) -> int:
         return sum(operand.data.nbytes for operand in self.operands) + self.row_squared.nbytes + self.constants.nbytes
 
-    def codes(self, coords: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint((coords - self.mean) / self.step), -CODE_LIMIT, CODE_LIMIT).astype(np.int8)
-
-    def residuals(self, coords: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """ρ = ‖c(v) − (μ + s·k)‖ per row, in float64, c clipping v to the grid's range."""
+    def coded(self, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(k, ρ, ‖v − μ‖) per row of (b, m) float64 coordinates v: the codes k = rint((v − μ)/s)
+        clipped to ±127 (int8), and in float64 ρ = ‖c(v) − (μ + s·k)‖, c clipping v to the grid's
+        range. One centred copy of the rows, worked on in place."""
+        centred = coords - self.mean
+        centred_norms = np.sqrt(np.einsum("ij,ij->i", centred, centred))
+        codes = np.rint(centred / self.step)
+        np.clip(codes, -CODE_LIMIT, CODE_LIMIT, out=codes)
         reach = CODE_LIMIT * self.step
-        clipped = np.clip(coords - self.mean, -reach, reach)
-        return np.linalg.norm(clipped - self.step * codes, axis=1)
+        np.clip(centred, -reach, reach, out=centred)
+        centred -= self.step * codes
+        return codes.astype(np.int8), np.sqrt(np.einsum("ij,ij->i", centred, centred)), centred_norms
 
     def keys(self, coords: np.ndarray, excluded: tuple[np.ndarray, np.ndarray]):
         """For (b, m) query coordinates: keys (b, columns padded to whole groups) with D = key + the
         query's constant, ``no_row`` at the ``excluded`` (query, column) pairs and in the padding;
         each group's smallest key; the queries' constants and ρ_q."""
-        codes = self.codes(coords).astype(np.int64)
+        codes, residuals, _ = self.coded(coords)
+        codes = codes.astype(np.int64)
         left = (codes + 128).astype(np.uint8)
         b, groups = len(coords), -(-self.n // GROUP)
         keys = np.full((b, groups * GROUP), self.no_row, dtype=self.key_type)
@@ -108,7 +113,7 @@ class _Grid:
         # The ones column Σ(k_q + 128) undoes the operands' shift: D needs Σ(k_q + 128)·k_r.
         shift = self.operands[0].shift if self.operands else 0
         constant = np.einsum("ij,ij->i", codes, codes) + 2 * shift * left.sum(axis=1, dtype=np.int64)
-        return keys, smallest, constant, self.residuals(coords, codes)
+        return keys, smallest, constant, residuals
 
     def lowest(self, keys: np.ndarray, smallest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(queries with a row not excluded, the column of their smallest key)."""
@@ -155,7 +160,7 @@ class CodedSearch:
         self.own_rows = OwnRows(sha256)
         products = PixelProducts(threads, kernel)
 
-        def read(ids: np.ndarray) -> np.ndarray:
+        def read(ids: np.ndarray | slice) -> np.ndarray:
             coords = self._coordinates(rows[ids])
             _check_finite(coords, "rows")
             return coords
@@ -169,7 +174,7 @@ class CodedSearch:
         return self.grid.nbytes + self.own_rows.nbytes
 
     def _coordinates(self, rows: np.ndarray) -> np.ndarray:
-        return rows.astype(np.float64) * self.scale
+        return np.multiply(rows, self.scale, dtype=np.float64)  # one pass: float32 → float64 is exact
 
     def nearest(
         self,

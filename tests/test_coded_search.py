@@ -74,7 +74,7 @@ def test_neighbours_and_distances_are_brute_forces(crops, kernel):
     reals, suspects = crops
     rows = FreqRows(reals, kernel)
     flat_channel = rows.search._coordinates(rows.search.rows[5:6])
-    assert (np.abs(rows.search.grid.codes(flat_channel)) == 127).any(), "its empty bins are off the grid"
+    assert (np.abs(rows.search.grid.coded(flat_channel)[0]) == 127).any(), "its empty bins are off the grid"
     rng = np.random.default_rng(0)
     pairs = rng.choice(len(reals), (8, 2), replace=False)
     near_ties = ((rows.full[pairs[:, 0]].astype(np.float64) + rows.full[pairs[:, 1]]) / 2).astype(np.float32)
@@ -134,7 +134,13 @@ def test_without_the_residuals_in_the_bound_true_neighbours_are_lost(monkeypatch
     ids, distances = brute_force(rows, queries)
     found = CodedSearch(rows, shas(len(rows)), threads=1).nearest(queries, exact)
     assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
-    monkeypatch.setattr(coded_search._Grid, "residuals", lambda self, coords, codes: np.zeros(len(coords)))
+    coded = coded_search._Grid.coded
+
+    def without_residuals(self, coords):
+        codes, residuals, norms = coded(self, coords)
+        return codes, np.zeros_like(residuals), norms
+
+    monkeypatch.setattr(coded_search._Grid, "coded", without_residuals)
     monkeypatch.setattr(coded_search, "GRID_STDS", 40.0)  # a coarse grid: many rows share a code distance
     careless = CodedSearch(rows, shas(len(rows)), threads=1).nearest(queries, exact)
     assert not np.array_equal(careless.ids, ids)
