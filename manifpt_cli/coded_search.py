@@ -92,8 +92,8 @@ class _Grid:
     def keys(self, coords: np.ndarray, excluded: tuple[np.ndarray, np.ndarray]):
         """For (b, m) query coordinates: keys (b, columns padded to whole groups) with D = key + the
         query's constant, ``no_row`` at the ``excluded`` (query, column) pairs and in the padding;
-        each group's smallest key; the queries' constants and ρ_q."""
-        codes, residuals, _ = self.coded(coords)
+        each group's smallest key; the queries' constants, ρ_q and ‖q − μ‖."""
+        codes, residuals, centred_norms = self.coded(coords)
         codes = codes.astype(np.int64)
         left = (codes + 128).astype(np.uint8)
         b, groups = len(coords), -(-self.n // GROUP)
@@ -113,7 +113,7 @@ class _Grid:
         # The ones column Σ(k_q + 128) undoes the operands' shift: D needs Σ(k_q + 128)·k_r.
         shift = self.operands[0].shift if self.operands else 0
         constant = np.einsum("ij,ij->i", codes, codes) + 2 * shift * left.sum(axis=1, dtype=np.int64)
-        return keys, smallest, constant, residuals
+        return keys, smallest, constant, residuals, centred_norms
 
     def lowest(self, keys: np.ndarray, smallest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(queries with a row not excluded, the column of their smallest key)."""
@@ -212,7 +212,9 @@ class CodedSearch:
         b = len(queries)
         coords = self._coordinates(queries)
         _check_finite(coords, "queries")
-        keys, smallest, constant, query_residuals = self.grid.keys(coords, self.own_rows.pairs(own_sha256))
+        keys, smallest, constant, query_residuals, centred_norms = self.grid.keys(
+            coords, self.own_rows.pairs(own_sha256)
+        )
         # Upper bound: the float64 distance to the row of smallest code distance.
         upper = np.full(b, np.inf)
         valid, columns = self.grid.lowest(keys, smallest)
@@ -221,7 +223,7 @@ class CodedSearch:
         # A row that wins or ties is within upper·(1 + κ) exactly, so within √(that − offset) in
         # the coordinates; ``rounding`` covers float64's in coordinates, codes and residuals.
         reach = np.sqrt(np.maximum(upper[valid] * (1 + 2 * FLOAT64_SLACK) - offsets[valid] * (1 - FLOAT64_SLACK), 0))
-        query_norms = np.linalg.norm(coords[valid] - self.grid.mean, axis=1) + np.linalg.norm(self.grid.mean)
+        query_norms = centred_norms[valid] + np.linalg.norm(self.grid.mean)
         rounding = BAND_SLACK * (query_norms + self.grid.max_norm + reach + 1)
         limit = self.grid.thresholds(reach + query_residuals[valid] + rounding, self.band, constant[valid])
         # Only in groups whose smallest key is within reach.
