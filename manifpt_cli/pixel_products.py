@@ -138,7 +138,10 @@ class PixelProducts:
             self.kernel, (0, np.float64)
         )
         data = np.empty((values.shape[1], len(values) + 1), dtype=dtype)
-        data[:, :-1] = (values.T.astype(np.int16) + shift).astype(dtype)
+        if values.dtype == np.uint8 and shift == -128:  # p − 128 is p with its top bit flipped, as int8
+            np.bitwise_xor(values.T, np.uint8(0x80), out=data[:, :-1].view(np.uint8))
+        else:
+            data[:, :-1] = (values.T.astype(np.int16) + shift).astype(dtype)
         data[:, -1] = 1
         return Operand(data, shift)
 

@@ -376,7 +376,7 @@ class ExactSearch:
         bound[queries, positions] = np.inf
         return bound, offset
 
-    def _upper(self, bound, operand, query_squared, columns, own) -> np.ndarray:
+    def _upper(self, bound, known: _KnownDistances, columns) -> np.ndarray:
         """Per query, the smallest exact distance to a pool of rows of low bound: each query's lowest
         in each of ``UPPER_PARTS`` slices of the bound's columns, pooled over the block (``columns``
         maps the columns to rows); NO_ROW where none is finite."""
@@ -392,7 +392,7 @@ class ExactSearch:
         lowest = np.sort(lowest[np.isfinite(np.take_along_axis(bound, lowest, axis=1))])
         # Sorted, then deduplicated by hand: np.unique took 30 ms for 128 values in some processes.
         pool = columns[lowest[np.r_[True, lowest[1:] != lowest[:-1]]]] if len(lowest) else columns[:0]
-        return self._distances(operand, query_squared, pool, own).min(axis=0, initial=NO_ROW)
+        return known.of(pool).min(axis=0, initial=NO_ROW)
 
     def _threshold(self, upper, query_norms, offset) -> np.ndarray:
         """float32 bound thresholds: rows above them are farther than ``upper`` (no_row: none)."""
@@ -429,14 +429,15 @@ class ExactSearch:
 
         union = np.arange(len(self.rows))
         upper = np.full(b, NO_ROW)
+        known = _KnownDistances(self, operand, query_squared, own)
         for number, stage in enumerate(self.stages, start=1):
             bound, offset = self._bound(stage, coords, centred_squared, coord_error, union, own)
-            upper = np.minimum(upper, self._upper(bound, operand, query_squared, union, own))
+            upper = np.minimum(upper, self._upper(bound, known, union))
             survivors = bound <= self._threshold(upper, query_norms, offset)
             union = union[survivors.any(axis=0)]
             started = self._timed(f"stage {number} bound", started)
 
-        exact = self._distances(operand, query_squared, union, own)
+        exact = known.of(union)
         smallest = exact.min(axis=0, initial=NO_ROW)
         # A row can beat the smallest only if D − e(D) ≤ D_min + e(D_min); every such D is below
         # 2·D_min + N², and e grows with D.
@@ -456,6 +457,28 @@ class ExactSearch:
         ids, distances = closest_pairs(b, query_ids, row_ids, found)
         self._timed("float64 check", started)
         return ids, distances, survivors.sum(axis=1)
+
+
+class _KnownDistances:
+    """The exact distances from one block's queries to the rows computed so far. The upper bounds'
+    pools and the rows that survive the bounds share many rows; each is computed once."""
+
+    def __init__(self, search: ExactSearch, operand, query_squared: np.ndarray, own) -> None:
+        self._search, self._operand, self._query_squared, self._own = search, operand, query_squared, own
+        self.rows = np.zeros(0, dtype=np.int64)  # ascending
+        self.distances = np.zeros((0, len(query_squared)), dtype=np.int64)
+
+    def of(self, row_ids: np.ndarray) -> np.ndarray:
+        """(len(row_ids), b) exact distances (:meth:`ExactSearch._distances`) to ascending ``row_ids``."""
+        at = np.searchsorted(self.rows, row_ids)
+        new = row_ids[self.rows[np.minimum(at, len(self.rows) - 1)] != row_ids] if len(self.rows) else row_ids
+        if len(new):
+            computed = self._search._distances(self._operand, self._query_squared, new, self._own)
+            rows = np.concatenate([self.rows, new])
+            order = np.argsort(rows, kind="stable")
+            self.rows, self.distances = rows[order], np.concatenate([self.distances, computed])[order]
+            at = np.searchsorted(self.rows, row_ids)
+        return self.distances[at]
 
 
 class OwnRows:
