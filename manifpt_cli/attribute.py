@@ -7,6 +7,7 @@ so memory does not grow with the number of suspects. A file that fails is an err
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -23,10 +24,13 @@ from .formats import CHECKPOINT_FORMAT, FORMAT_VERSIONS, ONNX_METADATA_KEY, desc
 from .images import DecodedImage, DecodeResult, FailedImage, SkippedFile, decode_folder, display_path
 from .inputs import InputKind, attributor_inputs
 from .integrity import ONNX_DIGEST_KEY, verify_onnx
-from .manifold import RealIndex
+from .manifold import Neighbours, RealIndex
 from .settings import DEFAULT_SETTINGS, RunSettings
+from .shared_work import SharedParts
 from .spaces import Embedder, PixelEmbedder, Space, pixels_to_float
 from .verdicts import VerdictRule
+
+SEARCH_PART = 128  # suspects searched as one part of a batch: the rgb search's block of queries
 
 
 def _session(path: str, threads: int, data: bytes | None = None):
@@ -232,6 +236,23 @@ class SearchedBatch:
     found: SpaceArtifacts | None = None
     inputs: np.ndarray | None = None
 
+    @classmethod
+    def joined(cls, parts: Sequence[SearchedBatch]) -> SearchedBatch:
+        """One batch from its consecutive parts, searched apart, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        batch = [item for part in parts for item in part.batch]
+        decoded = [item for part in parts for item in part.decoded]
+        searched = [part for part in parts if part.found is not None]
+        if not searched:
+            return cls(batch, decoded)
+        neighbours = Neighbours(
+            np.concatenate([part.found.neighbours.ids for part in searched]),
+            np.concatenate([part.found.neighbours.distances for part in searched]),
+        )
+        found = SpaceArtifacts(np.concatenate([part.found.artifacts for part in searched]), neighbours)
+        return cls(batch, decoded, found, np.concatenate([part.inputs for part in searched]))
+
 
 class Attribution:
     """An open model + index pair that attributes folders. Use as a context manager."""
@@ -303,12 +324,21 @@ class Attribution:
     def rows(self, roots: Sequence[str | os.PathLike]) -> Iterator[AttributionRow]:
         """Attribute every image under ``roots``, in discovery order, one row per file.
 
-        Each batch's search runs in the read-ahead thread while this one runs the attributor on
-        the batch before: two busy threads, the cores that ``workers`` + ``threads`` give.
+        Two busy threads, the cores that ``workers`` + ``threads`` give: the read-ahead thread
+        decodes each batch and searches it while this one runs the attributor on the batch
+        before. The search runs in parts of ``SEARCH_PART`` suspects (:class:`SharedParts`), and
+        this thread takes the parts not yet begun when it reaches the batch, so it does not wait
+        idle while the other searches (the rows do not depend on how a batch is split).
         """
-        for searched in decode_folder(roots, self.model.image_size, self.settings, then=self.search_batch):
+        for shared in decode_folder(roots, self.model.image_size, self.settings, then=self._search_parts):
+            searched = SearchedBatch.joined(shared.results())
             yield from self.finish_batch(searched)
             self.settings.progress.advance(len(searched.batch))
+
+    def _search_parts(self, batch: Sequence[DecodeResult]) -> SharedParts[SearchedBatch]:
+        """:meth:`search_batch` of each ``SEARCH_PART`` consecutive items, as parts two threads share."""
+        starts = range(0, len(batch), SEARCH_PART)
+        return SharedParts([functools.partial(self.search_batch, batch[i : i + SEARCH_PART]) for i in starts])
 
     def attribute_batch(self, batch: Sequence[DecodeResult]) -> list[AttributionRow]:
         """One row per item of a decoded batch, in its order (every engine goes through here)."""

@@ -75,6 +75,7 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 from .arrays import is_array_header, open_array, read_rows
 from .errors import ImageDecodeError, UsageError
 from .settings import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, RunSettings
+from .shared_work import SharedParts
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -756,16 +757,22 @@ def decode_folder(
     Decoding runs in background threads, up to ``READ_AHEAD_BATCHES`` batches ahead of the caller.
     ``then`` runs on each batch in the read-ahead thread too, so that it overlaps the caller's
     work on the batch before (attribution: the search, while the caller runs the attributor).
+    Where it returns :class:`~manifpt_cli.shared_work.SharedParts`, the read-ahead thread hands
+    them over first and runs them from the front after, so the caller can take the ones left.
     """
     batches = iter_batches(_decoded_items(roots, size, settings), settings.batch_size)
     return read_ahead(batches if then is None else _each(then, batches), READ_AHEAD_BATCHES)
 
 
 def _each(then: Callable[[T], R], items: Iterator[T]) -> Iterator[R]:
-    """``map``, but closing ``items`` when closed itself (read_ahead closes its source)."""
+    """``map``, but closing ``items`` when closed itself (read_ahead closes its source), and running
+    the parts of a :class:`SharedParts` result once it is handed over."""
     with contextlib.closing(items):
         for item in items:
-            yield then(item)
+            result = then(item)
+            yield result
+            if isinstance(result, SharedParts):
+                result.run_from_front()
 
 
 def split_batch(batch: list[DecodeResult]) -> tuple[list[DecodedImage], list[FailedImage], list[SkippedFile]]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -460,6 +461,9 @@ class RealIndex:
         self._coded: dict[Space, CodedSearch] = {}
         self._held: dict[Space, np.ndarray] = {}
         self._paths: list[str] | None = None
+        # Two threads may search at once (attribution shares a batch's search): each search, and
+        # each table it reads, is made once, by the first thread that needs it.
+        self._making = threading.RLock()
 
     def __enter__(self) -> RealIndex:
         return self
@@ -493,8 +497,9 @@ class RealIndex:
 
     def paths(self, ids: np.ndarray) -> list[str]:
         """Source paths of index rows ``ids`` ("" for −1), read once and kept."""
-        if self._paths is None:
-            self._paths = list(self._file["files/path"].asstr()[...])
+        with self._making:
+            if self._paths is None:
+                self._paths = list(self._file["files/path"].asstr()[...])
         return [self._paths[i] if i >= 0 else "" for i in ids]
 
     def sha256(self, ids: np.ndarray) -> list[str]:
@@ -512,19 +517,20 @@ class RealIndex:
 
     def exact_search(self, space: Space) -> ExactSearch:
         """The exact search of a space that has its tables (read once and kept; its rows as :meth:`_rows`)."""
-        if space not in self._exact:
-            group = self._group(space)
-            rows = self._rows(space)
-            plan = SearchPlan(group["search_mean"][...], group["search_basis"][...])
-            projected, norms = group["search_projected"][...], group["search_norms"][...]
-            if (
-                len(rows) != self.n_images
-                or projected.shape != (len(rows), len(plan.basis))
-                or norms.shape != (len(rows),)
-            ):
-                raise FormatError(f"index {self.path}: the {space.value} search tables do not match the image list")
-            stage_dims = json.loads(group.attrs["search_dims"])
-            self._exact[space] = ExactSearch(rows, plan, projected, norms, self._sha256, stage_dims, self.threads)
+        with self._making:
+            if space not in self._exact:
+                group = self._group(space)
+                rows = self._rows(space)
+                plan = SearchPlan(group["search_mean"][...], group["search_basis"][...])
+                projected, norms = group["search_projected"][...], group["search_norms"][...]
+                if (
+                    len(rows) != self.n_images
+                    or projected.shape != (len(rows), len(plan.basis))
+                    or norms.shape != (len(rows),)
+                ):
+                    raise FormatError(f"index {self.path}: the {space.value} search tables do not match the image list")
+                stage_dims = json.loads(group.attrs["search_dims"])
+                self._exact[space] = ExactSearch(rows, plan, projected, norms, self._sha256, stage_dims, self.threads)
         return self._exact[space]
 
     def is_coded_search(self, space: Space) -> bool:
@@ -535,12 +541,13 @@ class RealIndex:
 
     def coded_search(self, space: Space) -> CodedSearch:
         """The code scan of a freq space (made from its stored rows when first needed, then kept)."""
-        if space not in self._coded:
-            rows = self._rows(space)
-            if len(rows) != self.n_images:
-                raise FormatError(f"index {self.path}: the {space.value} embeddings do not match the image list")
-            scale = np.sqrt(self.stored_layout(space).weights)
-            self._coded[space] = CodedSearch(rows, self._sha256, scale, self.threads)
+        with self._making:
+            if space not in self._coded:
+                rows = self._rows(space)
+                if len(rows) != self.n_images:
+                    raise FormatError(f"index {self.path}: the {space.value} embeddings do not match the image list")
+                scale = np.sqrt(self.stored_layout(space).weights)
+                self._coded[space] = CodedSearch(rows, self._sha256, scale, self.threads)
         return self._coded[space]
 
     def search_description(self, space: Space) -> dict:
@@ -577,17 +584,18 @@ class RealIndex:
         }
 
     def faiss_index(self, space: Space):
-        if space not in self._faiss:
-            try:
-                index = read_faiss_index(self._group(space)["faiss_index"])
-            except RuntimeError as exc:
-                message = str(exc).splitlines()[0]
-                raise FormatError(
-                    f"index {self.path}: the {space.value} FAISS index cannot be read: {message}"
-                ) from None
-            if index.ntotal != self.n_images or index.d != self._group(space)["embeddings"].shape[1]:
-                raise FormatError(f"index {self.path}: the {space.value} FAISS index does not match the image list")
-            self._faiss[space] = index
+        with self._making:
+            if space not in self._faiss:
+                try:
+                    index = read_faiss_index(self._group(space)["faiss_index"])
+                except RuntimeError as exc:
+                    message = str(exc).splitlines()[0]
+                    raise FormatError(
+                        f"index {self.path}: the {space.value} FAISS index cannot be read: {message}"
+                    ) from None
+                if index.ntotal != self.n_images or index.d != self._group(space)["embeddings"].shape[1]:
+                    raise FormatError(f"index {self.path}: the {space.value} FAISS index does not match the image list")
+                self._faiss[space] = index
         return self._faiss[space]
 
     def embeddings(self, space: Space, ids: np.ndarray) -> np.ndarray:
@@ -615,13 +623,14 @@ class RealIndex:
     def _rows(self, space: Space) -> np.ndarray | FileRows:
         """A space's stored rows: read once and held, or, above ``HELD_ROWS_BYTES``, gathered from
         the file when needed (:class:`FileRows`, after the open verified the file)."""
-        if space not in self._held:
-            dataset = self._group(space)["embeddings"]
-            large = dataset.size * dataset.dtype.itemsize > file_rows.HELD_ROWS_BYTES
-            try:
-                self._held[space] = FileRows(self.path, dataset) if large else dataset[...]
-            except ValueError as exc:  # stored compressed, or not by whole rows: not written by manifpt
-                raise FormatError(f"index {self.path}: {exc}") from None
+        with self._making:
+            if space not in self._held:
+                dataset = self._group(space)["embeddings"]
+                large = dataset.size * dataset.dtype.itemsize > file_rows.HELD_ROWS_BYTES
+                try:
+                    self._held[space] = FileRows(self.path, dataset) if large else dataset[...]
+                except ValueError as exc:  # stored compressed, or not by whole rows: not written by manifpt
+                    raise FormatError(f"index {self.path}: {exc}") from None
         return self._held[space]
 
     def _read_rows(self, space: Space, ids: np.ndarray) -> np.ndarray:
