@@ -2,6 +2,8 @@
 
 (a) `manifpt attribute` end to end: decode → φ → search → artifact → ONNX Runtime → CSV rows,
     via the library, in a process without PyTorch (as `attribute` runs).
+(a unshared) the same, but each batch searched whole in the read-ahead thread (as before the
+    caller shared the search: :mod:`manifpt_cli.shared_work`), timed in turn with (a).
 (b) the exported ONNX attributor alone, on the same suspects' artifacts, same batch size.
 (c) a PyTorch-eager pipeline with a brute-force nearest-neighbour scan, as the authors' reference
     code works: same decoding, one exhaustive scan of the real set per suspect, eager model.
@@ -13,7 +15,9 @@ the library's batch step minus the three stages inside it) and the CSV report. (
 stages are each the best of three runs. The ratio of (a) to the stages' sum says how close the
 pipeline comes to its own limit: above 1 it adds overhead, below 1 it overlaps stages (decoding
 runs in its own thread). Last, the `manifpt attribute` command in a child process: the whole
-run's time (start-up and index verification included) and peak memory (VmHWM, Linux).
+run's time (start-up and index verification included) and peak memory (VmHWM, Linux). Just before
+(a), the machine's parallel capacity: how much more work two processes do at once than one (pure
+Python, and float32 matrix products), which bounds how far two threads can overlap the stages.
 
 Real images: ../shared/data/real32.npz when present (20k real 32×32 crops), otherwise crops of the
 photos bundled with scikit-image. Usage:
@@ -143,6 +147,43 @@ def attribute_command(work: Path, index: Path, batch_size: int) -> tuple[float, 
     return time.perf_counter() - started, int(peak_file.read_text()) / 1024
 
 
+# A fixed piece of CPU work, in pure Python (interpreter-bound, as decoding's and the rows' Python
+# code is) or as float32 matrix products (vector units, as the search and the attributor are).
+CAPACITY_PROBE = r"""
+import sys, time
+import numpy as np
+start = time.perf_counter()
+if sys.argv[1] == "python":
+    total = 0
+    for i in range(4_000_000):
+        total += i * i
+else:
+    matrix = np.random.default_rng(0).random((512, 512), dtype=np.float32)
+    for _ in range(300):
+        matrix @ matrix
+print(time.perf_counter() - start)
+"""
+
+
+def parallel_capacity(kind: str, repeats: int = 3) -> float:
+    """How many times one core's throughput two processes get at once (2.0: two full cores).
+
+    A 2-core virtual machine need not give two cores' worth: its two CPUs may share a physical
+    core, or the host may be busy. The pipeline's two threads can at best go this much faster
+    than one, so it bounds (a) from below at (sum of the stages) / capacity.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+    def run(copies: int) -> list[float]:
+        command = [sys.executable, "-c", CAPACITY_PROBE, kind]
+        children = [subprocess.Popen(command, stdout=subprocess.PIPE, env=env) for _ in range(copies)]
+        return [float(child.communicate()[0]) for child in children]
+
+    alone = min(run(1)[0] for _ in range(repeats))
+    together = sorted(sum(run(2)) / 2 for _ in range(repeats))[repeats // 2]
+    return 2 * alone / together
+
+
 def measure_attribution(work: Path, batch_size: int) -> None:
     """(a), (b), FAISS search alone and each stage of (a), written to WORK/attribution.json.
 
@@ -160,17 +201,27 @@ def measure_attribution(work: Path, batch_size: int) -> None:
         warm_up = sorted((work / "suspects" / "plain").iterdir())[:batch_size]
         sum(1 for _ in run.rows(warm_up))  # FAISS index load, ORT's first run
 
-        def end_to_end() -> int:
+        def end_to_end(rows) -> int:
             written = 0
             with open(work / "report.csv", "w", encoding="utf-8", newline="") as stream:
                 writer = ReportWriter(ReportFormat.CSV, stream, {})
-                for row in run.rows([work / "suspects"]):
+                for row in rows([work / "suspects"]):
                     writer.write(row)
                     written += 1
                 writer.close()
             return written
 
-        t_end_to_end, counted = best_of(end_to_end)
+        def unshared_rows(roots):
+            """(a) as before the search was shared: each batch searched whole in the read-ahead thread."""
+            for searched in decode_folder(roots, run.model.image_size, settings, then=run.search_batch):
+                yield from run.finish_batch(searched)
+
+        # In turn, so that the machine's drift (this VM's speed varies) falls on both alike.
+        shared_runs, unshared_runs = [], []
+        for _ in range(3):
+            shared_runs.append(timed(lambda: end_to_end(run.rows)))
+            unshared_runs.append(timed(lambda: end_to_end(unshared_rows))[0])
+        (t_end_to_end, counted), t_unshared = min(shared_runs), min(unshared_runs)
         stages = stage_costs(run, work / "suspects", batch_size, work / "stages.csv")
         space, index, model = run.model.space, run.index, run.model
         decoded = [item for batch in decode_folder([work / "suspects"], model.image_size, settings) for item in batch]
@@ -186,6 +237,7 @@ def measure_attribution(work: Path, batch_size: int) -> None:
         "n": counted,
         "threads": settings.compute_threads,
         "end_to_end": t_end_to_end,
+        "unshared": t_unshared,
         "onnx": t_onnx,
         "faiss": t_faiss,
         "stages": stages,
@@ -258,11 +310,13 @@ def main() -> None:
     export_onnx(work / "m.pt", work / "m.onnx", overwrite=True)
     n = len(suspects)
 
+    capacity = {kind: parallel_capacity(kind) for kind in ("python", "matmul")}
     # (a), (b), FAISS alone and each stage, in a process without PyTorch, as `attribute` runs
     child = [sys.executable, __file__, "--measure-attribution", str(work), "--batch-size", str(args.batch_size)]
     subprocess.run(child, check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     measured = json.loads((work / "attribution.json").read_text())
     t_end_to_end, t_onnx, t_faiss, stages = (measured[key] for key in ("end_to_end", "onnx", "faiss", "stages"))
+    t_unshared = measured["unshared"]
     threads = measured["threads"]
     t_command, peak_mib = attribute_command(work, index, args.batch_size)
 
@@ -309,6 +363,7 @@ def main() -> None:
     print(f"index build: {args.reals} reals in {t_index:.1f} s\n")
     print("| measurement | images/s |\n|---|---:|")
     print(f"| (a) attribute end to end | {rate(t_end_to_end):,.0f} |")
+    print(f"| (a) with each batch's search in the read-ahead thread alone (unshared) | {rate(t_unshared):,.0f} |")
     print(f"| (b) ONNX attributor alone | {rate(t_onnx):,.0f} |")
     print(
         f"| (c) PyTorch eager + brute-force NN scan ({n_reference} suspects) | {rate(t_reference, n_reference):,.1f} |"
@@ -318,6 +373,7 @@ def main() -> None:
     )
     print(f"| brute-force NN scan alone ({n_reference} suspects) | {rate(t_brute, n_reference):,.1f} |\n")
     print(f"(a)/(b) = {rate(t_end_to_end) / rate(t_onnx):.2f}   (target ≥ 0.8)")
+    print(f"(a)/(a unshared) = {t_unshared / t_end_to_end:.2f}   (what sharing each batch's search gives)")
     print(f"(a)/(c) = {rate(t_end_to_end) / rate(t_reference, n_reference):.1f}×   (target ≥ 5)")
     print(f"search / brute force = {rate(t_faiss) / rate(t_brute, n_reference):.1f}×   (target ≥ 20 at 20k reals)")
     print("\n| stage of (a), measured alone | µs per image |\n|---|---:|")
@@ -327,6 +383,12 @@ def main() -> None:
     print(f"| **sum of the stages** | **{total / n * 1e6:,.0f}** |")
     print(f"| (a) end to end | {t_end_to_end / n * 1e6:,.0f} |\n")
     print(f"(a) / sum of stages = {t_end_to_end / total:.2f}   (below 1: stages overlap; above 1: pipeline overhead)")
+    print(
+        "two processes at once, against one (2.00: two full cores), measured just before (a): "
+        f"{capacity['python']:.2f}× for pure Python, {capacity['matmul']:.2f}× for float32 matrix products; "
+        f"so (a) cannot go below about {total / n * 1e6 / max(capacity.values()):,.0f}–"
+        f"{total / n * 1e6 / min(capacity.values()):,.0f} µs per image on this machine now"
+    )
     print(
         f"`manifpt attribute` command, whole process (start-up, index verification, report): {t_command:.1f} s "
         f"for {n} suspects, peak resident memory {peak_mib:,.0f} MiB (the measuring process above: "
