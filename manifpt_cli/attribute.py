@@ -271,7 +271,8 @@ class Attribution:
             raise UsageError(f"top_k must be at least 1, got {top_k}")
         self.settings = settings
         self.model = OnnxAttributor(model, settings.compute_threads)
-        self.index = RealIndex(index, verify=[self.model.space], threads=settings.compute_threads)
+        space = self.model.space
+        self.index = RealIndex(index, verify=[space], threads=settings.compute_threads, searching=[space])
         try:
             self.model.check_index(self.index)
         except Exception:

@@ -184,7 +184,7 @@ def load_sources(
     """Decode each folder and make its attributor inputs against the model's own index."""
     space, kind = Space(metadata["space"]), InputKind(metadata["input"])
     sources = []
-    with RealIndex(index_path, verify=[space]) as index:
+    with RealIndex(index_path, verify=[space], searching=[space]) as index:
         if index.index_hash != metadata["index_hash"]:
             raise MismatchError(f"{index_path} is not the index the model was trained against (index hash differs)")
         embedder = index_embedders(index, [space], weights, settings.device)[space]

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -82,8 +83,12 @@ def _update_attrs(digest, attrs, keys) -> None:
     digest.update(json.dumps(described, sort_keys=True).encode())
 
 
-def _update_dataset(digest, dataset) -> None:
-    """Shape, type and every element of a dataset, read in chunks (memory stays bounded)."""
+ChunkReader = Callable[[int, np.ndarray], None]  # (first row, rows): what else a read is for
+
+
+def _update_dataset(digest, dataset, reader: ChunkReader | None = None) -> None:
+    """Shape, type and every element of a dataset, read in chunks (memory stays bounded). ``reader``
+    sees each chunk of a numeric dataset too, so a caller that needs the data reads the file once."""
     digest.update(json.dumps([list(dataset.shape), str(dataset.dtype)]).encode())
     if dataset.dtype.kind == "O":  # variable-length strings: length-prefixed, so no two lists collide
         for start in range(0, len(dataset), ROWS_PER_CHUNK):
@@ -96,7 +101,10 @@ def _update_dataset(digest, dataset) -> None:
     row_bytes = max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:], dtype=np.int64)))
     rows = max(1, CHUNK_BYTES // row_bytes)
     for start in range(0, len(dataset), rows):
-        digest.update(np.ascontiguousarray(dataset[start : start + rows]).tobytes())
+        chunk = np.ascontiguousarray(dataset[start : start + rows])
+        digest.update(chunk)  # its bytes, through the buffer protocol: no copy
+        if reader is not None:
+            reader(start, chunk)
 
 
 def space_datasets(attrs) -> tuple[str, ...]:
@@ -105,12 +113,13 @@ def space_datasets(attrs) -> tuple[str, ...]:
     return {EXACT_SEARCH: EXACT_SEARCH_DATASETS, CODED_SEARCH: CODED_SEARCH_DATASETS}.get(search, FAISS_DATASETS)
 
 
-def space_digest(group) -> str:
-    """SHA-256 over one space's attributes, embeddings and search data (FAISS index or exact-search tables)."""
+def space_digest(group, readers: dict[str, ChunkReader] | None = None) -> str:
+    """SHA-256 over one space's attributes, embeddings and search data (FAISS index or exact-search
+    tables); ``readers`` by dataset name (:func:`_update_dataset`)."""
     digest = hashlib.sha256(b"manifpt-space")
     _update_attrs(digest, group.attrs, SPACE_DIGEST_ATTRS)
     for name in space_datasets(group.attrs):
-        _update_dataset(digest, group[name])
+        _update_dataset(digest, group[name], (readers or {}).get(name))
     return digest.hexdigest()
 
 
@@ -172,10 +181,17 @@ def check_structure(handle, path: str, spaces: list[str]) -> None:
         raise IntegrityError(f"index {path} is not laid out as manifpt writes it ({detail}); it was altered or damaged")
 
 
-def verify_index(handle, path: str, spaces_to_check: list[str]) -> dict:
+def verify_index(
+    handle,
+    path: str,
+    spaces_to_check: list[str],
+    readers: Callable[[str, object], dict[str, ChunkReader]] | None = None,
+) -> dict:
     """Recompute the digests of ``spaces_to_check`` and the root hash; raise IntegrityError on any difference.
 
-    Returns what was checked, for the report header.
+    ``readers(space, group)``, asked once the structure has passed, gives the readers (by dataset)
+    that see every chunk its digest reads (:func:`_update_dataset`); what they keep is
+    trustworthy only once this returns. Returns what was checked, for the report header.
     """
     spaces = json.loads(_attr_text(handle.attrs["spaces"]))
     check_structure(handle, path, spaces)
@@ -184,7 +200,7 @@ def verify_index(handle, path: str, spaces_to_check: list[str]) -> dict:
         group = handle[f"spaces/{space}"]
         stored = _attr_text(group.attrs.get("digest", ""))
         if space in spaces_to_check:
-            recomputed = space_digest(group)
+            recomputed = space_digest(group, readers(space, group) if readers else None)
             if recomputed != stored:
                 raise IntegrityError(
                     f"index {path}: the {space} space's embeddings, FAISS index or settings do not match its recorded "

@@ -60,6 +60,7 @@ from .search import (
     project_rows,
     rows_as_float,
 )
+from .search_tables import SearchTables
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import (
     Embedder,
@@ -409,10 +410,19 @@ class RealIndex:
     """A read-only real-manifold index file. Use as a context manager, or call :meth:`close`."""
 
     def __init__(
-        self, path: str | os.PathLike, *, verify: Sequence[Space] | None = None, threads: int | None = None
+        self,
+        path: str | os.PathLike,
+        *,
+        verify: Sequence[Space] | None = None,
+        threads: int | None = None,
+        searching: Sequence[Space] = (),
     ) -> None:
         """Open and verify an index: its structure, the digests of the spaces in ``verify`` (default:
         all) and the root ``index_hash``.
+
+        ``searching``: spaces about to be searched. Their search tables are kept from the
+        verification's read of the file (:mod:`manifpt_cli.search_tables`), which is then the
+        only read of them.
 
         ``threads`` is the searches' thread budget (default: FAISS's in the opening thread, which
         :meth:`RunSettings.apply` sets). It holds in whichever thread searches: OpenMP keeps a
@@ -445,7 +455,15 @@ class RealIndex:
             self.index_hash = str(attrs["index_hash"])
             self.spaces = [Space(name) for name in json.loads(attrs["spaces"])]
             checked = self.spaces if verify is None else [space for space in verify if space in self.spaces]
-            self.verification = verify_index(self._file, self.path, [space.value for space in checked])
+            self._tables: dict[Space, SearchTables] = {}
+
+            def keep_tables(name: str, group) -> dict:
+                if Space(name) not in searching:
+                    return {}
+                self._tables[Space(name)] = SearchTables(group)
+                return self._tables[Space(name)].readers
+
+            self.verification = verify_index(self._file, self.path, [space.value for space in checked], keep_tables)
             self._sha256 = self._file["files/sha256"][...]
         except IntegrityError:
             self._file.close()
@@ -521,8 +539,8 @@ class RealIndex:
             if space not in self._exact:
                 group = self._group(space)
                 rows = self._rows(space)
-                plan = SearchPlan(group["search_mean"][...], group["search_basis"][...])
-                projected, norms = group["search_projected"][...], group["search_norms"][...]
+                plan = SearchPlan(self._table(space, "search_mean"), self._table(space, "search_basis"))
+                projected, norms = self._table(space, "search_projected"), self._table(space, "search_norms")
                 if (
                     len(rows) != self.n_images
                     or projected.shape != (len(rows), len(plan.basis))
@@ -530,7 +548,11 @@ class RealIndex:
                 ):
                     raise FormatError(f"index {self.path}: the {space.value} search tables do not match the image list")
                 stage_dims = json.loads(group.attrs["search_dims"])
-                self._exact[space] = ExactSearch(rows, plan, projected, norms, self._sha256, stage_dims, self.threads)
+                tables = self._tables.pop(space, None)
+                squared = tables.squared_norms(len(rows)) if tables is not None else None
+                self._exact[space] = ExactSearch(
+                    rows, plan, projected, norms, self._sha256, stage_dims, self.threads, squared_norms=squared
+                )
         return self._exact[space]
 
     def is_coded_search(self, space: Space) -> bool:
@@ -628,10 +650,16 @@ class RealIndex:
                 dataset = self._group(space)["embeddings"]
                 large = dataset.size * dataset.dtype.itemsize > file_rows.HELD_ROWS_BYTES
                 try:
-                    self._held[space] = FileRows(self.path, dataset) if large else dataset[...]
+                    self._held[space] = FileRows(self.path, dataset) if large else self._table(space, "embeddings")
                 except ValueError as exc:  # stored compressed, or not by whole rows: not written by manifpt
                     raise FormatError(f"index {self.path}: {exc}") from None
         return self._held[space]
+
+    def _table(self, space: Space, name: str) -> np.ndarray:
+        """A dataset of a space, whole: as the verification kept it (``searching``), else read now."""
+        tables = self._tables.get(space)
+        kept = tables.take(name) if tables is not None else None
+        return self._group(space)[name][...] if kept is None else kept
 
     def _read_rows(self, space: Space, ids: np.ndarray) -> np.ndarray:
         """Stored rows ``ids`` read from the HDF5 dataset, in the order given."""

@@ -242,7 +242,8 @@ class ExactSearch:
     the rows (stored in the index); ``sha256`` (n,) S64 lets a query skip the rows of its own file
     (leave-one-out). ``seconds`` adds up the time spent in each step, for benchmarks. ``threads``
     (default: FAISS's, which :meth:`RunSettings.apply` sets) sizes :class:`PixelProducts` and
-    :class:`FloatProducts`; ``kernel`` goes to :class:`PixelProducts`.
+    :class:`FloatProducts`; ``kernel`` goes to :class:`PixelProducts`. ``squared_norms`` (n,) int64,
+    the rows' ‖r‖² when already computed (:mod:`manifpt_cli.search_tables`), saves reading them again.
     """
 
     def __init__(
@@ -255,6 +256,7 @@ class ExactSearch:
         stage_dims: Sequence[int] = STAGE_DIMS,
         threads: int | None = None,
         kernel: str | None = None,
+        squared_norms: np.ndarray | None = None,
     ) -> None:
         if rows.dtype != np.uint8:
             raise ValueError(f"the exact search takes uint8 pixel rows, not {rows.dtype}")
@@ -280,11 +282,13 @@ class ExactSearch:
         self._digits = self.products.operand(np.concatenate(digits).astype(np.int64))
         self._remainder = self._basis_scale * float(np.abs(remainder).max(initial=0.0))
         self._basis_mean = basis @ plan.mean
-        self.squared_norms = np.empty(len(rows), dtype=np.int64)  # ‖r‖² in pixels², exact
-        step = max(1, BLOCK_BYTES // max(1, rows.shape[1]))
-        for start in range(0, len(rows), step):
-            chunk = rows[start : start + step]
-            self.squared_norms[start : start + step] = np.einsum("ij,ij->i", chunk, chunk, dtype=np.int64)
+        self.squared_norms = squared_norms  # ‖r‖² in pixels², exact
+        if squared_norms is None:
+            self.squared_norms = np.empty(len(rows), dtype=np.int64)
+            step = max(1, BLOCK_BYTES // max(1, rows.shape[1]))
+            for start in range(0, len(rows), step):
+                chunk = rows[start : start + step]
+                self.squared_norms[start : start + step] = np.einsum("ij,ij->i", chunk, chunk, dtype=np.int64)
         self.max_norm = float(np.sqrt(self.squared_norms.max(initial=0)))
         self._precision = gamma(rows.shape[1] + 1, 2.0**-53)
         self.own_rows = OwnRows(sha256)

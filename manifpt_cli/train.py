@@ -310,7 +310,8 @@ def perturbed_copies(
     pixels = load_pixels(artifacts_path).pixels
     rng = np.random.default_rng(seed)
     choices = [perturbations[i] for i in rng.integers(len(perturbations), size=len(pixels))]
-    with RealIndex(index_path or artifacts_index_path(artifacts_path), verify=[data.space]) as index:
+    index_file = index_path or artifacts_index_path(artifacts_path)
+    with RealIndex(index_file, verify=[data.space], searching=[data.space]) as index:
         if index.index_hash != data.samples.index_hash:
             raise MismatchError(
                 f"{index.path} is not the index {artifacts_path} was extracted against (index hash differs); "

@@ -407,3 +407,43 @@ def test_an_index_cut_short_after_it_was_opened_is_an_integrity_error(real_index
         os.truncate(copy, int(holding_the_last_row))
         with pytest.raises(IntegrityError, match="changed after it was opened"):
             rows[[len(rows) - 1]]
+
+
+def _overwrite_on_disk(path: Path, dataset_name: str) -> None:
+    """Zero a dataset's first stored bytes in place, behind any open handle's back."""
+    with h5py.File(path, "r") as handle:
+        dataset = handle[dataset_name]
+        offset = dataset.id.get_offset()
+        offset = dataset.id.get_chunk_info(0).byte_offset if offset is None else offset
+        size = min(4096, dataset.id.get_storage_size())
+    with open(path, "r+b") as raw:
+        raw.seek(offset)
+        raw.write(bytes(size))
+
+
+def test_a_search_is_made_from_the_bytes_its_verification_read(real_index, dataset, tmp_path):
+    """With ``searching``, the tables come from the verifying read: the file is read once, and a
+    change to it after opening cannot reach the search. Without, they are read again."""
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((dataset / "real").iterdir())[:6]])
+    with RealIndex(real_index) as untouched:
+        expected = untouched.exact_search(Space.RGB)
+        found = untouched.nearest(Space.RGB, PixelEmbedder(Space.RGB)(pixels))
+        stored_rows = untouched.all_embeddings(Space.RGB)
+    for searching, same in (([Space.RGB, Space.FREQ], True), ((), False)):
+        copy = tmp_path / f"searching-{same}.h5"
+        shutil.copy(real_index, copy)
+        with RealIndex(copy, verify=[Space.RGB, Space.FREQ], searching=searching) as index:
+            for name in ("search_projected", "embeddings"):
+                _overwrite_on_disk(copy, f"spaces/rgb/{name}")
+            _overwrite_on_disk(copy, "spaces/freq/embeddings")
+            search = index.exact_search(Space.RGB)
+            operands_match = all(np.array_equal(a.operand, b.operand) for a, b in zip(search.stages, expected.stages))
+            rows_match = np.array_equal(index.all_embeddings(Space.RGB), stored_rows)  # read now, from the file
+            assert operands_match == same and np.array_equal(search.rows, expected.rows) == same
+            assert np.array_equal(search.squared_norms, expected.squared_norms) == same
+            assert not rows_match, "the file itself did change"
+            freq_rows = index._rows(Space.FREQ)
+            assert (np.count_nonzero(freq_rows[:8]) == freq_rows[:8].size) == same
+            if same:
+                got = index.nearest(Space.RGB, PixelEmbedder(Space.RGB)(pixels))
+                assert np.array_equal(got.ids, found.ids) and np.array_equal(got.distances, found.distances)
