@@ -240,7 +240,8 @@ class ExactSearch:
 
     ``projected`` (n, k) float32 and ``centred_squared`` (n,) float64 are :func:`project_rows` of
     the rows (stored in the index); ``sha256`` (n,) S64 lets a query skip the rows of its own file
-    (leave-one-out). ``seconds`` adds up the time spent in each step, for benchmarks. ``threads``
+    (leave-one-out). ``seconds`` adds up the time spent in each step, for benchmarks (of one thread
+    at a time: two searching at once may lose an addition). ``threads``
     (default: FAISS's, which :meth:`RunSettings.apply` sets) sizes :class:`PixelProducts` and
     :class:`FloatProducts`; ``kernel`` goes to :class:`PixelProducts`. ``squared_norms`` (n,) int64,
     the rows' ‖r‖² when already computed (:mod:`manifpt_cli.search_tables`), saves reading them again.
