@@ -594,7 +594,8 @@ def read_ahead(items: Iterable[T], depth: int) -> Iterator[T]:
     """``items``, produced by a background thread at most ``depth`` items ahead of the consumer.
 
     An exception from ``items`` is raised in the consumer, in its place. Closing this iterator
-    (or dropping it) stops the thread after the item it is producing, and closes ``items``.
+    (or dropping it) stops the thread after the item it is producing, cancels the items handed
+    over but not taken that can be (``cancel()``: :class:`SharedParts`), and closes ``items``.
     """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -634,6 +635,11 @@ def read_ahead(items: Iterable[T], depth: int) -> Iterator[T]:
             yield value
     finally:
         stop.set()
+        while not ready.empty():  # work handed over but never taken is not wanted any more
+            _, value = ready.get_nowait()
+            cancel = getattr(value, "cancel", None)
+            if cancel is not None:
+                cancel()
         thread.join()
 
 

@@ -123,12 +123,13 @@ def space_digest(group, readers: dict[str, ChunkReader] | None = None) -> str:
     return digest.hexdigest()
 
 
-def index_digest(handle, space_digests: dict[str, str]) -> str:
-    """The root ``index_hash``: the index's attributes and file list, then each space's digest."""
+def index_digest(handle, space_digests: dict[str, str], readers: dict[str, ChunkReader] | None = None) -> str:
+    """The root ``index_hash``: the index's attributes and file list, then each space's digest
+    (``readers`` by dataset name: :func:`_update_dataset`)."""
     digest = hashlib.sha256(b"manifpt-index")
     _update_attrs(digest, handle.attrs, ROOT_DIGEST_ATTRS)
     for name in ("files/path", "files/sha256"):
-        _update_dataset(digest, handle[name])
+        _update_dataset(digest, handle[name], (readers or {}).get(name))
     for space in json.loads(_attr_text(handle.attrs["spaces"])):
         digest.update(space.encode() + space_digests[space].encode())
     return digest.hexdigest()
@@ -186,12 +187,14 @@ def verify_index(
     path: str,
     spaces_to_check: list[str],
     readers: Callable[[str, object], dict[str, ChunkReader]] | None = None,
+    file_readers: Callable[[object], dict[str, ChunkReader]] | None = None,
 ) -> dict:
     """Recompute the digests of ``spaces_to_check`` and the root hash; raise IntegrityError on any difference.
 
     ``readers(space, group)``, asked once the structure has passed, gives the readers (by dataset)
-    that see every chunk its digest reads (:func:`_update_dataset`); what they keep is
-    trustworthy only once this returns. Returns what was checked, for the report header.
+    that see every chunk its digest reads (:func:`_update_dataset`), and ``file_readers(handle)``
+    those of the file list (``files/sha256``); what they keep is trustworthy only once this returns.
+    Returns what was checked, for the report header.
     """
     spaces = json.loads(_attr_text(handle.attrs["spaces"]))
     check_structure(handle, path, spaces)
@@ -207,7 +210,7 @@ def verify_index(
                     "digest; the file was edited or damaged. Rebuild it with `manifpt index build`"
                 )
         digests[space] = stored
-    root = index_digest(handle, digests)
+    root = index_digest(handle, digests, file_readers(handle) if file_readers else None)
     if root != _attr_text(handle.attrs["index_hash"]):
         raise IntegrityError(
             f"index {path} does not match its index_hash (its file list, image size, spaces or a space digest were "

@@ -60,7 +60,7 @@ from .search import (
     project_rows,
     rows_as_float,
 )
-from .search_tables import SearchTables
+from .search_tables import KeptDataset, SearchTables, fits_in_file
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import (
     Embedder,
@@ -406,6 +406,18 @@ class Neighbours:
     distances: np.ndarray
 
 
+def _keepable(dataset, path: str) -> bool:
+    """Whether the file list's SHA-256 can be kept from its verification (a 1-d fixed-size column)."""
+    import h5py
+
+    return (
+        isinstance(dataset, h5py.Dataset)
+        and dataset.ndim == 1
+        and dataset.dtype.kind == "S"
+        and fits_in_file([dataset], path)
+    )
+
+
 class RealIndex:
     """A read-only real-manifold index file. Use as a context manager, or call :meth:`close`."""
 
@@ -463,8 +475,19 @@ class RealIndex:
                 self._tables[Space(name)] = SearchTables(group)
                 return self._tables[Space(name)].readers
 
-            self.verification = verify_index(self._file, self.path, [space.value for space in checked], keep_tables)
-            self._sha256 = self._file["files/sha256"][...]
+            kept_shas: list[KeptDataset] = []
+
+            def keep_file_list(handle) -> dict:
+                shas = handle["files/sha256"]
+                if not _keepable(shas, self.path):
+                    return {}
+                kept_shas.append(KeptDataset(shas.shape, shas.dtype))
+                return {"files/sha256": kept_shas[0]}
+
+            names = [space.value for space in checked]
+            self.verification = verify_index(self._file, self.path, names, keep_tables, keep_file_list)
+            # Leave-one-out by the SHA-256 list that was verified.
+            self._sha256 = kept_shas[0].array if kept_shas else self._file["files/sha256"][...]
         except IntegrityError:
             self._file.close()
             raise

@@ -283,6 +283,10 @@ class ExactSearch:
         self._digits = self.products.operand(np.concatenate(digits).astype(np.int64))
         self._remainder = self._basis_scale * float(np.abs(remainder).max(initial=0.0))
         self._basis_mean = basis @ plan.mean
+        if squared_norms is not None and (squared_norms.shape != (len(rows),) or squared_norms.dtype != np.int64):
+            raise ValueError(
+                f"squared_norms must be ({len(rows)},) int64, not {squared_norms.shape} {squared_norms.dtype}"
+            )
         self.squared_norms = squared_norms  # ‖r‖² in pixels², exact
         if squared_norms is None:
             self.squared_norms = np.empty(len(rows), dtype=np.int64)
@@ -475,6 +479,8 @@ class _KnownDistances:
 
     def of(self, row_ids: np.ndarray) -> np.ndarray:
         """(len(row_ids), b) exact distances (:meth:`ExactSearch._distances`) to ascending ``row_ids``."""
+        if len(row_ids) > 1 and not (row_ids[1:] > row_ids[:-1]).all():
+            raise ValueError("row ids must be strictly ascending (a repeated row would escape leave-one-out)")
         at = np.searchsorted(self.rows, row_ids)
         new = row_ids[self.rows[np.minimum(at, len(self.rows) - 1)] != row_ids] if len(self.rows) else row_ids
         if len(new):

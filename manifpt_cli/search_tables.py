@@ -1,46 +1,56 @@
 """A space's search tables, kept from the one read of the file that verifies them.
 
 Opening an index recomputes the digests of the spaces it will search, which reads every byte of
-them; building the search then needed much of the same data again. At 1,000,000 rgb rows that
-second read was the 3 GB of pixels (for their exact norms) and the 1 GB of projections. Here the
-verification's chunks (:data:`integrity.ChunkReader`) fill the tables as they pass. They are
-trustworthy only once the verification has passed, and :class:`RealIndex` uses them only then.
+them; building the search then needed much of the same data again. Here the verification's
+chunks (:data:`integrity.ChunkReader`) fill the tables as they pass, so the bytes searched are
+the bytes verified. They are trustworthy only once the verification has passed, and
+:class:`RealIndex` uses them only then. Rows above ``file_rows.HELD_ROWS_BYTES`` stay in the
+file (:class:`FileRows`); only their exact norms (rgb) are kept.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from .file_rows import HELD_ROWS_BYTES
+from . import file_rows
 from .integrity import CODED_SEARCH, EXACT_SEARCH, ChunkReader
 
-# Kept whole up to HELD_ROWS_BYTES each (a damaged file's shapes cost no more than that before its
-# digest fails); larger ones are read again, or, for rows, gathered from the file (FileRows).
-KEPT_DATASETS = {
-    EXACT_SEARCH: ("embeddings", "search_mean", "search_basis", "search_projected", "search_norms"),
-    CODED_SEARCH: ("embeddings",),
+TABLES = {  # by the space's ``search``: the datasets its search reads whole, and their shapes
+    EXACT_SEARCH: {
+        "embeddings": ("n", "d"),
+        "search_mean": ("d",),
+        "search_basis": ("k", "d"),
+        "search_projected": ("n", "k"),
+        "search_norms": ("n",),
+    },
+    CODED_SEARCH: {"embeddings": ("n", "d")},
 }
 
 
-class _Kept:
-    """A whole dataset, filled chunk by chunk."""
+class KeptDataset:
+    """A whole dataset, filled chunk by chunk at the rows each chunk starts at."""
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.array = np.empty(shape, dtype)
+        self.filled = 0
 
     def __call__(self, start: int, chunk: np.ndarray) -> None:
         self.array[start : start + len(chunk)] = chunk
+        self.filled += len(chunk)
+
+    @property
+    def complete(self) -> bool:
+        return self.filled == len(self.array)
 
 
-class _SquaredNorms:
+class _SquaredNorms(KeptDataset):
     """‖r‖² of uint8 pixel rows (int64, exact: :class:`search.ExactSearch`), chunk by chunk."""
-
-    def __init__(self) -> None:
-        self.parts: list[np.ndarray] = []
 
     def __call__(self, start: int, chunk: np.ndarray) -> None:
         flat = chunk.reshape(len(chunk), -1)
-        self.parts.append(np.einsum("ij,ij->i", flat, flat, dtype=np.int64))
+        super().__call__(start, np.einsum("ij,ij->i", flat, flat, dtype=np.int64))
 
 
 class _Both:
@@ -52,6 +62,12 @@ class _Both:
             reader(start, chunk)
 
 
+def fits_in_file(datasets, path: str) -> bool:
+    """Whether the datasets' bytes together fit in the file: a damaged header cannot make us
+    allocate more than the file holds before its digest fails."""
+    return sum(d.size * d.dtype.itemsize for d in datasets) <= os.path.getsize(path)
+
+
 class SearchTables:
     """What one space's verification keeps for its search: :attr:`readers` to pass to it, then
     :meth:`take` for each table and :meth:`squared_norms` for rgb's rows."""
@@ -61,29 +77,42 @@ class SearchTables:
 
         search = group.attrs.get("search", "")
         search = search.decode() if isinstance(search, bytes) else str(search)
-        self._kept: dict[str, _Kept] = {}
+        self._kept: dict[str, KeptDataset] = {}
         self._norms: _SquaredNorms | None = None
         self.readers: dict[str, ChunkReader] = {}
-        for name in KEPT_DATASETS.get(search, ()):
-            dataset = group.get(name)
-            if not isinstance(dataset, h5py.Dataset) or dataset.dtype.kind not in "uif" or not dataset.shape:
-                continue  # the verification refuses what is missing or odd
-            if dataset.size * dataset.dtype.itemsize <= HELD_ROWS_BYTES:
-                self._kept[name] = self.readers[name] = _Kept(dataset.shape, dataset.dtype)
-        rows = group.get("embeddings")
-        if search == EXACT_SEARCH and isinstance(rows, h5py.Dataset) and rows.dtype == np.uint8:
-            self._norms = _SquaredNorms()
-            kept = self.readers.get("embeddings")
-            self.readers["embeddings"] = self._norms if kept is None else _Both(kept, self._norms)
+        shapes = TABLES.get(search, {})
+        datasets = {name: group.get(name) for name in shapes}
+        if not shapes or not all(isinstance(d, h5py.Dataset) and d.dtype.kind in "uif" for d in datasets.values()):
+            return  # nothing to keep, or not as manifpt writes it: the verification says which
+        sizes: dict[str, int] = {}
+        for name, letters in shapes.items():  # the shapes must agree with each other
+            if len(datasets[name].shape) != len(letters):
+                return
+            for letter, size in zip(letters, datasets[name].shape):
+                if sizes.setdefault(letter, size) != size:
+                    return
+        rows = datasets.pop("embeddings")
+        held = rows.size * rows.dtype.itemsize <= file_rows.HELD_ROWS_BYTES
+        if not fits_in_file([*datasets.values(), rows] if held else datasets.values(), group.file.filename):
+            return
+        for name, dataset in datasets.items():
+            self._kept[name] = self.readers[name] = KeptDataset(dataset.shape, dataset.dtype)
+        readers: list[ChunkReader] = []
+        if held:
+            self._kept["embeddings"] = KeptDataset(rows.shape, rows.dtype)
+            readers.append(self._kept["embeddings"])
+        if search == EXACT_SEARCH and rows.dtype == np.uint8:
+            self._norms = _SquaredNorms((len(rows),), np.dtype(np.int64))
+            readers.append(self._norms)
+        if readers:
+            self.readers["embeddings"] = readers[0] if len(readers) == 1 else _Both(*readers)
 
     def take(self, name: str) -> np.ndarray | None:
         """The dataset ``name`` as verified (handed over once: the index holds it from then on), or None."""
         kept = self._kept.pop(name, None)
-        return None if kept is None else kept.array
+        return kept.array if kept is not None and kept.complete else None
 
     def squared_norms(self, n: int) -> np.ndarray | None:
         """‖r‖² of the n rows, or None where they were not all read."""
-        if self._norms is None:
-            return None
-        norms = np.concatenate(self._norms.parts) if self._norms.parts else np.zeros(0, dtype=np.int64)
-        return norms if len(norms) == n else None
+        norms = self._norms
+        return norms.array if norms is not None and norms.complete and len(norms.array) == n else None

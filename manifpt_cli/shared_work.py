@@ -5,7 +5,8 @@ attributor. When the search is the larger share, the caller would wait for each 
 read-ahead thread searches alone. With :class:`SharedParts` the read-ahead thread hands a batch
 over as soon as it is decoded and then runs its parts from the front; the caller, when it reaches
 the batch, runs from the back the parts that nobody has begun, then waits for the rest. Each part
-runs exactly once, in one of the two threads, and the results come back in the parts' order.
+runs at most once, in one of the two threads, and the results come back in the parts' order. An
+interrupt in either thread stops the parts that have not begun (:meth:`SharedParts.cancel`).
 """
 
 from __future__ import annotations
@@ -41,10 +42,17 @@ class SharedParts(Generic[T]):
     def _run(self, part: int) -> None:
         try:
             self._results[part] = self._parts[part]()
-        except BaseException as exc:  # raised in the thread that asks for the results
-            self._errors[part] = exc
+        except BaseException as exc:
+            self._errors[part] = exc  # raised in the thread that asks for the results
+            if not isinstance(exc, Exception):
+                raise  # an interrupt goes up at once, in the thread it landed in
         finally:
             self._finished[part].set()
+
+    def cancel(self) -> None:
+        """Begin no more parts (the results are no longer wanted; parts running finish)."""
+        with self._lock:
+            self._back = self._front
 
     def run_from_front(self) -> None:
         """Run parts, from the first, until none is left to begin (the thread that made the batch)."""
@@ -53,11 +61,15 @@ class SharedParts(Generic[T]):
 
     def results(self) -> list[T]:
         """Every part's result in order: runs from the back the parts not yet begun, then waits for
-        the others. The first part's error (in part order) is raised here."""
-        while (part := self._claim(from_back=True)) is not None:
-            self._run(part)
-        for finished in self._finished:
-            finished.wait()
+        the others. The first part's error (in part order) is raised here; an interrupt at once."""
+        try:
+            while (part := self._claim(from_back=True)) is not None:
+                self._run(part)
+            for finished in self._finished:
+                finished.wait()
+        except BaseException:  # an interrupt: the other thread begins no more of these parts
+            self.cancel()
+            raise
         for error in self._errors:
             if error is not None:
                 raise error

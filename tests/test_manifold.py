@@ -421,29 +421,40 @@ def _overwrite_on_disk(path: Path, dataset_name: str) -> None:
         raw.write(bytes(size))
 
 
-def test_a_search_is_made_from_the_bytes_its_verification_read(real_index, dataset, tmp_path):
+@pytest.mark.parametrize("layout", ["held", "chunks-of-3-rows", "rows-in-the-file"])
+def test_a_search_is_made_from_the_bytes_its_verification_read(real_index, dataset, tmp_path, monkeypatch, layout):
     """With ``searching``, the tables come from the verifying read: the file is read once, and a
-    change to it after opening cannot reach the search. Without, they are read again."""
+    change to it after opening cannot reach the search (rows above HELD_ROWS_BYTES excepted: they
+    stay in the file, their norms do not). Without, they are read again."""
+    from manifpt_cli import file_rows, integrity
+
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((dataset / "real").iterdir())[:6]])
     with RealIndex(real_index) as untouched:
         expected = untouched.exact_search(Space.RGB)
         found = untouched.nearest(Space.RGB, PixelEmbedder(Space.RGB)(pixels))
         stored_rows = untouched.all_embeddings(Space.RGB)
+        shas = untouched._sha256.copy()
+    if layout == "chunks-of-3-rows":  # the digest's chunks then start mid-table: rows land where they start
+        monkeypatch.setattr(integrity, "CHUNK_BYTES", 3 * stored_rows.shape[1])
+    rows_in_file = layout == "rows-in-the-file"
+    if rows_in_file:
+        monkeypatch.setattr(file_rows, "HELD_ROWS_BYTES", 0)
     for searching, same in (([Space.RGB, Space.FREQ], True), ((), False)):
         copy = tmp_path / f"searching-{same}.h5"
         shutil.copy(real_index, copy)
         with RealIndex(copy, verify=[Space.RGB, Space.FREQ], searching=searching) as index:
-            for name in ("search_projected", "embeddings"):
-                _overwrite_on_disk(copy, f"spaces/rgb/{name}")
-            _overwrite_on_disk(copy, "spaces/freq/embeddings")
+            for name in ("spaces/rgb/search_projected", "spaces/rgb/embeddings", "spaces/freq/embeddings"):
+                _overwrite_on_disk(copy, name)
+            _overwrite_on_disk(copy, "files/sha256")
             search = index.exact_search(Space.RGB)
             operands_match = all(np.array_equal(a.operand, b.operand) for a, b in zip(search.stages, expected.stages))
-            rows_match = np.array_equal(index.all_embeddings(Space.RGB), stored_rows)  # read now, from the file
-            assert operands_match == same and np.array_equal(search.rows, expected.rows) == same
+            assert operands_match == same
             assert np.array_equal(search.squared_norms, expected.squared_norms) == same
-            assert not rows_match, "the file itself did change"
-            freq_rows = index._rows(Space.FREQ)
-            assert (np.count_nonzero(freq_rows[:8]) == freq_rows[:8].size) == same
-            if same:
+            assert np.array_equal(search.rows[:], expected.rows) == (same and not rows_in_file)
+            assert not np.array_equal(index.all_embeddings(Space.RGB), stored_rows), "the file itself did change"
+            assert np.array_equal(index._sha256, shas), "the SHA-256 list is the one read when the index was opened"
+            freq_rows = index._rows(Space.FREQ)[np.arange(8)]
+            assert (np.count_nonzero(freq_rows) == freq_rows.size) == (same and not rows_in_file)
+            if same and not rows_in_file:
                 got = index.nearest(Space.RGB, PixelEmbedder(Space.RGB)(pixels))
                 assert np.array_equal(got.ids, found.ids) and np.array_equal(got.distances, found.distances)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -17,33 +18,34 @@ from manifpt_cli.shared_work import SharedParts
 from manifpt_cli.spaces import PixelEmbedder, Space
 
 
-def _parts(count: int, ran: list, seconds: float = 0.05):
-    def part(i: int):
-        ran.append((i, threading.current_thread().name))
-        time.sleep(seconds)
-        return i * i
-
-    return [lambda i=i: part(i) for i in range(count)]
-
-
 def test_each_part_runs_once_in_either_thread_and_results_keep_their_order():
     ran: list = []
-    shared = SharedParts(_parts(8, ran))
+    helper_began = threading.Event()
+
+    def part(i: int) -> int:
+        ran.append((i, threading.current_thread().name))
+        if threading.current_thread().name == "helper":
+            helper_began.set()
+        else:
+            assert helper_began.wait(10), "the helper thread never ran a part"
+        time.sleep(0.01)
+        return i * i
+
+    shared = SharedParts([lambda i=i: part(i) for i in range(8)])
     helper = threading.Thread(target=shared.run_from_front, name="helper")
     helper.start()
     assert shared.results() == [i * i for i in range(8)]
     helper.join()
     assert sorted(i for i, _ in ran) == list(range(8)), "every part ran exactly once"
-    by_thread = {name: sorted(i for i, who in ran if who == name) for _, name in ran}
-    assert set(by_thread) == {"helper", threading.current_thread().name}, "both threads took parts"
-    helper_parts, own_parts = by_thread["helper"], by_thread[threading.current_thread().name]
+    helper_parts = [i for i, who in ran if who == "helper"]
+    own_parts = [i for i, who in ran if who != "helper"]
+    assert helper_parts and own_parts, "both threads took parts"
     assert max(helper_parts) < min(own_parts), "the helper takes them from the front, the caller from the back"
 
 
 def test_the_caller_runs_every_part_nobody_began_and_errors_come_back_in_part_order():
-    ran: list = []
-    assert SharedParts(_parts(3, ran, 0)).results() == [0, 1, 4]
-    assert len(ran) == 3
+    assert SharedParts([lambda i=i: i * i for i in range(3)]).results() == [0, 1, 4]
+    assert SharedParts([]).results() == []
 
     def failing(message: str):
         raise ValueError(message)
@@ -51,19 +53,65 @@ def test_the_caller_runs_every_part_nobody_began_and_errors_come_back_in_part_or
     shared = SharedParts([lambda: 1, lambda: failing("second"), lambda: failing("third")])
     with pytest.raises(ValueError, match="second"):
         shared.results()
-    assert SharedParts([]).results() == []
+    # An error in a part the other thread ran comes back in the caller too.
+    shared = SharedParts([lambda: failing("run by the helper"), lambda: 2])
+    helper = threading.Thread(target=shared.run_from_front)
+    helper.start()
+    helper.join()
+    with pytest.raises(ValueError, match="run by the helper"):
+        shared.results()
 
 
-def test_rows_do_not_depend_on_how_a_batch_search_is_split(freq_model, real_index, dataset, monkeypatch):
-    """Batches of 7 searched in parts of 3 (two threads share them) give the rows of one search per batch."""
-    suspects = [dataset / "suspects"]
-    settings = RunSettings(batch_size=7)
+def test_an_interrupt_in_the_caller_goes_up_at_once_and_stops_the_parts_not_begun():
+    ran: list = []
+    helper_began = threading.Event()
+
+    def part(i: int) -> None:
+        ran.append(i)
+        if i == 7:  # the caller's first part (from the back)
+            assert helper_began.wait(10)
+            raise KeyboardInterrupt
+        helper_began.set()
+        time.sleep(0.1)
+
+    shared = SharedParts([lambda i=i: part(i) for i in range(8)])
+    helper = threading.Thread(target=shared.run_from_front)
+    helper.start()
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        shared.results()
+    assert time.perf_counter() - started < 0.5, "not after the other parts"
+    helper.join()
+    assert sorted(ran) == [0, 7], "the helper finished the part it had begun and began no other"
+
+
+def test_rows_do_not_depend_on_how_a_batch_search_is_split(freq_model, real_index, dataset, tmp_path, monkeypatch):
+    """Batches of 6 searched in parts of 3, shared by the two threads, with failed files (one part
+    of nothing but failures) give the rows of one search per batch."""
+    suspects = tmp_path / "suspects"
+    shutil.copytree(dataset / "suspects", suspects)
+    good = sum(1 for _ in suspects.rglob("*.png"))
+    (suspects / "zz-junk").mkdir()  # discovered last: the last part holds only failures
+    for i in range(3 + (3 - good % 3) % 3):
+        (suspects / "zz-junk" / f"junk_{i}.png").write_bytes(b"not a PNG")
+    settings = RunSettings(batch_size=6)
     with Attribution(freq_model / "freq.onnx", real_index, settings=settings) as run:
-        whole = [row for batch in decode_folder(suspects, 32, settings) for row in run.attribute_batch(batch)]
+        whole = [row for batch in decode_folder([suspects], 32, settings) for row in run.attribute_batch(batch)]
         monkeypatch.setattr(attribute, "SEARCH_PART", 3)
-        split = list(run.rows(suspects))
-    assert len(whole) > 7 and [row.ok for row in whole] == [True] * len(whole)
+        monkeypatch.setattr(attribute, "SMALLEST_PART", 1)
+        searched_by = []
+        search_batch = run.search_batch
+
+        def recorded(batch):
+            searched_by.append(threading.current_thread().name)
+            return search_batch(batch)
+
+        monkeypatch.setattr(run, "search_batch", recorded)
+        split = list(run.rows([suspects]))
+    assert [row.ok for row in whole] == [True] * good + [False] * (len(whole) - good)
     assert [vars(row) for row in split] == [vars(row) for row in whole]
+    assert len(searched_by) == -(-len(whole) // 3), "every part of 3 searched once"
+    assert "manifpt-read-ahead" in searched_by, "the read-ahead thread searched parts"
 
 
 def test_two_threads_searching_at_once_make_the_search_once(real_index, dataset, monkeypatch):
