@@ -60,7 +60,7 @@ from .search import (
     project_rows,
     rows_as_float,
 )
-from .search_tables import KeptDataset, SearchTables, fits_in_file
+from .search_tables import VerifiedTables
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import (
     Embedder,
@@ -406,18 +406,6 @@ class Neighbours:
     distances: np.ndarray
 
 
-def _keepable(dataset, path: str) -> bool:
-    """Whether the file list's SHA-256 can be kept from its verification (a 1-d fixed-size column)."""
-    import h5py
-
-    return (
-        isinstance(dataset, h5py.Dataset)
-        and dataset.ndim == 1
-        and dataset.dtype.kind == "S"
-        and fits_in_file([dataset], path)
-    )
-
-
 class RealIndex:
     """A read-only real-manifold index file. Use as a context manager, or call :meth:`close`."""
 
@@ -467,27 +455,12 @@ class RealIndex:
             self.index_hash = str(attrs["index_hash"])
             self.spaces = [Space(name) for name in json.loads(attrs["spaces"])]
             checked = self.spaces if verify is None else [space for space in verify if space in self.spaces]
-            self._tables: dict[Space, SearchTables] = {}
-
-            def keep_tables(name: str, group) -> dict:
-                if Space(name) not in searching:
-                    return {}
-                self._tables[Space(name)] = SearchTables(group)
-                return self._tables[Space(name)].readers
-
-            kept_shas: list[KeptDataset] = []
-
-            def keep_file_list(handle) -> dict:
-                shas = handle["files/sha256"]
-                if not _keepable(shas, self.path):
-                    return {}
-                kept_shas.append(KeptDataset(shas.shape, shas.dtype))
-                return {"files/sha256": kept_shas[0]}
-
+            kept = VerifiedTables(self.path, [space.value for space in searching])
             names = [space.value for space in checked]
-            self.verification = verify_index(self._file, self.path, names, keep_tables, keep_file_list)
+            self.verification = verify_index(self._file, self.path, names, kept.space_readers, kept.file_list_readers)
+            self._tables = {Space(name): tables for name, tables in kept.spaces.items()}
             # Leave-one-out by the SHA-256 list that was verified.
-            self._sha256 = kept_shas[0].array if kept_shas else self._file["files/sha256"][...]
+            self._sha256 = kept.sha256 if kept.sha256 is not None else self._file["files/sha256"][...]
         except IntegrityError:
             self._file.close()
             raise

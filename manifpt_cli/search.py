@@ -446,7 +446,7 @@ class ExactSearch:
             union = union[survivors.any(axis=0)]
             started = self._timed(f"stage {number} bound", started)
 
-        exact = known.of(union)
+        exact = known.of(union, keep=False)
         smallest = exact.min(axis=0, initial=NO_ROW)
         # A row can beat the smallest only if D − e(D) ≤ D_min + e(D_min); every such D is below
         # 2·D_min + N², and e grows with D.
@@ -477,19 +477,25 @@ class _KnownDistances:
         self.rows = np.zeros(0, dtype=np.int64)  # ascending
         self.distances = np.zeros((0, len(query_squared)), dtype=np.int64)
 
-    def of(self, row_ids: np.ndarray) -> np.ndarray:
-        """(len(row_ids), b) exact distances (:meth:`ExactSearch._distances`) to ascending ``row_ids``."""
+    def of(self, row_ids: np.ndarray, keep: bool = True) -> np.ndarray:
+        """(len(row_ids), b) exact distances (:meth:`ExactSearch._distances`) to ascending
+        ``row_ids``; those computed now are kept for later calls unless ``keep`` is False."""
         if len(row_ids) > 1 and not (row_ids[1:] > row_ids[:-1]).all():
             raise ValueError("row ids must be strictly ascending (a repeated row would escape leave-one-out)")
         at = np.searchsorted(self.rows, row_ids)
-        new = row_ids[self.rows[np.minimum(at, len(self.rows) - 1)] != row_ids] if len(self.rows) else row_ids
-        if len(new):
-            computed = self._search._distances(self._operand, self._query_squared, new, self._own)
-            rows = np.concatenate([self.rows, new])
+        known = self.rows[np.minimum(at, len(self.rows) - 1)] == row_ids if len(self.rows) else at < 0
+        if known.all():
+            return self.distances[at]
+        computed = self._search._distances(self._operand, self._query_squared, row_ids[~known], self._own)
+        found = computed
+        if known.any():
+            found = np.empty((len(row_ids), len(self._query_squared)), dtype=np.int64)
+            found[known], found[~known] = self.distances[at[known]], computed
+        if keep:
+            rows = np.concatenate([self.rows, row_ids[~known]])
             order = np.argsort(rows, kind="stable")
             self.rows, self.distances = rows[order], np.concatenate([self.distances, computed])[order]
-            at = np.searchsorted(self.rows, row_ids)
-        return self.distances[at]
+        return found
 
 
 class OwnRows:

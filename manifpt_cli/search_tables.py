@@ -116,3 +116,35 @@ class SearchTables:
         """‖r‖² of the n rows, or None where they were not all read."""
         norms = self._norms
         return norms.array if norms is not None and norms.complete and len(norms.array) == n else None
+
+
+class VerifiedTables:
+    """What one open of an index keeps from its verification (``verify_index``'s readers): the
+    :class:`SearchTables` of each space in ``searching`` and the file list's SHA-256."""
+
+    def __init__(self, path: str, searching) -> None:
+        self._path, self._searching = path, set(searching)
+        self.spaces: dict[str, SearchTables] = {}
+        self._sha256: KeptDataset | None = None
+
+    def space_readers(self, name: str, group) -> dict[str, ChunkReader]:
+        if name not in self._searching:
+            return {}
+        self.spaces[name] = SearchTables(group)
+        return self.spaces[name].readers
+
+    def file_list_readers(self, handle) -> dict[str, ChunkReader]:
+        import h5py
+
+        shas = handle["files/sha256"]  # a 1-d column of fixed-size strings, as manifpt writes it
+        if not (isinstance(shas, h5py.Dataset) and shas.ndim == 1 and shas.dtype.kind == "S"):
+            return {}
+        if not fits_in_file([shas], self._path):
+            return {}
+        self._sha256 = KeptDataset(shas.shape, shas.dtype)
+        return {"files/sha256": self._sha256}
+
+    @property
+    def sha256(self) -> np.ndarray | None:
+        """The file list's SHA-256 as verified, or None where it was not kept."""
+        return self._sha256.array if self._sha256 is not None and self._sha256.complete else None

@@ -50,9 +50,14 @@ class SharedParts(Generic[T]):
             self._finished[part].set()
 
     def cancel(self) -> None:
-        """Begin no more parts (the results are no longer wanted; parts running finish)."""
+        """Begin no more parts (the results are no longer wanted; parts running finish). The parts
+        never begun end as cancelled, so nothing waits for them."""
         with self._lock:
+            never_begun = range(self._front, self._back)
             self._back = self._front
+        for part in never_begun:
+            self._errors[part] = RuntimeError("cancelled: the results of this batch were no longer wanted")
+            self._finished[part].set()
 
     def run_from_front(self) -> None:
         """Run parts, from the first, until none is left to begin (the thread that made the batch)."""
