@@ -238,11 +238,12 @@ def extract_artifacts(
                 writer.fail(item.path, item.error, label=name)
 
             progress.start("Extracting artifacts", sum(totals.values()))
+            with_backbone = any(space.needs_backbone for space in spaces)
             for label, (name, folder) in enumerate(folders):
                 if folder == REAL_FROM_INDEX:
-                    batches = iter_batches(index_images, settings.batch_size)
+                    batches = iter_batches(index_images, settings.batch_for(size, with_backbone))
                 else:
-                    batches = decode_folder([folder], size, settings)
+                    batches = decode_folder([folder], size, settings, backbone=with_backbone)
                 for batch in batches:
                     decoded, failed, not_images = split_batch(batch)
                     for item in failed:

@@ -83,7 +83,8 @@ class LocalEngine:
     def embedded_batches(
         self, roots, size: int, embedders: dict[Space, Embedder], weights: dict, settings: RunSettings
     ) -> Iterator[EmbeddedBatch]:
-        for batch in decode_folder(roots, size, settings):
+        backbone = any(space.needs_backbone for space in embedders)
+        for batch in decode_folder(roots, size, settings, backbone=backbone):
             yield embed_batch(batch, embedders)
             settings.progress.advance(len(batch))
 
@@ -174,7 +175,7 @@ class RayEngine:
         Embed = ray.remote(num_cpus=1)(_EmbedActor)
         actors = self._started([Embed.remote(list(embedders), weights, size, expected) for _ in range(self.n_actors)])
         found = _listed(roots, settings)
-        batches = iter_batches(found, settings.batch_size)
+        batches = iter_batches(found, settings.batch_for(size, any(space.needs_backbone for space in embedders)))
         limits = (settings.max_pixels, settings.max_file_bytes)
         submit = lambda batch, i: actors[i % len(actors)].embed.remote(batch, *limits)  # noqa: E731
         yield from self._ordered(submit, batches, settings.progress)
@@ -195,7 +196,8 @@ class RayEngine:
         def submit(batch, i):
             return actors[i % len(actors)].attribute.remote(decode.remote(batch, size, *limits))
 
-        for rows in self._ordered(submit, iter_batches(found, settings.batch_size), settings.progress):
+        batches = iter_batches(found, settings.batch_for(size, attribution.model.space.needs_backbone))
+        for rows in self._ordered(submit, batches, settings.progress):
             yield from rows
         self.peak_memory_mib = ray.get([actor.peak_memory_mib.remote() for actor in actors])
 

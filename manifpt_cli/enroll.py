@@ -192,7 +192,7 @@ def load_sources(
             if count_images([folder], sniff=settings.sniff) == 0:
                 raise UsageError(f"no image files in {display_path(folder)}")
             inputs, distances = [], []
-            for batch in decode_folder([folder], index.image_size, settings):
+            for batch in decode_folder([folder], index.image_size, settings, backbone=space.needs_backbone):
                 decoded, _, _ = split_batch(batch)
                 if not decoded:
                     continue

@@ -694,7 +694,7 @@ def _array_rows(path: str, size: int, settings: RunSettings) -> Iterator[DecodeR
                     f"refused: the array's images are {shape.width}×{shape.height} pixels, over the limit of "
                     f"{settings.max_pixels:,} (raise max_pixels, --max-pixels, if they are genuine)"
                 )
-            for block in read_rows(stream, shape, settings.batch_size):
+            for block in read_rows(stream, shape, settings.batch_for(size)):
                 for pixels in block:
                     yield _array_image(array_row_path(path, row), pixels, size)
                     row += 1
@@ -755,10 +755,12 @@ def decode_folder(
     size: int,
     settings: RunSettings,
     then: Callable[[list[DecodeResult]], T] | None = None,
+    backbone: bool = False,
 ) -> Iterator[list[DecodeResult]] | Iterator[T]:
     """Discover and decode everything under ``roots``, in batches, in discovery order.
 
-    Discovery honours ``settings.sniff``; decoding ``settings.max_pixels`` and ``settings.max_file_bytes``.
+    Discovery honours ``settings.sniff``; decoding ``settings.max_pixels`` and ``settings.max_file_bytes``;
+    batches hold :meth:`RunSettings.batch_for` images (``backbone``: a backbone will embed them).
     Every discovered entry is one item: decoded, failed or skipped (an array file: one per row).
     Decoding runs in background threads, up to ``READ_AHEAD_BATCHES`` batches ahead of the caller.
     ``then`` runs on each batch in the read-ahead thread too, so that it overlaps the caller's
@@ -766,7 +768,7 @@ def decode_folder(
     Where it returns :class:`~manifpt_cli.shared_work.SharedParts`, the read-ahead thread hands
     them over first and runs them from the front after, so the caller can take the ones left.
     """
-    batches = iter_batches(_decoded_items(roots, size, settings), settings.batch_size)
+    batches = iter_batches(_decoded_items(roots, size, settings), settings.batch_for(size, backbone))
     return read_ahead(batches if then is None else _each(then, batches), READ_AHEAD_BATCHES)
 
 

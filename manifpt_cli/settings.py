@@ -17,6 +17,9 @@ from .progress import SILENT, Progress
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels: far above any generator output or photo
 DEFAULT_MAX_FILE_BYTES = 256 * 2**20  # 256 MiB: a bigger "image" is refused without being read
+DEFAULT_BATCH_SIZE = 64  # images per batch where a backbone embeds them, or where they are large
+SMALL_IMAGE_BATCH_SIZE = 256  # images per batch of up to SMALL_IMAGE_SIDE px embedded without a backbone
+SMALL_IMAGE_SIDE = 64  # px: 256 such images are 12 MiB as float32 embeddings
 
 
 def cpu_count() -> int:
@@ -32,7 +35,8 @@ class RunSettings:
     """How a run uses the machine; none of these change a result.
 
     Attributes:
-        batch_size: images per batch through embedding, search and the attributor.
+        batch_size: images per batch through embedding, search and the attributor; None: chosen
+            for the images (:meth:`batch_for`).
         workers: threads decoding image files, ahead of and alongside the compute.
         threads: compute threads for PyTorch, FAISS and ONNX Runtime; None: the cores
             ``workers`` leaves free (at least one).
@@ -43,7 +47,7 @@ class RunSettings:
         progress: where progress is reported (the CLI plugs in a Rich bar).
     """
 
-    batch_size: int = 64
+    batch_size: int | None = None
     workers: int = 1
     threads: int | None = None
     device: str = "cpu"
@@ -54,10 +58,24 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "workers", "max_pixels", "max_file_bytes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"threads must be at least 1 (or None for automatic), got {self.threads}")
+
+    def batch_for(self, image_size: int, backbone: bool = False) -> int:
+        """Images per batch for images of ``image_size`` px: ``batch_size`` where one was given.
+
+        Else ``SMALL_IMAGE_BATCH_SIZE`` for small images that no backbone embeds (rgb and freq at
+        up to ``SMALL_IMAGE_SIDE`` px): their batches take a few MiB, and attribution's two threads
+        share the search of batches of 128 or more (:mod:`manifpt_cli.shared_work`). Otherwise
+        ``DEFAULT_BATCH_SIZE``: a backbone's activations at 224 px, or large images, make a batch
+        costly in memory.
+        """
+        if self.batch_size is not None:
+            return self.batch_size
+        small = image_size <= SMALL_IMAGE_SIDE and not backbone
+        return SMALL_IMAGE_BATCH_SIZE if small else DEFAULT_BATCH_SIZE
 
     @property
     def compute_threads(self) -> int:

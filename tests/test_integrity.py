@@ -30,6 +30,7 @@ from manifpt_cli.images import path_from_display
 from manifpt_cli.integrity import ONNX_DIGEST_PLACEHOLDER, IntegrityError, seal_onnx
 from manifpt_cli.manifold import RealIndex, build_index
 from manifpt_cli.report import ReportFormat, unneutralise
+from manifpt_cli.settings import SMALL_IMAGE_BATCH_SIZE
 from manifpt_cli.spaces import Space
 
 runner = CliRunner()
@@ -257,12 +258,16 @@ def test_a_flipped_weight_byte_or_edited_card_is_refused(case, tmp_path):
 
 
 def test_rows_do_not_depend_on_batch_size_workers_or_threads(case, tmp_path):
-    reports = []
-    for i, (batch, workers, threads) in enumerate([(1, 1, 1), (7, 2, 2), (64, 3, 1)]):
+    reports, batch_sizes = [], []
+    runs = [("--batch-size", 1, "--threads", 1), ("--batch-size", 7, "--workers", 2, "--threads", 2)]
+    runs += [("--batch-size", 64, "--workers", 3, "--threads", 1), ()]  # the last: the default batch size
+    for i, options in enumerate(runs):
         out = tmp_path / f"r{i}.csv"
-        attribute_csv(case, out, "--batch-size", batch, "--workers", workers, "--threads", threads)
+        attribute_csv(case, out, *options)
         reports.append(out.read_bytes())
-    assert reports[0] == reports[1] == reports[2]
+        batch_sizes.append(json.loads(Path(f"{out}.meta.json").read_text())["settings"]["batch_size"])
+    assert reports[0] == reports[1] == reports[2] == reports[3]
+    assert batch_sizes == [1, 7, 64, SMALL_IMAGE_BATCH_SIZE]  # freq at 32 px: no backbone, small images
 
 
 def test_verify_says_what_still_matches(case, tmp_path):

@@ -13,7 +13,7 @@ from manifpt_cli import attribute
 from manifpt_cli.attribute import Attribution
 from manifpt_cli.images import decode_folder
 from manifpt_cli.manifold import RealIndex
-from manifpt_cli.settings import RunSettings
+from manifpt_cli.settings import DEFAULT_BATCH_SIZE, SMALL_IMAGE_BATCH_SIZE, RunSettings
 from manifpt_cli.shared_work import SharedParts
 from manifpt_cli.spaces import PixelEmbedder, Space
 
@@ -141,3 +141,13 @@ def test_two_threads_searching_at_once_make_the_search_once(real_index, dataset,
             thread.join()
     assert len(made) == 1
     assert np.array_equal(found[0].ids, found[1].ids) and np.array_equal(found[0].ids, np.arange(4))
+
+
+def test_the_default_batch_of_small_pixel_images_is_shared_and_a_given_one_wins():
+    """Small rgb/freq images get batches that two threads split; backbones and large images keep
+    small batches (their memory); a batch size given is used as it is."""
+    auto = RunSettings()
+    assert auto.batch_for(32) == SMALL_IMAGE_BATCH_SIZE >= 2 * attribute.SMALLEST_PART
+    assert auto.batch_for(64) == SMALL_IMAGE_BATCH_SIZE
+    assert auto.batch_for(65) == auto.batch_for(32, backbone=True) == DEFAULT_BATCH_SIZE
+    assert RunSettings(batch_size=7).batch_for(32) == RunSettings(batch_size=7).batch_for(256, backbone=True) == 7

@@ -18,14 +18,33 @@ import typer
 
 from ..errors import UsageError
 from ..progress import Progress
-from ..settings import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, RunSettings, cpu_count
+from ..settings import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    SMALL_IMAGE_BATCH_SIZE,
+    SMALL_IMAGE_SIDE,
+    RunSettings,
+    cpu_count,
+)
 from ..spaces import Space
 
 # name → (annotation, default) of every shared option.
 SHARED_OPTIONS = {
     "batch_size": (
-        Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch through the embedding and search.")],
-        64,
+        Annotated[
+            Optional[int],
+            typer.Option(
+                "--batch-size",
+                min=1,
+                show_default=(
+                    f"{SMALL_IMAGE_BATCH_SIZE} for rgb/freq images of up to {SMALL_IMAGE_SIDE} px, "
+                    f"else {DEFAULT_BATCH_SIZE}"
+                ),
+                help="Images per batch through the embedding and search. Rows do not depend on it.",
+            ),
+        ],
+        None,
     ),
     "workers": (Annotated[int, typer.Option("--workers", min=1, help="Threads decoding image files.")], 1),
     "threads": (
@@ -153,7 +172,7 @@ ENGINE = ("engine", "ray_address")
 class RunOptions:
     """The shared options a command was given (defaults for those it does not offer)."""
 
-    batch_size: int = 64
+    batch_size: int | None = None
     workers: int = 1
     threads: int | None = None
     device: str = "cpu"
