@@ -5,8 +5,9 @@ resize policy, the list of spaces, every file path and file SHA-256, and for eac
 attributes (dimension, shape, metric, FAISS factory, search method, stored layout, backbone weights), its
 embeddings and its serialised FAISS index or exact-search tables (PCA mean, basis, projections,
 norms). Each space also stores its own ``digest``; opening an index recomputes the digests of
-the spaces it will search and the root hash, and refuses any difference. Links to other files
-and objects manifpt did not write are refused too.
+the spaces it will search and the root hash, and refuses any difference. Links to other files,
+objects manifpt did not write, and datasets that do not store every byte they declare are
+refused too, before any digest is read.
 
 ONNX model: the metadata key ``manifpt_digest`` holds a SHA-256 of the whole file with that value
 zeroed, so the graph, the weights and the model card are all covered, and the check needs no ONNX
@@ -146,8 +147,24 @@ EXPECTED_INDEX_OBJECTS = {
 }
 
 
+def check_stored(dataset, path: str) -> None:
+    """Refuse a dataset that does not store every byte it declares, or is compressed (manifpt writes
+    every byte and compresses none). Unwritten chunks read as zeros, so a damaged header could
+    otherwise declare terabytes, and reading them for a digest would take hours; with this check
+    no read or allocation from a header exceeds the file."""
+    if dataset.id.get_create_plist().get_nfilters():
+        raise IntegrityError(f"{path}: {dataset.name} is compressed or filtered; manifpt writes no such dataset")
+    stored = dataset.id.get_storage_size()
+    if stored < dataset.nbytes:
+        raise IntegrityError(
+            f"{path}: {dataset.name} declares {dataset.nbytes:,} bytes but the file stores {stored:,} of them; "
+            "it was damaged or altered"
+        )
+
+
 def check_structure(handle, path: str, spaces: list[str]) -> None:
-    """Refuse links (to other files or elsewhere in this one) and objects manifpt does not write."""
+    """Refuse links (to other files or elsewhere in this one), objects manifpt does not write, and
+    datasets that do not store what they declare (:func:`check_stored`)."""
     import h5py
 
     expected = set(EXPECTED_INDEX_OBJECTS)
@@ -180,6 +197,9 @@ def check_structure(handle, path: str, spaces: list[str]) -> None:
             if part
         )
         raise IntegrityError(f"index {path} is not laid out as manifpt writes it ({detail}); it was altered or damaged")
+    for name in found:
+        if isinstance(handle[name], h5py.Dataset):
+            check_stored(handle[name], f"index {path}")
 
 
 def verify_index(
@@ -264,6 +284,7 @@ def hdf5_digest(handle, skip_attr: str = ARTIFACTS_DIGEST_ATTR) -> str:
         digest.update(name.encode() + b"\0")
         _update_attrs(digest, obj.attrs, sorted(obj.attrs))
         if isinstance(obj, h5py.Dataset):
+            check_stored(obj, handle.filename)
             _update_dataset(digest, obj)
     _update_attrs(digest, handle.attrs, sorted(key for key in handle.attrs if key != skip_attr))
     return digest.hexdigest()

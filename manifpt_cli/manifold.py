@@ -455,7 +455,7 @@ class RealIndex:
             self.index_hash = str(attrs["index_hash"])
             self.spaces = [Space(name) for name in json.loads(attrs["spaces"])]
             checked = self.spaces if verify is None else [space for space in verify if space in self.spaces]
-            kept = VerifiedTables(self.path, [space.value for space in searching])
+            kept = VerifiedTables([space.value for space in searching])
             names = [space.value for space in checked]
             self.verification = verify_index(self._file, self.path, names, kept.space_readers, kept.file_list_readers)
             self._tables = {Space(name): tables for name, tables in kept.spaces.items()}

@@ -5,12 +5,12 @@ them; building the search then needed much of the same data again. Here the veri
 chunks (:data:`integrity.ChunkReader`) fill the tables as they pass, so the bytes searched are
 the bytes verified. They are trustworthy only once the verification has passed, and
 :class:`RealIndex` uses them only then. Rows above ``file_rows.HELD_ROWS_BYTES`` stay in the
-file (:class:`FileRows`); only their exact norms (rgb) are kept.
+file (:class:`FileRows`); only their exact norms (rgb) are kept. The tables are allocated from
+the datasets' shapes, which the verification has by then checked against what the file stores
+(:func:`integrity.check_stored`): no damaged header makes them larger than the file.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 
@@ -62,12 +62,6 @@ class _Both:
             reader(start, chunk)
 
 
-def fits_in_file(datasets, path: str) -> bool:
-    """Whether the datasets' bytes together fit in the file: a damaged header cannot make us
-    allocate more than the file holds before its digest fails."""
-    return sum(d.size * d.dtype.itemsize for d in datasets) <= os.path.getsize(path)
-
-
 class SearchTables:
     """What one space's verification keeps for its search: :attr:`readers` to pass to it, then
     :meth:`take` for each table and :meth:`squared_norms` for rgb's rows."""
@@ -93,8 +87,6 @@ class SearchTables:
                     return
         rows = datasets.pop("embeddings")
         held = rows.size * rows.dtype.itemsize <= file_rows.HELD_ROWS_BYTES
-        if not fits_in_file([*datasets.values(), rows] if held else datasets.values(), group.file.filename):
-            return
         for name, dataset in datasets.items():
             self._kept[name] = self.readers[name] = KeptDataset(dataset.shape, dataset.dtype)
         readers: list[ChunkReader] = []
@@ -122,8 +114,8 @@ class VerifiedTables:
     """What one open of an index keeps from its verification (``verify_index``'s readers): the
     :class:`SearchTables` of each space in ``searching`` and the file list's SHA-256."""
 
-    def __init__(self, path: str, searching) -> None:
-        self._path, self._searching = path, set(searching)
+    def __init__(self, searching) -> None:
+        self._searching = set(searching)
         self.spaces: dict[str, SearchTables] = {}
         self._sha256: KeptDataset | None = None
 
@@ -138,8 +130,6 @@ class VerifiedTables:
 
         shas = handle["files/sha256"]  # a 1-d column of fixed-size strings, as manifpt writes it
         if not (isinstance(shas, h5py.Dataset) and shas.ndim == 1 and shas.dtype.kind == "S"):
-            return {}
-        if not fits_in_file([shas], self._path):
             return {}
         self._sha256 = KeptDataset(shas.shape, shas.dtype)
         return {"files/sha256": self._sha256}

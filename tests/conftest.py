@@ -121,3 +121,13 @@ def quick_demo(tmp_path_factory):
     result = CliRunner().invoke(app, ["demo", "--quick", "--workdir", str(workdir), "-q"])
     assert result.exit_code == 0, result.stderr
     return workdir, result
+
+
+def replace_dataset(group, name: str, **layout) -> None:
+    """``group[name]`` made anew, of the same type and attributes, with ``layout`` (h5py's
+    create_dataset keywords): its data copied, or with ``shape`` given, nothing written."""
+    old = group[name]
+    dtype, attrs = old.dtype, dict(old.attrs)
+    data = None if "shape" in layout else old[...]
+    del group[name]
+    group.create_dataset(name, data=data, dtype=dtype, **layout).attrs.update(attrs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import h5py
 import numpy as np
 import pytest
@@ -9,11 +11,12 @@ import pytest
 from manifpt_cli.artifacts import extract_artifacts, load_artifacts
 from manifpt_cli.errors import MismatchError, UsageError
 from manifpt_cli.images import decode_image
+from manifpt_cli.integrity import IntegrityError
 from manifpt_cli.manifold import RealIndex, build_index
 from manifpt_cli.settings import RunSettings
 from manifpt_cli.spaces import FEATURE_DIM, PixelEmbedder, Space
 
-from .conftest import SIZE, SOURCES
+from .conftest import SIZE, SOURCES, replace_dataset
 
 
 def test_artifact_is_embedding_minus_nearest_real_embedding(artifacts_file, real_index):
@@ -94,3 +97,18 @@ def test_interrupted_extract_leaves_nothing_under_the_final_name(tmp_path, real_
             settings=RunSettings(batch_size=8, progress=InterruptAfter(2)),
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_artifacts_file_that_does_not_store_what_it_declares_is_refused(artifacts_file, tmp_path):
+    """As for indexes (test_integrity): rows declared but never written, or compressed, are refused
+    before the digest reads them."""
+    for name, layout, message in [
+        ("unwritten.h5", {"shape": (2**20, 3, SIZE, SIZE), "chunks": (85, 3, SIZE, SIZE)}, "declares .* bytes but"),
+        ("compressed.h5", {"compression": "gzip"}, "is compressed or filtered"),
+    ]:
+        damaged = tmp_path / name
+        shutil.copy(artifacts_file, damaged)
+        with h5py.File(damaged, "r+") as handle:
+            replace_dataset(handle["spaces/rgb"], "artifacts", **layout)
+        with pytest.raises(IntegrityError, match=message):
+            load_artifacts(damaged, Space.RGB)

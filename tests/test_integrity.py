@@ -33,6 +33,8 @@ from manifpt_cli.report import ReportFormat, unneutralise
 from manifpt_cli.settings import SMALL_IMAGE_BATCH_SIZE
 from manifpt_cli.spaces import Space
 
+from .conftest import SIZE, replace_dataset
+
 runner = CliRunner()
 
 
@@ -196,6 +198,26 @@ def test_tampered_search_data_is_refused(real_index, tmp_path, space, tamper):
         RealIndex(index, verify=[space])
     if tamper is not _drop_search:  # a data edit leaves the other space usable (the layout check is whole-file)
         RealIndex(index, verify=[Space.FREQ if space is Space.RGB else Space.RGB]).close()
+
+
+def test_a_dataset_that_does_not_store_what_it_declares_is_refused_before_it_is_read(real_index, tmp_path):
+    """A header can declare far more rows than the file holds (unwritten chunks read as zeros): the
+    digest would read them all, for hours at terabytes; a compressed dataset is not manifpt's
+    either. Both are refused before any digest is read, for every space."""
+    declared = 2**21  # 6.4 GB of rgb rows, never written: without the check, the digest reads them (and fails later)
+    unwritten = _copy(real_index, tmp_path, "unwritten.h5")
+    with h5py.File(unwritten, "r+") as handle:
+        replace_dataset(
+            handle["spaces/rgb"], "embeddings", shape=(declared, 3 * SIZE * SIZE), chunks=(85, 3 * SIZE * SIZE)
+        )
+    compressed = _copy(real_index, tmp_path, "compressed.h5")
+    with h5py.File(compressed, "r+") as handle:
+        replace_dataset(handle["files"], "sha256", compression="gzip")
+    for space in (Space.RGB, Space.FREQ):
+        with pytest.raises(IntegrityError, match=f"embeddings declares {declared * 3 * SIZE * SIZE:,} bytes but"):
+            RealIndex(unwritten, verify=[space], searching=[space])
+        with pytest.raises(IntegrityError, match="sha256 is compressed or filtered"):
+            RealIndex(compressed, verify=[space], searching=[space])
 
 
 def test_another_real_set_with_the_hash_copied_is_refused(case, dataset, tmp_path):
