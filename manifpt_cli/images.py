@@ -32,7 +32,8 @@ Policy (README, "How images are read"):
   sequential pass. Row ``i`` of ``images.npz`` is the image ``images.npz#row=i``; its SHA-256 is
   that of the row's H·W·3 pixel bytes (C order), and it follows the size policy above (a
   ``size``×``size`` row is left untouched). ``max_pixels`` applies to each row; the file is
-  streamed in blocks of ``batch_size`` rows, so ``max_file_bytes`` does not limit it. A bad
+  streamed a batch of rows at a time, at most ``ARRAY_BLOCK_BYTES``, so ``max_file_bytes`` does
+  not limit it. A bad
   header or a damaged ``.npz`` (its CRC-32 is checked before the first row) is one error row for
   the file; a truncated ``.npy`` ends with one error row after the rows before the cut.
 - Decoding runs ahead of the caller, in ``workers`` background threads, at most
@@ -82,6 +83,7 @@ R = TypeVar("R")
 
 READ_AHEAD_BATCHES = 2  # decoded batches waiting for the caller, at most
 DECODE_CHUNK = 16  # files one decoding thread takes at a time (fewer hand-overs between threads)
+ARRAY_BLOCK_BYTES = 64 * 2**20  # an array file's rows are read a batch at a time, but at most this much
 
 
 @functools.cache
@@ -682,7 +684,12 @@ def _array_image(path: str, pixels: np.ndarray, size: int) -> DecodedImage:
     return DecodedImage(path, fitted, (width, height), sha256)
 
 
-def _array_rows(path: str, size: int, settings: RunSettings) -> Iterator[DecodeResult]:
+def _block_rows(shape, batch_size: int) -> int:
+    """Rows of an array file read at a time: a batch, but at most ``ARRAY_BLOCK_BYTES`` (one row at least)."""
+    return max(1, min(batch_size, ARRAY_BLOCK_BYTES // shape.row_bytes))
+
+
+def _array_rows(path: str, size: int, settings: RunSettings, batch_size: int) -> Iterator[DecodeResult]:
     """Every row of the array file ``path`` as ``PATH#row=I``; a bad file, or a damaged tail after
     the rows before it, is one :class:`FailedImage` named ``path``."""
     row = 0
@@ -694,7 +701,7 @@ def _array_rows(path: str, size: int, settings: RunSettings) -> Iterator[DecodeR
                     f"refused: the array's images are {shape.width}×{shape.height} pixels, over the limit of "
                     f"{settings.max_pixels:,} (raise max_pixels, --max-pixels, if they are genuine)"
                 )
-            for block in read_rows(stream, shape, settings.batch_for(size)):
+            for block in read_rows(stream, shape, _block_rows(shape, batch_size)):
                 for pixels in block:
                     yield _array_image(array_row_path(path, row), pixels, size)
                     row += 1
@@ -724,7 +731,7 @@ def array_row_sha256(path: str, rows: Iterable[int]) -> dict[int, str]:
     fd, _ = _open_regular(path, None)
     with os.fdopen(fd, "rb") as handle, open_array(handle) as (shape, stream):
         start = 0
-        for block in read_rows(stream, shape, 256):
+        for block in read_rows(stream, shape, _block_rows(shape, 256)):
             for row in wanted.intersection(range(start, start + len(block))):
                 hashes[row] = hashlib.sha256(block[row - start]).hexdigest()
             start += len(block)
@@ -733,7 +740,9 @@ def array_row_sha256(path: str, rows: Iterable[int]) -> dict[int, str]:
     return hashes
 
 
-def _decoded_items(roots: Iterable[str | os.PathLike], size: int, settings: RunSettings) -> Iterator[DecodeResult]:
+def _decoded_items(
+    roots: Iterable[str | os.PathLike], size: int, settings: RunSettings, batch_size: int
+) -> Iterator[DecodeResult]:
     """Every discovered entry, decoded, in discovery order (files in ``settings.workers`` threads)."""
 
     def decode_chunk(chunk: list[FoundFile]) -> list[DecodeResult]:
@@ -743,7 +752,7 @@ def _decoded_items(roots: Iterable[str | os.PathLike], size: int, settings: RunS
     for is_array, group in itertools.groupby(found, key=lambda entry: entry.array):
         if is_array:
             for entry in group:
-                yield from _array_rows(entry.path, size, settings)
+                yield from _array_rows(entry.path, size, settings, batch_size)
             continue
         chunks = iter_batches(group, DECODE_CHUNK)
         for decoded in ordered_map(decode_chunk, chunks, settings.workers, window=4 * settings.workers):
@@ -768,7 +777,8 @@ def decode_folder(
     Where it returns :class:`~manifpt_cli.shared_work.SharedParts`, the read-ahead thread hands
     them over first and runs them from the front after, so the caller can take the ones left.
     """
-    batches = iter_batches(_decoded_items(roots, size, settings), settings.batch_for(size, backbone))
+    batch_size = settings.batch_for(size, backbone)
+    batches = iter_batches(_decoded_items(roots, size, settings, batch_size), batch_size)
     return read_ahead(batches if then is None else _each(then, batches), READ_AHEAD_BATCHES)
 
 

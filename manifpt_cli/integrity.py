@@ -147,17 +147,35 @@ EXPECTED_INDEX_OBJECTS = {
 }
 
 
-def check_stored(dataset, path: str) -> None:
-    """Refuse a dataset that does not store every byte it declares, or is compressed (manifpt writes
-    every byte and compresses none). Unwritten chunks read as zeros, so a damaged header could
-    otherwise declare terabytes, and reading them for a digest would take hours; with this check
-    no read or allocation from a header exceeds the file."""
-    if dataset.id.get_create_plist().get_nfilters():
-        raise IntegrityError(f"{path}: {dataset.name} is compressed or filtered; manifpt writes no such dataset")
-    stored = dataset.id.get_storage_size()
-    if stored < dataset.nbytes:
+def check_stored(handle, datasets, path: str) -> None:
+    """Refuse datasets of the open file ``handle`` that are not stored in full inside it, as
+    manifpt writes every dataset: uncompressed, every byte written, nothing kept elsewhere.
+
+    Unwritten chunks read as zeros and external storage can name any file (``/dev/zero``, a FIFO),
+    so a damaged or crafted header could otherwise declare terabytes, and their digest would read
+    for hours; a chunk index can list one chunk many times, hence the bound on the whole file too.
+    With this check no read or allocation from a header exceeds the file.
+    """
+    declared = 0
+    for dataset in datasets:
+        layout = dataset.id.get_create_plist()
+        if dataset.is_virtual or layout.get_external_count():
+            raise IntegrityError(
+                f"{path}: {dataset.name} keeps its data outside this file (virtual or external storage); "
+                "manifpt writes no such dataset, so the file was altered"
+            )
+        if layout.get_nfilters():
+            raise IntegrityError(f"{path}: {dataset.name} is compressed or filtered; manifpt writes no such dataset")
+        stored = dataset.id.get_storage_size()
+        if stored < dataset.nbytes:
+            raise IntegrityError(
+                f"{path}: {dataset.name} declares {dataset.nbytes:,} bytes but the file stores {stored:,} of them; "
+                "it was damaged or altered"
+            )
+        declared += dataset.nbytes
+    if declared > handle.id.get_filesize():
         raise IntegrityError(
-            f"{path}: {dataset.name} declares {dataset.nbytes:,} bytes but the file stores {stored:,} of them; "
+            f"{path}: its datasets declare {declared:,} bytes, more than the file's {handle.id.get_filesize():,}; "
             "it was damaged or altered"
         )
 
@@ -197,9 +215,7 @@ def check_structure(handle, path: str, spaces: list[str]) -> None:
             if part
         )
         raise IntegrityError(f"index {path} is not laid out as manifpt writes it ({detail}); it was altered or damaged")
-    for name in found:
-        if isinstance(handle[name], h5py.Dataset):
-            check_stored(handle[name], f"index {path}")
+    check_stored(handle, [handle[name] for name in found if isinstance(handle[name], h5py.Dataset)], f"index {path}")
 
 
 def verify_index(
@@ -276,15 +292,17 @@ def hdf5_digest(handle, skip_attr: str = ARTIFACTS_DIGEST_ATTR) -> str:
 
     links: list[tuple[str, object]] = []
     handle.visititems_links(lambda name, link: links.append((name, link)))
-    digest = hashlib.sha256(b"manifpt-hdf5")
-    for name, link in sorted(links, key=lambda item: item[0]):
+    for name, link in links:
         if not isinstance(link, h5py.HardLink):
             raise IntegrityError(f"{handle.filename} holds a {type(link).__name__} at /{name}; manifpt writes no links")
+    names = sorted(name for name, _ in links)
+    check_stored(handle, [handle[name] for name in names if isinstance(handle[name], h5py.Dataset)], handle.filename)
+    digest = hashlib.sha256(b"manifpt-hdf5")
+    for name in names:
         obj = handle[name]
         digest.update(name.encode() + b"\0")
         _update_attrs(digest, obj.attrs, sorted(obj.attrs))
         if isinstance(obj, h5py.Dataset):
-            check_stored(obj, handle.filename)
             _update_dataset(digest, obj)
     _update_attrs(digest, handle.attrs, sorted(key for key in handle.attrs if key != skip_attr))
     return digest.hexdigest()

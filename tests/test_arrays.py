@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from manifpt_cli import images
+from manifpt_cli.arrays import read_rows
 from manifpt_cli.cli import app
 from manifpt_cli.engines import _listed
 from manifpt_cli.errors import ImageDecodeError, UsageError
@@ -257,3 +259,20 @@ def test_rows_of_an_array_are_attributed_and_verified_against_their_pixels(freq_
     np.save(suspects, altered)
     results = [check.result for check in verify_report(report).checks if check.what == "suspect"]
     assert results == [MATCHES] * 4 + [CHANGED, MATCHES]
+
+
+def test_array_rows_are_read_a_batch_at_a_time_but_never_more_than_the_block_bytes(crops, tmp_path, monkeypatch):
+    """Rows of a large-image array file are read in blocks bounded in bytes, whatever the batch."""
+    many = np.concatenate([crops] * 5)[:10]  # 10 rows: blocks of 4 or 3 leave a shorter last one
+    np.save(tmp_path / "real.npy", many)
+    blocks = []
+
+    def recorded(stream, shape, block):
+        blocks.append(block)
+        return read_rows(stream, shape, block)
+
+    monkeypatch.setattr(images, "read_rows", recorded)
+    assert len(decoded([tmp_path / "real.npy"], RunSettings(batch_size=4))) == len(many)
+    monkeypatch.setattr(images, "ARRAY_BLOCK_BYTES", 3 * SIZE * SIZE * 3 + 1)  # three rows and a byte
+    rows = decoded([tmp_path / "real.npy"], RunSettings(batch_size=4))
+    assert blocks == [4, 3] and [row.pixels.tolist() for row in rows] == many.tolist()

@@ -100,11 +100,16 @@ def test_interrupted_extract_leaves_nothing_under_the_final_name(tmp_path, real_
 
 
 def test_an_artifacts_file_that_does_not_store_what_it_declares_is_refused(artifacts_file, tmp_path):
-    """As for indexes (test_integrity): rows declared but never written, or compressed, are refused
-    before the digest reads them."""
+    """As for indexes (test_integrity): rows declared but never written, compressed or kept in
+    another file are refused before the digest reads any dataset."""
     for name, layout, message in [
         ("unwritten.h5", {"shape": (2**20, 3, SIZE, SIZE), "chunks": (85, 3, SIZE, SIZE)}, "declares .* bytes but"),
         ("compressed.h5", {"compression": "gzip"}, "is compressed or filtered"),
+        (
+            "external.h5",
+            {"shape": (2**30, 3, SIZE, SIZE), "external": [("/dev/zero", 0, h5py.h5f.UNLIMITED)]},
+            "outside",
+        ),
     ]:
         damaged = tmp_path / name
         shutil.copy(artifacts_file, damaged)

@@ -27,7 +27,7 @@ from manifpt_cli.cli import app
 from manifpt_cli.errors import EXIT_FAILURE, EXIT_USAGE
 from manifpt_cli.export import export_onnx
 from manifpt_cli.images import path_from_display
-from manifpt_cli.integrity import ONNX_DIGEST_PLACEHOLDER, IntegrityError, seal_onnx
+from manifpt_cli.integrity import ONNX_DIGEST_PLACEHOLDER, IntegrityError, check_stored, seal_onnx
 from manifpt_cli.manifold import RealIndex, build_index
 from manifpt_cli.report import ReportFormat, unneutralise
 from manifpt_cli.settings import SMALL_IMAGE_BATCH_SIZE
@@ -200,24 +200,42 @@ def test_tampered_search_data_is_refused(real_index, tmp_path, space, tamper):
         RealIndex(index, verify=[Space.FREQ if space is Space.RGB else Space.RGB]).close()
 
 
-def test_a_dataset_that_does_not_store_what_it_declares_is_refused_before_it_is_read(real_index, tmp_path):
-    """A header can declare far more rows than the file holds (unwritten chunks read as zeros): the
-    digest would read them all, for hours at terabytes; a compressed dataset is not manifpt's
-    either. Both are refused before any digest is read, for every space."""
+def test_a_dataset_not_stored_in_full_in_the_file_is_refused_before_it_is_read(real_index, tmp_path):
+    """A header can declare far more rows than the file holds (unwritten chunks read as zeros), or
+    keep a dataset's bytes in another file (/dev/zero, a FIFO): the digest would read for hours, or
+    for ever. Those, and compressed datasets (not manifpt's either), are refused before any digest
+    is read, whichever space is opened; so is a file whose datasets declare more than its size."""
     declared = 2**21  # 6.4 GB of rgb rows, never written: without the check, the digest reads them (and fails later)
-    unwritten = _copy(real_index, tmp_path, "unwritten.h5")
-    with h5py.File(unwritten, "r+") as handle:
-        replace_dataset(
-            handle["spaces/rgb"], "embeddings", shape=(declared, 3 * SIZE * SIZE), chunks=(85, 3 * SIZE * SIZE)
-        )
-    compressed = _copy(real_index, tmp_path, "compressed.h5")
-    with h5py.File(compressed, "r+") as handle:
-        replace_dataset(handle["files"], "sha256", compression="gzip")
-    for space in (Space.RGB, Space.FREQ):
-        with pytest.raises(IntegrityError, match=f"embeddings declares {declared * 3 * SIZE * SIZE:,} bytes but"):
-            RealIndex(unwritten, verify=[space], searching=[space])
-        with pytest.raises(IntegrityError, match="sha256 is compressed or filtered"):
-            RealIndex(compressed, verify=[space], searching=[space])
+    damaged = {
+        "unwritten": (
+            "spaces/rgb",
+            "embeddings",
+            {"shape": (declared, 3 * SIZE * SIZE), "chunks": (85, 3 * SIZE * SIZE)},
+        ),
+        "external": (
+            "spaces/rgb",
+            "search_norms",
+            {"shape": (2**37,), "external": [("/dev/zero", 0, h5py.h5f.UNLIMITED)]},
+        ),
+        "compressed": ("files", "sha256", {"compression": "gzip"}),
+    }
+    messages = {
+        "unwritten": f"embeddings declares {declared * 3 * SIZE * SIZE:,} bytes but the file stores 0",
+        "external": "search_norms keeps its data outside this file",
+        "compressed": "sha256 is compressed or filtered",
+    }
+    for name, (group, dataset, layout) in damaged.items():
+        path = _copy(real_index, tmp_path, f"{name}.h5")
+        with h5py.File(path, "r+") as handle:
+            replace_dataset(handle[group], dataset, **layout)
+        for space in (Space.RGB, Space.FREQ):
+            with pytest.raises(IntegrityError, match=messages[name]):
+                RealIndex(path, verify=[space], searching=[space])
+    with h5py.File(real_index) as whole, h5py.File(_copy(real_index, tmp_path, "small.h5"), "w") as small:
+        datasets = [whole["spaces/rgb/embeddings"]]
+        with pytest.raises(IntegrityError, match="datasets declare .* more than the file's"):
+            check_stored(small, datasets, "small.h5")  # the bound on the whole file, where each dataset passes
+        check_stored(whole, datasets, "real.h5")
 
 
 def test_another_real_set_with_the_hash_copied_is_refused(case, dataset, tmp_path):
