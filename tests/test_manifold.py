@@ -114,10 +114,11 @@ def test_file_rows_find_every_chunk_and_refuse_unwritten_ones(tmp_path):
             FileRows(tmp_path / "rows.h5", handle["partly"])
 
 
-def test_a_compressed_large_space_is_a_format_error(real_index, tmp_path, monkeypatch):
-    """Rows stored compressed cannot be mapped: the same data gzip-compressed (so its digest still
-    verifies) is a clear FormatError when the rows would stay in the file, not a traceback."""
-    import manifpt_cli.file_rows as file_rows
+def test_a_compressed_large_space_is_a_format_error(real_index, tmp_path):
+    """Rows stored compressed cannot be read by position, and manifpt never writes them: the same
+    data gzip-compressed (its digest would still verify) is refused as the index opens, and
+    :class:`FileRows` refuses such a dataset itself."""
+    from manifpt_cli.file_rows import FileRows
 
     copy = tmp_path / "compressed.h5"
     shutil.copy(real_index, copy)
@@ -126,10 +127,10 @@ def test_a_compressed_large_space_is_a_format_error(real_index, tmp_path, monkey
         rows = group["embeddings"][...]
         del group["embeddings"]
         group.create_dataset("embeddings", data=rows, chunks=(4, rows.shape[1]), compression="gzip")
-    monkeypatch.setattr(file_rows, "HELD_ROWS_BYTES", 0)
-    with RealIndex(copy) as index:
-        with pytest.raises(FormatError, match="compressed"):
-            index.nearest(Space.RGB, index.all_embeddings(Space.RGB)[:2])
+    with pytest.raises(FormatError, match="compressed"):
+        RealIndex(copy)
+    with h5py.File(copy) as handle, pytest.raises(ValueError, match="compressed"):
+        FileRows(copy, handle["spaces/rgb/embeddings"])
 
 
 COPIES = 12  # more than the FAISS candidates re-ranked at first, so ties must widen the search
