@@ -25,7 +25,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -89,13 +90,16 @@ ChunkReader = Callable[[int, np.ndarray], None]  # (first row, rows): what else 
 
 def _update_dataset(digest, dataset, reader: ChunkReader | None = None) -> None:
     """Shape, type and every element of a dataset, read in chunks (memory stays bounded). ``reader``
-    sees each chunk of a numeric dataset too, so a caller that needs the data reads the file once."""
+    sees each chunk too, so a caller that needs the data reads the file once."""
     digest.update(json.dumps([list(dataset.shape), str(dataset.dtype)]).encode())
     if dataset.dtype.kind == "O":  # variable-length strings: length-prefixed, so no two lists collide
         for start in range(0, len(dataset), ROWS_PER_CHUNK):
-            for value in dataset[start : start + ROWS_PER_CHUNK]:
+            values = dataset[start : start + ROWS_PER_CHUNK]
+            for value in values:
                 data = value if isinstance(value, bytes) else str(value).encode()
                 digest.update(len(data).to_bytes(8, "little") + data)
+            if reader is not None:
+                reader(start, values)
         return
     # By bytes, not rows: a serialised FAISS index is one long row of bytes. The digest is the same
     # whatever the chunking (the bytes are hashed in order).
@@ -114,24 +118,28 @@ def space_datasets(attrs) -> tuple[str, ...]:
     return {EXACT_SEARCH: EXACT_SEARCH_DATASETS, CODED_SEARCH: CODED_SEARCH_DATASETS}.get(search, FAISS_DATASETS)
 
 
-def space_digest(group, readers: dict[str, ChunkReader] | None = None) -> str:
-    """SHA-256 over one space's attributes, embeddings and search data (FAISS index or exact-search
-    tables); ``readers`` by dataset name (:func:`_update_dataset`)."""
+def space_digest(group, readers: dict[str, ChunkReader] | None = None, attrs: Mapping | None = None) -> str:
+    """SHA-256 over one space's attributes (``attrs``, default: the group's), embeddings and search
+    data (FAISS index or exact-search tables); ``readers`` by dataset name (:func:`_update_dataset`)."""
+    attrs = group.attrs if attrs is None else attrs
     digest = hashlib.sha256(b"manifpt-space")
-    _update_attrs(digest, group.attrs, SPACE_DIGEST_ATTRS)
-    for name in space_datasets(group.attrs):
+    _update_attrs(digest, attrs, SPACE_DIGEST_ATTRS)
+    for name in space_datasets(attrs):
         _update_dataset(digest, group[name], (readers or {}).get(name))
     return digest.hexdigest()
 
 
-def index_digest(handle, space_digests: dict[str, str], readers: dict[str, ChunkReader] | None = None) -> str:
-    """The root ``index_hash``: the index's attributes and file list, then each space's digest
-    (``readers`` by dataset name: :func:`_update_dataset`)."""
+def index_digest(
+    handle, space_digests: dict[str, str], readers: dict[str, ChunkReader] | None = None, attrs: Mapping | None = None
+) -> str:
+    """The root ``index_hash``: the index's attributes (``attrs``, default: the file's) and file
+    list, then each space's digest (``readers`` by dataset name: :func:`_update_dataset`)."""
+    attrs = handle.attrs if attrs is None else attrs
     digest = hashlib.sha256(b"manifpt-index")
-    _update_attrs(digest, handle.attrs, ROOT_DIGEST_ATTRS)
+    _update_attrs(digest, attrs, ROOT_DIGEST_ATTRS)
     for name in ("files/path", "files/sha256"):
         _update_dataset(digest, handle[name], (readers or {}).get(name))
-    for space in json.loads(_attr_text(handle.attrs["spaces"])):
+    for space in json.loads(_attr_text(attrs["spaces"])):
         digest.update(space.encode() + space_digests[space].encode())
     return digest.hexdigest()
 
@@ -180,16 +188,39 @@ def check_stored(handle, datasets, path: str) -> None:
         )
 
 
-def check_structure(handle, path: str, spaces: list[str]) -> None:
+@dataclass(frozen=True)
+class IndexAttributes:
+    """An index's attributes, the root's and each space's, read once as it opens. The digests are
+    computed over these and the index uses them from then on, so an attribute changed in the file
+    afterwards reaches neither."""
+
+    root: dict
+    spaces: dict[str, dict]
+
+    @classmethod
+    def read(cls, handle) -> IndexAttributes:
+        import h5py
+
+        root = dict(handle.attrs)
+        spaces = {}
+        for name in json.loads(_attr_text(root["spaces"])):
+            where = f"spaces/{name}"  # read only through hard links to groups: check_structure refuses the rest
+            if all(isinstance(handle.get(p, getlink=True), h5py.HardLink) for p in ("spaces", where)):
+                if isinstance(handle[where], h5py.Group):
+                    spaces[name] = dict(handle[where].attrs)
+        return cls(root, spaces)
+
+
+def check_structure(handle, path: str, attributes: IndexAttributes) -> None:
     """Refuse links (to other files or elsewhere in this one), objects manifpt does not write, and
     datasets that do not store what they declare (:func:`check_stored`)."""
     import h5py
 
     expected = set(EXPECTED_INDEX_OBJECTS)
-    for space in spaces:
+    for space in json.loads(_attr_text(attributes.root["spaces"])):
         expected.add(f"spaces/{space}")
-        if f"spaces/{space}" in handle:
-            expected.update(f"spaces/{space}/{name}" for name in space_datasets(handle[f"spaces/{space}"].attrs))
+        if space in attributes.spaces:
+            expected.update(f"spaces/{space}/{name}" for name in space_datasets(attributes.spaces[space]))
     links: list[tuple[str, object]] = []
     handle.visititems_links(lambda name, link: links.append((name, link)))  # raising inside h5py's walk is unsafe
     for name, link in links:
@@ -224,30 +255,33 @@ def verify_index(
     spaces_to_check: list[str],
     readers: Callable[[str, object], dict[str, ChunkReader]] | None = None,
     file_readers: Callable[[object], dict[str, ChunkReader]] | None = None,
+    attributes: IndexAttributes | None = None,
 ) -> dict:
     """Recompute the digests of ``spaces_to_check`` and the root hash; raise IntegrityError on any difference.
 
     ``readers(space, group)``, asked once the structure has passed, gives the readers (by dataset)
     that see every chunk its digest reads (:func:`_update_dataset`), and ``file_readers(handle)``
     those of the file list (``files/sha256``); what they keep is trustworthy only once this returns.
+    The digests cover ``attributes`` (default: read now), which the caller can then rely on.
     Returns what was checked, for the report header.
     """
-    spaces = json.loads(_attr_text(handle.attrs["spaces"]))
-    check_structure(handle, path, spaces)
+    attributes = attributes or IndexAttributes.read(handle)
+    spaces = json.loads(_attr_text(attributes.root["spaces"]))
+    check_structure(handle, path, attributes)
     digests = {}
     for space in spaces:
-        group = handle[f"spaces/{space}"]
-        stored = _attr_text(group.attrs.get("digest", ""))
+        group, attrs = handle[f"spaces/{space}"], attributes.spaces[space]
+        stored = _attr_text(attrs.get("digest", ""))
         if space in spaces_to_check:
-            recomputed = space_digest(group, readers(space, group) if readers else None)
+            recomputed = space_digest(group, readers(space, group) if readers else None, attrs)
             if recomputed != stored:
                 raise IntegrityError(
                     f"index {path}: the {space} space's embeddings, FAISS index or settings do not match its recorded "
                     "digest; the file was edited or damaged. Rebuild it with `manifpt index build`"
                 )
         digests[space] = stored
-    root = index_digest(handle, digests, file_readers(handle) if file_readers else None)
-    if root != _attr_text(handle.attrs["index_hash"]):
+    root = index_digest(handle, digests, file_readers(handle) if file_readers else None, attributes.root)
+    if root != _attr_text(attributes.root["index_hash"]):
         raise IntegrityError(
             f"index {path} does not match its index_hash (its file list, image size, spaces or a space digest were "
             "changed); the file was edited or damaged. Rebuild it with `manifpt index build`"

@@ -48,7 +48,15 @@ from .errors import FormatError, UsageError
 from .file_rows import FileRows
 from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, describe_file, sample_file
 from .images import FailedImage, SkippedFile, count_images, display_path, split_batch
-from .integrity import CODED_SEARCH, EXACT_SEARCH, IntegrityError, index_digest, space_digest, verify_index
+from .integrity import (
+    CODED_SEARCH,
+    EXACT_SEARCH,
+    IndexAttributes,
+    IntegrityError,
+    index_digest,
+    space_digest,
+    verify_index,
+)
 from .outputs import check_outputs
 from .search import (
     FLOAT64_SLACK,
@@ -449,7 +457,9 @@ class RealIndex:
             ) from None
         try:
             check_format(self._file.attrs, INDEX_FORMAT, self.path)
-            attrs = self._file.attrs
+            # Read once: the digests cover these, and everything after uses them, not the file.
+            self._attributes = IndexAttributes.read(self._file)
+            attrs = self._attributes.root
             self.image_size = int(attrs["image_size"])
             self.n_images = int(attrs["n_images"])
             self.index_hash = str(attrs["index_hash"])
@@ -457,10 +467,13 @@ class RealIndex:
             checked = self.spaces if verify is None else [space for space in verify if space in self.spaces]
             kept = VerifiedTables([space.value for space in searching])
             names = [space.value for space in checked]
-            self.verification = verify_index(self._file, self.path, names, kept.space_readers, kept.file_list_readers)
+            self.verification = verify_index(
+                self._file, self.path, names, kept.space_readers, kept.file_list_readers, self._attributes
+            )
             self._tables = {Space(name): tables for name, tables in kept.spaces.items()}
             # Leave-one-out by the SHA-256 list that was verified.
             self._sha256 = kept.sha256 if kept.sha256 is not None else self._file["files/sha256"][...]
+            self._paths: list[str] | None = kept.paths  # else read when first asked for
         except IntegrityError:
             self._file.close()
             raise
@@ -474,7 +487,6 @@ class RealIndex:
         self._exact: dict[Space, ExactSearch] = {}
         self._coded: dict[Space, CodedSearch] = {}
         self._held: dict[Space, np.ndarray] = {}
-        self._paths: list[str] | None = None
         # Two threads may search at once (attribution shares a batch's search): each search, and
         # each table it reads, is made once, by the first thread that needs it.
         self._making = threading.RLock()
@@ -493,10 +505,16 @@ class RealIndex:
 
     @property
     def attrs(self) -> dict:
-        return dict(self._file.attrs)
+        """The root attributes, as read and verified at open."""
+        return dict(self._attributes.root)
 
     def space_attrs(self, space: Space) -> dict:
-        return dict(self._group(space).attrs)
+        """A space's attributes, as read at open (verified where the space was)."""
+        return dict(self._space_attrs(space))
+
+    def _space_attrs(self, space: Space) -> dict:
+        self._group(space)  # an unknown space is a UsageError
+        return self._attributes.spaces[space.value]
 
     def _group(self, space: Space):
         if space not in self.spaces:
@@ -506,11 +524,11 @@ class RealIndex:
 
     def backbone_weights(self, space: Space):
         """The BackboneWeights the index's sl/ssl embeddings were made with."""
-        attrs = self._group(space).attrs
-        return backbone_weights_from(attrs)
+        return backbone_weights_from(self._space_attrs(space))
 
     def paths(self, ids: np.ndarray) -> list[str]:
-        """Source paths of index rows ``ids`` ("" for −1), read once and kept."""
+        """Source paths of index rows ``ids`` ("" for −1): as verified where the index was opened
+        for searching, else read when first asked for; kept."""
         with self._making:
             if self._paths is None:
                 self._paths = list(self._file["files/path"].asstr()[...])
@@ -522,18 +540,17 @@ class RealIndex:
 
     def stored_layout(self, space: Space) -> SymmetricHalf | None:
         """The unique half a space's rows are stored as (freq), or None (stored in full)."""
-        if str(self._group(space).attrs.get("layout", "")) != SYMMETRIC_HALF:
+        if str(self._space_attrs(space).get("layout", "")) != SYMMETRIC_HALF:
             return None
         return symmetric_half(self.image_size, self.image_size)
 
     def is_exact_search(self, space: Space) -> bool:
-        return str(self._group(space).attrs.get("search", "")) == EXACT_SEARCH
+        return str(self._space_attrs(space).get("search", "")) == EXACT_SEARCH
 
     def exact_search(self, space: Space) -> ExactSearch:
         """The exact search of a space that has its tables (read once and kept; its rows as :meth:`_rows`)."""
         with self._making:
             if space not in self._exact:
-                group = self._group(space)
                 rows = self._rows(space)
                 plan = SearchPlan(self._table(space, "search_mean"), self._table(space, "search_basis"))
                 projected, norms = self._table(space, "search_projected"), self._table(space, "search_norms")
@@ -543,7 +560,7 @@ class RealIndex:
                     or norms.shape != (len(rows),)
                 ):
                     raise FormatError(f"index {self.path}: the {space.value} search tables do not match the image list")
-                stage_dims = json.loads(group.attrs["search_dims"])
+                stage_dims = json.loads(self._space_attrs(space)["search_dims"])
                 tables = self._tables.pop(space, None)
                 squared = tables.squared_norms(len(rows)) if tables is not None else None
                 self._exact[space] = ExactSearch(
@@ -555,7 +572,7 @@ class RealIndex:
         """Whether a space is searched by :class:`CodedSearch`: freq with a flat index (exact, the
         same neighbour and distance as brute force, several times faster than FAISS flat search).
         (A version-4 index also holds a flat FAISS index of freq, which is not read.)"""
-        return uses_coded_search(space, str(self._group(space).attrs["faiss_factory"]))
+        return uses_coded_search(space, str(self._space_attrs(space)["faiss_factory"]))
 
     def coded_search(self, space: Space) -> CodedSearch:
         """The code scan of a freq space (made from its stored rows when first needed, then kept)."""
@@ -571,8 +588,7 @@ class RealIndex:
     def search_description(self, space: Space) -> dict:
         """Which search finds the neighbours, for report headers: exact with its parameters, or the
         FAISS factory and (for approximate ones) the parameters that change what it returns."""
-        attrs = self._group(space).attrs
-        factory = str(attrs["faiss_factory"])
+        factory = str(self._space_attrs(space)["faiss_factory"])
         if self.is_exact_search(space):
             search = self.exact_search(space)
             return {

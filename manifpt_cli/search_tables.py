@@ -112,12 +112,14 @@ class SearchTables:
 
 class VerifiedTables:
     """What one open of an index keeps from its verification (``verify_index``'s readers): the
-    :class:`SearchTables` of each space in ``searching`` and the file list's SHA-256."""
+    :class:`SearchTables` of each space in ``searching``, the file list's SHA-256, and where a
+    space is searched, its paths (reports name the nearest real image by them)."""
 
     def __init__(self, searching) -> None:
         self._searching = set(searching)
         self.spaces: dict[str, SearchTables] = {}
         self._sha256: KeptDataset | None = None
+        self._paths: KeptDataset | None = None
 
     def space_readers(self, name: str, group) -> dict[str, ChunkReader]:
         if name not in self._searching:
@@ -132,7 +134,19 @@ class VerifiedTables:
         if not (isinstance(shas, h5py.Dataset) and shas.ndim == 1 and shas.dtype.kind == "S"):
             return {}
         self._sha256 = KeptDataset(shas.shape, shas.dtype)
-        return {"files/sha256": self._sha256}
+        readers = {"files/sha256": self._sha256}
+        paths = handle["files/path"]
+        if self._searching and isinstance(paths, h5py.Dataset) and paths.ndim == 1 and paths.dtype.kind == "O":
+            self._paths = readers["files/path"] = KeptDataset(paths.shape, np.dtype(object))
+        return readers
+
+    @property
+    def paths(self) -> list[str] | None:
+        """The file list's paths as verified (UTF-8, as h5py's ``asstr`` reads them), or None."""
+        kept = self._paths
+        if kept is None or not kept.complete:
+            return None
+        return [value.decode() if isinstance(value, bytes) else str(value) for value in kept.array]
 
     @property
     def sha256(self) -> np.ndarray | None:

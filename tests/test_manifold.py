@@ -422,6 +422,36 @@ def _overwrite_on_disk(path: Path, dataset_name: str) -> None:
         raw.write(bytes(size))
 
 
+def test_opened_for_searching_an_index_reads_nothing_from_its_file_again(real_index, dataset, monkeypatch):
+    """Attributes, tables and the file list come from the one read that verified them: with every
+    read of an attribute or dataset failing after the open, the searches, their description, the
+    spaces' settings and the neighbours' paths all still come, as they did before."""
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((dataset / "real").iterdir())[:4]])
+    spaces = (Space.RGB, Space.FREQ)
+    queries = {space: PixelEmbedder(space)(pixels) for space in spaces}
+
+    def answers(index):
+        found = {space: index.nearest(space, queries[space]) for space in spaces}
+        return (
+            [(found[s].ids.tolist(), found[s].distances.tolist(), index.paths(found[s].ids)) for s in spaces],
+            [(index.search_description(s), index.space_attrs(s), index.stored_layout(s) is None) for s in spaces],
+            index.attrs,
+        )
+
+    with RealIndex(real_index) as index:
+        expected = answers(index)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("read from the index file after it was opened and verified")
+
+    with RealIndex(real_index, searching=spaces) as index:
+        for method in ("__getitem__", "__iter__", "__contains__", "get"):
+            monkeypatch.setattr(h5py.AttributeManager, method, refused)
+        monkeypatch.setattr(h5py.Dataset, "__getitem__", refused)
+        got = answers(index)
+    assert repr(got) == repr(expected)
+
+
 @pytest.mark.parametrize("layout", ["held", "chunks-of-3-rows", "rows-in-the-file"])
 def test_a_search_is_made_from_the_bytes_its_verification_read(real_index, dataset, tmp_path, monkeypatch, layout):
     """With ``searching``, the tables come from the verifying read: the file is read once, and a
