@@ -33,9 +33,9 @@ Policy (README, "How images are read"):
   that of the row's H·W·3 pixel bytes (C order), and it follows the size policy above (a
   ``size``×``size`` row is left untouched). ``max_pixels`` applies to each row; the file is
   streamed a batch of rows at a time, at most ``ARRAY_BLOCK_BYTES``, so ``max_file_bytes`` does
-  not limit it. A bad
-  header or a damaged ``.npz`` (its CRC-32 is checked before the first row) is one error row for
-  the file; a truncated ``.npy`` ends with one error row after the rows before the cut.
+  not limit it. A bad header or a damaged ``.npz`` (its CRC-32 is checked before the first row)
+  is one error row for the file; a truncated ``.npy`` ends with one error row after the rows
+  before the cut.
 - Decoding runs ahead of the caller, in ``workers`` background threads, at most
   ``READ_AHEAD_BATCHES`` batches ahead, so that it overlaps the caller's compute (NumPy, FAISS and
   ONNX Runtime release the GIL while they work).
@@ -73,7 +73,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
-from .arrays import is_array_header, open_array, read_rows
+from .arrays import ArrayShape, is_array_header, open_array, read_rows
 from .errors import ImageDecodeError, UsageError
 from .settings import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, RunSettings
 from .shared_work import SharedParts
@@ -684,7 +684,7 @@ def _array_image(path: str, pixels: np.ndarray, size: int) -> DecodedImage:
     return DecodedImage(path, fitted, (width, height), sha256)
 
 
-def _block_rows(shape, batch_size: int) -> int:
+def _block_rows(shape: ArrayShape, batch_size: int) -> int:
     """Rows of an array file read at a time: a batch, but at most ``ARRAY_BLOCK_BYTES`` (one row at least)."""
     return max(1, min(batch_size, ARRAY_BLOCK_BYTES // shape.row_bytes))
 
