@@ -98,11 +98,14 @@ def open_array(handle: BinaryIO, check_crc: bool = True) -> Iterator[tuple[Array
     """The declared shape and a stream positioned at the first row, for an open array file.
 
     An ``.npz`` member is first read through once to check its CRC-32 (``check_crc``), so that no
-    row of a damaged archive is ever handed out.
+    row of a damaged archive is ever handed out. It must be stored or deflated (as ``np.savez`` and
+    ``np.savez_compressed`` write it) and hold exactly the bytes its header declares: the reads
+    then never give more than the declared rows, however well the data compresses (a 1 KB bzip2
+    member can hold gigabytes of zeros, which ``zipfile`` would decompress in one read).
 
     Raises:
         ImageDecodeError: not a NumPy file or ZIP, no image array in it, not uint8 (N, H, W, 3),
-            or a damaged archive.
+            a member compressed otherwise or of another size than declared, or a damaged archive.
     """
     if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
         handle.seek(0)
@@ -111,12 +114,32 @@ def open_array(handle: BinaryIO, check_crc: bool = True) -> Iterator[tuple[Array
     handle.seek(0)
     try:
         archive = zipfile.ZipFile(handle)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+        raise ImageDecodeError(f"not a readable .npz archive: {exc}") from None
+    try:
         name = _npz_member(archive)
+        info = archive.getinfo(name)
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ImageDecodeError(
+                f"the .npz member {name} is compressed with method {info.compress_type}; manifpt reads members "
+                "stored or deflated, as np.savez and np.savez_compressed write them"
+            )
+        with archive.open(name) as probe:
+            shape = _read_header(probe)
+            declared = probe.tell() + shape.rows * shape.row_bytes
+        if info.file_size != declared:
+            raise ImageDecodeError(
+                f"the .npz member {name} holds {info.file_size:,} bytes, but its header declares {declared:,}"
+            )
         if check_crc:
             _check_crc(archive, name)
         member = archive.open(name)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, zlib.error) as exc:
+        archive.close()
         raise ImageDecodeError(f"not a readable .npz archive: {exc}") from None
+    except BaseException:
+        archive.close()
+        raise
     with archive, member:
         yield _read_header(member), member
 

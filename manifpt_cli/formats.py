@@ -7,10 +7,12 @@ readers check both and raise :class:`FormatError` on anything else.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,10 +75,27 @@ def check_format(attrs: Mapping, expected: str, path: str | os.PathLike) -> None
         )
 
 
+def open_regular(path: str | os.PathLike, mode: str = "rb", **text):
+    """``open`` for regular files only: a FIFO, device or socket (or a link to one) is refused with
+    an OSError without waiting on it (opened non-blocking first; a FIFO with no writer, or
+    ``/dev/zero``, would otherwise block or read for ever). ``text``: ``encoding``, ``newline``."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(
+                errno.EINVAL, "not a regular file (a FIFO, device or socket); it was not read", os.fspath(path)
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode, **text)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    """SHA-256 (hex) of a regular file's bytes (:func:`open_regular`), read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

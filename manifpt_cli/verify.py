@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import FormatError, ImageDecodeError, ManifptError, UsageError
-from .formats import file_sha256
+from .formats import file_sha256, open_regular
 from .images import array_row_sha256, path_from_display, split_array_row
 from .report import sidecar_path, unneutralise
 
@@ -49,24 +49,61 @@ class Verification:
         return sum(check.result == result for check in self.checks)
 
 
+# What readers of a report's header and rows rely on, by type (README, "Reports"): text cells,
+# and the header's parts that are objects or lists of text.
+HEADER_TEXT = ("model", "model_sha256", "index", "index_hash", "space", "created_utc", "finished_utc", "report_sha256")
+HEADER_OBJECTS = ("verdict_rule", "model_card", "operator", "verification", "search", "settings", "versions")
+HEADER_TEXT_LISTS = ("classes", "suspects")
+ROW_TEXT = ("path", "status", "verdict", "predicted", "runner_up", "nearest_real", "sha256", "error")
+
+
+def _check_report_types(header, rows) -> None:
+    """Refuse a report whose header or rows are not of the types manifpt writes (ValueError)."""
+    if not isinstance(header, dict):
+        raise ValueError("its header is not an object")
+    wrong = [key for key in HEADER_TEXT if not isinstance(header.get(key, ""), str)]
+    wrong += [key for key in HEADER_OBJECTS if not isinstance(header.get(key) or {}, dict)]
+    lists = [header.get(key, []) for key in HEADER_TEXT_LISTS]
+    wrong += [
+        key
+        for key, value in zip(HEADER_TEXT_LISTS, lists)
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value)
+    ]
+    if wrong:
+        raise ValueError(f"header fields of the wrong type: {', '.join(wrong)}")
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ValueError("its rows are not a list of objects")
+    for number, row in enumerate(rows, start=1):
+        wrong = [key for key in ROW_TEXT if not isinstance(row.get(key, ""), str)]
+        if wrong:
+            raise ValueError(f"row {number}: fields of the wrong type: {', '.join(wrong)}")
+
+
 def read_report(path: str) -> tuple[dict, list[dict], Check | None]:
     """(header, rows, the check of the CSV against its sidecar) of a CSV or JSON report.
 
     CSV rows are given as their text cells (formula neutralisation undone), JSON rows as parsed.
+    Only regular files are read, and the header and rows must be of the types manifpt writes.
     """
     try:
         if path.lower().endswith(".json"):
-            with open(path, encoding="utf-8") as handle:
+            with open_regular(path, "r", encoding="utf-8") as handle:
                 report = json.load(handle)
-            header = {**report["header"], "finished_utc": report.get("finished_utc", "")}
-            return header, report["rows"], None
-        with open(path, newline="", encoding="utf-8") as handle:
+            if not isinstance(report, dict):
+                raise ValueError("it is not a JSON object")
+            header, rows = report["header"], report["rows"]
+            _check_report_types(header, rows)
+            return {**header, "finished_utc": report.get("finished_utc", "")}, rows, None
+        with open_regular(path, "r", newline="", encoding="utf-8") as handle:
             rows = [{key: unneutralise(value) for key, value in row.items()} for row in csv.DictReader(handle)]
-        with open(sidecar_path(path), encoding="utf-8") as handle:
+        with open_regular(sidecar_path(path), "r", encoding="utf-8") as handle:
             header = json.load(handle)
+        _check_report_types(header, rows)
     except FileNotFoundError as exc:
         raise UsageError(f"cannot read report {path}: {exc.filename} does not exist") from None
-    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise UsageError(f"cannot read report {path}: {exc.filename}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, csv.Error) as exc:
         raise FormatError(f"{path} is not a manifpt report (or is damaged): {exc}") from None
     recorded = header.get("report_sha256", "")
     actual = file_sha256(path)

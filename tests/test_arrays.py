@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import threading
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +113,33 @@ def test_truncated_array_keeps_the_rows_before_the_damage(crops, tmp_path):
     assert [type(row) for row in rows] == [DecodedImage] * 6 + [FailedImage]
     assert "truncated: the header declares 10 rows" in rows[-1].error and "rows 0 to 5 were read" in rows[-1].error
     assert np.array_equal(rows[5].pixels, crops[5])
+
+
+def test_an_npz_member_must_hold_what_its_header_declares_and_be_stored_or_deflated(crops, tmp_path):
+    """A bzip2 or LZMA member can unpack gigabytes from a kilobyte in one read, and a deflated one
+    can hold more than its header declares: both are one error row, before any row is read."""
+
+    def npz(name: str, method: int, declared_rows: int, data: bytes) -> Path:
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": "|u1", "fortran_order": False, "shape": (declared_rows, SIZE, SIZE, 3)}
+        )
+        with zipfile.ZipFile(tmp_path / name, "w", method) as archive:
+            archive.writestr("images.npy", header.getvalue() + data)
+        return tmp_path / name
+
+    rows = crops[:4].tobytes()
+    cases = {
+        npz("bzip2.npz", zipfile.ZIP_BZIP2, 4, rows): "compressed with method 12",
+        npz("lzma.npz", zipfile.ZIP_LZMA, 4, rows): "compressed with method 14",
+        npz("more.npz", zipfile.ZIP_DEFLATED, 1, rows): f"holds {128 + len(rows):,} bytes, but its header declares",
+        npz("fewer.npz", zipfile.ZIP_STORED, 5, rows): "bytes, but its header declares",
+    }
+    for path, message in cases.items():
+        (row,) = decoded([path])
+        assert isinstance(row, FailedImage) and message in row.error, (path.name, row.error)
+    exact = decoded([npz("exact.npz", zipfile.ZIP_DEFLATED, 4, rows)])
+    assert [row.pixels.tolist() for row in exact] == crops[:4].tolist()
 
 
 def test_no_row_of_a_damaged_npz_is_handed_out(crops, tmp_path):

@@ -325,6 +325,55 @@ def test_verify_says_what_still_matches(case, tmp_path):
     assert "report" in cli("verify", out, code=EXIT_FAILURE).stdout
 
 
+def test_verify_never_waits_on_a_fifo_or_a_device_and_refuses_malformed_reports(case, tmp_path):
+    """A report naming a FIFO or /dev/zero as a suspect or the model is checked at once (those are
+    not checked, not read); a report, or its sidecar, that is a FIFO is refused; and a report whose
+    JSON is not shaped as manifpt writes it is one clear error, not a traceback."""
+    out = tmp_path / "r.json"
+    cli(
+        "attribute",
+        case["suspects"],
+        "--model",
+        case["model"],
+        "--index",
+        case["index"],
+        "--report",
+        "json",
+        "--out",
+        out,
+    )
+    report = json.loads(out.read_text())
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    named = json.loads(json.dumps(report))
+    named["rows"][0]["path"], named["rows"][1]["path"] = str(fifo), "/dev/zero"
+    named["header"]["model"] = str(fifo)
+    (tmp_path / "named.json").write_text(json.dumps(named))
+    started = time.monotonic()
+    result = cli("verify", tmp_path / "named.json", code=EXIT_FAILURE)
+    assert result.stdout.count("not a regular file") == 3 and time.monotonic() - started < 60
+    (tmp_path / "fifo.json").symlink_to(fifo)
+    assert "not a regular file" in cli("verify", tmp_path / "fifo.json", code=EXIT_USAGE).stderr
+    (tmp_path / "r.csv").write_text("path,sha256\r\n")  # its sidecar is what is wrong here
+    os.mkfifo(tmp_path / "r.csv.meta.json")
+    assert "not a regular file" in cli("verify", tmp_path / "r.csv", code=EXIT_USAGE).stderr
+    malformed = {
+        "list": [report],
+        "header-list": {**report, "header": []},
+        "row-number": {**report, "rows": [1]},
+        "path-number": {**report, "rows": [{**report["rows"][0], "path": 7}]},
+        "classes-text": {**report, "header": {**report["header"], "classes": "abc"}},
+        "rule-list": {**report, "header": {**report["header"], "verdict_rule": [1]}},
+    }
+    for name, content in malformed.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    for name in [*malformed, "deep"]:
+        for command in (["verify"], ["report", "--html", tmp_path / "x.html"]):
+            result = cli(*command, tmp_path / f"{name}.json", code=EXIT_FAILURE)
+            assert "is not a manifpt report" in result.stderr, (name, command)
+
+
 # --- 3. report and provenance always agree -------------------------------------------------------
 
 
