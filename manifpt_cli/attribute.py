@@ -23,7 +23,7 @@ from .evidence import Evidence, render_evidence
 from .formats import CHECKPOINT_FORMAT, FORMAT_VERSIONS, ONNX_METADATA_KEY, describe_file, provenance
 from .images import DecodedImage, DecodeResult, FailedImage, SkippedFile, decode_folder, display_path
 from .inputs import InputKind, attributor_inputs
-from .integrity import ONNX_DIGEST_KEY, verify_onnx
+from .integrity import ONNX_DIGEST_KEY, check_plain_graph, verify_onnx
 from .manifold import Neighbours, RealIndex
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .shared_work import SharedParts
@@ -79,6 +79,7 @@ class OnnxAttributor:
         with open(self.path, "rb") as handle:
             data = handle.read()
         self.digest = verify_onnx(self.path, data)  # before any parser sees the bytes
+        check_plain_graph(self.path, data)
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.session = _session(self.path, threads, data)
         props = self.session.get_modelmeta().custom_metadata_map
@@ -112,6 +113,7 @@ class OnnxAttributor:
                 data = handle.read()  # hashed and loaded from the same bytes
             if hashlib.sha256(data).hexdigest() != self.card.get("backbone_onnx_sha256"):
                 raise MismatchError(f"{backbone} is not the backbone exported with {self.path} (SHA-256 differs)")
+            check_plain_graph(backbone, data)
             self.embedder = OnnxBackboneEmbedder(self.space, _session(backbone, threads, data))
 
     @property

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import stat
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -151,6 +152,23 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping, metadata: dict
         torch.save({"state_dict": dict(state_dict), "metadata": json.dumps(sealed)}, partial)
 
 
+def _check_stored_archive(path: str | os.PathLike, expected: str) -> None:
+    """Refuse a checkpoint archive whose members are compressed, or together larger than the file:
+    ``torch.save`` stores them as they are, and ``torch.load`` would unpack a deflated member
+    whole (a 3.6 MB file holding 2 GiB of zeros took 2.8 GB before any check)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        raise FormatError(f"{path} is not a {expected} checkpoint: it is {describe_file(path)}") from None
+    compressed = any(member.compress_type != zipfile.ZIP_STORED for member in members)
+    if compressed or sum(member.file_size for member in members) > os.path.getsize(path):
+        raise FormatError(
+            f"{path} is not a {expected} checkpoint: its archive holds compressed members, or more than the "
+            "file's size, which torch.save never writes (it was altered)"
+        )
+
+
 def load_checkpoint_payload(path: str | os.PathLike, expected: str) -> tuple[dict, dict]:
     """(state dict, metadata) of a checkpoint of format ``expected``, read once and safely.
 
@@ -162,6 +180,7 @@ def load_checkpoint_payload(path: str | os.PathLike, expected: str) -> tuple[dic
 
     if not os.path.isfile(path):
         raise UsageError(f"no such checkpoint file: {path}")
+    _check_stored_archive(path, expected)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         metadata = json.loads(payload["metadata"])

@@ -84,6 +84,9 @@ R = TypeVar("R")
 READ_AHEAD_BATCHES = 2  # decoded batches waiting for the caller, at most
 DECODE_CHUNK = 16  # files one decoding thread takes at a time (fewer hand-overs between threads)
 ARRAY_BLOCK_BYTES = 64 * 2**20  # an array file's rows are read a batch at a time, but at most this much
+# libjpeg decodes the whole image again for every scan of a progressive JPEG (encoders write about
+# 10), so a small file of empty scans could take hours; libjpeg-turbo's tools offer such a limit.
+MAX_JPEG_SCANS = 500
 
 
 @functools.cache
@@ -535,6 +538,14 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
                     f"refused: header declares {width}×{height} pixels, over the limit of "
                     f"{max_pixels:,} (raise max_pixels, --max-pixels, if the image is genuine)"
                 )
+            if image.format in ("JPEG", "MPO"):
+                # Every scan starts with an SOS marker (FF DA), which entropy-coded data never holds.
+                scans = data.count(b"\xff\xda")
+                if scans > MAX_JPEG_SCANS:
+                    raise ImageDecodeError(
+                        f"refused: the JPEG holds {scans:,} scans, over the limit of {MAX_JPEG_SCANS} (a progressive "
+                        "JPEG has about 10; each scan decodes the whole image again)"
+                    )
             image.seek(0)  # first frame of animated/multi-page files
             if image.format in ("JPEG", "MPO") and min(width, height) >= 4 * size:
                 # DCT scaling by 1/2, 1/4 or 1/8, keeping at least 2 × size on the shorter side.

@@ -382,3 +382,89 @@ def verify_onnx(path: str | os.PathLike, data: bytes) -> str:
             f"{path} does not match its recorded digest: its graph, weights or model card were changed after export"
         )
     return stored
+
+
+# ModelProto, GraphProto, NodeProto and AttributeProto field numbers (onnx/onnx.proto3).
+MODEL_GRAPH, MODEL_FUNCTIONS = 7, 25
+GRAPH_NODE = 1
+NODE_OP_TYPE, NODE_ATTRIBUTE, NODE_DOMAIN = 4, 5, 7
+ATTRIBUTE_GRAPH, ATTRIBUTE_GRAPHS, ATTRIBUTE_TYPE = 6, 11, 20
+GRAPH_ATTRIBUTE_TYPES = (5, 10)  # AttributeProto.GRAPH, GRAPHS
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def _varint(data: memoryview, position: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if position >= len(data) or shift > 63:
+            raise ValueError("a truncated or overlong varint")
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position, shift = position + 1, shift + 7
+        if not byte & 0x80:
+            return value, position
+
+
+def _protobuf_fields(data: memoryview):
+    """(field number, value) of each field of a serialised protobuf message: varints as ints,
+    length-delimited fields as memoryviews of their bytes (no copy); fixed-width ones skipped."""
+    position = 0
+    while position < len(data):
+        key, position = _varint(data, position)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, position = _varint(data, position)
+        elif wire == 2:
+            length, position = _varint(data, position)
+            if position + length > len(data):
+                raise ValueError("a field runs past the end of its message")
+            value, position = data[position : position + length], position + length
+        elif wire in (1, 5):
+            position += 8 if wire == 1 else 4
+            continue
+        else:
+            raise ValueError(f"wire type {wire}")
+        yield number, value
+
+
+def check_plain_graph(path: str | os.PathLike, data: bytes) -> None:
+    """Refuse an ONNX model that is not a plain graph of standard operators, as ``manifpt export``
+    writes: no subgraphs (If, Loop, Scan bodies), no model-local functions, no custom domains.
+
+    The digest stops edits, not a forger who seals their own file; a Loop of 10¹² turns runs
+    inside ONNX Runtime, where neither Ctrl-C nor SIGTERM reaches it. Read from the bytes, before
+    ONNX Runtime parses them (the lean install has no ``onnx`` package).
+    """
+
+    def refuse(what: str) -> None:
+        raise IntegrityError(
+            f"{path} holds {what}; `manifpt export` writes plain graphs of standard ONNX operators, so this "
+            "model was not made by it"
+        )
+
+    try:
+        for number, model_field in _protobuf_fields(memoryview(data)):
+            if number == MODEL_FUNCTIONS:
+                refuse("model-local functions")
+            if number != MODEL_GRAPH:
+                continue
+            for graph_number, node in _protobuf_fields(model_field):
+                if graph_number != GRAPH_NODE:
+                    continue
+                op_type, domain, attributes = "", "", []
+                for node_number, value in _protobuf_fields(node):
+                    if node_number == NODE_OP_TYPE:
+                        op_type = bytes(value).decode(errors="replace")
+                    elif node_number == NODE_DOMAIN:
+                        domain = bytes(value).decode(errors="replace")
+                    elif node_number == NODE_ATTRIBUTE:
+                        attributes.append(value)
+                if domain not in STANDARD_DOMAINS:
+                    refuse(f"an operator of the custom domain {domain!r} ({op_type})")
+                for attribute in attributes:
+                    for attribute_number, value in _protobuf_fields(attribute):
+                        graph_typed = attribute_number == ATTRIBUTE_TYPE and value in GRAPH_ATTRIBUTE_TYPES
+                        if attribute_number in (ATTRIBUTE_GRAPH, ATTRIBUTE_GRAPHS) or graph_typed:
+                            refuse(f"a subgraph (in a {op_type} node)")
+    except ValueError as exc:
+        raise FormatError(f"{path} is not a readable ONNX model: {exc}") from None

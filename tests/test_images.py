@@ -680,6 +680,21 @@ def test_jpeg_reduced_decoding(tmp_path):
     assert difference.mean() < 2 and difference.max() < 40, "slightly different from a full decode"
 
 
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path):
+    """libjpeg decodes the whole image again for every scan: a small file of empty scans at the
+    pixel limit ran for an hour. A genuine progressive JPEG (about 10 scans) decodes."""
+    progressive = save(tmp_path / "progressive.jpg", gradient(64, 64), quality=90, progressive=True)
+    data = progressive.read_bytes()
+    assert 1 < data.count(b"\xff\xda") <= images_module.MAX_JPEG_SCANS
+    assert decode_image(str(progressive), SIZE).pixels.shape == (SIZE, SIZE, 3)
+    sos = data.index(b"\xff\xda")
+    scan_header = data[sos : sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]]
+    extra = images_module.MAX_JPEG_SCANS + 1 - data.count(b"\xff\xda")
+    (tmp_path / "scans.jpg").write_bytes(data[:-2] + scan_header * extra + data[-2:])
+    with pytest.raises(ImageDecodeError, match=f"holds {images_module.MAX_JPEG_SCANS + 1} scans, over the limit"):
+        decode_image(str(tmp_path / "scans.jpg"), SIZE)
+
+
 def test_orientation_one_is_the_same_as_none(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 1

@@ -297,6 +297,47 @@ def test_a_flipped_weight_byte_or_edited_card_is_refused(case, tmp_path):
     assert "model card does not match the model" in result.stderr
 
 
+def test_a_sealed_model_with_subgraphs_functions_or_custom_operators_is_refused(case, tmp_path):
+    """Anyone can seal a file of their own; a model with a Loop (10¹² turns ran for ten minutes and
+    ignored SIGTERM), a local function or a custom operator is not one `export` writes, and is
+    refused before ONNX Runtime parses it. The genuine model passes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from manifpt_cli.attribute import OnnxAttributor
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info(name, TensorProto.INT64 if name == "i" else TensorProto.BOOL, [])
+            for name in ("i", "cond")
+        ],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])],
+    )
+    edits = {
+        "loop": lambda proto: proto.graph.node.append(helper.make_node("Loop", ["", ""], [], body=body)),
+        "function": lambda proto: proto.functions.append(
+            helper.make_function("local", "f", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])], [])
+        ),
+        "custom": lambda proto: proto.graph.node.append(helper.make_node("Foo", [], ["foo"], domain="com.example")),
+    }
+    messages = {
+        "loop": "a subgraph \\(in a Loop node\\)",
+        "function": "model-local functions",
+        "custom": "custom domain",
+    }
+    for name, edit in edits.items():
+        proto = onnx.load(str(case["model"]))
+        edit(proto)
+        {p.key: p for p in proto.metadata_props}["manifpt_digest"].value = ONNX_DIGEST_PLACEHOLDER
+        onnx.save(proto, str(tmp_path / f"{name}.onnx"))
+        seal_onnx(tmp_path / f"{name}.onnx")
+        with pytest.raises(IntegrityError, match=messages[name]):
+            OnnxAttributor(tmp_path / f"{name}.onnx")
+    OnnxAttributor(case["model"])
+
+
 def test_rows_do_not_depend_on_batch_size_workers_or_threads(case, tmp_path):
     reports, batch_sizes = [], []
     runs = [("--batch-size", 1, "--threads", 1), ("--batch-size", 7, "--workers", 2, "--threads", 2)]

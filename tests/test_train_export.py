@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import onnx
@@ -97,6 +98,21 @@ def test_feature_space_export_ships_the_backbone(tmp_path):
         3,
         FEATURE_DIM,
     )
+
+
+def test_a_checkpoint_with_compressed_members_is_refused_before_it_is_unpacked(freq_model, tmp_path):
+    """torch.save stores its members as they are; a deflated one (a 3.6 MB file can hold gigabytes
+    of zeros, which torch.load unpacks whole) is refused first. The checkpoint as saved loads."""
+    genuine = freq_model / "freq.pt"
+    with (
+        zipfile.ZipFile(genuine) as source,
+        zipfile.ZipFile(tmp_path / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as out,
+    ):
+        for member in source.infolist():
+            out.writestr(member.filename, source.read(member))
+    with pytest.raises(FormatError, match="holds compressed members"):
+        load_checkpoint(tmp_path / "deflated.pt")
+    load_checkpoint(genuine)
 
 
 def test_bad_checkpoints_and_options(tmp_path, artifacts_file):
