@@ -141,9 +141,27 @@ class OnnxAttributor:
             raise FormatError(f"{self.path}: the model card does not match the model ({'; '.join(problems)})")
 
     def predict(self, artifacts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(n, *input_shape) inputs → ((n, n_classes) calibrated probabilities, (n, 4) open-set scores)."""
+        """(n, *input_shape) inputs → ((n, n_classes) calibrated probabilities, (n, 4) open-set scores).
+
+        Raises:
+            FormatError: ONNX Runtime failed, or the outputs are not of those shapes (a graph whose
+                output shape depends on its input passes the load-time check; its rows would be wrong).
+        """
         feed = {"artifact": np.ascontiguousarray(artifacts, np.float32)}
-        probabilities, scores = self.session.run(["probabilities", "scores"], feed)
+        try:
+            probabilities, scores = self.session.run(["probabilities", "scores"], feed)
+        except Exception as exc:  # ONNX Runtime's own exception types
+            raise FormatError(f"ONNX Runtime failed running {self.path}: {str(exc).splitlines()[0]}") from None
+        expected = {
+            "probabilities": (len(artifacts), len(self.classes)),
+            "scores": (len(artifacts), len(self.rule.graph_scores)),
+        }
+        for name, output in (("probabilities", probabilities), ("scores", scores)):
+            if output.shape != expected[name]:
+                raise FormatError(
+                    f"{self.path} gave {name} of shape {output.shape}, not {expected[name]}: its graph is not one "
+                    "`manifpt export` writes"
+                )
         return probabilities, scores
 
     def check_index(self, index: RealIndex) -> None:

@@ -338,6 +338,48 @@ def test_a_sealed_model_with_subgraphs_functions_or_custom_operators_is_refused(
     OnnxAttributor(case["model"])
 
 
+def test_a_sealed_model_whose_output_shape_depends_on_its_input_stops_the_run(case, tmp_path):
+    """Its declared shapes pass the load-time check; at run time it gives one column of
+    probabilities, which would silently become wrong rows: refused, and no report is left."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(case["model"]))
+    graph = proto.graph
+    for node in graph.node:
+        node.output[:] = ["sliced_from" if name == "probabilities" else name for name in node.output]
+    constants = {"zero": 0, "one": 1, "axis": 1}
+    graph.initializer.extend(numpy_helper.from_array(np.array([v], np.int64), name) for name, v in constants.items())
+    graph.initializer.append(numpy_helper.from_array(np.array(1e30, np.float32), "huge"))
+    graph.node.extend(
+        [
+            helper.make_node("ReduceSum", ["artifact"], ["total"], keepdims=0),
+            helper.make_node("Greater", ["total", "huge"], ["never"]),
+            helper.make_node("Cast", ["never"], ["never_int"], to=onnx.TensorProto.INT64),
+            helper.make_node("Add", ["never_int", "one"], ["end"]),  # 1: the first column only
+            helper.make_node("Slice", ["sliced_from", "zero", "end", "axis"], ["probabilities"]),
+        ]
+    )
+    {p.key: p for p in proto.metadata_props}["manifpt_digest"].value = ONNX_DIGEST_PLACEHOLDER
+    onnx.save(proto, str(tmp_path / "sliced.onnx"))
+    seal_onnx(tmp_path / "sliced.onnx")
+    out = tmp_path / "r.csv"
+    result = cli(
+        "attribute",
+        case["suspects"],
+        "--model",
+        tmp_path / "sliced.onnx",
+        "--index",
+        case["index"],
+        "--report",
+        "csv",
+        "--out",
+        out,
+        code=EXIT_FAILURE,
+    )
+    assert "gave probabilities of shape" in result.stderr and not out.exists()
+
+
 def test_rows_do_not_depend_on_batch_size_workers_or_threads(case, tmp_path):
     reports, batch_sizes = [], []
     runs = [("--batch-size", 1, "--threads", 1), ("--batch-size", 7, "--workers", 2, "--threads", 2)]
