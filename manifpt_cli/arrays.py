@@ -114,7 +114,7 @@ def open_array(handle: BinaryIO, check_crc: bool = True) -> Iterator[tuple[Array
     handle.seek(0)
     try:
         archive = zipfile.ZipFile(handle)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:  # names not UTF-8
         raise ImageDecodeError(f"not a readable .npz archive: {exc}") from None
     try:
         name = _npz_member(archive)
@@ -135,6 +135,9 @@ def open_array(handle: BinaryIO, check_crc: bool = True) -> Iterator[tuple[Array
             _check_crc(archive, name)
         member = archive.open(name)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, zlib.error) as exc:
+        archive.close()
+        raise ImageDecodeError(f"not a readable .npz archive: {exc}") from None
+    except RuntimeError as exc:  # zipfile's word for an encrypted member
         archive.close()
         raise ImageDecodeError(f"not a readable .npz archive: {exc}") from None
     except BaseException:

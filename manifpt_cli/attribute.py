@@ -27,11 +27,34 @@ from .integrity import ONNX_DIGEST_KEY, check_plain_graph, verify_onnx
 from .manifold import Neighbours, RealIndex
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .shared_work import SharedParts
-from .spaces import Embedder, PixelEmbedder, Space, pixels_to_float
+from .spaces import FEATURE_DIM, Embedder, PixelEmbedder, Space, pixels_to_float
 from .verdicts import VerdictRule
 
 SEARCH_PART = 128  # suspects searched as one part of a batch: the rgb search's block of queries
 SMALLEST_PART = 64  # parts of 32 searched slower than a whole batch of 64 did (bench: 335 vs 309 µs/image)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _run(session, path: str, outputs: list[str], feed: dict) -> list[np.ndarray]:
+    """``session.run``, its failures one line (ONNX Runtime raises its own exception types)."""
+    try:
+        return session.run(outputs, feed)
+    except Exception as exc:
+        raise FormatError(f"ONNX Runtime failed running {path}: {_first_line(exc)}") from None
+
+
+def _check_shapes(path: str, found: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> None:
+    """Outputs of the shapes the card implies: a graph whose output shape depends on its input
+    passes the load-time check, and its rows would be wrong."""
+    for name, output in found.items():
+        if output.shape != expected[name]:
+            raise FormatError(
+                f"{path} gave {name} of shape {output.shape}, not {expected[name]}: its graph is not one "
+                "`manifpt export` writes"
+            )
 
 
 def _session(path: str, threads: int, data: bytes | None = None):
@@ -44,7 +67,7 @@ def _session(path: str, threads: int, data: bytes | None = None):
     try:
         return ort.InferenceSession(data if data is not None else path, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise FormatError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
+        raise FormatError(f"ONNX Runtime cannot load {path}: {_first_line(exc)}") from None
 
 
 @dataclass
@@ -53,9 +76,12 @@ class OnnxBackboneEmbedder:
 
     space: Space
     session: object
+    path: str
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run(["embedding"], {"image": pixels_to_float(pixels)})[0]
+        (embedding,) = _run(self.session, self.path, ["embedding"], {"image": pixels_to_float(pixels)})
+        _check_shapes(self.path, {"embedding": embedding}, {"embedding": (len(pixels), FEATURE_DIM)})
+        return embedding
 
 
 class OnnxAttributor:
@@ -114,7 +140,7 @@ class OnnxAttributor:
             if hashlib.sha256(data).hexdigest() != self.card.get("backbone_onnx_sha256"):
                 raise MismatchError(f"{backbone} is not the backbone exported with {self.path} (SHA-256 differs)")
             check_plain_graph(backbone, data)
-            self.embedder = OnnxBackboneEmbedder(self.space, _session(backbone, threads, data))
+            self.embedder = OnnxBackboneEmbedder(self.space, _session(backbone, threads, data), backbone)
 
     @property
     def backbone_path(self) -> str | None:
@@ -148,20 +174,13 @@ class OnnxAttributor:
                 output shape depends on its input passes the load-time check; its rows would be wrong).
         """
         feed = {"artifact": np.ascontiguousarray(artifacts, np.float32)}
-        try:
-            probabilities, scores = self.session.run(["probabilities", "scores"], feed)
-        except Exception as exc:  # ONNX Runtime's own exception types
-            raise FormatError(f"ONNX Runtime failed running {self.path}: {str(exc).splitlines()[0]}") from None
-        expected = {
-            "probabilities": (len(artifacts), len(self.classes)),
-            "scores": (len(artifacts), len(self.rule.graph_scores)),
-        }
-        for name, output in (("probabilities", probabilities), ("scores", scores)):
-            if output.shape != expected[name]:
-                raise FormatError(
-                    f"{self.path} gave {name} of shape {output.shape}, not {expected[name]}: its graph is not one "
-                    "`manifpt export` writes"
-                )
+        probabilities, scores = _run(self.session, self.path, ["probabilities", "scores"], feed)
+        n = len(artifacts)
+        _check_shapes(
+            self.path,
+            {"probabilities": probabilities, "scores": scores},
+            {"probabilities": (n, len(self.classes)), "scores": (n, len(self.rule.graph_scores))},
+        )
         return probabilities, scores
 
     def check_index(self, index: RealIndex) -> None:

@@ -77,14 +77,14 @@ def check_format(attrs: Mapping, expected: str, path: str | os.PathLike) -> None
 
 
 def open_regular(path: str | os.PathLike, mode: str = "rb", **text):
-    """``open`` for regular files only: a FIFO, device or socket (or a link to one) is refused with
+    """``open`` for regular files only: a folder, FIFO, device or socket (or a link to one) is refused with
     an OSError without waiting on it (opened non-blocking first; a FIFO with no writer, or
     ``/dev/zero``, would otherwise block or read for ever). ``text``: ``encoding``, ``newline``."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(
-                errno.EINVAL, "not a regular file (a FIFO, device or socket); it was not read", os.fspath(path)
+                errno.EINVAL, "not a regular file (a folder, FIFO, device or socket); it was not read", os.fspath(path)
             )
         os.set_blocking(fd, True)
         return os.fdopen(fd, mode, **text)
@@ -159,7 +159,7 @@ def _check_stored_archive(path: str | os.PathLike, expected: str) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, EOFError):
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):  # ValueError: a member name not UTF-8
         raise FormatError(f"{path} is not a {expected} checkpoint: it is {describe_file(path)}") from None
     compressed = any(member.compress_type != zipfile.ZIP_STORED for member in members)
     if compressed or sum(member.file_size for member in members) > os.path.getsize(path):

@@ -60,6 +60,7 @@ import io
 import itertools
 import os
 import queue
+import re
 import stat
 import sys
 import threading
@@ -87,6 +88,29 @@ ARRAY_BLOCK_BYTES = 64 * 2**20  # an array file's rows are read a batch at a tim
 # libjpeg decodes the whole image again for every scan of a progressive JPEG (encoders write about
 # 10), so a small file of empty scans could take hours; libjpeg-turbo's tools offer such a limit.
 MAX_JPEG_SCANS = 500
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # entropy-coded data holds FF only as FF 00 or a restart
+
+
+def jpeg_scans(data: bytes) -> int:
+    """The scans (SOS segments) of a JPEG's first image, found by walking its segments to its EOI:
+    what segments hold (an EXIF thumbnail, an ICC profile) and what follows the image (a motion
+    photo's video) is not counted. A damaged file stops the walk; its decoder says the rest."""
+    position, scans = 2, 0  # after SOI
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xD9:  # EOI
+            break
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, or no length
+            position += 1 if marker == 0xFF else 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            found = _NEXT_MARKER.search(data, position)
+            if found is None:
+                break
+            position = found.start()
+    return scans
 
 
 @functools.cache
@@ -539,8 +563,7 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
                     f"{max_pixels:,} (raise max_pixels, --max-pixels, if the image is genuine)"
                 )
             if image.format in ("JPEG", "MPO"):
-                # Every scan starts with an SOS marker (FF DA), which entropy-coded data never holds.
-                scans = data.count(b"\xff\xda")
+                scans = jpeg_scans(data)
                 if scans > MAX_JPEG_SCANS:
                     raise ImageDecodeError(
                         f"refused: the JPEG holds {scans:,} scans, over the limit of {MAX_JPEG_SCANS} (a progressive "

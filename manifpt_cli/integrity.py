@@ -427,6 +427,13 @@ def _protobuf_fields(data: memoryview):
         yield number, value
 
 
+def _delimited(value) -> memoryview:
+    """A field that must be a sub-message or a string (wire type 2), as the schema says."""
+    if not isinstance(value, memoryview):
+        raise ValueError("a message or string field of another wire type")
+    return value
+
+
 def check_plain_graph(path: str | os.PathLike, data: bytes) -> None:
     """Refuse an ONNX model that is not a plain graph of standard operators, as ``manifpt export``
     writes: no subgraphs (If, Loop, Scan bodies), no model-local functions, no custom domains.
@@ -448,17 +455,17 @@ def check_plain_graph(path: str | os.PathLike, data: bytes) -> None:
                 refuse("model-local functions")
             if number != MODEL_GRAPH:
                 continue
-            for graph_number, node in _protobuf_fields(model_field):
+            for graph_number, node in _protobuf_fields(_delimited(model_field)):
                 if graph_number != GRAPH_NODE:
                     continue
                 op_type, domain, attributes = "", "", []
-                for node_number, value in _protobuf_fields(node):
+                for node_number, value in _protobuf_fields(_delimited(node)):
                     if node_number == NODE_OP_TYPE:
-                        op_type = bytes(value).decode(errors="replace")
+                        op_type = bytes(_delimited(value)).decode(errors="replace")
                     elif node_number == NODE_DOMAIN:
-                        domain = bytes(value).decode(errors="replace")
+                        domain = bytes(_delimited(value)).decode(errors="replace")
                     elif node_number == NODE_ATTRIBUTE:
-                        attributes.append(value)
+                        attributes.append(_delimited(value))
                 if domain not in STANDARD_DOMAINS:
                     refuse(f"an operator of the custom domain {domain!r} ({op_type})")
                 for attribute in attributes:

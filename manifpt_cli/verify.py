@@ -55,6 +55,34 @@ HEADER_TEXT = ("model", "model_sha256", "index", "index_hash", "space", "created
 HEADER_OBJECTS = ("verdict_rule", "model_card", "operator", "verification", "search", "settings", "versions")
 HEADER_TEXT_LISTS = ("classes", "suspects")
 ROW_TEXT = ("path", "status", "verdict", "predicted", "runner_up", "nearest_real", "sha256", "error")
+ROW_NUMBERS = ("probability", "runner_up_probability", "open_set_score", "manifold_distance", "width", "height")
+
+
+def _json_number(value) -> bool:
+    """A JSON number or null."""
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _number_or_none(value) -> bool:
+    """A JSON number or null, or a CSV cell (text, checked where it is parsed)."""
+    return isinstance(value, str) or _json_number(value)
+
+
+def _row_types_wrong(row: dict) -> list[str]:
+    wrong = [key for key in ROW_TEXT if not isinstance(row.get(key, ""), str)]
+    wrong += [key for key in ROW_NUMBERS if not _number_or_none(row.get(key))]
+    top_k, notes = row.get("top_k", ""), row.get("notes", "")
+    if not isinstance(top_k, str) and not (
+        isinstance(top_k, list)
+        and all(
+            isinstance(k, dict) and isinstance(k.get("label"), str) and _json_number(k.get("probability"))
+            for k in top_k
+        )
+    ):
+        wrong.append("top_k")
+    if not isinstance(notes, str) and not (isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
+        wrong.append("notes")
+    return wrong
 
 
 def _check_report_types(header, rows) -> None:
@@ -74,7 +102,7 @@ def _check_report_types(header, rows) -> None:
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise ValueError("its rows are not a list of objects")
     for number, row in enumerate(rows, start=1):
-        wrong = [key for key in ROW_TEXT if not isinstance(row.get(key, ""), str)]
+        wrong = _row_types_wrong(row)
         if wrong:
             raise ValueError(f"row {number}: fields of the wrong type: {', '.join(wrong)}")
 

@@ -682,11 +682,14 @@ def test_jpeg_reduced_decoding(tmp_path):
 
 def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_path):
     """libjpeg decodes the whole image again for every scan: a small file of empty scans at the
-    pixel limit ran for an hour. A genuine progressive JPEG (about 10 scans) decodes."""
+    pixel limit ran for an hour. A genuine progressive JPEG (about 10 scans) decodes, also with
+    data after its end that holds the SOS bytes (a motion photo's video), which are not scans."""
     progressive = save(tmp_path / "progressive.jpg", gradient(64, 64), quality=90, progressive=True)
     data = progressive.read_bytes()
-    assert 1 < data.count(b"\xff\xda") <= images_module.MAX_JPEG_SCANS
-    assert decode_image(str(progressive), SIZE).pixels.shape == (SIZE, SIZE, 3)
+    assert 1 < images_module.jpeg_scans(data) == data.count(b"\xff\xda") <= images_module.MAX_JPEG_SCANS
+    (tmp_path / "trailer.jpg").write_bytes(data + b"\xff\xda" * 2 * images_module.MAX_JPEG_SCANS)
+    for path in (progressive, tmp_path / "trailer.jpg"):
+        assert decode_image(str(path), SIZE).pixels.shape == (SIZE, SIZE, 3)
     sos = data.index(b"\xff\xda")
     scan_header = data[sos : sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]]
     extra = images_module.MAX_JPEG_SCANS + 1 - data.count(b"\xff\xda")

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from manifpt_cli import outputs
 from manifpt_cli.casework import ReportTarget, run_attribution
 from manifpt_cli.cli import app
-from manifpt_cli.errors import EXIT_FAILURE, EXIT_USAGE
+from manifpt_cli.errors import EXIT_FAILURE, EXIT_USAGE, FormatError
 from manifpt_cli.export import export_onnx
 from manifpt_cli.images import path_from_display
 from manifpt_cli.integrity import ONNX_DIGEST_PLACEHOLDER, IntegrityError, check_stored, seal_onnx
@@ -335,6 +335,13 @@ def test_a_sealed_model_with_subgraphs_functions_or_custom_operators_is_refused(
         seal_onnx(tmp_path / f"{name}.onnx")
         with pytest.raises(IntegrityError, match=messages[name]):
             OnnxAttributor(tmp_path / f"{name}.onnx")
+    # A graph field sent as a number (wire type 0), not a message: one clear line, not a traceback.
+    proto = onnx.load(str(case["model"]))
+    {p.key: p for p in proto.metadata_props}["manifpt_digest"].value = ONNX_DIGEST_PLACEHOLDER
+    (tmp_path / "wire.onnx").write_bytes(proto.SerializeToString() + bytes([7 << 3, 1]))
+    seal_onnx(tmp_path / "wire.onnx")
+    with pytest.raises(FormatError, match="not a readable ONNX model: a message or string field of another wire type"):
+        OnnxAttributor(tmp_path / "wire.onnx")
     OnnxAttributor(case["model"])
 
 
@@ -447,6 +454,8 @@ def test_verify_never_waits_on_a_fifo_or_a_device_and_refuses_malformed_reports(
         "path-number": {**report, "rows": [{**report["rows"][0], "path": 7}]},
         "classes-text": {**report, "header": {**report["header"], "classes": "abc"}},
         "rule-list": {**report, "header": {**report["header"], "verdict_rule": [1]}},
+        "distance-list": {**report, "rows": [{**report["rows"][0], "manifold_distance": [1]}]},
+        "top-k-text": {**report, "rows": [{**report["rows"][0], "top_k": [{"label": "a", "probability": "0.5"}]}]},
     }
     for name, content in malformed.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(content))
