@@ -134,10 +134,16 @@ def open_array(handle: BinaryIO, check_crc: bool = True) -> Iterator[tuple[Array
         if check_crc:
             _check_crc(archive, name)
         member = archive.open(name)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, zlib.error) as exc:
-        archive.close()
-        raise ImageDecodeError(f"not a readable .npz archive: {exc}") from None
-    except RuntimeError as exc:  # zipfile's word for an encrypted member
+    # RuntimeError: zipfile's word for an encrypted member.
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        OSError,
+        EOFError,
+        zlib.error,
+        RuntimeError,
+    ) as exc:
         archive.close()
         raise ImageDecodeError(f"not a readable .npz archive: {exc}") from None
     except BaseException:

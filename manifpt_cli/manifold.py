@@ -513,14 +513,17 @@ class RealIndex:
         return dict(self._space_attrs(space))
 
     def _space_attrs(self, space: Space) -> dict:
-        self._group(space)  # an unknown space is a UsageError
+        self._check_space(space)
         return self._attributes.spaces[space.value]
 
     def _group(self, space: Space):
+        self._check_space(space)
+        return self._file[f"spaces/{space.value}"]
+
+    def _check_space(self, space: Space) -> None:
         if space not in self.spaces:
             held = ", ".join(s.value for s in self.spaces)
             raise UsageError(f"index {self.path} has no {space.value!r} space (it holds: {held})")
-        return self._file[f"spaces/{space.value}"]
 
     def backbone_weights(self, space: Space):
         """The BackboneWeights the index's sl/ssl embeddings were made with."""

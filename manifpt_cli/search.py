@@ -483,7 +483,10 @@ class _KnownDistances:
         if len(row_ids) > 1 and not (row_ids[1:] > row_ids[:-1]).all():
             raise ValueError("row ids must be strictly ascending (a repeated row would escape leave-one-out)")
         at = np.searchsorted(self.rows, row_ids)
-        known = self.rows[np.minimum(at, len(self.rows) - 1)] == row_ids if len(self.rows) else at < 0
+        if len(self.rows):
+            known = self.rows[np.minimum(at, len(self.rows) - 1)] == row_ids
+        else:
+            known = np.zeros(len(row_ids), dtype=bool)
         if known.all():
             return self.distances[at]
         computed = self._search._distances(self._operand, self._query_squared, row_ids[~known], self._own)
