@@ -102,7 +102,7 @@ class SearchPlan:
 
     def project(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(Q(v − μ), ‖v − μ‖²) in float64 for (n, d) float vectors."""
-        centred = vectors.astype(np.float64) - self.mean
+        centred = np.subtract(vectors, self.mean, dtype=np.float64)  # one pass, no float64 copy first
         return centred @ self.basis.T, np.einsum("ij,ij->i", centred, centred)
 
 
@@ -427,7 +427,7 @@ class ExactSearch:
     def _nearest_block(self, pixels: np.ndarray, queries: np.ndarray, own_sha256):
         started = time.perf_counter()
         b = len(pixels)
-        centred = queries.astype(np.float64) - self.plan.mean
+        centred = np.subtract(queries, self.plan.mean, dtype=np.float64)
         centred_squared = np.einsum("ij,ij->i", centred, centred)
         coords, coord_error = self._project(pixels, queries)
         operand = self.products.operand(pixels)
@@ -460,9 +460,11 @@ class ExactSearch:
         step = max(1, BLOCK_BYTES // (8 * self.rows.shape[1]))  # (query, row) pairs in float64 at a time
         for start in range(0, len(row_ids), step):
             pairs = slice(start, start + step)
-            difference = rows_as_float(self.rows[row_ids[pairs]]).astype(np.float64)
-            difference -= queries[query_ids[pairs]].astype(np.float64)
-            found[pairs] = np.square(difference).sum(axis=1)  # the float64 sum brute force computes
+            # The float64 difference and sum brute force computes (float32 → float64 is exact).
+            difference = np.subtract(
+                rows_as_float(self.rows[row_ids[pairs]]), queries[query_ids[pairs]], dtype=np.float64
+            )
+            found[pairs] = np.square(difference, out=difference).sum(axis=1)
         ids, distances = closest_pairs(b, query_ids, row_ids, found)
         self._timed("float64 check", started)
         return ids, distances, survivors.sum(axis=1)
