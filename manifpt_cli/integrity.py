@@ -64,7 +64,8 @@ class IntegrityError(FormatError):
     """A file's content does not match its recorded digest, or holds objects manifpt did not write."""
 
 
-def _attr_text(value) -> str:
+def attr_text(value) -> str:
+    """An HDF5 attribute as text, however h5py returns it (str, bytes or a NumPy scalar)."""
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, np.generic):
@@ -77,7 +78,7 @@ def _attr_digest_text(value) -> str:
     array is abbreviated and rounded, so two different arrays could read the same)."""
     if isinstance(value, np.ndarray):
         return f"array:{value.dtype.str}:{list(value.shape)}:{hashlib.sha256(value.tobytes()).hexdigest()}"
-    return f"{type(value).__name__}:{_attr_text(value)}"
+    return f"{type(value).__name__}:{attr_text(value)}"
 
 
 def _update_attrs(digest, attrs, keys) -> None:
@@ -114,7 +115,7 @@ def _update_dataset(digest, dataset, reader: ChunkReader | None = None) -> None:
 
 def space_datasets(attrs) -> tuple[str, ...]:
     """The datasets a space group holds, by its ``search`` attribute."""
-    search = _attr_text(attrs.get("search", ""))
+    search = attr_text(attrs.get("search", ""))
     return {EXACT_SEARCH: EXACT_SEARCH_DATASETS, CODED_SEARCH: CODED_SEARCH_DATASETS}.get(search, FAISS_DATASETS)
 
 
@@ -139,7 +140,7 @@ def index_digest(
     _update_attrs(digest, attrs, ROOT_DIGEST_ATTRS)
     for name in ("files/path", "files/sha256"):
         _update_dataset(digest, handle[name], (readers or {}).get(name))
-    for space in json.loads(_attr_text(attrs["spaces"])):
+    for space in json.loads(attr_text(attrs["spaces"])):
         digest.update(space.encode() + space_digests[space].encode())
     return digest.hexdigest()
 
@@ -203,7 +204,7 @@ class IndexAttributes:
 
         root = dict(handle.attrs)
         spaces = {}
-        for name in json.loads(_attr_text(root["spaces"])):
+        for name in json.loads(attr_text(root["spaces"])):
             where = f"spaces/{name}"  # read only through hard links to groups: check_structure refuses the rest
             if all(isinstance(handle.get(p, getlink=True), h5py.HardLink) for p in ("spaces", where)):
                 if isinstance(handle[where], h5py.Group):
@@ -217,7 +218,7 @@ def check_structure(handle, path: str, attributes: IndexAttributes) -> None:
     import h5py
 
     expected = set(EXPECTED_INDEX_OBJECTS)
-    for space in json.loads(_attr_text(attributes.root["spaces"])):
+    for space in json.loads(attr_text(attributes.root["spaces"])):
         expected.add(f"spaces/{space}")
         if space in attributes.spaces:
             expected.update(f"spaces/{space}/{name}" for name in space_datasets(attributes.spaces[space]))
@@ -266,12 +267,12 @@ def verify_index(
     Returns what was checked, for the report header.
     """
     attributes = attributes or IndexAttributes.read(handle)
-    spaces = json.loads(_attr_text(attributes.root["spaces"]))
+    spaces = json.loads(attr_text(attributes.root["spaces"]))
     check_structure(handle, path, attributes)
     digests = {}
     for space in spaces:
         group, attrs = handle[f"spaces/{space}"], attributes.spaces[space]
-        stored = _attr_text(attrs.get("digest", ""))
+        stored = attr_text(attrs.get("digest", ""))
         if space in spaces_to_check:
             recomputed = space_digest(group, readers(space, group) if readers else None, attrs)
             if recomputed != stored:
@@ -281,7 +282,7 @@ def verify_index(
                 )
         digests[space] = stored
     root = index_digest(handle, digests, file_readers(handle) if file_readers else None, attributes.root)
-    if root != _attr_text(attributes.root["index_hash"]):
+    if root != attr_text(attributes.root["index_hash"]):
         raise IntegrityError(
             f"index {path} does not match its index_hash (its file list, image size, spaces or a space digest were "
             "changed); the file was edited or damaged. Rebuild it with `manifpt index build`"

@@ -127,7 +127,7 @@ def write_faiss_index(index, append: Callable[[bytes], int]) -> None:
 
 
 def read_faiss_index(dataset):
-    """The FAISS index serialised in a (bytes,) uint8 HDF5 dataset, read a block at a time."""
+    """The FAISS index serialised in a (bytes,) uint8 HDF5 dataset (read a block at a time) or array."""
     import faiss
 
     position = 0
@@ -623,8 +623,10 @@ class RealIndex:
     def faiss_index(self, space: Space):
         with self._making:
             if space not in self._faiss:
+                tables = self._tables.get(space)
+                kept = tables.take("faiss_index") if tables is not None else None
                 try:
-                    index = read_faiss_index(self._group(space)["faiss_index"])
+                    index = read_faiss_index(self._group(space)["faiss_index"] if kept is None else kept)
                 except RuntimeError as exc:
                     message = str(exc).splitlines()[0]
                     raise FormatError(
@@ -676,10 +678,23 @@ class RealIndex:
         kept = tables.take(name) if tables is not None else None
         return self._group(space)[name][...] if kept is None else kept
 
+    def _stored_rows(self, space: Space):
+        """A FAISS space's stored rows: as the verification kept them (``searching``; held from
+        then on), else the HDF5 dataset."""
+        with self._making:
+            tables = self._tables.get(space)
+            kept = tables.take("embeddings") if tables is not None else None
+            if kept is not None:
+                self._held[space] = kept
+        return self._held[space] if space in self._held else self._group(space)["embeddings"]
+
     def _read_rows(self, space: Space, ids: np.ndarray) -> np.ndarray:
-        """Stored rows ``ids`` read from the HDF5 dataset, in the order given."""
+        """Stored rows ``ids`` of a FAISS space, in the order given."""
+        rows = self._stored_rows(space)
+        if isinstance(rows, np.ndarray):
+            return rows[ids]
         unique, inverse = np.unique(ids, return_inverse=True)
-        return self._group(space)["embeddings"][unique.tolist()][inverse]
+        return rows[unique.tolist()][inverse]
 
     @property
     def n_failures(self) -> int:
@@ -774,7 +789,7 @@ class RealIndex:
     def _scan_nearest(self, space: Space, queries: np.ndarray, own: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest row of each query by a float64 scan of every stored embedding, skipping its own
         SHA-256 (ties: the lowest row; −1 / inf where every row is a copy of the query)."""
-        dataset = self._group(space)["embeddings"]
+        dataset = self._stored_rows(space)
         half = self.stored_layout(space)
         queries = queries.astype(np.float64)
         ids = np.full(len(queries), -1, dtype=np.int64)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import file_rows
-from .integrity import CODED_SEARCH, EXACT_SEARCH, ChunkReader
+from .integrity import CODED_SEARCH, EXACT_SEARCH, ChunkReader, attr_text
 
 TABLES = {  # by the space's ``search``: the datasets its search reads whole, and their shapes
     EXACT_SEARCH: {
@@ -27,6 +27,7 @@ TABLES = {  # by the space's ``search``: the datasets its search reads whole, an
     },
     CODED_SEARCH: {"embeddings": ("n", "d")},
 }
+FAISS_TABLES = {"embeddings": ("n", "d"), "faiss_index": ("bytes",)}  # FAISS spaces (no ``search``)
 
 
 class KeptDataset:
@@ -69,12 +70,11 @@ class SearchTables:
     def __init__(self, group) -> None:
         import h5py
 
-        search = group.attrs.get("search", "")
-        search = search.decode() if isinstance(search, bytes) else str(search)
+        search = attr_text(group.attrs.get("search", ""))
         self._kept: dict[str, KeptDataset] = {}
         self._norms: _SquaredNorms | None = None
         self.readers: dict[str, ChunkReader] = {}
-        shapes = TABLES.get(search, {})
+        shapes = TABLES.get(search, FAISS_TABLES)
         datasets = {name: group.get(name) for name in shapes}
         if not shapes or not all(isinstance(d, h5py.Dataset) and d.dtype.kind in "uif" for d in datasets.values()):
             return  # nothing to keep, or not as manifpt writes it: the verification says which
@@ -87,7 +87,11 @@ class SearchTables:
                     return
         rows = datasets.pop("embeddings")
         held = rows.size * rows.dtype.itemsize <= file_rows.HELD_ROWS_BYTES
+        if shapes is FAISS_TABLES and attr_text(group.attrs.get("faiss_factory", "")) == "Flat":
+            held = False  # a flat FAISS index holds the rows itself: they come from its verified bytes
         for name, dataset in datasets.items():
+            if name == "faiss_index" and dataset.size > file_rows.HELD_ROWS_BYTES:
+                continue  # read again from the file, a block at a time, as rows above the limit are
             self._kept[name] = self.readers[name] = KeptDataset(dataset.shape, dataset.dtype)
         readers: list[ChunkReader] = []
         if held:

@@ -106,3 +106,43 @@ def test_a_search_parameter_the_index_does_not_have_is_refused_up_front(
     args = ("index", "build", dataset / "real", "--out", out, "--space", space, "--faiss", factory, option, 8)
     result = cli(*args, code=EXIT_USAGE)
     assert message in result.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("space", [Space.RGB, Space.FREQ])
+def test_an_approximate_search_is_made_from_the_bytes_its_verification_read(dataset, tmp_path, monkeypatch, space):
+    """As the exact searches (test_manifold): opened for searching, a FAISS space's serialised
+    index and the rows its candidates are re-ranked on come from the read that verified them, so
+    zeroing both on disk after the open changes nothing, and no dataset is read again. Opened
+    without, the same damage is read: FAISS refuses the zeroed index."""
+    import h5py
+
+    from manifpt_cli.errors import FormatError
+
+    from .test_manifold import _overwrite_on_disk
+
+    out = tmp_path / "ivf.h5"
+    build_index([dataset / "real"], out, [space], size=SIZE, faiss_factory="IVF4,Flat")
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((dataset / "suspects").rglob("*.png"))])
+    queries = PixelEmbedder(space)(pixels)
+    with RealIndex(out) as index:
+        expected = index.nearest(space, queries)
+    for searching in (True, False):
+        copy = tmp_path / f"searching-{searching}.h5"
+        shutil.copy(out, copy)
+        with RealIndex(copy, searching=[space] if searching else ()) as index:
+            for name in ("faiss_index", "embeddings"):
+                _overwrite_on_disk(copy, f"spaces/{space.value}/{name}")
+            if not searching:
+                with pytest.raises(FormatError, match="FAISS index cannot be read"):
+                    index.nearest(space, queries)
+                continue
+
+            def refused(*args, **kwargs):
+                raise AssertionError("read from the index file after it was opened and verified")
+
+            monkeypatch.setattr(h5py.Dataset, "__getitem__", refused)
+            got = index.nearest(space, queries)
+            scanned = index._scan_nearest(space, queries[:2], None)  # the fallback scan reads the kept rows too
+            monkeypatch.undo()
+        assert np.array_equal(got.ids, expected.ids) and np.array_equal(got.distances, expected.distances)
+        assert scanned[0].tolist() == expected.ids[:2].tolist()
