@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from pathlib import Path
 
 os.environ.setdefault("COLUMNS", "200")  # pin Rich's console width for stable output
@@ -131,3 +132,37 @@ def replace_dataset(group, name: str, **layout) -> None:
     data = None if "shape" in layout else old[...]
     del group[name]
     group.create_dataset(name, data=data, dtype=dtype, **layout).attrs.update(attrs)
+
+
+def finishes(task, unblock, timeout: float = 20.0):
+    """``task()``'s result; fail (after calling ``unblock`` to free the thread) if it hangs."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = task()
+        except BaseException as exc:  # re-raised in the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        unblock()
+        thread.join(5)
+        pytest.fail(f"still running after {timeout} s: a FIFO was opened and waited on")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def writer_for(fifo: Path):
+    """Opening the FIFO's write end (then closing it) frees a reader blocked on it."""
+
+    def unblock() -> None:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+    return unblock

@@ -36,7 +36,7 @@ from manifpt_cli.manifold import RealIndex, build_index
 from manifpt_cli.settings import RunSettings, cpu_count
 from manifpt_cli.spaces import Space
 
-from .conftest import SIZE, photo_crops, write_crops
+from .conftest import SIZE, finishes, photo_crops, write_crops, writer_for
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +156,9 @@ def test_no_row_of_a_damaged_npz_is_handed_out(crops, tmp_path):
 def test_fifo_named_like_an_array_is_never_opened(tmp_path):
     fifo = tmp_path / "x.npz"
     os.mkfifo(fifo)
-    (found,) = discover_images([fifo])  # the content check must not wait for a writer
+    (found,) = finishes(lambda: discover_images([fifo]), writer_for(fifo))  # the content check must not wait
     assert not found.array
-    (row,) = decoded([fifo])
+    (row,) = finishes(lambda: decoded([fifo]), writer_for(fifo))
     assert isinstance(row, FailedImage) and row.error.startswith("not a regular file (a FIFO)")
 
 

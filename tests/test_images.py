@@ -11,7 +11,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -38,6 +37,8 @@ from manifpt_cli.images import (
     try_decode,
 )
 from manifpt_cli.settings import RunSettings
+
+from .conftest import finishes, writer_for
 
 SIZE = 32
 
@@ -340,54 +341,20 @@ def test_split_batch_returns_decoded_failed_and_skipped(tmp_path):
 # --- only regular files are opened ---------------------------------------------------------------
 
 
-def _finishes(task, unblock, timeout: float = 20.0):
-    """``task()``'s result; fail (after calling ``unblock`` to free the thread) if it hangs."""
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = task()
-        except BaseException as exc:  # re-raised in the test's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        unblock()
-        thread.join(5)
-        pytest.fail(f"still running after {timeout} s: a FIFO was opened and waited on")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
-def _writer_for(fifo: Path):
-    """Opening the FIFO's write end (then closing it) frees a reader blocked on it."""
-
-    def unblock() -> None:
-        try:
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
-
-    return unblock
-
-
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_fifo_named_like_an_image_is_one_row_and_never_opened(tmp_path):
     save(tmp_path / "a.png", gradient())
     fifo = tmp_path / "x.png"
     os.mkfifo(fifo)
     for settings in (RunSettings(batch_size=4), RunSettings(batch_size=4, sniff=True, workers=2)):
-        results = _finishes(
+        results = finishes(
             lambda settings=settings: [i for b in decode_folder([tmp_path], SIZE, settings) for i in b],
-            _writer_for(fifo),
+            writer_for(fifo),
         )
         assert [type(item) for item in results] == [DecodedImage, FailedImage]
         assert results[1].error.startswith("not a regular file (a FIFO)")
     # Given directly as a root file it is a candidate too, and refused the same way.
-    (result,) = _finishes(lambda: next(decode_folder([fifo], SIZE, RunSettings())), _writer_for(fifo))
+    (result,) = finishes(lambda: next(decode_folder([fifo], SIZE, RunSettings())), writer_for(fifo))
     assert isinstance(result, FailedImage) and "not a regular file (a FIFO)" in result.error
 
 

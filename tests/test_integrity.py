@@ -33,7 +33,7 @@ from manifpt_cli.report import ReportFormat, unneutralise
 from manifpt_cli.settings import SMALL_IMAGE_BATCH_SIZE
 from manifpt_cli.spaces import Space
 
-from .conftest import SIZE, replace_dataset
+from .conftest import SIZE, finishes, replace_dataset, writer_for
 
 runner = CliRunner()
 
@@ -439,14 +439,16 @@ def test_verify_never_waits_on_a_fifo_or_a_device_and_refuses_malformed_reports(
     named["rows"][0]["path"], named["rows"][1]["path"] = str(fifo), "/dev/zero"
     named["header"]["model"] = str(fifo)
     (tmp_path / "named.json").write_text(json.dumps(named))
-    started = time.monotonic()
-    result = cli("verify", tmp_path / "named.json", code=EXIT_FAILURE)
-    assert result.stdout.count("not a regular file") == 3 and time.monotonic() - started < 60
+    # A regression would wait on the FIFO (or read /dev/zero) for ever: each run has a time limit.
+    result = finishes(lambda: cli("verify", tmp_path / "named.json", code=EXIT_FAILURE), writer_for(fifo), 60)
+    assert result.stdout.count("not a regular file") == 3
     (tmp_path / "fifo.json").symlink_to(fifo)
-    assert "not a regular file" in cli("verify", tmp_path / "fifo.json", code=EXIT_USAGE).stderr
+    result = finishes(lambda: cli("verify", tmp_path / "fifo.json", code=EXIT_USAGE), writer_for(fifo))
+    assert "not a regular file" in result.stderr
     (tmp_path / "r.csv").write_text("path,sha256\r\n")  # its sidecar is what is wrong here
     os.mkfifo(tmp_path / "r.csv.meta.json")
-    assert "not a regular file" in cli("verify", tmp_path / "r.csv", code=EXIT_USAGE).stderr
+    sidecar = writer_for(tmp_path / "r.csv.meta.json")
+    assert "not a regular file" in finishes(lambda: cli("verify", tmp_path / "r.csv", code=EXIT_USAGE), sidecar).stderr
     malformed = {
         "list": [report],
         "header-list": {**report, "header": []},
