@@ -139,7 +139,8 @@ class PixelProducts:
         )
         data = np.empty((values.shape[1], len(values) + 1), dtype=dtype)
         if values.dtype == np.uint8 and shift == -128:  # p − 128 is p with its top bit flipped, as int8
-            np.bitwise_xor(values.T, np.uint8(0x80), out=data[:, :-1].view(np.uint8))
+            # Read in order, written transposed: faster than the other way round.
+            np.bitwise_xor(values, np.uint8(0x80), out=data[:, :-1].view(np.uint8).T)
         else:
             data[:, :-1] = (values.T.astype(np.int16) + shift).astype(dtype)
         data[:, -1] = 1
@@ -162,8 +163,18 @@ class PixelProducts:
 
     def dots(self, rows: np.ndarray, operand: Operand) -> np.ndarray:
         """(m, n) int64 r·v for (m, d) uint8 ``rows`` and an :meth:`operand` of n vectors v."""
-        total = self.products(rows, operand).astype(np.int64, copy=False)
+        total = self.products(rows, operand)
+        if not operand.shift:  # signed digits in u8 × s8: nothing to undo
+            return total[:, :-1].astype(np.int64)
+        total = total.astype(np.int64, copy=False)
         return total[:, :-1] - operand.shift * total[:, -1:]
+
+
+def pixel_squares(pixels: np.ndarray) -> np.ndarray:
+    """‖p‖² (int64, exact) per row of (n, d) uint8 pixels: summed in int32 where no sum can pass
+    2³¹ (d ≤ ``COLUMN_CHUNK``), which runs twice as fast as int64."""
+    accumulator = np.int32 if pixels.shape[1] <= COLUMN_CHUNK else np.int64
+    return np.einsum("ij,ij->i", pixels, pixels, dtype=accumulator).astype(np.int64, copy=False)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .pixel_products import FloatProducts, PixelProducts
+from .pixel_products import FloatProducts, PixelProducts, pixel_squares
 
 UNIT_ROUNDOFF = 2.0**-24  # float32: fl(a ∘ b) = (a ∘ b)(1 + δ), |δ| ≤ u
 PLAN_SAMPLE = 4096  # real images the basis is fitted on (seeded), fewer where they would pass PLAN_BYTES
@@ -292,8 +292,7 @@ class ExactSearch:
             self.squared_norms = np.empty(len(rows), dtype=np.int64)
             step = max(1, BLOCK_BYTES // max(1, rows.shape[1]))
             for start in range(0, len(rows), step):
-                chunk = rows[start : start + step]
-                self.squared_norms[start : start + step] = np.einsum("ij,ij->i", chunk, chunk, dtype=np.int64)
+                self.squared_norms[start : start + step] = pixel_squares(rows[start : start + step])
         self.max_norm = float(np.sqrt(self.squared_norms.max(initial=0)))
         self._precision = gamma(rows.shape[1] + 1, 2.0**-53)
         self.own_rows = OwnRows(sha256)
@@ -346,11 +345,14 @@ class ExactSearch:
         block = max(1, min(QUERY_BLOCK, BLOCK_BYTES // per_query))
         # Blocks of alike queries (by brightness, the first principal component of photographs)
         # share more of their candidate rows, so the products over their union are smaller.
-        order = np.argsort(pixels.sum(axis=1, dtype=np.int64), kind="stable")
+        brightness = pixels.sum(axis=1, dtype=np.int64)
+        order = np.argsort(brightness, kind="stable")
         for start in range(0, n, block):
             part = order[start : start + block]
             own = [own_sha256[i] for i in part] if own_sha256 is not None else None
-            ids[part], distances[part], checked[part] = self._nearest_block(pixels[part], queries[part], own)
+            ids[part], distances[part], checked[part] = self._nearest_block(
+                pixels[part], queries[part], brightness[part], own
+            )
         return SearchResult(ids, distances, checked)
 
     @staticmethod
@@ -408,30 +410,31 @@ class ExactSearch:
         reach = (upper + self._slack(upper, query_norms)) / 255.0**2
         return _round_up32(np.where(upper < NO_ROW, reach - offset, np.inf))[:, None]
 
-    def _project(self, pixels: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _project(self, pixels: np.ndarray, pixel_sums: np.ndarray, query_squared: np.ndarray):
         """(x̃, η): the queries' coordinates Q(φ − μ) from integer products with the basis digits,
-        and a bound per query on |x̃_i − x_i| for every coordinate.
+        and a bound per query on |x̃_i − x_i| for every coordinate (``pixel_sums`` Σp and
+        ``query_squared`` ‖p‖² per query).
 
         x̃ = (σ / 255) Σ_t unit_t (D_t p) − Qμ differs from Q(p / 255 − μ) by (σ / 255) R p,
         at most σ·max|R|·Σp / 255 per coordinate, and Q(p / 255) from Qφ (φ = fl(p / 255)) by
-        at most u‖φ‖ (the rows of Q are unit vectors); 1e-12·Σp / 255 covers float64's sums.
+        at most u‖φ‖ ≤ u(1 + u)‖p‖ / 255 (the rows of Q are unit vectors; 1 + 4u also covers
+        float64's rounding of ‖p‖ / 255); 1e-12·Σp / 255 covers float64's sums.
         """
         k = len(self._basis_mean)
         products = self.products.dots(pixels, self._digits).astype(np.float64)
         scaled = sum(products[:, t * k : (t + 1) * k] * unit for t, unit in enumerate(self._digit_units))
         coords = scaled * (self._basis_scale / 255) - self._basis_mean
-        total = pixels.sum(axis=1, dtype=np.int64) / 255
-        norms = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
-        return coords, (self._remainder + 1e-12) * total + UNIT_ROUNDOFF * norms
+        norms = np.sqrt(query_squared.astype(np.float64)) * ((1 + 4 * UNIT_ROUNDOFF) / 255)
+        return coords, (self._remainder + 1e-12) * (pixel_sums / 255) + UNIT_ROUNDOFF * norms
 
-    def _nearest_block(self, pixels: np.ndarray, queries: np.ndarray, own_sha256):
+    def _nearest_block(self, pixels: np.ndarray, queries: np.ndarray, pixel_sums: np.ndarray, own_sha256):
         started = time.perf_counter()
         b = len(pixels)
         centred = np.subtract(queries, self.plan.mean, dtype=np.float64)
         centred_squared = np.einsum("ij,ij->i", centred, centred)
-        coords, coord_error = self._project(pixels, queries)
+        query_squared = pixel_squares(pixels)
+        coords, coord_error = self._project(pixels, pixel_sums, query_squared)
         operand = self.products.operand(pixels)
-        query_squared = np.einsum("ij,ij->i", pixels, pixels, dtype=np.int64)
         query_norms = np.sqrt(query_squared.astype(np.float64))
         own = self.own_rows.pairs(own_sha256)
         started = self._timed("project", started)

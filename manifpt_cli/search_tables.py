@@ -16,6 +16,7 @@ import numpy as np
 
 from . import file_rows
 from .integrity import CODED_SEARCH, EXACT_SEARCH, ChunkReader, attr_text
+from .pixel_products import pixel_squares
 
 TABLES = {  # by the space's ``search``: the datasets its search reads whole, and their shapes
     EXACT_SEARCH: {
@@ -50,8 +51,7 @@ class _SquaredNorms(KeptDataset):
     """‖r‖² of uint8 pixel rows (int64, exact: :class:`search.ExactSearch`), chunk by chunk."""
 
     def __call__(self, start: int, chunk: np.ndarray) -> None:
-        flat = chunk.reshape(len(chunk), -1)
-        super().__call__(start, np.einsum("ij,ij->i", flat, flat, dtype=np.int64))
+        super().__call__(start, pixel_squares(chunk.reshape(len(chunk), -1)))
 
 
 class _Both:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from manifpt_cli.pixel_products import COLUMN_CHUNK, KERNELS, PixelProducts, is_exact
+from manifpt_cli.pixel_products import COLUMN_CHUNK, KERNELS, PixelProducts, is_exact, pixel_squares
 from manifpt_cli.search import ExactSearch, SearchPlan, _augmented, fit_plan, project_rows
 from manifpt_cli.spaces import PixelEmbedder, Space
 
@@ -160,6 +160,18 @@ def test_a_saturating_kernel_is_caught_and_every_kernel_here_is_exact(crops):
         assert np.array_equal(products.dots(wide, products.operand(wide)), wide_exact)
         assert np.array_equal(products.dots(pixels, products.operand(digits)), pixels.astype(np.int64) @ digits.T)
     assert PixelProducts().kernel in KERNELS
+
+
+def test_pixel_squares_are_exact_at_the_widths_where_int32_would_overflow():
+    """All-255 rows are the largest ‖p‖²: int32 holds them up to COLUMN_CHUNK columns, and the
+    wider rows (256 px rgb is 6 chunks) are summed in int64."""
+    for width in (COLUMN_CHUNK, COLUMN_CHUNK + 1, 6 * COLUMN_CHUNK):
+        pixels = np.full((2, width), 255, dtype=np.uint8)
+        pixels[1, ::3] = 7
+        expected = [sum(int(p) ** 2 for p in row) for row in pixels]
+        squares = pixel_squares(pixels)
+        assert squares.dtype == np.int64 and squares.tolist() == expected
+    assert 255**2 * 6 * COLUMN_CHUNK > 2**31 - 1, "the widest rows would wrap in int32"
 
 
 def test_only_pixel_rows_and_pixel_queries_are_searched(crops):
