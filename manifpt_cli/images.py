@@ -19,7 +19,8 @@ Policy (README, "How images are read"):
 - A file larger than ``max_file_bytes`` is refused from its size, without being read; reading
   never takes more than ``max_file_bytes`` + 1 bytes, even from a file that grows meanwhile.
 - Decoding reads the file once (its SHA-256 comes from those bytes), refuses images whose header
-  declares more than ``max_pixels`` pixels before any pixel is allocated, applies the EXIF
+  declares more than ``max_pixels`` pixels before any pixel is allocated (for ICO and ICNS, the
+  header of the frame Pillow would decode: :func:`_icon_frame_size`), applies the EXIF
   orientation (only when the tag is present and not 1), and converts every mode to 8-bit RGB:
   alpha is composited on white, 16-bit and 32-bit integer images are scaled to 8 bits (the scale
   is chosen from the whole image), CMYK/YCbCr/LAB/palette go through Pillow.
@@ -547,6 +548,60 @@ def estimate_jpeg_quality(image: Image.Image) -> int | None:
     return int(np.argmin(np.abs(_IJG_TABLES - observed).sum(axis=1))) + 1
 
 
+def _check_pixels(what: str, size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"refused: {what} {width}×{height} pixels, over the limit of "
+            f"{max_pixels:,} (raise max_pixels, --max-pixels, if the image is genuine)"
+        )
+
+
+def _icon_frame_size(data: bytes) -> tuple[int, int] | None:
+    """The size the frame Pillow would decode from an ICO or ICNS file declares in its own
+    header; None for other files, and where the headers do not parse (Pillow then decides).
+
+    Pillow sizes an icon from the container's directory but decodes the frame (a PNG, a DIB
+    bitmap or a JPEG 2000 stream) at whatever size that frame's header declares, held only to
+    its own 179-megapixel limit, and an ICO's frame is decoded inside ``Image.open`` already. So
+    this reads the headers first, with Pillow's own parsers and from the same places, without
+    decoding a pixel; only the frame Pillow picks is read, so an icon of thousands of entries
+    costs one header.
+    """
+    from PIL import BmpImagePlugin, IcnsImagePlugin, IcoImagePlugin, Jpeg2KImagePlugin, PngImagePlugin
+
+    def declared(handle, offset: int, length: int | None, bitmap: bool) -> tuple[int, int]:
+        handle.seek(offset)
+        is_png = handle.read(8) == PngImagePlugin._MAGIC
+        handle.seek(offset)
+        if is_png:
+            return PngImagePlugin.PngImageFile(handle).size
+        if bitmap:  # an ICO's bitmap declares its XOR image and AND mask stacked: twice the height
+            width, height = BmpImagePlugin.DibImageFile(handle).size
+            return width, int(height / 2)
+        return Jpeg2KImagePlugin.Jpeg2KImageFile(io.BytesIO(handle.read(length))).size
+
+    try:
+        if IcoImagePlugin._accept(data):
+            handle = io.BytesIO(data)
+            entry = IcoImagePlugin.IcoFile(handle).entry[0]  # the one IcoImageFile opens with
+            offset = entry["offset"] if isinstance(entry, dict) else entry.offset  # dicts before Pillow 11
+            return declared(handle, offset, None, bitmap=True)
+        if IcnsImagePlugin._accept(data):
+            handle = io.BytesIO(data)
+            icns = IcnsImagePlugin.IcnsFile(handle)
+            spans = [
+                icns.dct[code]
+                for code, reader in icns.SIZES[icns.bestsize()]
+                if code in icns.dct and reader is IcnsImagePlugin.read_png_or_jpeg2000
+            ]  # the other frames are raw pixels, at the small size their type fixes
+            sizes = [declared(handle, start, length, bitmap=False) for start, length in spans]
+            return max(sizes, key=lambda size: size[0] * size[1], default=None)
+    except Exception:  # not a well-formed icon after all: Image.open decides, and fails as it fails
+        return None
+    return None
+
+
 def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int], int | None]:
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
@@ -555,13 +610,12 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
             # Our own header check below decides (it honours --max-pixels); Pillow's hard error
             # at 2 × Image.MAX_IMAGE_PIXELS (about 179 MP) still applies above it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            frame = _icon_frame_size(data)
+            if frame is not None:
+                _check_pixels("the icon frame it would decode declares", frame, max_pixels)
             image = Image.open(io.BytesIO(data))
             width, height = image.size  # read from the header; no pixel is decoded yet
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"refused: header declares {width}×{height} pixels, over the limit of "
-                    f"{max_pixels:,} (raise max_pixels, --max-pixels, if the image is genuine)"
-                )
+            _check_pixels("header declares", (width, height), max_pixels)
             if image.format in ("JPEG", "MPO"):
                 scans = jpeg_scans(data)
                 if scans > MAX_JPEG_SCANS:

@@ -198,6 +198,45 @@ def test_decompression_bomb_is_refused_from_the_header(tmp_path, side, message):
         decode_image(str(path), SIZE, max_pixels=100_000_000)
 
 
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def icon_hiding(frame: bytes, fmt: str) -> bytes:
+    """An ICO whose directory lists a 16×16 icon, or an ICNS whose one block is the 128×128 PNG
+    type, holding ``frame``: a PNG that declares its own, larger size."""
+    if fmt == "ICO":
+        entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(frame), 6 + 16)
+        return struct.pack("<HHH", 0, 1, 1) + entry + frame
+    block = b"ic07" + struct.pack(">I", 8 + len(frame)) + frame
+    return b"icns" + struct.pack(">I", 8 + len(block)) + block
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "ICNS"])
+def test_an_icon_frame_is_held_to_max_pixels_not_its_directory(tmp_path, fmt):
+    """Pillow sizes an icon from its directory but decodes the frame at the size the frame's own
+    header declares, held only to Pillow's 179 MP limit (an ICO's inside ``Image.open``): here
+    600×600 behind a 16×16 or 128×128 entry, over a limit of 100,000 that the directory's size
+    is not."""
+    path = tmp_path / f"hidden.{fmt.lower()}"
+    path.write_bytes(icon_hiding(_png_bytes(gradient(600, 600)), fmt))
+    with pytest.raises(ImageDecodeError, match="the icon frame it would decode declares 600×600 pixels"):
+        decode_image(str(path), SIZE, max_pixels=100_000)
+    if fmt == "ICO":  # Pillow decodes it, at 600×600, when the limit allows
+        with pytest.warns(UserWarning, match="not the expected size"):
+            assert decode_image(str(path), SIZE, max_pixels=600 * 600).original_size == (600, 600)
+
+
+def test_a_bitmap_icon_is_held_to_its_image_not_its_stacked_mask(tmp_path):
+    """An ICO bitmap declares its image and 1-bit mask stacked (twice the height): the limit is on the image."""
+    path = save(tmp_path / "bitmap.ico", gradient(48, 48), format="ICO", sizes=[(48, 48)], bitmap_format="bmp")
+    assert decode_image(str(path), SIZE, max_pixels=48 * 48).original_size == (48, 48)
+    with pytest.raises(ImageDecodeError, match="declares 48×48 pixels, over the limit of 2,303"):
+        decode_image(str(path), SIZE, max_pixels=48 * 48 - 1)
+
+
 def test_max_pixels_limit_is_ours_to_set(tmp_path):
     path = save(tmp_path / "big.png", gradient(64, 64))
     with pytest.raises(ImageDecodeError, match="over the limit of 1,000"):
