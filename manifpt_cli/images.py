@@ -73,7 +73,17 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
+from PIL import (
+    BmpImagePlugin,
+    ExifTags,
+    IcnsImagePlugin,
+    IcoImagePlugin,
+    Image,
+    ImageFile,
+    Jpeg2KImagePlugin,
+    PngImagePlugin,
+    UnidentifiedImageError,
+)
 
 from .arrays import ArrayShape, is_array_header, open_array, read_rows
 from .errors import ImageDecodeError, UsageError
@@ -568,7 +578,6 @@ def _icon_frame_size(data: bytes) -> tuple[int, int] | None:
     decoding a pixel; only the frame Pillow picks is read, so an icon of thousands of entries
     costs one header.
     """
-    from PIL import BmpImagePlugin, IcnsImagePlugin, IcoImagePlugin, Jpeg2KImagePlugin, PngImagePlugin
 
     def declared(handle, offset: int, length: int | None, bitmap: bool) -> tuple[int, int]:
         handle.seek(offset)
