@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .pixel_products import PixelProducts
-from .search import BLOCK_BYTES, FLOAT64_SLACK, OwnRows, SearchResult, closest_pairs, gamma
+from .search import BLOCK_BYTES, FLOAT64_SLACK, OwnRows, SearchResult, closest_pairs, gamma, map_blocks
 
 CODE_LIMIT = 127  # codes are −127..127: signed digits for PixelProducts
 GRID_STDS = 4.0  # the grid spans ± this many median per-coordinate standard deviations
@@ -137,8 +137,8 @@ class CodedSearch:
 
     ``rows`` (n, m): an array or :class:`FileRows` (read a block at a time to code them, and for the
     few candidates' distances; the codes are held, one byte per coordinate). ``sha256`` (n,) S64
-    lets a query skip the rows of its own file (leave-one-out). ``threads`` and ``kernel`` go to
-    :class:`PixelProducts`.
+    lets a query skip the rows of its own file (leave-one-out). ``threads`` search blocks of
+    queries at once (:func:`search.map_blocks`); ``kernel`` goes to :class:`PixelProducts`.
     """
 
     def __init__(
@@ -153,12 +153,12 @@ class CodedSearch:
             import faiss
 
             threads = faiss.omp_get_max_threads()
-        self.rows = rows
+        self.rows, self.threads = rows, threads
         self.n, self.dims = rows.shape
         self.scale = np.ones(self.dims) if scale is None else np.asarray(scale, dtype=np.float64)
         self._weights = np.square(self.scale)
         self.own_rows = OwnRows(sha256)
-        products = PixelProducts(threads, kernel)
+        products = PixelProducts(kernel)
 
         def read(ids: np.ndarray | slice) -> np.ndarray:
             coords = self._coordinates(rows[ids])
@@ -196,16 +196,17 @@ class CodedSearch:
         if not b or not self.n:
             return SearchResult(ids, distances, checked)
         block = max(1, min(QUERY_BLOCK, BLOCK_BYTES // (np.dtype(self.grid.key_type).itemsize * self.n)))
-        for start in range(0, b, block):
-            part = slice(start, start + block)
+        parts = [slice(start, start + block) for start in range(0, b, block)]
+
+        def search(part: slice):
+            def exact_in_block(query_ids, row_ids):
+                return exact(query_ids + part.start, row_ids)
+
             own = own_sha256[part] if own_sha256 is not None else None
+            return self._nearest_block(queries[part], offsets[part], exact_in_block, own)
 
-            def exact_in_block(query_ids, row_ids, start=start):
-                return exact(query_ids + start, row_ids)
-
-            ids[part], distances[part], checked[part] = self._nearest_block(
-                queries[part], offsets[part], exact_in_block, own
-            )
+        for part, found in zip(parts, map_blocks(search, parts, self.threads)):
+            ids[part], distances[part], checked[part] = found
         return SearchResult(ids, distances, checked)
 
     def _nearest_block(self, queries: np.ndarray, offsets: np.ndarray, exact, own_sha256):

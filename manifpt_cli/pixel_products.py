@@ -78,11 +78,13 @@ def transposed_gemm_model() -> bytes:
     return _model(node, "float_products", inputs, ("products", FLOAT, ("m", "n")))
 
 
-def _session(model: bytes, threads: int):
+def _session(model: bytes):
+    """A one-thread session of one of the models here: the searches run blocks of queries on
+    threads of their own instead (:func:`manifpt_cli.search.map_blocks`)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
@@ -92,8 +94,8 @@ class FloatProducts:
     twice as fast as NumPy's bundled OpenBLAS on this project's machine (bench/exact_search.py).
     The search's bounds carry a margin for any float32 sum, in any order, with or without FMA."""
 
-    def __init__(self, threads: int = 1) -> None:
-        self._session = _session(transposed_gemm_model(), threads)
+    def __init__(self) -> None:
+        self._session = _session(transposed_gemm_model())
 
     def __call__(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """(m, n) float32 ``queries @ rows.T`` for (m, k) and (n, k) float32 matrices."""
@@ -110,13 +112,13 @@ class PixelProducts:
     :meth:`is_exact` is used.
     """
 
-    def __init__(self, threads: int = 1, kernel: str | None = None) -> None:
+    def __init__(self, kernel: str | None = None) -> None:
         if kernel is not None and kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; one of {', '.join(KERNELS)}")
         for name in KERNELS if kernel is None else (kernel,):
             query_type = {"u8s8": INT8, "u8u8": UINT8}.get(name)
             try:
-                session = None if query_type is None else _session(matmul_integer_model(query_type), threads)
+                session = None if query_type is None else _session(matmul_integer_model(query_type))
             except Exception:  # an execution provider without the operator: not usable here
                 if kernel is not None:
                     raise

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,23 @@ BLOCK_BYTES = 64 * 2**20  # at most this much memory for one block's (queries ×
 PROJECTION_DIGITS = 3  # 8-bit digits of the basis: what they leave out is below 6.2e-8 of its largest entry
 NO_ROW = np.iinfo(np.int64).max  # the distance to a query's own rows (leave-one-out), and to none
 FLOAT64_SLACK = 1e-12  # relative: covers the float64 sums' rounding (≤ 3,072·2⁻⁵³ ≈ 3.4e-13) at every size here
+PARALLEL_BYTES = 2**30  # memory for the blocks searched at once, each up to about 4 × BLOCK_BYTES: 4 blocks
+
+
+def map_blocks(search: Callable, blocks: list, threads: int) -> list:
+    """``search(block)`` for every block, in up to ``threads`` threads (NumPy and ONNX Runtime
+    release the GIL), results in order.
+
+    A search's products run on one thread each, and its blocks in parallel. Splitting each product
+    over ONNX Runtime's threads instead gained nothing on the project's 2-core machine (they are
+    small, with NumPy work between them), and its spinning threads halved the rgb search's speed;
+    blocks on two threads gave 1.2× (freq) to 1.7× (rgb) (bench/exact_search.py --threads 2).
+    """
+    workers = min(threads, len(blocks), max(1, PARALLEL_BYTES // (4 * BLOCK_BYTES)))
+    if workers <= 1:
+        return [search(block) for block in blocks]
+    with ThreadPoolExecutor(workers, thread_name_prefix="manifpt-search") as pool:
+        return list(pool.map(search, blocks))
 
 
 def gamma(n: int, unit_roundoff: float = UNIT_ROUNDOFF) -> float:
@@ -241,9 +259,9 @@ class ExactSearch:
     ``projected`` (n, k) float32 and ``centred_squared`` (n,) float64 are :func:`project_rows` of
     the rows (stored in the index); ``sha256`` (n,) S64 lets a query skip the rows of its own file
     (leave-one-out). ``seconds`` adds up the time spent in each step, for benchmarks (of one thread
-    at a time: two searching at once may lose an addition). ``threads``
-    (default: FAISS's, which :meth:`RunSettings.apply` sets) sizes :class:`PixelProducts` and
-    :class:`FloatProducts`; ``kernel`` goes to :class:`PixelProducts`. ``squared_norms`` (n,) int64,
+    at a time: two searching at once may lose an addition). ``threads`` (default: FAISS's, which
+    :meth:`RunSettings.apply` sets) search blocks of queries at once (:func:`map_blocks`);
+    ``kernel`` goes to :class:`PixelProducts`. ``squared_norms`` (n,) int64,
     the rows' ‖r‖² when already computed (:mod:`manifpt_cli.search_tables`), saves reading them again.
     """
 
@@ -265,12 +283,12 @@ class ExactSearch:
             import faiss
 
             threads = faiss.omp_get_max_threads()
-        self.rows, self.plan = rows, plan
+        self.rows, self.plan, self.threads = rows, plan, threads
         dims = sorted({min(k, projected.shape[1]) for k in stage_dims})
         self.stages = [_Stage.of(k, projected, centred_squared) for k in dims]
         basis = plan.basis[: dims[-1]]  # the coordinates the stages use
-        self.products = PixelProducts(threads, kernel)
-        self.float_products = FloatProducts(threads)
+        self.products = PixelProducts(kernel)
+        self.float_products = FloatProducts()
         # Q / σ = Σ_t D_t · unit_t + R with integer digits D_t in −127..127 (σ = max |Q|): the
         # projection of pixels is then exact integer products, and R bounds what it leaves out.
         self._basis_scale = float(np.abs(basis).max(initial=0.0)) or 1.0
@@ -347,12 +365,14 @@ class ExactSearch:
         # share more of their candidate rows, so the products over their union are smaller.
         brightness = pixels.sum(axis=1, dtype=np.int64)
         order = np.argsort(brightness, kind="stable")
-        for start in range(0, n, block):
-            part = order[start : start + block]
+        parts = [order[start : start + block] for start in range(0, n, block)]
+
+        def search(part: np.ndarray):
             own = [own_sha256[i] for i in part] if own_sha256 is not None else None
-            ids[part], distances[part], checked[part] = self._nearest_block(
-                pixels[part], queries[part], brightness[part], own
-            )
+            return self._nearest_block(pixels[part], queries[part], brightness[part], own)
+
+        for part, found in zip(parts, map_blocks(search, parts, self.threads)):
+            ids[part], distances[part], checked[part] = found
         return SearchResult(ids, distances, checked)
 
     @staticmethod

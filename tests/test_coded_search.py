@@ -39,11 +39,11 @@ def pair_distances(rows: np.ndarray, queries: np.ndarray):
 class FreqRows:
     """freq embeddings of crops as the index stores and searches them: the unique half, √w scale."""
 
-    def __init__(self, pixels: np.ndarray, kernel=None, sha256=None) -> None:
+    def __init__(self, pixels: np.ndarray, kernel=None, sha256=None, threads: int = 1) -> None:
         self.half = symmetric_half(SIZE, SIZE)
         self.full = PixelEmbedder(Space.FREQ)(pixels)
         sha256 = shas(len(pixels)) if sha256 is None else sha256
-        self.search = CodedSearch(self.half.fold(self.full), sha256, np.sqrt(self.half.weights), 1, kernel)
+        self.search = CodedSearch(self.half.fold(self.full), sha256, np.sqrt(self.half.weights), threads, kernel)
 
     def nearest(self, queries: np.ndarray, own=None):
         means, offsets = pair_means(self.half, queries)
@@ -123,6 +123,36 @@ def test_leave_one_out_skips_the_querys_own_rows(crops):
     means, offsets = pair_means(rows.half, rows.full[:1])
     found = alone.nearest(means, lambda q, r: np.zeros(len(r)), offsets, sha_text[:1])
     assert found.ids.tolist() == [-1] and found.distances.tolist() == [np.inf], "every row is the query's own"
+
+
+def test_blocks_searched_on_two_threads_keep_their_queries_and_exclusions(crops, monkeypatch):
+    """With two threads, blocks of queries are searched at once: each query's offset, exact
+    distances and own rows must stay its own, whichever block and thread it lands in."""
+    import threading
+
+    monkeypatch.setattr(coded_search, "QUERY_BLOCK", 2)
+    searched_in = set()
+    nearest_block = CodedSearch._nearest_block
+
+    def recorded(self, *args):
+        searched_in.add(threading.current_thread().name.startswith("manifpt-search"))
+        return nearest_block(self, *args)
+
+    monkeypatch.setattr(CodedSearch, "_nearest_block", recorded)
+    reals, suspects = crops
+    rows = FreqRows(reals, threads=2)
+    rng = np.random.default_rng(1)
+    asymmetric = rows.full[:4] + rng.normal(0, 1e-2, rows.full[:4].shape).astype(np.float32)
+    queries = np.concatenate([PixelEmbedder(Space.FREQ)(suspects), rows.full[3:7], asymmetric])
+    own = [sha.decode() for sha in shas(len(reals))[[0] * len(suspects) + [3, 4, 5, 6] + [9] * 4]]
+    found = rows.nearest(queries, own)
+    excluded = np.zeros((len(queries), len(reals)), dtype=bool)
+    excluded[: len(suspects), 0] = True
+    excluded[np.arange(len(suspects), len(suspects) + 4), [3, 4, 5, 6]] = True
+    excluded[len(suspects) + 4 :, 9] = True
+    ids, distances = brute_force(rows.full, queries, excluded)
+    assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
+    assert searched_in == {True}, "every block in the pool's threads"
 
 
 def test_without_the_residuals_in_the_bound_true_neighbours_are_lost(monkeypatch):

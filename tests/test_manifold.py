@@ -231,6 +231,7 @@ def test_a_search_in_another_thread_keeps_the_index_thread_budget(real_index, da
         sessions = [index.exact_search(Space.RGB).products, index.exact_search(Space.RGB).float_products]
         sessions.append(index.coded_search(Space.FREQ).grid.products)
         assert [s._session.get_session_options().intra_op_num_threads for s in sessions] == [1, 1, 1]
+        assert index.exact_search(Space.RGB).threads == index.coded_search(Space.FREQ).threads == 1
 
 
 def test_duplicate_files_are_all_skipped(tmp_path, dataset):

@@ -29,7 +29,9 @@ def pca_plan(embeddings: np.ndarray, dims: int = DIMS) -> SearchPlan:
     return SearchPlan(mean, vt[:dims])
 
 
-def searcher(pixels: np.ndarray, plan_kind: str, sha256=None, kernel=None) -> tuple[ExactSearch, np.ndarray]:
+def searcher(
+    pixels: np.ndarray, plan_kind: str, sha256=None, kernel=None, threads: int = 1
+) -> tuple[ExactSearch, np.ndarray]:
     """The rgb search over ``pixels`` with a full-SVD basis ("pca") or the seeded one of index
     builds ("fit"), and its rows' embeddings."""
     embeddings = PixelEmbedder(Space.RGB)(pixels)
@@ -38,7 +40,7 @@ def searcher(pixels: np.ndarray, plan_kind: str, sha256=None, kernel=None) -> tu
     if sha256 is None:
         sha256 = np.array([b"%064d" % i for i in range(len(pixels))], dtype="S64")
     projected, norms = project_rows(plan, rows)
-    return ExactSearch(rows, plan, projected, norms, sha256, (8, DIMS), kernel=kernel), embeddings
+    return ExactSearch(rows, plan, projected, norms, sha256, (8, DIMS), threads, kernel), embeddings
 
 
 def brute_force(database: np.ndarray, queries: np.ndarray, excluded=None) -> tuple[np.ndarray, np.ndarray]:
@@ -182,15 +184,27 @@ def test_only_pixel_rows_and_pixel_queries_are_searched(crops):
         ExactSearch(database, search.plan, *project_rows(search.plan, database), search.own_rows.sorted)
 
 
-def test_queries_blocked_by_brightness_keep_their_own_neighbours_and_exclusions(crops, monkeypatch):
-    """Queries are searched in blocks of alike ones (ordered by brightness): each must still get
-    its own neighbour, and skip its own file's rows, whatever block it lands in."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_queries_blocked_by_brightness_keep_their_own_neighbours_and_exclusions(crops, monkeypatch, threads):
+    """Queries are searched in blocks of alike ones (ordered by brightness), on two threads at
+    once where there are two: each must still get its own neighbour, and skip its own file's
+    rows, whatever block, and thread, it lands in."""
+    import threading
+
     import manifpt_cli.search as search_module
 
     monkeypatch.setattr(search_module, "QUERY_BLOCK", 3)
+    searched_in = set()
+    nearest_block = ExactSearch._nearest_block
+
+    def recorded(self, *args):
+        searched_in.add(threading.current_thread().name.startswith("manifpt-search"))
+        return nearest_block(self, *args)
+
+    monkeypatch.setattr(ExactSearch, "_nearest_block", recorded)
     reals, queries = crops
     sha256 = np.array([b"%064d" % i for i in range(len(reals))], dtype="S64")
-    search, database = searcher(reals, "fit", sha256)
+    search, database = searcher(reals, "fit", sha256, threads=threads)
     rows = np.random.default_rng(0).permutation(len(reals))[:10]
     query_vectors = np.concatenate([database[rows], PixelEmbedder(Space.RGB)(queries[:10])])
     assert not np.array_equal(np.argsort(query_vectors.sum(axis=1), kind="stable"), np.arange(20)), "reordered"
@@ -200,6 +214,7 @@ def test_queries_blocked_by_brightness_keep_their_own_neighbours_and_exclusions(
     excluded[np.arange(10), rows] = True
     ids, distances = brute_force(database, query_vectors, excluded)
     assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
+    assert searched_in == {threads > 1}, "seven blocks: in the pool's threads, where there are two"
 
 
 def test_fit_plan_is_seeded_and_orthonormal(crops):
