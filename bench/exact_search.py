@@ -3,8 +3,10 @@
 rgb: the PCA-bound search (manifpt_cli/search.py). freq: ``RealIndex.nearest`` on an index that
 ``build_index`` made from the same reals (the 8-bit code scan of manifpt_cli/coded_search.py over
 the unique half of each spectrum, verified in float64 on the full vectors). Queries are samples of a zoo GAN trained for a
-few hundred iterations on some of the reals, the same for both spaces.
-Threads: FAISS and NumPy's BLAS both get --threads (OMP_NUM_THREADS is set before NumPy loads).
+few hundred iterations on some of the reals, the same for both spaces, and trained on one thread
+so that they are the same queries whatever --threads says.
+Threads: FAISS and NumPy's BLAS both get --threads (OMP_NUM_THREADS is set before NumPy loads),
+and manifpt's searches run that many blocks of queries at once.
 
     python3 bench/exact_search.py --reals 20000 --queries 512 --stages 64 256 --threads 1
 """
@@ -50,8 +52,12 @@ def main() -> None:
         os.makedirs(f"{work}/real")
         for i, image in enumerate(reals[:1000]):
             Image.fromarray(image).save(f"{work}/real/{i}.png")
+        import torch
+
+        torch.set_num_threads(1)  # the same GAN, so the same queries, whatever --threads says
         train_generator([f"{work}/real"], f"{work}/gan", make_design("gan"), iters=args.gan_iters, batch_size=32)
         paths = sample_generator(f"{work}/gan", args.queries, f"{work}/samples", seed=0)
+        torch.set_num_threads(args.threads)
         suspects = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
         np.save(f"{work}/reals.npy", reals)
         started = time.perf_counter()
