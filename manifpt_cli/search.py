@@ -430,10 +430,10 @@ class ExactSearch:
         reach = (upper + self._slack(upper, query_norms)) / 255.0**2
         return _round_up32(np.where(upper < NO_ROW, reach - offset, np.inf))[:, None]
 
-    def _project(self, pixels: np.ndarray, pixel_sums: np.ndarray, query_squared: np.ndarray):
+    def _project(self, pixels: np.ndarray, pixel_sums: np.ndarray, pixel_norms: np.ndarray):
         """(x̃, η): the queries' coordinates Q(φ − μ) from integer products with the basis digits,
         and a bound per query on |x̃_i − x_i| for every coordinate (``pixel_sums`` Σp and
-        ``query_squared`` ‖p‖² per query).
+        ``pixel_norms`` ‖p‖ per query).
 
         x̃ = (σ / 255) Σ_t unit_t (D_t p) − Qμ differs from Q(p / 255 − μ) by (σ / 255) R p,
         at most σ·max|R|·Σp / 255 per coordinate, and Q(p / 255) from Qφ (φ = fl(p / 255)) by
@@ -444,8 +444,8 @@ class ExactSearch:
         products = self.products.dots(pixels, self._digits).astype(np.float64)
         scaled = sum(products[:, t * k : (t + 1) * k] * unit for t, unit in enumerate(self._digit_units))
         coords = scaled * (self._basis_scale / 255) - self._basis_mean
-        norms = np.sqrt(query_squared.astype(np.float64)) * ((1 + 4 * UNIT_ROUNDOFF) / 255)
-        return coords, (self._remainder + 1e-12) * (pixel_sums / 255) + UNIT_ROUNDOFF * norms
+        float_norms = pixel_norms * ((1 + 4 * UNIT_ROUNDOFF) / 255)  # ≥ ‖φ‖
+        return coords, (self._remainder + 1e-12) * (pixel_sums / 255) + UNIT_ROUNDOFF * float_norms
 
     def _nearest_block(self, pixels: np.ndarray, queries: np.ndarray, pixel_sums: np.ndarray, own_sha256):
         started = time.perf_counter()
@@ -453,9 +453,9 @@ class ExactSearch:
         centred = np.subtract(queries, self.plan.mean, dtype=np.float64)
         centred_squared = np.einsum("ij,ij->i", centred, centred)
         query_squared = pixel_squares(pixels)
-        coords, coord_error = self._project(pixels, pixel_sums, query_squared)
-        operand = self.products.operand(pixels)
         query_norms = np.sqrt(query_squared.astype(np.float64))
+        coords, coord_error = self._project(pixels, pixel_sums, query_norms)
+        operand = self.products.operand(pixels)
         own = self.own_rows.pairs(own_sha256)
         started = self._timed("project", started)
 
