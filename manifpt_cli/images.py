@@ -20,7 +20,8 @@ Policy (README, "How images are read"):
   never takes more than ``max_file_bytes`` + 1 bytes, even from a file that grows meanwhile.
 - Decoding reads the file once (its SHA-256 comes from those bytes), refuses images whose header
   declares more than ``max_pixels`` pixels before any pixel is allocated (for ICO and ICNS, the
-  header of the frame Pillow would decode: :func:`_icon_frame_size`), applies the EXIF
+  header of the frame Pillow would decode: :func:`_icon_frame_size`; formats that decode more than
+  their header says: :func:`_check_nested_decodes`), applies the EXIF
   orientation (only when the tag is present and not 1), and converts every mode to 8-bit RGB:
   alpha is composited on white, 16-bit and 32-bit integer images are scaled to 8 bits (the scale
   is chosen from the whole image), CMYK/YCbCr/LAB/palette go through Pillow.
@@ -611,6 +612,29 @@ def _icon_frame_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _check_nested_decodes(image: Image.Image, max_pixels: int) -> None:
+    """Refuse what decoding ``image`` would allocate beyond its header's size and manifpt's limits.
+
+    Two formats wrap a whole image file that Pillow opens and decodes at its own size, held only
+    to Pillow's 179-megapixel limit: an IPTC/NAA record's embedded file (any format, unless its
+    pixels are raw) and a BLP1 texture's JPEG; they are refused. And libtiff decodes a tiled TIFF
+    a whole tile at a time, so a tile larger than the image is allocated in full: the tile's
+    size is held to ``max_pixels`` too.
+    """
+    args = image.tile[0].args if image.tile else None
+    compression = args[0] if isinstance(args, tuple) and args else None
+    if image.format == "IPTC" and compression != "raw":
+        raise ImageDecodeError(
+            "refused: an IPTC/NAA file wrapping another image file, which would be decoded unchecked"
+        )
+    if image.format == "BLP" and getattr(image, "magic", None) == b"BLP1" and compression == 0:
+        raise ImageDecodeError("refused: a BLP1 texture holding a JPEG, which would be decoded unchecked")
+    if image.format == "TIFF":
+        tile = (image.tag_v2.get(322), image.tag_v2.get(323))  # TileWidth, TileLength
+        if all(isinstance(side, int) for side in tile):
+            _check_pixels("its tiles are", tile, max_pixels)
+
+
 def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int], int | None]:
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
@@ -625,6 +649,7 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
             image = Image.open(io.BytesIO(data))
             width, height = image.size  # read from the header; no pixel is decoded yet
             _check_pixels("header declares", (width, height), max_pixels)
+            _check_nested_decodes(image, max_pixels)
             if image.format in ("JPEG", "MPO"):
                 scans = jpeg_scans(data)
                 if scans > MAX_JPEG_SCANS:

@@ -237,6 +237,73 @@ def test_a_bitmap_icon_is_held_to_its_image_not_its_stacked_mask(tmp_path):
         decode_image(str(path), SIZE, max_pixels=48 * 48 - 1)
 
 
+def _iptc_record(record: int, dataset: int, data: bytes) -> bytes:
+    return bytes([0x1C, record, dataset]) + struct.pack(">H", len(data)) + data
+
+
+def iptc_wrapping(inner: bytes) -> bytes:
+    """An IPTC/NAA file declaring a 16×16 image, "compressed": its pixels are the file ``inner``."""
+    header = _iptc_record(3, 60, b"\1\0") + _iptc_record(3, 20, b"\0\x10") + _iptc_record(3, 30, b"\0\x10")
+    return header + _iptc_record(3, 120, b"\5") + _iptc_record(8, 10, inner)
+
+
+def blp1_holding(jpeg: bytes) -> bytes:
+    """A BLP1 texture declaring 16×16, JPEG-compressed: its one mipmap is the JPEG ``jpeg``."""
+    header = b"BLP1" + struct.pack("<iIIIii", 0, 0, 16, 16, 5, 0)
+    start = len(header) + 128 + 4  # after the 16 mipmap offsets, 16 lengths and the JPEG header's size
+    offsets = struct.pack("<16I", start, *[0] * 15) + struct.pack("<16I", len(jpeg), *[0] * 15)
+    return header + offsets + struct.pack("<I", 0) + jpeg
+
+
+def tiled_tiff(tile: int) -> bytes:
+    """A 16×16 8-bit grey TIFF stored as one ``tile``×``tile`` deflated tile of zeros."""
+    data = zlib.compress(b"\0" * tile * tile)
+    short, long = 3, 4
+    tags = [(256, short, 16), (257, short, 16), (258, short, 8), (259, short, 8), (262, short, 1)]
+    tags += [(277, short, 1), (284, short, 1), (322, long, tile), (323, long, tile)]
+    tags += [(324, long, 8 + 2 + 12 * 11 + 4), (325, long, len(data))]
+    entries = b"".join(
+        struct.pack("<HHI", tag, kind, 1)
+        + (struct.pack("<HH", value, 0) if kind == short else struct.pack("<I", value))
+        for tag, kind, value in tags
+    )
+    return b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + b"\0\0\0\0" + data
+
+
+def _jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("wrapped.iim", lambda: iptc_wrapping(_png_bytes(gradient(600, 600))), "IPTC/NAA file wrapping another"),
+        ("texture.blp", lambda: blp1_holding(_jpeg_bytes(gradient(600, 600))), "BLP1 texture holding a JPEG"),
+        ("tiled.tif", lambda: tiled_tiff(1024), "its tiles are 1024×1024 pixels"),
+    ],
+)
+def test_an_image_decoded_at_a_size_its_header_does_not_say_is_refused(tmp_path, name, content, message):
+    """A 16×16 header over a 600×600 image file inside (IPTC, BLP1), or over a 1024×1024 tile
+    that libtiff allocates whole (TIFF): each would be decoded past a limit of 100,000 pixels."""
+    path = tmp_path / name
+    path.write_bytes(content())
+    with Image.open(path) as opened:
+        assert opened.size == (16, 16), "the header alone passes the limit"
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(str(path), SIZE, max_pixels=100_000)
+
+
+@pytest.mark.parametrize("fmt, kwargs", [("BLP", {}), ("BLP", {"blp_version": "BLP1"}), ("TIFF", {})])
+def test_textures_and_tiffs_that_hide_nothing_still_decode(tmp_path, fmt, kwargs):
+    path = save(tmp_path / f"plain.{fmt.lower()}", gradient(48, 40).convert("P"), format=fmt, **kwargs)
+    assert decode_image(str(path), SIZE, max_pixels=48 * 40).original_size == (48, 40)
+    tiled = tmp_path / "tiled.tif"  # one tile the image's own size
+    tiled.write_bytes(tiled_tiff(16))
+    assert decode_image(str(tiled), SIZE, max_pixels=16 * 16).original_size == (16, 16)
+
+
 def test_max_pixels_limit_is_ours_to_set(tmp_path):
     path = save(tmp_path / "big.png", gradient(64, 64))
     with pytest.raises(ImageDecodeError, match="over the limit of 1,000"):
