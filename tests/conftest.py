@@ -166,3 +166,17 @@ def writer_for(fifo: Path):
             pass
 
     return unblock
+
+
+def threads_searching(monkeypatch, search_class) -> set[bool]:
+    """Patch ``search_class._nearest_block`` to note, for each block, whether it ran in one of
+    :func:`manifpt_cli.search.map_blocks`'s threads; the set of what was noted."""
+    searched_in: set[bool] = set()
+    nearest_block = search_class._nearest_block
+
+    def recorded(self, *args):
+        searched_in.add(threading.current_thread().name.startswith("manifpt-search"))
+        return nearest_block(self, *args)
+
+    monkeypatch.setattr(search_class, "_nearest_block", recorded)
+    return searched_in

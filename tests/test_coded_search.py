@@ -11,7 +11,7 @@ from manifpt_cli.manifold import pair_means
 from manifpt_cli.pixel_products import KERNELS
 from manifpt_cli.spaces import PixelEmbedder, Space, symmetric_half
 
-from .conftest import SIZE, SOURCES, degrade, photo_crops
+from .conftest import SIZE, SOURCES, degrade, photo_crops, threads_searching
 
 
 def shas(n: int) -> np.ndarray:
@@ -128,17 +128,8 @@ def test_leave_one_out_skips_the_querys_own_rows(crops):
 def test_blocks_searched_on_two_threads_keep_their_queries_and_exclusions(crops, monkeypatch):
     """With two threads, blocks of queries are searched at once: each query's offset, exact
     distances and own rows must stay its own, whichever block and thread it lands in."""
-    import threading
-
     monkeypatch.setattr(coded_search, "QUERY_BLOCK", 2)
-    searched_in = set()
-    nearest_block = CodedSearch._nearest_block
-
-    def recorded(self, *args):
-        searched_in.add(threading.current_thread().name.startswith("manifpt-search"))
-        return nearest_block(self, *args)
-
-    monkeypatch.setattr(CodedSearch, "_nearest_block", recorded)
+    searched_in = threads_searching(monkeypatch, CodedSearch)
     reals, suspects = crops
     rows = FreqRows(reals, threads=2)
     rng = np.random.default_rng(1)

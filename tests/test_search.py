@@ -9,7 +9,7 @@ from manifpt_cli.pixel_products import COLUMN_CHUNK, KERNELS, PixelProducts, is_
 from manifpt_cli.search import ExactSearch, SearchPlan, _augmented, fit_plan, project_rows
 from manifpt_cli.spaces import PixelEmbedder, Space
 
-from .conftest import SOURCES, degrade, photo_crops
+from .conftest import SOURCES, degrade, photo_crops, threads_searching
 
 DIMS = 24
 
@@ -189,19 +189,10 @@ def test_queries_blocked_by_brightness_keep_their_own_neighbours_and_exclusions(
     """Queries are searched in blocks of alike ones (ordered by brightness), on two threads at
     once where there are two: each must still get its own neighbour, and skip its own file's
     rows, whatever block, and thread, it lands in."""
-    import threading
-
     import manifpt_cli.search as search_module
 
     monkeypatch.setattr(search_module, "QUERY_BLOCK", 3)
-    searched_in = set()
-    nearest_block = ExactSearch._nearest_block
-
-    def recorded(self, *args):
-        searched_in.add(threading.current_thread().name.startswith("manifpt-search"))
-        return nearest_block(self, *args)
-
-    monkeypatch.setattr(ExactSearch, "_nearest_block", recorded)
+    searched_in = threads_searching(monkeypatch, ExactSearch)
     reals, queries = crops
     sha256 = np.array([b"%064d" % i for i in range(len(reals))], dtype="S64")
     search, database = searcher(reals, "fit", sha256, threads=threads)
