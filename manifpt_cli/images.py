@@ -100,21 +100,33 @@ ARRAY_BLOCK_BYTES = 64 * 2**20  # an array file's rows are read a batch at a tim
 # libjpeg decodes the whole image again for every scan of a progressive JPEG (encoders write about
 # 10), so a small file of empty scans could take hours; libjpeg-turbo's tools offer such a limit.
 MAX_JPEG_SCANS = 500
+# Pillow keeps every segment before the image data (a 16 MB file of 4 M empty APP1 segments took
+# 6 s and 521 MB to open); genuine JPEGs hold a few dozen (an ICC profile is split in at most 255).
+MAX_JPEG_SEGMENTS = 10_000
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # entropy-coded data holds FF only as FF 00 or a restart
 
 
-def jpeg_scans(data: bytes) -> int:
-    """The scans (SOS segments) of a JPEG's first image, found by walking its segments to its EOI:
-    what segments hold (an EXIF thumbnail, an ICC profile) and what follows the image (a motion
-    photo's video) is not counted. A damaged file stops the walk; its decoder says the rest."""
-    position, scans = 2, 0  # after SOI
-    while position + 4 <= len(data) and data[position] == 0xFF:
+def jpeg_segments(data: bytes) -> tuple[int, int]:
+    """(segments, scans) of a JPEG's first image, found by walking its segments to its EOI, as
+    libjpeg reads them: bytes between segments are skipped to the next FF (libjpeg warns of them
+    and goes on). What segments hold (an EXIF thumbnail, an ICC profile) and what follows the
+    image (a motion photo's video) is not counted. The walk stops once either count passes its
+    limit (``MAX_JPEG_SEGMENTS``, ``MAX_JPEG_SCANS``); a damaged file stops it too, and its
+    decoder says the rest."""
+    position, segments, scans = 2, 0, 0  # after SOI
+    while position + 4 <= len(data) and segments <= MAX_JPEG_SEGMENTS and scans <= MAX_JPEG_SCANS:
+        if data[position] != 0xFF:
+            position = data.find(b"\xff", position)
+            if position < 0:
+                break
+            continue
         marker = data[position + 1]
         if marker == 0xD9:  # EOI
             break
         if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, or no length
             position += 1 if marker == 0xFF else 2
             continue
+        segments += 1
         position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
         if marker == 0xDA:
             scans += 1
@@ -122,7 +134,22 @@ def jpeg_scans(data: bytes) -> int:
             if found is None:
                 break
             position = found.start()
-    return scans
+    return segments, scans
+
+
+def _check_jpeg_segments(data: bytes) -> None:
+    """Refuse a JPEG of too many scans or segments, before Pillow reads a segment of it."""
+    segments, scans = jpeg_segments(data)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageDecodeError(
+            f"refused: the JPEG holds {scans:,} scans, over the limit of {MAX_JPEG_SCANS} (a progressive "
+            "JPEG has about 10; each scan decodes the whole image again)"
+        )
+    if segments > MAX_JPEG_SEGMENTS:
+        raise ImageDecodeError(
+            f"refused: the JPEG holds over {MAX_JPEG_SEGMENTS:,} segments before its end (a genuine one has "
+            "a few dozen)"
+        )
 
 
 @functools.cache
@@ -643,6 +670,8 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
             # Our own header check below decides (it honours --max-pixels); Pillow's hard error
             # at 2 × Image.MAX_IMAGE_PIXELS (about 179 MP) still applies above it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if data.startswith(b"\xff\xd8\xff"):  # what Pillow's JPEG plugin accepts
+                _check_jpeg_segments(data)
             frame = _icon_frame_size(data)
             if frame is not None:
                 _check_pixels("the icon frame it would decode declares", frame, max_pixels)
@@ -650,14 +679,6 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
             width, height = image.size  # read from the header; no pixel is decoded yet
             _check_pixels("header declares", (width, height), max_pixels)
             _check_nested_decodes(image, max_pixels)
-            if image.format in ("JPEG", "MPO"):
-                scans = jpeg_scans(data)
-                if scans > MAX_JPEG_SCANS:
-                    raise ImageDecodeError(
-                        f"refused: the JPEG holds {scans:,} scans, over the limit of {MAX_JPEG_SCANS} (a progressive "
-                        "JPEG has about 10; each scan decodes the whole image again)"
-                    )
-            image.seek(0)  # first frame of animated/multi-page files
             if image.format in ("JPEG", "MPO") and min(width, height) >= 4 * size:
                 # DCT scaling by 1/2, 1/4 or 1/8, keeping at least 2 × size on the shorter side.
                 image.draft("RGB", (2 * size, 2 * size))

@@ -759,7 +759,7 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_pat
     data after its end that holds the SOS bytes (a motion photo's video), which are not scans."""
     progressive = save(tmp_path / "progressive.jpg", gradient(64, 64), quality=90, progressive=True)
     data = progressive.read_bytes()
-    assert 1 < images_module.jpeg_scans(data) == data.count(b"\xff\xda") <= images_module.MAX_JPEG_SCANS
+    assert 1 < images_module.jpeg_segments(data)[1] == data.count(b"\xff\xda") <= images_module.MAX_JPEG_SCANS
     (tmp_path / "trailer.jpg").write_bytes(data + b"\xff\xda" * 2 * images_module.MAX_JPEG_SCANS)
     for path in (progressive, tmp_path / "trailer.jpg"):
         assert decode_image(str(path), SIZE).pixels.shape == (SIZE, SIZE, 3)
@@ -767,8 +767,43 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_pat
     scan_header = data[sos : sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]]
     extra = images_module.MAX_JPEG_SCANS + 1 - data.count(b"\xff\xda")
     (tmp_path / "scans.jpg").write_bytes(data[:-2] + scan_header * extra + data[-2:])
-    with pytest.raises(ImageDecodeError, match=f"holds {images_module.MAX_JPEG_SCANS + 1} scans, over the limit"):
-        decode_image(str(tmp_path / "scans.jpg"), SIZE)
+    # libjpeg skips stray bytes before a segment (with a warning): they must not end the count.
+    (tmp_path / "stray.jpg").write_bytes(data[:sos] + b"\x00" + data[sos:-2] + scan_header * extra + data[-2:])
+    for name in ("scans.jpg", "stray.jpg"):
+        with pytest.raises(ImageDecodeError, match=f"holds {images_module.MAX_JPEG_SCANS + 1} scans, over the limit"):
+            decode_image(str(tmp_path / name), SIZE)
+
+
+def test_a_jpeg_of_too_many_segments_is_refused_before_pillow_reads_them(tmp_path):
+    """Pillow keeps every segment before the image data: millions of empty ones took seconds and
+    gigabytes. A genuine JPEG with a few hundred (an ICC profile split in chunks) decodes."""
+    data = save(tmp_path / "plain.jpg", gradient(64, 64), quality=90).read_bytes()
+    empty_app1 = b"\xff\xe1\x00\x02"
+    (tmp_path / "few.jpg").write_bytes(data[:2] + empty_app1 * 300 + data[2:])
+    assert decode_image(str(tmp_path / "few.jpg"), SIZE).pixels.shape == (SIZE, SIZE, 3)
+    (tmp_path / "many.jpg").write_bytes(data[:2] + empty_app1 * images_module.MAX_JPEG_SEGMENTS + data[2:])
+    with pytest.raises(ImageDecodeError, match="holds over 10,000 segments"):
+        decode_image(str(tmp_path / "many.jpg"), SIZE)
+
+
+def _psd(pixels: np.ndarray) -> bytes:
+    """A minimal Photoshop file: an RGB image of no layers, its channels stored raw."""
+    height, width, _ = pixels.shape
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3)
+    return header + struct.pack(">III", 0, 0, 0) + struct.pack(">H", 0) + pixels.transpose(2, 0, 1).tobytes()
+
+
+def test_formats_that_cannot_seek_to_their_first_frame_decode(tmp_path):
+    """PSD and single-image SPIDER files open on their image but refuse ``seek(0)``: they used
+    to be reported as corrupt."""
+    pixels = np.asarray(gradient(48, 40))
+    (tmp_path / "image.psd").write_bytes(_psd(pixels))
+    save(tmp_path / "image.spi", gradient(48, 40).convert("F"), format="SPIDER")
+    for name in ("image.psd", "image.spi"):
+        with Image.open(tmp_path / name) as opened, pytest.raises(EOFError):
+            opened.seek(0)
+        assert decode_image(str(tmp_path / name), SIZE).original_size == (48, 40)
+    assert np.array_equal(decode_image(str(tmp_path / "image.psd"), 40).pixels, pixels[:, 4:44]), "its own pixels"
 
 
 def test_orientation_one_is_the_same_as_none(tmp_path):
