@@ -64,6 +64,7 @@ import os
 import queue
 import re
 import stat
+import struct
 import sys
 import threading
 import warnings
@@ -639,7 +640,38 @@ def _icon_frame_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _check_nested_decodes(image: Image.Image, max_pixels: int) -> None:
+_TIFF_INTEGER_BYTES = {1: 1, 3: 2, 4: 4, 6: 1, 8: 2, 9: 4, 13: 4, 16: 8, 17: 8, 18: 8}  # by TIFF field type
+
+
+def tiff_tile_size(data: bytes) -> tuple[int, int] | None:
+    """(TileWidth, TileLength) of a TIFF's first directory as libtiff reads them: stored as any
+    integer type, also the 8-byte ones that Pillow drops from a classic TIFF (libtiff does not),
+    and unsigned; None where either is absent or the directory does not parse."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 16:
+        return None
+    version = struct.unpack(order + "H", data[2:4])[0]
+    big = version == 43  # BigTIFF: 8-byte counts and offsets
+    head, entry, inline = (order + "HHQQ", 20, 8) if big else (order + "HHII", 12, 4)
+    first = struct.unpack(order + ("Q" if big else "I"), data[8:16] if big else data[4:8])[0]
+    count_format, count_bytes = (order + "Q", 8) if big else (order + "H", 2)
+    if first + count_bytes > len(data):
+        return None
+    entries = min(struct.unpack(count_format, data[first : first + count_bytes])[0], 4096)  # libtiff's own limit
+    found = {}
+    for start in range(first + count_bytes, min(first + count_bytes + entries * entry, len(data) - entry + 1), entry):
+        tag, kind, count, value = struct.unpack(head, data[start : start + entry])
+        width = _TIFF_INTEGER_BYTES.get(kind)
+        if tag not in (322, 323) or width is None or count < 1:
+            continue
+        at = start + (entry - inline) if width <= inline else value  # inline, or at an offset
+        field = data[at : at + width]
+        if len(field) == width:
+            found[tag] = int.from_bytes(field, "little" if order == "<" else "big")  # libtiff's are unsigned
+    return (found[322], found[323]) if len(found) == 2 else None
+
+
+def _check_nested_decodes(image: Image.Image, data: bytes, max_pixels: int) -> None:
     """Refuse what decoding ``image`` would allocate beyond its header's size and manifpt's limits.
 
     Two formats wrap a whole image file that Pillow opens and decodes at its own size, held only
@@ -657,8 +689,8 @@ def _check_nested_decodes(image: Image.Image, max_pixels: int) -> None:
     if image.format == "BLP" and getattr(image, "magic", None) == b"BLP1" and compression == 0:
         raise ImageDecodeError("refused: a BLP1 texture holding a JPEG, which would be decoded unchecked")
     if image.format == "TIFF":
-        tile = (image.tag_v2.get(322), image.tag_v2.get(323))  # TileWidth, TileLength
-        if all(isinstance(side, int) for side in tile):
+        tile = tiff_tile_size(data)
+        if tile is not None:
             _check_pixels("its tiles are", tile, max_pixels)
 
 
@@ -678,7 +710,7 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
             image = Image.open(io.BytesIO(data))
             width, height = image.size  # read from the header; no pixel is decoded yet
             _check_pixels("header declares", (width, height), max_pixels)
-            _check_nested_decodes(image, max_pixels)
+            _check_nested_decodes(image, data, max_pixels)
             if image.format in ("JPEG", "MPO") and min(width, height) >= 4 * size:
                 # DCT scaling by 1/2, 1/4 or 1/8, keeping at least 2 × size on the shorter side.
                 image.draft("RGB", (2 * size, 2 * size))

@@ -255,19 +255,24 @@ def blp1_holding(jpeg: bytes) -> bytes:
     return header + offsets + struct.pack("<I", 0) + jpeg
 
 
-def tiled_tiff(tile: int) -> bytes:
-    """A 16×16 8-bit grey TIFF stored as one ``tile``×``tile`` deflated tile of zeros."""
+def tiled_tiff(tile: int, tile_type: int = 4) -> bytes:
+    """A 16×16 8-bit grey TIFF stored as one ``tile``×``tile`` deflated tile of zeros, its tile
+    size stored as TIFF type ``tile_type``: 4 (LONG), or 18 (IFD8, 8 bytes: only BigTIFF has it,
+    so Pillow drops it from a classic TIFF, but libtiff reads it)."""
     data = zlib.compress(b"\0" * tile * tile)
-    short, long = 3, 4
+    short, long, ifd8 = 3, 4, 18
+    wide = 8 + 2 + 12 * 11 + 4  # where 8-byte values go, after the directory; then the tile
     tags = [(256, short, 16), (257, short, 16), (258, short, 8), (259, short, 8), (262, short, 1)]
-    tags += [(277, short, 1), (284, short, 1), (322, long, tile), (323, long, tile)]
-    tags += [(324, long, 8 + 2 + 12 * 11 + 4), (325, long, len(data))]
-    entries = b"".join(
-        struct.pack("<HHI", tag, kind, 1)
-        + (struct.pack("<HH", value, 0) if kind == short else struct.pack("<I", value))
-        for tag, kind, value in tags
-    )
-    return b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + b"\0\0\0\0" + data
+    tags += [(277, short, 1), (284, short, 1), (322, tile_type, tile), (323, tile_type, tile)]
+    tags += [(324, long, wide + 16), (325, long, len(data))]
+
+    def field(kind: int, value: int, slot: int) -> bytes:
+        if kind == short:
+            return struct.pack("<HH", value, 0)
+        return struct.pack("<I", wide + 8 * slot if kind == ifd8 else value)
+
+    entries = b"".join(struct.pack("<HHI", tag, kind, 1) + field(kind, value, tag - 322) for tag, kind, value in tags)
+    return b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + b"\0\0\0\0" + struct.pack("<QQ", tile, tile) + data
 
 
 def _jpeg_bytes(image: Image.Image) -> bytes:
@@ -282,6 +287,7 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
         ("wrapped.iim", lambda: iptc_wrapping(_png_bytes(gradient(600, 600))), "IPTC/NAA file wrapping another"),
         ("texture.blp", lambda: blp1_holding(_jpeg_bytes(gradient(600, 600))), "BLP1 texture holding a JPEG"),
         ("tiled.tif", lambda: tiled_tiff(1024), "its tiles are 1024×1024 pixels"),
+        ("eight-byte.tif", lambda: tiled_tiff(1024, tile_type=18), "its tiles are 1024×1024 pixels"),
     ],
 )
 def test_an_image_decoded_at_a_size_its_header_does_not_say_is_refused(tmp_path, name, content, message):
