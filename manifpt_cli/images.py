@@ -671,6 +671,71 @@ def tiff_tile_size(data: bytes) -> tuple[int, int] | None:
     return (found[322], found[323]) if len(found) == 2 else None
 
 
+# OpenJPEG's memory and time grow with tiles, components and quality layers, not only pixels: a
+# 91-byte codestream of 65,280 1×1 tiles took 820 MB, one of 10,000 layers 5 s and 1 GB.
+MAX_JPEG2000_COMPONENTS = 4  # what Pillow's modes hold (L, LA, RGB, RGBA); more fail after decoding
+MAX_JPEG2000_LAYERS = 64  # encoders write a few to a few dozen
+MIN_JPEG2000_TILE_PIXELS = 4096  # several tiles of under 64×64 pixels each are refused
+
+
+def jpeg2000_codestream(data: bytes) -> tuple[tuple[int, int], int, tuple[int, int], int, int] | None:
+    """((width, height), components, (tile width, tile height), tiles, quality layers) from a
+    JPEG 2000 codestream's SIZ and
+    COD segments, the codestream found as OpenJPEG finds it (a bare J2K stream, or the ``jp2c``
+    box among a JP2 file's top-level boxes, whatever boxes come before it); None where it cannot
+    be found or parsed."""
+    start = 0
+    if not data.startswith(b"\xff\x4f\xff\x51"):
+        start = None
+        position = 0
+        while position + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[position : position + 8])
+            header = 8
+            if length == 1 and position + 16 <= len(data):
+                length, header = struct.unpack(">Q", data[position + 8 : position + 16])[0], 16
+            elif length == 0:
+                length = len(data) - position
+            if kind == b"jp2c":
+                start = position + header
+                break
+            if length < header:
+                return None
+            position += length
+    if start is None or not data.startswith(b"\xff\x4f\xff\x51", start) or start + 42 > len(data):
+        return None
+    x, y, x0, y0, tile_x, tile_y, tile_x0, tile_y0 = struct.unpack(">8I", data[start + 8 : start + 40])
+    components = struct.unpack(">H", data[start + 40 : start + 42])[0]
+    if not (x > x0 and y > y0 and tile_x and tile_y and x > tile_x0 and y > tile_y0):
+        return None
+    tiles = -(-(x - tile_x0) // tile_x) * -(-(y - tile_y0) // tile_y)
+    position, layers = start + 4 + struct.unpack(">H", data[start + 4 : start + 6])[0], None
+    while position + 4 <= len(data) and data[position] == 0xFF and data[position + 1] != 0x90:  # to SOT
+        marker, length = data[position + 1], struct.unpack(">H", data[position + 2 : position + 4])[0]
+        if marker == 0x52 and position + 9 <= len(data):  # COD: Scod, progression order, layers
+            layers = struct.unpack(">H", data[position + 6 : position + 8])[0]
+        position += 2 + length
+    return ((x - x0, y - y0), components, (tile_x, tile_y), tiles, layers) if layers is not None else None
+
+
+def _check_jpeg2000(data: bytes, max_pixels: int) -> None:
+    """Refuse a JPEG 2000 file whose codestream is too costly for OpenJPEG, or cannot be read."""
+    found = jpeg2000_codestream(data)
+    if found is None:
+        raise ImageDecodeError("refused: a JPEG 2000 file whose codestream header cannot be read")
+    area, components, tile, tiles, layers = found
+    _check_pixels("its codestream declares", area, max_pixels)
+    if components > MAX_JPEG2000_COMPONENTS:
+        raise ImageDecodeError(f"refused: the JPEG 2000 codestream holds {components:,} components (at most 4)")
+    if tiles > 1 and tile[0] * tile[1] < MIN_JPEG2000_TILE_PIXELS:
+        raise ImageDecodeError(
+            f"refused: the JPEG 2000 codestream holds {tiles:,} tiles of {tile[0]}×{tile[1]} pixels (under 64×64 each)"
+        )
+    if layers > MAX_JPEG2000_LAYERS:
+        raise ImageDecodeError(
+            f"refused: the JPEG 2000 codestream holds {layers:,} quality layers, over the limit of {MAX_JPEG2000_LAYERS}"
+        )
+
+
 def _check_nested_decodes(image: Image.Image, data: bytes, max_pixels: int) -> None:
     """Refuse what decoding ``image`` would allocate beyond its header's size and manifpt's limits.
 
@@ -688,6 +753,8 @@ def _check_nested_decodes(image: Image.Image, data: bytes, max_pixels: int) -> N
         )
     if image.format == "BLP" and getattr(image, "magic", None) == b"BLP1" and compression == 0:
         raise ImageDecodeError("refused: a BLP1 texture holding a JPEG, which would be decoded unchecked")
+    if image.format == "JPEG2000":
+        _check_jpeg2000(data, max_pixels)
     if image.format == "TIFF":
         tile = tiff_tile_size(data)
         if tile is not None:

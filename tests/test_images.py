@@ -310,6 +310,53 @@ def test_textures_and_tiffs_that_hide_nothing_still_decode(tmp_path, fmt, kwargs
     assert decode_image(str(tiled), SIZE, max_pixels=16 * 16).original_size == (16, 16)
 
 
+def j2k_codestream(side: int, tile: int, components: int = 1, layers: int = 1) -> bytes:
+    """A tiny JPEG 2000 codestream (SIZ, COD, QCD, one empty tile part) of a ``side``² image in
+    ``tile``² tiles, with ``layers`` quality layers."""
+    siz = struct.pack(">HHIIIIIIIIH", 38 + 3 * components, 0, side, side, 0, 0, tile, tile, 0, 0, components)
+    cod = struct.pack(">HBBHBBBBBB", 12, 0, 0, layers, 0, 1, 4, 4, 0, 1)
+    qcd = b"\xff\x5c\x00\x04\x40\x40"
+    tile_part = b"\xff\x90\x00\x0a\x00\x00\x00\x00\x00\x0f\x00\x01\xff\x93\x00"
+    return b"\xff\x4f\xff\x51" + siz + b"\x07\x01\x01" * components + b"\xff\x52" + cod + qcd + tile_part + b"\xff\xd9"
+
+
+def _box(kind: bytes, content: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(content)) + kind + content
+
+
+def jp2_hiding(codestream: bytes) -> bytes:
+    """A JP2 file whose header says 100×100 RGB, a ``free`` box between it and the codestream (so
+    that Pillow does not read the codestream's own header; OpenJPEG does)."""
+    header = _box(b"ihdr", struct.pack(">IIHBBBB", 100, 100, 3, 7, 7, 0, 0)) + _box(b"colr", b"\x01\0\0\0\0\0\x10")
+    signature = _box(b"jP  ", b"\r\n\x87\n") + _box(b"ftyp", b"jp2 \0\0\0\0jp2 ")
+    return signature + _box(b"jp2h", header) + _box(b"free", b"") + _box(b"jp2c", codestream)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (lambda: j2k_codestream(100, 1), "10,000 tiles of 1×1 pixels"),  # 94 MB in OpenJPEG
+        (lambda: j2k_codestream(100, 100, components=4, layers=10_000), "10,000 quality layers"),  # 5 s, 1 GB
+        (lambda: jp2_hiding(j2k_codestream(100, 100, components=256)), "256 components"),  # 2.7 GB
+        (lambda: jp2_hiding(j2k_codestream(4000, 4000)), "codestream declares 4000×4000 pixels"),
+        (lambda: jp2_hiding(b"\xff\x4f\xff\x51" + b"\0" * 30), "codestream header cannot be read"),
+    ],
+)
+def test_a_jpeg2000_file_costly_for_openjpeg_is_refused(tmp_path, content, message):
+    """OpenJPEG's memory and time grow with tiles, components and layers, not only pixels; and a
+    JP2 file's codestream is what OpenJPEG decodes, whatever the header Pillow reads says."""
+    path = tmp_path / "costly.jp2"
+    path.write_bytes(content())
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(str(path), SIZE, max_pixels=1_000_000)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"no_jp2": True}, {"tile_size": (64, 64)}, {"quality_layers": [40, 20, 10]}])
+def test_ordinary_jpeg2000_files_decode(tmp_path, kwargs):
+    path = save(tmp_path / "plain.jp2", gradient(300, 200), format="JPEG2000", **kwargs)
+    assert decode_image(str(path), SIZE, max_pixels=300 * 200).original_size == (300, 200)
+
+
 def test_max_pixels_limit_is_ours_to_set(tmp_path):
     path = save(tmp_path / "big.png", gradient(64, 64))
     with pytest.raises(ImageDecodeError, match="over the limit of 1,000"):
