@@ -138,6 +138,25 @@ def jpeg_segments(data: bytes) -> tuple[int, int]:
     return segments, scans
 
 
+# Pillow reads every chunk before the image data as it opens a PNG (a million empty ones: 2.6 s,
+# 114 MB); a genuine PNG holds a handful besides its image data (IDAT, and an APNG's fdAT).
+MAX_PNG_CHUNKS = 10_000
+MAX_EXIF_BYTES = 4 * 2**20  # a PNG's or WebP's EXIF block is parsed in full for the orientation
+
+
+def png_chunks(data: bytes) -> int:
+    """Chunks of a PNG other than its image data (IDAT, fdAT), up to its IEND; the walk stops
+    once the count passes ``MAX_PNG_CHUNKS``, or at damage (the decoder says the rest)."""
+    position, chunks = 8, 0
+    while position + 8 <= len(data) and chunks <= MAX_PNG_CHUNKS:
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        if kind == b"IEND":
+            break
+        chunks += kind not in (b"IDAT", b"fdAT")
+        position += 12 + length
+    return chunks
+
+
 def _check_jpeg_segments(data: bytes) -> None:
     """Refuse a JPEG of too many scans or segments, before Pillow reads a segment of it."""
     segments, scans = jpeg_segments(data)
@@ -452,7 +471,12 @@ _RESIZED_AS_IS = ("RGB", "L", *_DEEP_MODES)
 
 
 def _oriented(image: Image.Image) -> Image.Image:
-    """``image`` turned by its EXIF orientation; the same object when the tag is absent or 1."""
+    """``image`` turned by its EXIF orientation; the same object when the tag is absent or 1.
+    An EXIF block over ``MAX_EXIF_BYTES`` is refused: Pillow parses all of it for the tag (a
+    40 MB one whose Orientation tag had 20 M values took 454 MB)."""
+    exif = image.info.get("exif")
+    if isinstance(exif, bytes | bytearray) and len(exif) > MAX_EXIF_BYTES:
+        raise ImageDecodeError(f"refused: its EXIF block is {len(exif):,} bytes, over the limit of {MAX_EXIF_BYTES:,}")
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     method = _ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
     return image if method is None else image.transpose(method)
@@ -771,6 +795,11 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if data.startswith(b"\xff\xd8\xff"):  # what Pillow's JPEG plugin accepts
                 _check_jpeg_segments(data)
+            if data.startswith(PngImagePlugin._MAGIC) and png_chunks(data) > MAX_PNG_CHUNKS:
+                raise ImageDecodeError(
+                    f"refused: the PNG holds over {MAX_PNG_CHUNKS:,} chunks besides its image data (a genuine one "
+                    "has a handful)"
+                )
             frame = _icon_frame_size(data)
             if frame is not None:
                 _check_pixels("the icon frame it would decode declares", frame, max_pixels)

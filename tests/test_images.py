@@ -839,6 +839,30 @@ def test_a_jpeg_of_too_many_segments_is_refused_before_pillow_reads_them(tmp_pat
         decode_image(str(tmp_path / "many.jpg"), SIZE)
 
 
+def test_a_png_of_too_many_chunks_or_too_big_an_exif_block_is_refused(tmp_path):
+    """Pillow reads every chunk before the image data as it opens a PNG, and parses a whole EXIF
+    block for its orientation: both grow with the file, not the pixels. Genuine amounts decode."""
+    data = save(tmp_path / "plain.png", gradient(16, 16)).read_bytes()
+    after_header = 8 + 25  # the signature and IHDR
+    private = _chunk(b"prVt", b"")
+    for count, refused in ((100, False), (images_module.MAX_PNG_CHUNKS, True)):
+        (tmp_path / "chunks.png").write_bytes(data[:after_header] + private * count + data[after_header:])
+        if refused:
+            with pytest.raises(ImageDecodeError, match="holds over 10,000 chunks"):
+                decode_image(str(tmp_path / "chunks.png"), SIZE)
+        else:
+            assert decode_image(str(tmp_path / "chunks.png"), SIZE).original_size == (16, 16)
+    empty_tiff = b"MM\0*\0\0\0\x08\0\0\0\0\0\0"  # a big-endian TIFF header and an empty directory
+    for padding, refused in ((1000, False), (images_module.MAX_EXIF_BYTES, True)):
+        exif = _chunk(b"eXIf", empty_tiff + b"\0" * padding)
+        (tmp_path / "exif.png").write_bytes(data[:after_header] + exif + data[after_header:])
+        if refused:
+            with pytest.raises(ImageDecodeError, match="its EXIF block is [0-9,]+ bytes, over the limit of 4,194,304"):
+                decode_image(str(tmp_path / "exif.png"), SIZE)
+        else:
+            assert decode_image(str(tmp_path / "exif.png"), SIZE).original_size == (16, 16)
+
+
 def _psd(pixels: np.ndarray) -> bytes:
     """A minimal Photoshop file: an RGB image of no layers, its channels stored raw."""
     height, width, _ = pixels.shape
