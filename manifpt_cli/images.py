@@ -765,9 +765,10 @@ def _check_nested_decodes(image: Image.Image, data: bytes, max_pixels: int) -> N
 
     Two formats wrap a whole image file that Pillow opens and decodes at its own size, held only
     to Pillow's 179-megapixel limit: an IPTC/NAA record's embedded file (any format, unless its
-    pixels are raw) and a BLP1 texture's JPEG; they are refused. And libtiff decodes a tiled TIFF
-    a whole tile at a time, so a tile larger than the image is allocated in full: the tile's
-    size is held to ``max_pixels`` too.
+    pixels are raw) and a BLP1 texture's JPEG; they are refused. libtiff decodes a tiled TIFF a
+    whole tile at a time, so a tile larger than the image is allocated in full: the tile's size
+    is held to ``max_pixels`` too, and so is a 1-bit or grey cursor's image with the mask that
+    Pillow decodes below it; JPEG 2000: :func:`_check_jpeg2000`.
     """
     args = image.tile[0].args if image.tile else None
     compression = args[0] if isinstance(args, tuple) and args else None
@@ -777,6 +778,8 @@ def _check_nested_decodes(image: Image.Image, data: bytes, max_pixels: int) -> N
         )
     if image.format == "BLP" and getattr(image, "magic", None) == b"BLP1" and compression == 0:
         raise ImageDecodeError("refused: a BLP1 texture holding a JPEG, which would be decoded unchecked")
+    if image.format == "CUR" and image.mode == "LA":  # a 1-bit or grey cursor decodes its mask below it
+        _check_pixels("with its mask, the cursor decodes", (image.width, 2 * image.height), max_pixels)
     if image.format == "JPEG2000":
         _check_jpeg2000(data, max_pixels)
     if image.format == "TIFF":

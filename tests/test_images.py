@@ -275,6 +275,14 @@ def tiled_tiff(tile: int, tile_type: int = 4) -> bytes:
     return b"II*\0" + struct.pack("<IH", 8, len(tags)) + entries + b"\0\0\0\0" + struct.pack("<QQ", tile, tile) + data
 
 
+def grey_cursor(side: int) -> bytes:
+    """A ``side``² 8-bit grey CUR: its bitmap stacks the image and an equal mask (twice the height)."""
+    bitmap = struct.pack("<IiiHHIIiiII", 40, side, 2 * side, 1, 8, 0, 0, 0, 0, 256, 0)
+    bitmap += b"".join(bytes((i, i, i, 0)) for i in range(256)) + bytes(side * 2 * side)
+    entry = struct.pack("<BBBBHHII", side, side, 0, 0, 0, 0, len(bitmap), 6 + 16)
+    return struct.pack("<HHH", 0, 2, 1) + entry + bitmap
+
+
 def _jpeg_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG")
@@ -288,15 +296,17 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
         ("texture.blp", lambda: blp1_holding(_jpeg_bytes(gradient(600, 600))), "BLP1 texture holding a JPEG"),
         ("tiled.tif", lambda: tiled_tiff(1024), "its tiles are 1024×1024 pixels"),
         ("eight-byte.tif", lambda: tiled_tiff(1024, tile_type=18), "its tiles are 1024×1024 pixels"),
+        ("cursor.cur", lambda: grey_cursor(250), "with its mask, the cursor decodes 250×500 pixels"),
     ],
 )
 def test_an_image_decoded_at_a_size_its_header_does_not_say_is_refused(tmp_path, name, content, message):
     """A 16×16 header over a 600×600 image file inside (IPTC, BLP1), or over a 1024×1024 tile
-    that libtiff allocates whole (TIFF): each would be decoded past a limit of 100,000 pixels."""
+    that libtiff allocates whole (TIFF), and a 250×250 cursor decoded with its mask below it:
+    each would be decoded past a limit of 100,000 pixels."""
     path = tmp_path / name
     path.write_bytes(content())
     with Image.open(path) as opened:
-        assert opened.size == (16, 16), "the header alone passes the limit"
+        assert opened.size[0] * opened.size[1] <= 100_000, "the header alone passes the limit"
     with pytest.raises(ImageDecodeError, match=message):
         decode_image(str(path), SIZE, max_pixels=100_000)
 
@@ -308,6 +318,9 @@ def test_textures_and_tiffs_that_hide_nothing_still_decode(tmp_path, fmt, kwargs
     tiled = tmp_path / "tiled.tif"  # one tile the image's own size
     tiled.write_bytes(tiled_tiff(16))
     assert decode_image(str(tiled), SIZE, max_pixels=16 * 16).original_size == (16, 16)
+    cursor = tmp_path / "cursor.cur"
+    cursor.write_bytes(grey_cursor(100))
+    assert decode_image(str(cursor), SIZE, max_pixels=2 * 100 * 100).original_size == (100, 100)
 
 
 def j2k_codestream(side: int, tile: int, components: int = 1, layers: int = 1) -> bytes:
