@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from manifpt_cli import decode_limits
 from manifpt_cli import images as images_module
 from manifpt_cli.errors import ImageDecodeError, UsageError
 from manifpt_cli.images import (
@@ -825,18 +826,18 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_pat
     data after its end that holds the SOS bytes (a motion photo's video), which are not scans."""
     progressive = save(tmp_path / "progressive.jpg", gradient(64, 64), quality=90, progressive=True)
     data = progressive.read_bytes()
-    assert 1 < images_module.jpeg_segments(data)[1] == data.count(b"\xff\xda") <= images_module.MAX_JPEG_SCANS
-    (tmp_path / "trailer.jpg").write_bytes(data + b"\xff\xda" * 2 * images_module.MAX_JPEG_SCANS)
+    assert 1 < decode_limits.jpeg_segments(data)[1] == data.count(b"\xff\xda") <= decode_limits.MAX_JPEG_SCANS
+    (tmp_path / "trailer.jpg").write_bytes(data + b"\xff\xda" * 2 * decode_limits.MAX_JPEG_SCANS)
     for path in (progressive, tmp_path / "trailer.jpg"):
         assert decode_image(str(path), SIZE).pixels.shape == (SIZE, SIZE, 3)
     sos = data.index(b"\xff\xda")
     scan_header = data[sos : sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]]
-    extra = images_module.MAX_JPEG_SCANS + 1 - data.count(b"\xff\xda")
+    extra = decode_limits.MAX_JPEG_SCANS + 1 - data.count(b"\xff\xda")
     (tmp_path / "scans.jpg").write_bytes(data[:-2] + scan_header * extra + data[-2:])
     # libjpeg skips stray bytes before a segment (with a warning): they must not end the count.
     (tmp_path / "stray.jpg").write_bytes(data[:sos] + b"\x00" + data[sos:-2] + scan_header * extra + data[-2:])
     for name in ("scans.jpg", "stray.jpg"):
-        with pytest.raises(ImageDecodeError, match=f"holds {images_module.MAX_JPEG_SCANS + 1} scans, over the limit"):
+        with pytest.raises(ImageDecodeError, match=f"holds {decode_limits.MAX_JPEG_SCANS + 1} scans, over the limit"):
             decode_image(str(tmp_path / name), SIZE)
 
 
@@ -847,7 +848,7 @@ def test_a_jpeg_of_too_many_segments_is_refused_before_pillow_reads_them(tmp_pat
     empty_app1 = b"\xff\xe1\x00\x02"
     (tmp_path / "few.jpg").write_bytes(data[:2] + empty_app1 * 300 + data[2:])
     assert decode_image(str(tmp_path / "few.jpg"), SIZE).pixels.shape == (SIZE, SIZE, 3)
-    (tmp_path / "many.jpg").write_bytes(data[:2] + empty_app1 * images_module.MAX_JPEG_SEGMENTS + data[2:])
+    (tmp_path / "many.jpg").write_bytes(data[:2] + empty_app1 * decode_limits.MAX_JPEG_SEGMENTS + data[2:])
     with pytest.raises(ImageDecodeError, match="holds over 10,000 segments"):
         decode_image(str(tmp_path / "many.jpg"), SIZE)
 
@@ -858,7 +859,7 @@ def test_a_png_of_too_many_chunks_or_too_big_an_exif_block_is_refused(tmp_path):
     data = save(tmp_path / "plain.png", gradient(16, 16)).read_bytes()
     after_header = 8 + 25  # the signature and IHDR
     private = _chunk(b"prVt", b"")
-    for count, refused in ((100, False), (images_module.MAX_PNG_CHUNKS, True)):
+    for count, refused in ((100, False), (decode_limits.MAX_PNG_CHUNKS, True)):
         (tmp_path / "chunks.png").write_bytes(data[:after_header] + private * count + data[after_header:])
         if refused:
             with pytest.raises(ImageDecodeError, match="holds over 10,000 chunks"):
@@ -866,7 +867,7 @@ def test_a_png_of_too_many_chunks_or_too_big_an_exif_block_is_refused(tmp_path):
         else:
             assert decode_image(str(tmp_path / "chunks.png"), SIZE).original_size == (16, 16)
     empty_tiff = b"MM\0*\0\0\0\x08\0\0\0\0\0\0"  # a big-endian TIFF header and an empty directory
-    for padding, refused in ((1000, False), (images_module.MAX_EXIF_BYTES, True)):
+    for padding, refused in ((1000, False), (decode_limits.MAX_EXIF_BYTES, True)):
         exif = _chunk(b"eXIf", empty_tiff + b"\0" * padding)
         (tmp_path / "exif.png").write_bytes(data[:after_header] + exif + data[after_header:])
         if refused:
