@@ -407,7 +407,7 @@ def train_auto(
     the whole validation table go into the metadata.
     """
     started = time.perf_counter()
-    check_outputs([out], inputs=[artifacts_path], overwrite=overwrite)
+    check_outputs([out], inputs=_inputs(artifacts_path, augment, index_path, weights), overwrite=overwrite)
     config = config or TrainConfig()
     if splits < 1:
         raise UsageError(f"splits must be at least 1, got {splits}")
@@ -432,6 +432,15 @@ def train_auto(
     return _save(out, model, metadata, history, artifacts_path, started, overwrite)
 
 
+def _inputs(artifacts_path, augment, index_path, weights) -> list:
+    """What a training run reads, which its checkpoint may not replace: the artifacts file and,
+    with ``augment``, the index the copies are searched in and the backbone weights."""
+    if not augment:
+        return [artifacts_path]
+    weight_files = [w for w in (weights or {}).values() if w and not str(w).startswith("random:")]
+    return [artifacts_path, index_path or artifacts_index_path(artifacts_path), *weight_files]
+
+
 def train_attributor(
     artifacts_path: str | os.PathLike,
     space: Space,
@@ -450,7 +459,7 @@ def train_attributor(
     the one recorded in the artifacts file unless ``index_path`` is given.
     """
     started = time.perf_counter()
-    check_outputs([out], inputs=[artifacts_path], overwrite=overwrite)
+    check_outputs([out], inputs=_inputs(artifacts_path, augment, index_path, weights), overwrite=overwrite)
     data = artifact_training_set(load_artifacts(artifacts_path, space))
     model, metadata, history = _fit_with_options(
         data, config or TrainConfig(), artifacts_path, settings, augment, index_path, weights

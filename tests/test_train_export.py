@@ -160,3 +160,23 @@ def test_joint_input_model_attributes(tmp_path, artifacts_file, real_index, data
     export_onnx(tmp_path / "joint.pt", tmp_path / "joint.onnx")
     with Attribution(tmp_path / "joint.onnx", real_index) as run:
         assert all(row.ok for row in run.rows([dataset / "suspects" / "blur"]))
+
+
+def test_training_with_augmentation_never_writes_over_the_index_it_searches(artifacts_file, real_index, tmp_path):
+    """``train --augment`` reads the index (the copies' artifacts are searched in it): its
+    checkpoint may not replace it, named with --index or recorded in the artifacts file."""
+    import shutil
+
+    from manifpt_cli.artifacts import artifacts_index_path
+    from manifpt_cli.outputs import OutputRefusedError
+    from manifpt_cli.perturb import parse_perturbations
+    from manifpt_cli.train import _inputs
+
+    index = shutil.copy(real_index, tmp_path / "index.h5")
+    before = (tmp_path / "index.h5").read_bytes()
+    augment = parse_perturbations("jpeg:90")
+    with pytest.raises(OutputRefusedError, match="it is the input"):
+        train_attributor(artifacts_file, Space.RGB, index, augment=augment, index_path=index, overwrite=True)
+    assert (tmp_path / "index.h5").read_bytes() == before
+    assert artifacts_index_path(artifacts_file) in _inputs(artifacts_file, augment, None, None)
+    assert _inputs(artifacts_file, None, index, None) == [artifacts_file], "without augmentation it is not read"
