@@ -189,13 +189,21 @@ def render_case_report(
 
     Raises:
         UsageError, FormatError: the report, or the index, is missing or not manifpt's.
+        IntegrityError: a CSV report changed after it was written (its ``report_sha256``).
         MismatchError: the index is not the one the report was made with.
     """
+    from .integrity import IntegrityError
     from .manifold import RealIndex
-    from .verify import read_report
+    from .verify import MATCHES, read_report
 
     report = os.fspath(report)
-    header, rows, _ = read_report(report)
+    header, rows, report_check = read_report(report)
+    if report_check is not None and report_check.result != MATCHES:
+        raise IntegrityError(
+            f"refusing to render {display_path(report)}: it changed after manifpt wrote it (its SHA-256 is not the "
+            f"report_sha256 of {display_path(sidecar_path(report))}); render the report as written, and run "
+            "`manifpt verify` on it to see what changed"
+        )
     try:
         space = Space(header["space"])
         index_path = os.fspath(index) if index is not None else os.fsdecode(path_from_display(header["index"]))

@@ -254,6 +254,12 @@ def test_report_command_reads_a_csv_report_with_its_sidecar(case, freq_model, tm
     assert rows and all(r["top_k"] == original[r["path"]]["top_k"] for r in rows)
     again, first = pictures(tmp_path / "case.html"), pictures(case["page"])
     assert again and all(again[path] == first[path] for path in again)
+    text = (tmp_path / "r.csv").read_text(encoding="utf-8")
+    forged = text.replace(",blur,", ",noise,", 1)  # one row's verdict, changed after the fact
+    assert forged != text
+    (tmp_path / "r.csv").write_text(forged, encoding="utf-8")
+    result = cli("report", tmp_path / "r.csv", "--html", tmp_path / "forged.html", code=1)
+    assert "changed after manifpt wrote it" in result.stderr and not (tmp_path / "forged.html").exists()
 
 
 @pytest.mark.parametrize("damage", ["no header space", "a row without sha256", "truncated"])
