@@ -144,12 +144,13 @@ def _labelled_folders(sources: Sequence[tuple[str, str]], real: str | os.PathLik
 def index_images(index: RealIndex, rows: np.ndarray, settings: RunSettings) -> list[DecodedImage | FailedImage]:
     """The index's own images at ``rows``; a FailedImage, saying why, for one that cannot be had exactly.
 
-    Their pixels come from the rgb embeddings when the index has that space (exact: rgb is the
-    pixels / 255); otherwise the files are decoded again from their recorded paths and must still
-    have their recorded SHA-256.
+    Their pixels come from the rgb embeddings when the index has that space and verified it as
+    it opened (exact: rgb is the pixels / 255); otherwise the files are decoded again from their
+    recorded paths and must still have their recorded SHA-256. (An index opened to search freq
+    verifies freq alone: its rgb rows, unchecked, could show any picture.)
     """
     paths, shas, size = index.paths(rows), index.sha256(rows), index.image_size
-    if Space.RGB in index.spaces:
+    if Space.RGB.value in index.verification["verified_spaces"]:
         floats = index.embeddings(Space.RGB, rows).reshape(len(rows), 3, size, size)
         pixels = np.clip(np.rint(floats * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
         return [DecodedImage(p, np.ascontiguousarray(x), (size, size), h) for p, x, h in zip(paths, pixels, shas)]

@@ -117,3 +117,23 @@ def test_an_artifacts_file_that_does_not_store_what_it_declares_is_refused(artif
             replace_dataset(handle["spaces/rgb"], "artifacts", **layout)
         with pytest.raises(IntegrityError, match=message):
             load_artifacts(damaged, Space.RGB)
+
+
+def test_the_index_images_shown_come_from_verified_rows_or_from_the_files(real_index, tmp_path):
+    """An index opened to search freq verifies freq alone: rgb rows altered in the file must not
+    become the nearest real image an investigator is shown; the files are read again instead."""
+    from manifpt_cli.artifacts import index_images
+
+    altered = shutil.copy(real_index, tmp_path / "altered.h5")
+    with h5py.File(altered, "r+") as handle:
+        rows = handle["spaces/rgb/embeddings"]
+        rows[0] = 255 - rows[0]  # what a picture of the index would show
+    with RealIndex(altered, verify=[Space.FREQ]) as index:
+        (shown,) = index_images(index, np.array([0]), RunSettings())
+        path = index.paths(np.array([0]))[0]
+    assert np.array_equal(shown.pixels, decode_image(path, SIZE).pixels), "the file's own pixels"
+    with pytest.raises(IntegrityError):
+        RealIndex(altered, verify=[Space.RGB])
+    with RealIndex(real_index, verify=[Space.RGB]) as index:  # verified: from the rows, the same pixels
+        (from_rows,) = index_images(index, np.array([0]), RunSettings())
+    assert np.array_equal(from_rows.pixels, shown.pixels)
