@@ -173,14 +173,18 @@ def verify_report(report: str | os.PathLike) -> Verification:
         result.checks.append(report_check)
     model = header.get("model", "")
     model_check = _check_file("model", model, header.get("model_sha256", ""))
+    card_check = None
     if model_check.ok:
         try:
-            OnnxAttributor(
-                os.fsdecode(path_from_display(model))
-            )  # loading verifies the digest sealed at export, and the card
+            # Loading verifies the digest sealed at export, and the card.
+            card_check = _check_header_against_model(
+                path, header, OnnxAttributor(os.fsdecode(path_from_display(model)))
+            )
         except ManifptError as exc:
             model_check = Check("model", model, CHANGED, str(exc))
     result.checks.append(model_check)
+    if card_check is not None:
+        result.checks.append(card_check)
     index = header.get("index", "")
     try:
         index_file = path_from_display(index)
@@ -202,6 +206,27 @@ def verify_report(report: str | os.PathLike) -> Verification:
         else:
             result.checks.append(_check_file("suspect", row["path"], row["sha256"], array_rows))
     return result
+
+
+def _check_header_against_model(path: str, header: dict, model) -> Check:
+    """The report header's account of the model (its space, image size, classes, calibration,
+    model card and verdict rule) against the verified model's own card: the report's digest
+    covers its rows, not its header."""
+    from .attribute import model_card_summary
+
+    recorded = {
+        "space": model.space.value,
+        "image_size": model.image_size,
+        "classes": model.classes,
+        "calibration": model.card["calibration"],
+        "model_card": model_card_summary(model.card),
+        "verdict_rule": model.rule.describe(),
+    }
+    recorded = json.loads(json.dumps(recorded))  # as a report stores it
+    differ = [key for key, value in recorded.items() if header.get(key) != value]
+    if differ:
+        return Check("report header", path, CHANGED, f"differs from the model's card in: {', '.join(differ)}")
+    return Check("report header", path, MATCHES, "its model fields, against the model's card")
 
 
 def _array_row_hashes(shown_paths) -> dict[str, dict[int, str | ImageDecodeError]]:

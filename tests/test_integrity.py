@@ -842,3 +842,36 @@ def test_research_results_are_not_overwritten_either(artifacts_file, tmp_path):
         "refused up front"
     )
     assert (tmp_path / "metrics.json").read_text() == "an earlier evaluation"
+
+
+@pytest.mark.parametrize("field", ["classes", "calibration", "verdict_rule"])
+def test_verify_checks_the_report_header_against_the_model(case, tmp_path, field):
+    """The report's digest covers its rows, not its header: a header whose classes, calibration or
+    verdict rule were edited (a swapped label reads as another verdict) is caught against the
+    verified model's own card."""
+    out = tmp_path / "r.csv"
+    cli(
+        "attribute",
+        case["suspects"],
+        "--model",
+        case["model"],
+        "--index",
+        case["index"],
+        "--report",
+        "csv",
+        "--out",
+        out,
+    )
+    assert "report header" in cli("verify", out, "--all").stdout
+    sidecar = Path(f"{out}.meta.json")
+    header = json.loads(sidecar.read_text())
+    if field == "classes":
+        header["classes"] = header["classes"][::-1]
+    elif field == "calibration":
+        header["calibration"] = {"method": "none"}
+    else:
+        header["verdict_rule"] = {**header["verdict_rule"], "threshold": 0.01}
+    sidecar.write_text(json.dumps(header))
+    result = cli("verify", out, code=EXIT_FAILURE)
+    listed = " ".join(result.stdout.split())  # the table may wrap the detail
+    assert "report header" in listed and field in listed and "1 changed" in result.stderr
