@@ -850,18 +850,7 @@ def test_verify_checks_the_report_header_against_the_model(case, tmp_path, field
     verdict rule were edited (a swapped label reads as another verdict) is caught against the
     verified model's own card."""
     out = tmp_path / "r.csv"
-    cli(
-        "attribute",
-        case["suspects"],
-        "--model",
-        case["model"],
-        "--index",
-        case["index"],
-        "--report",
-        "csv",
-        "--out",
-        out,
-    )
+    attribute_csv(case, out)
     assert "report header" in cli("verify", out, "--all").stdout
     sidecar = Path(f"{out}.meta.json")
     header = json.loads(sidecar.read_text())
