@@ -378,6 +378,8 @@ def verify_onnx(path: str | os.PathLike, data: bytes) -> str:
             "`manifpt export`, or it was altered"
         )
     stored = found[0].decode()
+    if data.count(found[0]) != 1:
+        raise IntegrityError(f"{path} carries its digest's value more than once: it was altered after export")
     if onnx_digest(data, stored) != stored:
         raise IntegrityError(
             f"{path} does not match its recorded digest: its graph, weights or model card were changed after export"

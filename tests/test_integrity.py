@@ -296,6 +296,13 @@ def test_a_flipped_weight_byte_or_edited_card_is_refused(case, tmp_path):
     )
     assert "model card does not match the model" in result.stderr
 
+    # The digest's value written a second time (where zeroing it for the check would hide an edit).
+    twice = _copy(case["model"], tmp_path, "twice.onnx")
+    stored = next(p.value for p in onnx.load(str(case["model"])).metadata_props if p.key == "manifpt_digest")
+    twice.write_bytes(twice.read_bytes() + stored.encode())
+    result = cli("attribute", case["suspects"], "--model", twice, "--index", case["index"], code=EXIT_FAILURE)
+    assert "twice.onnx carries its digest's value more than once" in " ".join(result.stderr.split())
+
 
 def test_a_sealed_model_with_subgraphs_functions_or_custom_operators_is_refused(case, tmp_path):
     """Anyone can seal a file of their own; a model with a Loop (10¹² turns ran for ten minutes and
