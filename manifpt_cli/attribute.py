@@ -215,6 +215,19 @@ CARD_KEYS = (
 )
 
 
+def report_model_fields(model: OnnxAttributor) -> dict:
+    """What a report's header says of its model, from the verified model itself (``manifpt
+    verify`` compares a header with it: the report's digest covers its rows only)."""
+    return {
+        "space": model.space.value,
+        "image_size": model.image_size,
+        "classes": model.classes,
+        "calibration": model.card["calibration"],
+        "model_card": model_card_summary(model.card),
+        "verdict_rule": model.rule.describe(),
+    }
+
+
 def model_card_summary(card: dict) -> dict:
     """The model card as a report shows it: what it knows, how it was trained, validated and calibrated
     (the per-epoch history stays in the model)."""
@@ -338,12 +351,7 @@ class Attribution:
             "model_sha256": self.model.sha256,
             "index": display_path(os.path.abspath(self.index.path)),
             "index_hash": self.index.index_hash,
-            "space": space.value,
-            "image_size": self.model.image_size,
-            "classes": self.model.classes,
-            "calibration": self.model.card["calibration"],
-            "model_card": model_card_summary(self.model.card),
-            "verdict_rule": self.model.rule.describe(),
+            **report_model_fields(self.model),
             "suspects": [display_path(os.path.abspath(root)) for root in roots],
             "verification": {
                 "model": {"digest": self.model.digest, "result": "matches the digest sealed at export"},

@@ -212,16 +212,9 @@ def _check_header_against_model(path: str, header: dict, model) -> Check:
     """The report header's account of the model (its space, image size, classes, calibration,
     model card and verdict rule) against the verified model's own card: the report's digest
     covers its rows, not its header."""
-    from .attribute import model_card_summary
+    from .attribute import report_model_fields
 
-    recorded = {
-        "space": model.space.value,
-        "image_size": model.image_size,
-        "classes": model.classes,
-        "calibration": model.card["calibration"],
-        "model_card": model_card_summary(model.card),
-        "verdict_rule": model.rule.describe(),
-    }
+    recorded = report_model_fields(model)
     recorded = json.loads(json.dumps(recorded))  # as a report stores it
     differ = [key for key, value in recorded.items() if header.get(key) != value]
     if differ:
