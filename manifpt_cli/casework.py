@@ -47,6 +47,8 @@ class AttributionSummary:
     predicted: Counter = field(default_factory=Counter)
     verdicts: Counter = field(default_factory=Counter)
     reports: list[ReportTarget] = field(default_factory=list)
+    # Each report file's content_sha256 (a JSON report's, a CSV's sidecar's), for the case notes.
+    content_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def attributed(self) -> int:
@@ -133,6 +135,9 @@ def run_attribution(
                 if row.ok:
                     summary.predicted[row.predicted] += 1
                     summary.verdicts[row.verdict] += 1
+        for target, writer in zip(reports, writers):
+            if target.out is not None and writer.content_sha256:
+                summary.content_sha256[os.fspath(target.out)] = writer.content_sha256
     return summary
 
 
@@ -189,20 +194,22 @@ def render_case_report(
 
     Raises:
         UsageError, FormatError: the report, or the index, is missing or not manifpt's.
-        IntegrityError: a CSV report changed after it was written (its ``report_sha256``).
+        IntegrityError: the report changed after it was written (its ``report_sha256`` or
+            ``content_sha256``).
         MismatchError: the index is not the one the report was made with.
     """
     from .integrity import IntegrityError
     from .manifold import RealIndex
-    from .verify import MATCHES, read_report
+    from .verify import CHANGED, read_report
 
     report = os.fspath(report)
-    header, rows, report_check = read_report(report)
-    if report_check is not None and report_check.result != MATCHES:
+    header, rows, report_checks = read_report(report)
+    changed = [check for check in report_checks if check.result == CHANGED]
+    if changed:
         raise IntegrityError(
-            f"refusing to render {display_path(report)}: it changed after manifpt wrote it (its SHA-256 is not the "
-            f"report_sha256 of {display_path(sidecar_path(report))}); render the report as written, and run "
-            "`manifpt verify` on it to see what changed"
+            f"refusing to render {display_path(report)}: it changed after manifpt wrote it "
+            f"({display_path(changed[0].path)} no longer has the digest recorded in it); render the report as "
+            "written, and run `manifpt verify` on it to see what changed"
         )
     try:
         space = Space(header["space"])

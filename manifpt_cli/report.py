@@ -2,7 +2,9 @@
 
 CSV columns and JSON keys are a public contract (README, "Reports"); changes go in CHANGELOG.
 CSV reports get a ``<report>.meta.json`` sidecar with the provenance header; JSON reports carry it
-as ``"header"``, and the HTML case report (:mod:`manifpt_cli.case_report`) shows it. CSV and
+as ``"header"``, and the HTML case report (:mod:`manifpt_cli.case_report`) shows it. A JSON
+report and a CSV's sidecar end with ``content_sha256``, a digest of all they hold
+(:func:`canonical_json`), so an edit anywhere in them is found by ``manifpt verify``. CSV and
 JSON rows are written as they come; every file appears under its final name only when the run
 completes, and records when it finished (``finished_utc``).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -105,6 +108,44 @@ def _csv_record(row: AttributionRow) -> dict:
     return {key: "" if value is None else neutralise(value) for key, value in record.items()}
 
 
+def canonical_json(value: object) -> str:
+    """The JSON that report digests are taken over: compact, keys sorted, UTF-8 as it is (README,
+    "Reports"), so that anyone can recompute a digest from the parsed report."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+class ContentDigest:
+    """SHA-256 of a JSON report's content, ``{"header":H,"rows":[R,…],"finished_utc":F}`` with each
+    part in :func:`canonical_json`, taken as the rows are written (a case's rows are never all held)."""
+
+    def __init__(self, header: dict) -> None:
+        self._sha256 = hashlib.sha256(('{"header":' + canonical_json(header) + ',"rows":[').encode("utf-8"))
+        self._first = True
+
+    def add_row(self, record: dict) -> None:
+        self._sha256.update(("" if self._first else ",").encode() + canonical_json(record).encode("utf-8"))
+        self._first = False
+
+    def finish(self, finished_utc: str) -> str:
+        self._sha256.update(('],"finished_utc":' + canonical_json(finished_utc) + "}").encode("utf-8"))
+        return self._sha256.hexdigest()
+
+
+def json_report_digest(header: dict, rows: list[dict], finished_utc: str) -> str:
+    """The ``content_sha256`` a JSON report with this content carries."""
+    digest = ContentDigest(header)
+    for record in rows:
+        digest.add_row(record)
+    return digest.finish(finished_utc)
+
+
+def sidecar_digest(sidecar: dict) -> str:
+    """The ``content_sha256`` of a CSV report's sidecar: of everything else in it, which includes
+    the CSV's own ``report_sha256``."""
+    rest = {key: value for key, value in sidecar.items() if key != "content_sha256"}
+    return hashlib.sha256(canonical_json(rest).encode("utf-8")).hexdigest()
+
+
 class ReportWriter:
     """Writes rows as they come to ``stream``; :meth:`close` completes the file."""
 
@@ -113,6 +154,7 @@ class ReportWriter:
         self.stream = stream
         self.first = True
         self.finished_utc = ""
+        self.content_sha256 = ""  # once closed: a JSON report's (a CSV sidecar's is set by open_report)
         if fmt is ReportFormat.HTML:
             self.case = CaseReport(stream, header, spool_dir=spool_dir)
         elif fmt is ReportFormat.CSV:
@@ -121,13 +163,16 @@ class ReportWriter:
             self.csv = csv.DictWriter(stream, fieldnames=COLUMNS, lineterminator="\r\n")
             self.csv.writeheader()
         elif fmt is ReportFormat.JSON:
+            self.digest = ContentDigest(header)
             stream.write('{\n"header": ' + _json(header) + ',\n"rows": [')
 
     def write(self, row: AttributionRow) -> None:
         if self.format is ReportFormat.CSV:
             self.csv.writerow(_csv_record(row))
         elif self.format is ReportFormat.JSON:
-            self.stream.write(("\n" if self.first else ",\n") + _json(row_record(row)))
+            record = row_record(row)
+            self.digest.add_row(record)
+            self.stream.write(("\n" if self.first else ",\n") + _json(record))
         else:
             self.write_case_record(row_record(row), evidence_record(row.evidence))
         self.first = False
@@ -142,7 +187,10 @@ class ReportWriter:
     def close(self) -> None:
         self.finished_utc = utc_now()
         if self.format is ReportFormat.JSON:
-            self.stream.write(f'\n],\n"finished_utc": {_json(self.finished_utc)}\n}}\n')
+            self.content_sha256 = self.digest.finish(self.finished_utc)
+            self.stream.write(
+                f'\n],\n"finished_utc": {_json(self.finished_utc)},\n"content_sha256": {_json(self.content_sha256)}\n}}\n'
+            )
         elif self.format is ReportFormat.HTML:
             self.case.close(self.finished_utc)
         self.stream.flush()
@@ -190,6 +238,7 @@ def open_report(
                 "report": os.path.basename(out),
                 "report_sha256": file_sha256(partials[0]),
             }
+            writer.content_sha256 = provenance["content_sha256"] = sidecar_digest(provenance)
             partials[1].write_text(
                 json.dumps(provenance, indent=2, ensure_ascii=False, allow_nan=False), encoding="utf-8"
             )

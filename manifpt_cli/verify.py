@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from .errors import FormatError, ImageDecodeError, ManifptError, UsageError
 from .formats import file_sha256, open_regular
 from .images import array_row_sha256, path_from_display, split_array_row
-from .report import sidecar_path, unneutralise
+from .report import json_report_digest, sidecar_digest, sidecar_path, unneutralise
 
 MATCHES, CHANGED, MISSING = "matches", "changed", "missing"
 NOT_HASHED = "not hashed in the report"  # skipped files and files refused unread: nothing to compare
+# Earlier reports carry no content_sha256: what they hold cannot be checked.
+NO_DIGEST = "not checked: it has no content_sha256 (written before reports carried one)"
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,16 @@ def _check_report_types(header, rows) -> None:
             raise ValueError(f"row {number}: fields of the wrong type: {', '.join(wrong)}")
 
 
-def read_report(path: str) -> tuple[dict, list[dict], Check | None]:
-    """(header, rows, the check of the CSV against its sidecar) of a CSV or JSON report.
+def _digest_check(path: str, recorded, actual: str, detail: str) -> Check:
+    if recorded is None:
+        return Check("report", path, NO_DIGEST, detail)
+    return Check("report", path, MATCHES if recorded == actual else CHANGED, detail)
+
+
+def read_report(path: str) -> tuple[dict, list[dict], list[Check]]:
+    """(header, rows, the checks of the report's own digests) of a CSV or JSON report: a JSON
+    report against its ``content_sha256``; a CSV against its sidecar's ``report_sha256``, and the
+    sidecar against its ``content_sha256``.
 
     CSV rows are given as their text cells (formula neutralisation undone), JSON rows as parsed.
     Only regular files are read, and the header and rows must be of the types manifpt writes.
@@ -119,14 +129,19 @@ def read_report(path: str) -> tuple[dict, list[dict], Check | None]:
                 report = json.load(handle)
             if not isinstance(report, dict):
                 raise ValueError("it is not a JSON object")
-            header, rows = report["header"], report["rows"]
+            header, rows, finished = report["header"], report["rows"], report.get("finished_utc", "")
             _check_report_types(header, rows)
-            return {**header, "finished_utc": report.get("finished_utc", "")}, rows, None
+            actual = json_report_digest(header, rows, finished)
+            check = _digest_check(path, report.get("content_sha256"), actual, "content_sha256 of its header and rows")
+            return {**header, "finished_utc": finished}, rows, [check]
         with open_regular(path, "r", newline="", encoding="utf-8") as handle:
             rows = [{key: unneutralise(value) for key, value in row.items()} for row in csv.DictReader(handle)]
         with open_regular(sidecar_path(path), "r", encoding="utf-8") as handle:
             header = json.load(handle)
         _check_report_types(header, rows)
+        sidecar = _digest_check(
+            sidecar_path(path), header.get("content_sha256"), sidecar_digest(header), "content_sha256 of its header"
+        )
     except FileNotFoundError as exc:
         raise UsageError(f"cannot read report {path}: {exc.filename} does not exist") from None
     except OSError as exc:
@@ -136,7 +151,7 @@ def read_report(path: str) -> tuple[dict, list[dict], Check | None]:
     recorded = header.get("report_sha256", "")
     actual = file_sha256(path)
     check = Check("report", path, MATCHES if actual == recorded else CHANGED, "against its .meta.json")
-    return header, rows, check
+    return header, rows, [check, sidecar]
 
 
 def _check_file(what: str, shown: str, expected: str, array_rows: dict | None = None) -> Check:
@@ -167,10 +182,8 @@ def verify_report(report: str | os.PathLike) -> Verification:
     from .manifold import RealIndex
 
     path = os.fspath(report)
-    header, rows, report_check = read_report(path)
-    result = Verification(path)
-    if report_check:
-        result.checks.append(report_check)
+    header, rows, report_checks = read_report(path)
+    result = Verification(path, list(report_checks))
     model = header.get("model", "")
     model_check = _check_file("model", model, header.get("model_sha256", ""))
     card_check = None
@@ -210,8 +223,8 @@ def verify_report(report: str | os.PathLike) -> Verification:
 
 def _check_header_against_model(path: str, header: dict, model) -> Check:
     """The report header's account of the model (its space, image size, classes, calibration,
-    model card and verdict rule) against the verified model's own card: the report's digest
-    covers its rows, not its header."""
+    model card and verdict rule) against the verified model's own card: the report's digests show
+    that it is as written, this that it was written from this model."""
     from .attribute import report_model_fields
 
     recorded = report_model_fields(model)

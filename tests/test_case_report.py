@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from manifpt_cli.case_report import script_json
 from manifpt_cli.cli import app
 from manifpt_cli.evidence import artifact_picture, diverging
+from manifpt_cli.report import json_report_digest
 from manifpt_cli.spaces import Space
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -269,6 +270,8 @@ def test_report_command_refuses_a_damaged_report(case, tmp_path, damage):
         del report["header"]["space"]
     elif damage == "a row without sha256":
         del report["rows"][0]["sha256"]
+    # Sealed again, as a forger would: the report's shape is checked, not only its digest.
+    report["content_sha256"] = json_report_digest(report["header"], report["rows"], report["finished_utc"])
     text = json.dumps(report)
     damaged = tmp_path / "damaged.json"
     damaged.write_text(text[: len(text) // 2] if damage == "truncated" else text, encoding="utf-8")

@@ -422,6 +422,61 @@ def test_verify_says_what_still_matches(case, tmp_path):
     assert "report" in cli("verify", out, code=EXIT_FAILURE).stdout
 
 
+def documented_digest(document: dict) -> str:
+    """A report's content_sha256 as the README defines it, written out here again: SHA-256 of the
+    compact, key-sorted UTF-8 JSON of a JSON report's header, rows and finished_utc (in that
+    order), or of a CSV's sidecar without the digest itself."""
+    import hashlib
+
+    def canonical(value) -> str:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    if "rows" in document:
+        header, finished = canonical(document["header"]), canonical(document["finished_utc"])
+        rows = ",".join(canonical(row) for row in document["rows"])
+        text = f'{{"header":{header},"rows":[{rows}],"finished_utc":{finished}}}'
+    else:
+        text = canonical({key: value for key, value in document.items() if key != "content_sha256"})
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_an_edit_anywhere_in_a_report_is_found_and_never_rendered(case, tmp_path, fmt):
+    """The whole report is covered: a JSON report's rows and header, and a CSV's sidecar header
+    (operator, times, settings), by content_sha256; `verify` says so and `manifpt report` refuses
+    it. A report from before the digest can be rendered, but `verify` says it could not be checked."""
+    out = tmp_path / f"r.{fmt}"
+    inputs = ["--model", case["model"], "--index", case["index"]]
+    result = cli("attribute", case["suspects"], *inputs, "--report", fmt, "--out", out)
+    holder = out if fmt == "json" else Path(f"{out}.meta.json")
+    document = json.loads(holder.read_text(encoding="utf-8"))
+    assert document["content_sha256"] == documented_digest(document)
+    assert f"content_sha256 {document['content_sha256']}" in " ".join(result.stderr.split())
+    assert "0 changed" in cli("verify", out).stderr
+    edits = {"operator": lambda d: d.get("header", d)["operator"].update(name="someone else")}
+    if fmt == "json":
+        edits["verdict"] = lambda d: d["rows"][0].update(verdict="real")
+        edits["finished"] = lambda d: d.update(finished_utc="2020-01-01T00:00:00Z")
+    else:
+        edits["settings"] = lambda d: d["settings"].update(threads=99)
+    for name, edit in edits.items():
+        forged = json.loads(json.dumps(document))
+        edit(forged)
+        holder.write_text(json.dumps(forged, indent=1), encoding="utf-8")
+        verified = cli("verify", out, code=EXIT_FAILURE)
+        assert "1 changed" in verified.stderr and holder.name in verified.stdout, name
+        rendered = cli("report", out, "--html", tmp_path / "forged.html", code=EXIT_FAILURE)
+        assert "changed after manifpt wrote it" in rendered.stderr and not (tmp_path / "forged.html").exists()
+    # Reformatted, not changed: the digest is over the content, not the bytes.
+    holder.write_text(json.dumps(document, indent=4, ensure_ascii=True), encoding="utf-8")
+    assert "0 changed" in cli("verify", out).stderr
+    old = {key: value for key, value in document.items() if key != "content_sha256"}
+    holder.write_text(json.dumps(old), encoding="utf-8")
+    verified = cli("verify", out, code=EXIT_FAILURE)
+    assert "no content_sha256" in verified.stdout and "0 changed" in verified.stderr
+    cli("report", out, "--html", tmp_path / "old.html")
+
+
 def test_verify_never_waits_on_a_fifo_or_a_device_and_refuses_malformed_reports(case, tmp_path):
     """A report naming a FIFO or /dev/zero as a suspect or the model is checked at once (those are
     not checked, not read); a report, or its sidecar, that is a FIFO is refused; and a report whose
@@ -853,9 +908,9 @@ def test_research_results_are_not_overwritten_either(artifacts_file, tmp_path):
 
 @pytest.mark.parametrize("field", ["classes", "calibration", "verdict_rule"])
 def test_verify_checks_the_report_header_against_the_model(case, tmp_path, field):
-    """The report's digest covers its rows, not its header: a header whose classes, calibration or
-    verdict rule were edited (a swapped label reads as another verdict) is caught against the
-    verified model's own card."""
+    """A header whose classes, calibration or verdict rule were edited (a swapped label reads as
+    another verdict), and then sealed again with a fresh content_sha256, is still caught: against
+    the verified model's own card."""
     out = tmp_path / "r.csv"
     attribute_csv(case, out)
     assert "report header" in cli("verify", out, "--all").stdout
@@ -867,6 +922,7 @@ def test_verify_checks_the_report_header_against_the_model(case, tmp_path, field
         header["calibration"] = {"method": "none"}
     else:
         header["verdict_rule"] = {**header["verdict_rule"], "threshold": 0.01}
+    header["content_sha256"] = documented_digest(header)
     sidecar.write_text(json.dumps(header))
     result = cli("verify", out, code=EXIT_FAILURE)
     listed = " ".join(result.stdout.split())  # the table may wrap the detail

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -172,7 +173,9 @@ def attribute(
     )
     if out is not None:
         sidecar = f" (provenance: {out}.meta.json)" if file_format is ReportFormat.CSV else ""
-        stderr.print(Text("report → ") + literal(f"{out}{sidecar}"))
+        digest = summary.content_sha256.get(os.fspath(out))
+        sealed = f", content_sha256 {digest}" if digest else ""
+        stderr.print(Text("report → ") + literal(f"{out}{sidecar}{sealed}"))
     if html is not None:
         stderr.print(Text("case report → ") + literal(str(html)))
     raise typer.Exit(summary.exit_code)
