@@ -208,7 +208,7 @@ def render_case_report(
     if changed:
         raise IntegrityError(
             f"refusing to render {display_path(report)}: it changed after manifpt wrote it "
-            f"({display_path(changed[0].path)} no longer has the digest recorded in it); render the report as "
+            f"({display_path(changed[0].path)} no longer matches its recorded digest); render the report as "
             "written, and run `manifpt verify` on it to see what changed"
         )
     try:
