@@ -110,6 +110,7 @@ def _check_report_types(header, rows) -> None:
 
 
 def _digest_check(path: str, recorded, actual: str, detail: str) -> Check:
+    """A report file against a digest it recorded; ``recorded`` None: it recorded none."""
     if recorded is None:
         return Check("report", path, NO_DIGEST, detail)
     return Check("report", path, MATCHES if recorded == actual else CHANGED, detail)
@@ -148,9 +149,7 @@ def read_report(path: str) -> tuple[dict, list[dict], list[Check]]:
         raise UsageError(f"cannot read report {path}: {exc.filename}: {exc.strerror or exc}") from None
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError, csv.Error) as exc:
         raise FormatError(f"{path} is not a manifpt report (or is damaged): {exc}") from None
-    recorded = header.get("report_sha256", "")
-    actual = file_sha256(path)
-    check = Check("report", path, MATCHES if actual == recorded else CHANGED, "against its .meta.json")
+    check = _digest_check(path, header.get("report_sha256", ""), file_sha256(path), "against its .meta.json")
     return header, rows, [check, sidecar]
 
 
