@@ -595,10 +595,10 @@ class RealIndex:
         if self.is_exact_search(space):
             search = self.exact_search(space)
             return {
-                "method": "exact: PCA lower bound, verified in float64 (manifpt_cli/search.py)",
+                "method": "exact: PCA lower bounds (in 8-bit codes, then float32), verified in float64 (manifpt_cli/search.py)",
                 "faiss_factory": factory,
                 "exact": True,
-                "parameters": {"stage_dims": [stage.dims for stage in search.stages], "basis": len(search.plan.basis)},
+                "parameters": search.parameters,
             }
         if self.is_coded_search(space):
             search = self.coded_search(space)

@@ -14,20 +14,23 @@ every real image. Any leading j < k of the basis rows give a looser bound of the
 the first principal component of photographs: alike queries share candidate rows), and each block
 in stages:
 
-1. the bound in the first ``STAGE_DIMS[0]`` coordinates for every row (one float32 product, in
-   :class:`FloatProducts`), and an upper bound per query: its smallest exact distance to a pool
-   of rows of low bound, each query's lowest in each of ``UPPER_PARTS`` slices of the rows,
-   shared by the block (nearby queries often share neighbours);
-2. the bound in all k coordinates for the rows that stage 1 left (their union over the block), and
-   a tighter upper bound from the same kind of pool (``STAGE_DIMS`` may name more stages: each
-   bounds the rows that the one before left);
+1. a looser bound in the first ``CODED_DIMS`` coordinates for every row, from 8-bit codes of the
+   augmented vectors (one integer product, :class:`_CodedStage`: several times cheaper per
+   coordinate than float32, so more coordinates for less), and an upper bound per query: its
+   smallest exact distance to a pool of rows of low bound, each query's lowest in each of
+   ``UPPER_PARTS`` slices of the rows, shared by the block (nearby queries often share neighbours);
+2. the bound in all k coordinates for the rows that stage 1 left (their union over the block), in
+   float32 (:class:`FloatProducts`), and a tighter upper bound from the same kind of pool
+   (``STAGE_DIMS`` may name more float32 stages, in more coordinates than stage 1: each bounds
+   the rows that the one before left);
 3. exact integer distances to the rows that survive (one integer product over their union);
 4. the float64 sum brute force computes, for the rows within its rounding of the smallest.
 
 A row is dropped only when its bound exceeds a query's upper bound (strictly, so every row tied at
 the minimum survives and the lowest row wins). Rounding never drops the true neighbour: every
-float32 bound carries a proven margin (:func:`_lower_bound_margin`), and the step from integer
-distances to brute force's float64 ones another (:meth:`ExactSearch._slack`).
+float32 bound carries a proven margin (:func:`_lower_bound_margin`), the coded one how far each
+vector lies from its code, and the step from integer distances to brute force's float64 ones
+another (:meth:`ExactSearch._slack`).
 """
 
 from __future__ import annotations
@@ -40,12 +43,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .pixel_products import FloatProducts, PixelProducts, pixel_squares
+from .pixel_products import FloatProducts, Operand, PixelProducts, pixel_squares
 
 UNIT_ROUNDOFF = 2.0**-24  # float32: fl(a ∘ b) = (a ∘ b)(1 + δ), |δ| ≤ u
 PLAN_SAMPLE = 4096  # real images the basis is fitted on (seeded), fewer where they would pass PLAN_BYTES
 PLAN_BYTES = 512 * 2**20  # memory for the float64 sample the basis is fitted on
-STAGE_DIMS = (64, 256)  # coordinates of the stage-1 bound, and of the basis (stage 2); bench/exact_search.py
+STAGE_DIMS = (64, 256)  # coordinates of the float32 bounds, the last that of the basis; bench/exact_search.py
+CODED_DIMS = 128  # coordinates of the first bound, in 8-bit codes (float32 stages in fewer are skipped); ≤ 8,000
+CODE_LIMIT = 127  # codes are −127..127: signed digits for PixelProducts
+GRID_SPAN = 20.0  # the codes' grid spans ± this many median standard deviations of a coordinate
 QUERY_BLOCK = 128  # queries searched together (their candidate rows are shared in the products)
 UPPER_PARTS = 8  # slices of a stage's rows; a query's lowest bound in each joins the upper bound's pool
 BLOCK_BYTES = 64 * 2**20  # at most this much memory for one block's (queries × rows) bound matrix
@@ -102,6 +108,11 @@ def _lower_bound_margin(dims: int) -> float:
     what they do to the residual norms, are bounded separately: :func:`_augmented_error`.)
     """
     return 2 * gamma(dims + 3) + 8 * UNIT_ROUNDOFF + 1e-9
+
+
+def _largest(dtype: np.dtype):
+    """The value a bound takes at a query's own rows: above every threshold."""
+    return np.inf if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).max
 
 
 def _round_up32(values: np.ndarray) -> np.ndarray:
@@ -216,9 +227,14 @@ class _Stage:
     operand: np.ndarray
     max_norm: float
     margin: float
+    products: FloatProducts
+
+    @property
+    def nbytes(self) -> int:
+        return self.operand.nbytes
 
     @classmethod
-    def of(cls, dims: int, projected: np.ndarray, centred_squared: np.ndarray) -> _Stage:
+    def of(cls, dims: int, projected: np.ndarray, centred_squared: np.ndarray, products: FloatProducts) -> _Stage:
         """The stage over the leading ``dims`` of the rows' float32 projections (in blocks: no
         float64 copy of all of them)."""
         operand = np.empty((len(projected), dims + 3), dtype=np.float32)
@@ -234,11 +250,10 @@ class _Stage:
             block[:, -2] = squared - 2 * error * np.sqrt(squared)
             block[:, -1] = -2 * error
             largest = max(largest, float(squared.max()))
-        return cls(dims, operand, float(np.sqrt(largest)), _lower_bound_margin(dims))
+        return cls(dims, operand, float(np.sqrt(largest)), _lower_bound_margin(dims), products)
 
-    def bound_terms(self, products, coords, centred_squared, coord_error, rows=slice(None)):
-        """(G, offset) with G + offset ≤ the bound: G float32 per (query, row) from ``products``
-        (:class:`FloatProducts`), offset per query
+    def bound_terms(self, coords, centred_squared, coord_error, rows=slice(None)):
+        """(G, offset) with G + offset ≤ the bound: G float32 per (query, row), offset per query
         (float64): ‖a‖² less the rounding margin and the cost of the query's coordinates being
         within ``coord_error`` (per coordinate) of exact."""
         augmented, kept = _augmented(coords, centred_squared, self.dims)
@@ -248,9 +263,113 @@ class _Stage:
         # ‖z − y‖² ≥ ‖z̃ − y‖² − 2ε(‖z̃‖ + ‖y‖); ‖z‖ ≤ ‖z̃‖ + ε in the rows' own term.
         error = _augmented_error(augmented, np.sqrt(self.dims) * coord_error, kept)
         query = np.concatenate([augmented, np.ones((len(augmented), 1)), (norms + error)[:, None]], axis=1)
-        bound = products(query.astype(np.float32), self.operand[rows])
+        bound = self.products(query.astype(np.float32), self.operand[rows])
         shift = 2 * error * (norms + self.max_norm)
         return bound, query_squared - self.margin * (norms + self.max_norm) ** 2 - shift
+
+    def threshold(self, reach: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        """float32 bound thresholds: rows above them are farther than ``reach`` (squared, per query)."""
+        return _round_up32(reach - offset)[:, None]
+
+
+@dataclass
+class _CodedStage:
+    """A lower bound from 8-bit codes of the augmented vectors, computed in integer products
+    (:class:`PixelProducts`): several times cheaper per coordinate than :class:`_Stage`'s float32,
+    so it bounds every row in more coordinates for less.
+
+    Each augmented vector z, less the rows' mean μ, is clipped to ±127 steps of one grid (s) and
+    coded k = rint(c(z − μ) / s). Clipping never lengthens a distance, so with β ≥ ‖c(z − μ) − s·k‖
+    plus how far z lies from the exact augmented vector (:func:`_augmented_error`), for query and row,
+
+        s·√D − β_q − β_r ≤ ‖z_q − z_r‖,    D = ‖k_q − k_r‖²  (an integer, computed exactly).
+
+    The products P = (k_q + 128)·(k_r + shift) of the kernel give D = [‖k_q‖² + 2·shift·Σ(k_q + 128)]
+    + [‖k_r‖² + 256·Σk_r] − 2P: ``row_terms`` (n,) int32 hold the rows' part, ``codes`` the rows' codes
+    as a :meth:`PixelProducts.operand`, ``largest_beta`` the largest β_r.
+    """
+
+    dims: int
+    mean: np.ndarray
+    step: float
+    codes: Operand
+    row_terms: np.ndarray
+    largest_beta: float
+    products: PixelProducts
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.data.nbytes + self.row_terms.nbytes
+
+    @property
+    def operand(self) -> np.ndarray:
+        return self.codes.data
+
+    @classmethod
+    def of(cls, dims: int, projected: np.ndarray, centred_squared: np.ndarray, products: PixelProducts) -> _CodedStage:
+        """The stage over the leading ``dims`` of the rows' float32 projections, on a grid of
+        ``GRID_SPAN`` median standard deviations of a coordinate (the first few, of higher variance, clip)."""
+        rows_at_once = max(1, BLOCK_BYTES // (8 * (dims + 1)))
+        blocks = [slice(start, start + rows_at_once) for start in range(0, len(projected), rows_at_once)]
+        sums, squares = np.zeros(dims + 1), np.zeros(dims + 1)
+        for block in blocks:
+            augmented, _ = _augmented(projected[block], centred_squared[block], dims)
+            sums += augmented.sum(axis=0)
+            squares += np.square(augmented).sum(axis=0)
+        mean = sums / max(len(projected), 1)
+        spread = float(np.median(np.sqrt(np.maximum(squares / max(len(projected), 1) - np.square(mean), 0))))
+        step = GRID_SPAN * spread / CODE_LIMIT if spread > 0 else 1.0
+        codes = np.empty((len(projected), dims + 1), dtype=np.int8)
+        # int32: |2P| and the row terms stay below 2³¹ up to 8,000 coordinates.
+        row_terms = np.empty(len(projected), dtype=np.int32)
+        largest_beta = 0.0
+        for block in blocks:
+            augmented, kept = _augmented(projected[block], centred_squared[block], dims)
+            error = _augmented_error(augmented, UNIT_ROUNDOFF * (1 + UNIT_ROUNDOFF) * kept, kept)
+            code, beta = _code(augmented - mean, step)
+            codes[block], row_terms[block] = code, np.einsum("ij,ij->i", code, code) + 256 * code.sum(axis=1)
+            beta = _float64_slack(beta + error, augmented, mean)
+            largest_beta = max(largest_beta, float(beta.max(initial=0.0)))
+        return cls(dims, mean, step, products.operand(codes, signed=True), row_terms, largest_beta, products)
+
+    def bound_terms(self, coords, centred_squared, coord_error, rows=slice(None)):
+        """(E, terms): E = the rows' part of D − 2P (int32) per (query, row), and per query the
+        (rest of D, β_q) that :meth:`threshold` needs."""
+        augmented, kept = _augmented(coords, centred_squared, self.dims)
+        error = _augmented_error(augmented, np.sqrt(self.dims) * coord_error, kept)
+        code, beta = _code(augmented - self.mean, self.step)
+        shifted = (code + 128).astype(np.uint8)
+        codes = self.codes
+        if not isinstance(rows, slice):
+            codes = Operand(self.codes.data[:, np.append(rows, -1)], self.codes.shift)
+        product = self.products.products(shifted, codes)[:, :-1]
+        np.multiply(product, -2, out=product)
+        product += self.row_terms[None, rows]
+        constant = np.einsum("ij,ij->i", code, code) + 2 * codes.shift * shifted.sum(axis=1, dtype=np.int64)
+        return product, (constant, _float64_slack(beta + error, augmented, self.mean))
+
+    def threshold(self, reach: np.ndarray, terms) -> np.ndarray:
+        """The largest E a row may have and still be within ``reach`` (squared, per query) of it."""
+        constant, beta = terms
+        root = (np.sqrt(reach) + beta + self.largest_beta) / self.step
+        limit = np.floor(np.square(root) * (1 + 1e-12)) - constant
+        largest = np.iinfo(np.int32).max - 1  # below the value of a query's own rows
+        return np.where(np.isfinite(limit), np.minimum(limit, largest), largest).astype(np.int32)[:, None]
+
+
+def _float64_slack(beta: np.ndarray, augmented: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """β grown to cover float64's rounding in the augmented vectors, their centring and codes
+    (a few units of 2⁻⁵³ of ‖z‖ + ‖μ‖ per vector; 1e-9 of it, with room to spare)."""
+    return beta * (1 + 1e-9) + 1e-9 * (np.sqrt(np.einsum("ij,ij->i", augmented, augmented)) + np.linalg.norm(mean))
+
+
+def _code(centred: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """(k, ‖c(v) − s·k‖) for float64 vectors v: codes −127..127 of v clipped to the grid, and how far
+    each clipped vector lies from its code (float64's rounding here: :func:`_float64_slack`)."""
+    clipped = np.clip(centred, -CODE_LIMIT * step, CODE_LIMIT * step)
+    code = np.rint(clipped / step)
+    distance = np.sqrt(np.square(clipped - step * code).sum(axis=1))
+    return code.astype(np.int64), distance
 
 
 class ExactSearch:
@@ -276,6 +395,7 @@ class ExactSearch:
         threads: int | None = None,
         kernel: str | None = None,
         squared_norms: np.ndarray | None = None,
+        coded_dims: int | None = CODED_DIMS,
     ) -> None:
         if rows.dtype != np.uint8:
             raise ValueError(f"the exact search takes uint8 pixel rows, not {rows.dtype}")
@@ -285,10 +405,17 @@ class ExactSearch:
             threads = faiss.omp_get_max_threads()
         self.rows, self.plan, self.threads = rows, plan, threads
         dims = sorted({min(k, projected.shape[1]) for k in stage_dims})
-        self.stages = [_Stage.of(k, projected, centred_squared) for k in dims]
         basis = plan.basis[: dims[-1]]  # the coordinates the stages use
         self.products = PixelProducts(kernel)
+        coded = (
+            []
+            if coded_dims is None
+            else [_CodedStage.of(min(coded_dims, dims[-1]), projected, centred_squared, self.products)]
+        )
+        floor = coded[0].dims if coded else 0
         self.float_products = FloatProducts()
+        floats = [k for k in dims if k > floor or k == dims[-1]]
+        self.stages = coded + [_Stage.of(k, projected, centred_squared, self.float_products) for k in floats]
         # Q / σ = Σ_t D_t · unit_t + R with integer digits D_t in −127..127 (σ = max |Q|): the
         # projection of pixels is then exact integer products, and R bounds what it leaves out.
         self._basis_scale = float(np.abs(basis).max(initial=0.0)) or 1.0
@@ -317,10 +444,22 @@ class ExactSearch:
         self.seconds: dict[str, float] = defaultdict(float)
 
     @property
+    def parameters(self) -> dict:
+        """What a report header says of the search: the coded stage's coordinates and grid step
+        (None without one), the float32 stages', and the basis size."""
+        coded = next((stage for stage in self.stages if isinstance(stage, _CodedStage)), None)
+        return {
+            "coded_dims": coded and coded.dims,
+            "grid_step": coded and coded.step,
+            "stage_dims": [stage.dims for stage in self.stages if isinstance(stage, _Stage)],
+            "basis": len(self.plan.basis),
+        }
+
+    @property
     def nbytes(self) -> int:
         """Memory the search holds per the whole index (rows, bound operands, norms)."""
         held = self.rows.nbytes + self.squared_norms.nbytes + self.own_rows.nbytes
-        return held + sum(stage.operand.nbytes for stage in self.stages)
+        return held + sum(stage.nbytes for stage in self.stages)
 
     def _timed(self, step: str, started: float) -> float:
         now = time.perf_counter()
@@ -398,14 +537,14 @@ class ExactSearch:
         distances[positions, queries] = NO_ROW
         return distances
 
-    def _bound(self, stage: _Stage, coords, centred_squared, coord_error, columns: np.ndarray, own):
-        """A stage's (G, offset) over ``columns``, with G = inf at a query's own rows."""
-        every_row = len(columns) == len(stage.operand)  # columns are ascending and unique
+    def _bound(self, stage, coords, centred_squared, coord_error, columns: np.ndarray, own):
+        """A stage's (bound, terms) over ``columns``, the bound at its largest at a query's own rows."""
+        every_row = len(columns) == len(self.rows)  # columns are ascending and unique
         selected = slice(None) if every_row else columns
-        bound, offset = stage.bound_terms(self.float_products, coords, centred_squared, coord_error, selected)
+        bound, terms = stage.bound_terms(coords, centred_squared, coord_error, selected)
         queries, positions = self._own_cells(columns, own)
-        bound[queries, positions] = np.inf
-        return bound, offset
+        bound[queries, positions] = _largest(bound.dtype)
+        return bound, terms
 
     def _upper(self, bound, known: _KnownDistances, columns) -> np.ndarray:
         """Per query, the smallest exact distance to a pool of rows of low bound: each query's lowest
@@ -420,15 +559,15 @@ class ExactSearch:
         lowest += np.arange(parts - 1) * width
         last = width * (parts - 1) + bound[:, width * (parts - 1) :].argmin(axis=1)
         lowest = np.concatenate([lowest, last[:, None]], axis=1)
-        lowest = np.sort(lowest[np.isfinite(np.take_along_axis(bound, lowest, axis=1))])
+        lowest = np.sort(lowest[np.take_along_axis(bound, lowest, axis=1) < _largest(bound.dtype)])
         # Sorted, then deduplicated by hand: np.unique took 30 ms for 128 values in some processes.
         pool = columns[lowest[np.r_[True, lowest[1:] != lowest[:-1]]]] if len(lowest) else columns[:0]
         return known.of(pool).min(axis=0, initial=NO_ROW)
 
-    def _threshold(self, upper, query_norms, offset) -> np.ndarray:
-        """float32 bound thresholds: rows above them are farther than ``upper`` (no_row: none)."""
+    def _threshold(self, stage, upper, query_norms, terms) -> np.ndarray:
+        """A stage's bound thresholds: rows above them are farther than ``upper`` (NO_ROW: none)."""
         reach = (upper + self._slack(upper, query_norms)) / 255.0**2
-        return _round_up32(np.where(upper < NO_ROW, reach - offset, np.inf))[:, None]
+        return stage.threshold(np.where(upper < NO_ROW, reach, np.inf), terms)
 
     def _project(self, pixels: np.ndarray, pixel_sums: np.ndarray, pixel_norms: np.ndarray):
         """(x̃, η): the queries' coordinates Q(φ − μ) from integer products with the basis digits,
@@ -463,9 +602,9 @@ class ExactSearch:
         upper = np.full(b, NO_ROW)
         known = _KnownDistances(self, operand, query_squared, own)
         for number, stage in enumerate(self.stages, start=1):
-            bound, offset = self._bound(stage, coords, centred_squared, coord_error, union, own)
+            bound, terms = self._bound(stage, coords, centred_squared, coord_error, union, own)
             upper = np.minimum(upper, self._upper(bound, known, union))
-            survivors = bound <= self._threshold(upper, query_norms, offset)
+            survivors = bound <= self._threshold(stage, upper, query_norms, terms)
             union = union[survivors.any(axis=0)]
             started = self._timed(f"stage {number} bound", started)
 
