@@ -34,12 +34,14 @@ ZOO_FORMAT = "manifpt-zoo-generator"
 # embeddings as uint8 pixels with the exact-search tables instead of a flat FAISS index. Indexes 4:
 # freq embeddings and FAISS index over the unique half of each point-symmetric spectrum. Indexes 5:
 # no FAISS index for freq with a flat factory (its exact search codes the stored rows when opened).
-FORMAT_VERSIONS = {INDEX_FORMAT: 5, ARTIFACTS_FORMAT: 2, CHECKPOINT_FORMAT: 3, ZOO_FORMAT: 2}
+# Indexes 6: a provenance_digest over the manifpt version, time of writing and failures list.
+FORMAT_VERSIONS = {INDEX_FORMAT: 6, ARTIFACTS_FORMAT: 2, CHECKPOINT_FORMAT: 3, ZOO_FORMAT: 2}
 # Older versions a reader still reads as they are: an index of version 4 differs from 5 only by a
-# flat FAISS index of freq that version 5 does not write (and does not need).
-ALSO_READ = {INDEX_FORMAT: (4,)}
+# flat FAISS index of freq that version 5 does not write (and does not need); 5 from 6 only by the
+# provenance digest it lacks (`index info` says so).
+ALSO_READ = {INDEX_FORMAT: (4, 5)}
 REMAKE_COMMANDS = {
-    INDEX_FORMAT: "Versions 4 and 5 store freq as the unique half of each spectrum (and rgb as uint8 pixels with "
+    INDEX_FORMAT: "Versions 4 to 6 store freq as the unique half of each spectrum (and rgb as uint8 pixels with "
     "exact-search tables): run `manifpt index build` again."
 }
 ONNX_METADATA_KEY = "manifpt"  # ONNX metadata_props key holding the JSON model card

@@ -5,7 +5,11 @@ resize policy, the list of spaces, every file path and file SHA-256, and for eac
 attributes (dimension, shape, metric, FAISS factory, search method, stored layout, backbone weights), its
 embeddings and its serialised FAISS index or exact-search tables (PCA mean, basis, projections,
 norms). Each space also stores its own ``digest``; opening an index recomputes the digests of
-the spaces it will search and the root hash, and refuses any difference. Links to other files,
+the spaces it will search and the root hash, and refuses any difference. From format 6
+``provenance_digest`` covers what the index says of itself but attribution does not read (the
+manifpt version and time that wrote it, the files it left out, and the ``index_hash``), apart
+from ``index_hash``, so that the same images and settings still give the same ``index_hash``
+whenever and by whichever engine they are indexed. Links to other files,
 objects manifpt did not write, and datasets that do not store every byte they declare are
 refused too, before any digest is read.
 
@@ -54,6 +58,10 @@ CODED_SEARCH = "exact-codes"
 CODED_SEARCH_DATASETS = ("embeddings",)
 FAISS_DATASETS = ("embeddings", "faiss_index")
 ROOT_DIGEST_ATTRS = ("format", "format_version", "image_size", "n_images", "spaces", "resize_policy")
+PROVENANCE_DIGEST_ATTR = "provenance_digest"
+PROVENANCE_DIGEST_VERSION = 6  # the first index format that has one
+PROVENANCE_ATTRS = ("manifpt_version", "created_utc")
+FAILURE_DATASETS = ("failures/path", "failures/error")
 ROWS_PER_CHUNK = 4096  # rows of variable-length strings hashed at a time
 CHUNK_BYTES = 16 * 2**20  # bytes of a numeric dataset read at a time
 ONNX_DIGEST_KEY = "manifpt_digest"
@@ -142,6 +150,22 @@ def index_digest(
         _update_dataset(digest, handle[name], (readers or {}).get(name))
     for space in json.loads(attr_text(attrs["spaces"])):
         digest.update(space.encode() + space_digests[space].encode())
+    return digest.hexdigest()
+
+
+def has_provenance_digest(attrs: Mapping) -> bool:
+    """Whether an index of this format version has a ``provenance_digest`` (format 6 and later)."""
+    return int(attrs["format_version"]) >= PROVENANCE_DIGEST_VERSION
+
+
+def provenance_digest(handle, index_hash: str, attrs: Mapping | None = None) -> str:
+    """SHA-256 over an index's ``index_hash``, its provenance attributes (``attrs``, default: the
+    file's) and its failures list: ``index info``'s account of who wrote it, when, and what it left out."""
+    attrs = handle.attrs if attrs is None else attrs
+    digest = hashlib.sha256(b"manifpt-index-provenance" + index_hash.encode())
+    _update_attrs(digest, attrs, PROVENANCE_ATTRS)
+    for name in FAILURE_DATASETS:
+        _update_dataset(digest, handle[name])
     return digest.hexdigest()
 
 
@@ -264,7 +288,8 @@ def verify_index(
     that see every chunk its digest reads (:func:`_update_dataset`), and ``file_readers(handle)``
     those of the file list (``files/sha256``); what they keep is trustworthy only once this returns.
     The digests cover ``attributes`` (default: read now), which the caller can then rely on.
-    Returns what was checked, for the report header.
+    Returns what was checked, for the report header (``provenance``: "ok", or not covered by
+    an index older than format 6).
     """
     attributes = attributes or IndexAttributes.read(handle)
     spaces = json.loads(attr_text(attributes.root["spaces"]))
@@ -287,7 +312,17 @@ def verify_index(
             f"index {path} does not match its index_hash (its file list, image size, spaces or a space digest were "
             "changed); the file was edited or damaged. Rebuild it with `manifpt index build`"
         )
-    return {"index_hash": root, "verified_spaces": sorted(spaces_to_check), "structure": "ok"}
+    provenance = f"not covered (index format {attr_text(attributes.root['format_version'])})"
+    if has_provenance_digest(attributes.root):
+        if provenance_digest(handle, root, attributes.root) != attr_text(
+            attributes.root.get(PROVENANCE_DIGEST_ATTR, "")
+        ):
+            raise IntegrityError(
+                f"index {path}: its manifpt_version, created_utc or failures list do not match its provenance_digest; "
+                "the file was edited or damaged. Rebuild it with `manifpt index build`"
+            )
+        provenance = "ok"
+    return {"index_hash": root, "verified_spaces": sorted(spaces_to_check), "structure": "ok", "provenance": provenance}
 
 
 # --- checkpoints and artifacts files -------------------------------------------------------------

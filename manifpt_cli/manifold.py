@@ -3,7 +3,7 @@
 Layout (README, "File formats"):
 
     /                      attrs: format, format_version, manifpt_version, created_utc, image_size,
-                                  n_images, spaces (JSON), index_hash, resize_policy
+                                  n_images, spaces (JSON), index_hash, resize_policy, provenance_digest
     /files/path            (n,) UTF-8 strings — source paths as given, non-UTF-8 bytes escaped
     /files/sha256          (n,) ASCII hex SHA-256 of each source file
     /failures/path, /failures/error   files that could not be decoded (not in the index)
@@ -51,9 +51,12 @@ from .images import FailedImage, SkippedFile, count_images, display_path, split_
 from .integrity import (
     CODED_SEARCH,
     EXACT_SEARCH,
+    PROVENANCE_DIGEST_ATTR,
     IndexAttributes,
     IntegrityError,
+    has_provenance_digest,
     index_digest,
+    provenance_digest,
     space_digest,
     verify_index,
 )
@@ -327,6 +330,7 @@ def build_index(
             group = writer.space_group(space.value)
             digests[space.value] = group.attrs["digest"] = space_digest(group)
         index_hash = writer.handle.attrs["index_hash"] = index_digest(writer.handle, digests)
+        writer.handle.attrs[PROVENANCE_DIGEST_ATTR] = provenance_digest(writer.handle, index_hash)
     seconds = time.perf_counter() - started
     return IndexBuildResult(os.fspath(out), writer.n_rows, list(spaces), index_hash, failures, skipped, seconds)
 
@@ -474,6 +478,7 @@ class RealIndex:
             # Leave-one-out by the SHA-256 list that was verified.
             self._sha256 = kept.sha256 if kept.sha256 is not None else self._file["files/sha256"][...]
             self._paths: list[str] | None = kept.paths  # else read when first asked for
+            self.n_failures = len(self._file["failures/path"])  # covered by provenance_digest from format 6
         except IntegrityError:
             self._file.close()
             raise
@@ -696,10 +701,6 @@ class RealIndex:
         unique, inverse = np.unique(ids, return_inverse=True)
         return rows[unique.tolist()][inverse]
 
-    @property
-    def n_failures(self) -> int:
-        return len(self._file["failures/path"])
-
     def all_embeddings(self, space: Space) -> np.ndarray:
         """Every row's full float32 embedding (rgb: from the stored uint8 pixels; freq: unfolded)."""
         rows = self._group(space)["embeddings"][...]
@@ -851,6 +852,8 @@ def describe_index(path: str | os.PathLike) -> dict:
             "format_version": int(attrs["format_version"]),
             "manifpt_version": str(attrs["manifpt_version"]),
             "created_utc": str(attrs["created_utc"]),
+            # Format 5 and older have no digest over manifpt_version, created_utc and the failures.
+            "provenance_verified": has_provenance_digest(attrs),
             "image_size": index.image_size,
             "n_images": index.n_images,
             "n_failures": index.n_failures,

@@ -238,6 +238,46 @@ def test_a_dataset_not_stored_in_full_in_the_file_is_refused_before_it_is_read(r
         check_stored(whole, datasets, "real.h5")
 
 
+def _replace_failures(handle, name: str, values: list[str]) -> None:
+    del handle[f"failures/{name}"]
+    handle["failures"].create_dataset(name, data=values, dtype=h5py.string_dtype("utf-8"))
+
+
+_PROVENANCE = "do not match its provenance_digest"
+PROVENANCE_EDITS = {  # name: (edit, what refuses it)
+    "created_utc": (lambda handle: handle.attrs.modify("created_utc", "2020-01-01T00:00:00+00:00"), _PROVENANCE),
+    "manifpt_version": (lambda handle: handle.attrs.modify("manifpt_version", "9.9.9"), _PROVENANCE),
+    "failure reason": (lambda handle: _replace_failures(handle, "error", ["an innocent-looking reason"]), _PROVENANCE),
+    "failure removed": (
+        lambda handle: [_replace_failures(handle, name, []) for name in ("path", "error")],
+        _PROVENANCE,
+    ),
+    "relabelled format 5": (lambda handle: handle.attrs.modify("format_version", 5), "does not match its index_hash"),
+    "digest removed": (lambda handle: handle.attrs.__delitem__("provenance_digest"), _PROVENANCE),
+}
+
+
+def test_provenance_and_failures_are_covered_by_their_digest(dataset, tmp_path):
+    """`index info` shows who wrote an index, when, and which files it left out: from format 6 an edit
+    to any of them (or relabelling the file as format 5, which has no provenance digest) is refused
+    on opening."""
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for path in sorted((dataset / "real").iterdir())[:12]:
+        shutil.copy(path, folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    built = tmp_path / "real.h5"
+    build_index([folder], built, [Space.RGB])
+    RealIndex(built).close()
+    for name, (edit, refusal) in PROVENANCE_EDITS.items():
+        path = _copy(built, tmp_path, f"{name}.h5")
+        with h5py.File(path, "r+") as handle:
+            edit(handle)
+        with pytest.raises(IntegrityError, match=refusal):
+            RealIndex(path).close()
+            pytest.fail(f"an index with its {name} edited was opened")
+
+
 def test_another_real_set_with_the_hash_copied_is_refused(case, dataset, tmp_path):
     few = tmp_path / "few"
     few.mkdir()

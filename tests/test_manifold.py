@@ -10,7 +10,9 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from manifpt_cli.cli import app
 from manifpt_cli.errors import FormatError, UsageError
 from manifpt_cli.manifold import RealIndex, build_index, describe_index
 from manifpt_cli.progress import Progress
@@ -28,7 +30,7 @@ def brute_force_nearest(database: np.ndarray, queries: np.ndarray) -> tuple[np.n
 def test_index_layout_and_attributes(real_index):
     with h5py.File(real_index) as handle:
         attrs = handle.attrs
-        assert attrs["format"] == "manifpt-real-index" and attrs["format_version"] == 5
+        assert attrs["format"] == "manifpt-real-index" and attrs["format_version"] == 6
         assert attrs["image_size"] == SIZE and len(attrs["index_hash"]) == 64
         n = attrs["n_images"]
         assert handle["files/path"].shape == (n,) and handle["files/sha256"].shape == (n,)
@@ -344,6 +346,30 @@ def test_a_version_4_index_is_read_as_it_is(tmp_path, real_index):
         assert np.array_equal(found.ids, again.ids) and np.array_equal(found.distances, again.distances)
         assert earlier.search_description(Space.FREQ)["exact"] and not earlier._faiss, "its FAISS index is not read"
     assert describe_index(old)["format_version"] == 4
+
+
+def test_a_version_5_index_is_read_and_its_provenance_shown_as_unverified(tmp_path, real_index):
+    """Version 5 differs from 6 only by the provenance digest: it opens, and `index info` says that
+    its provenance and failures list are not covered."""
+    from manifpt_cli.integrity import index_digest
+
+    old = tmp_path / "v5.h5"
+    shutil.copy(real_index, old)
+    with h5py.File(old, "a") as handle:
+        handle.attrs["format_version"] = 5
+        digests = {space: handle[f"spaces/{space}"].attrs["digest"] for space in ("rgb", "freq")}
+        handle.attrs["index_hash"] = index_digest(handle, digests)
+    with RealIndex(real_index) as current, RealIndex(old) as earlier:
+        assert current.index_hash != earlier.index_hash, "the format version is in the hash"
+        assert current.verification["provenance"] == "ok"
+        assert earlier.verification["provenance"] == "not covered (index format 5)"
+    summary = describe_index(old)
+    assert summary["format_version"] == 5 and not summary["provenance_verified"]
+    assert describe_index(real_index)["provenance_verified"]
+    info = CliRunner().invoke(app, ["index", "info", str(old)], terminal_width=200)
+    assert info.exit_code == 0 and "no digest over manifpt_version, created_utc or its failures" in info.stdout
+    current = CliRunner().invoke(app, ["index", "info", str(real_index)], terminal_width=200)
+    assert current.exit_code == 0 and "no digest over" not in current.stdout
 
 
 def test_empty_folder_is_a_usage_error(tmp_path):

@@ -134,6 +134,13 @@ def info(
         "format_version",
     ):
         stdout.print(f"  {key:<16} {summary[key]}", highlight=False, soft_wrap=True)
+    if not summary["provenance_verified"]:
+        stdout.print(
+            f"  [yellow]note[/]: a format {summary['format_version']} index has no digest over manifpt_version, "
+            "created_utc or its failures (they are shown unverified); `manifpt index build` writes one that has",
+            highlight=False,
+            soft_wrap=True,
+        )
     table = Table("space", "dim", "FAISS", "vectors", path_column("weights"), "weights sha256")
     for space in summary["spaces"]:
         weights_source, weights_sha256 = space["weights_source"] or "—", space["weights_sha256"][:16] or "—"
