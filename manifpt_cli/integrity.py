@@ -158,14 +158,17 @@ def has_provenance_digest(attrs: Mapping) -> bool:
     return int(attrs["format_version"]) >= PROVENANCE_DIGEST_VERSION
 
 
-def provenance_digest(handle, index_hash: str, attrs: Mapping | None = None) -> str:
+def provenance_digest(
+    handle, index_hash: str, attrs: Mapping | None = None, readers: dict[str, ChunkReader] | None = None
+) -> str:
     """SHA-256 over an index's ``index_hash``, its provenance attributes (``attrs``, default: the
-    file's) and its failures list: ``index info``'s account of who wrote it, when, and what it left out."""
+    file's) and its failures list (``readers`` by dataset name: :func:`_update_dataset`):
+    ``index info``'s account of who wrote it, when, and what it left out."""
     attrs = handle.attrs if attrs is None else attrs
     digest = hashlib.sha256(b"manifpt-index-provenance" + index_hash.encode())
     _update_attrs(digest, attrs, PROVENANCE_ATTRS)
     for name in FAILURE_DATASETS:
-        _update_dataset(digest, handle[name])
+        _update_dataset(digest, handle[name], (readers or {}).get(name))
     return digest.hexdigest()
 
 
@@ -286,7 +289,7 @@ def verify_index(
 
     ``readers(space, group)``, asked once the structure has passed, gives the readers (by dataset)
     that see every chunk its digest reads (:func:`_update_dataset`), and ``file_readers(handle)``
-    those of the file list (``files/sha256``); what they keep is trustworthy only once this returns.
+    those of the file list (``files/sha256``) and the failures list; what they keep is trustworthy only once this returns.
     The digests cover ``attributes`` (default: read now), which the caller can then rely on.
     Returns what was checked, for the report header (``provenance``: "ok", or not covered by
     an index older than format 6).
@@ -306,7 +309,8 @@ def verify_index(
                     "digest; the file was edited or damaged. Rebuild it with `manifpt index build`"
                 )
         digests[space] = stored
-    root = index_digest(handle, digests, file_readers(handle) if file_readers else None, attributes.root)
+    file_list = file_readers(handle) if file_readers else None
+    root = index_digest(handle, digests, file_list, attributes.root)
     if root != attr_text(attributes.root["index_hash"]):
         raise IntegrityError(
             f"index {path} does not match its index_hash (its file list, image size, spaces or a space digest were "
@@ -314,7 +318,7 @@ def verify_index(
         )
     provenance = f"not covered (index format {attr_text(attributes.root['format_version'])})"
     if has_provenance_digest(attributes.root):
-        if provenance_digest(handle, root, attributes.root) != attr_text(
+        if provenance_digest(handle, root, attributes.root, file_list) != attr_text(
             attributes.root.get(PROVENANCE_DIGEST_ATTR, "")
         ):
             raise IntegrityError(

@@ -478,7 +478,9 @@ class RealIndex:
             # Leave-one-out by the SHA-256 list that was verified.
             self._sha256 = kept.sha256 if kept.sha256 is not None else self._file["files/sha256"][...]
             self._paths: list[str] | None = kept.paths  # else read when first asked for
-            self.n_failures = len(self._file["failures/path"])  # covered by provenance_digest from format 6
+            # Format 6: the failures as the provenance digest read them; 5 and older: unverified.
+            self._failures = kept.failures
+            self.n_failures = len(self._failures) if self._failures is not None else len(self._file["failures/path"])
         except IntegrityError:
             self._file.close()
             raise
@@ -701,6 +703,13 @@ class RealIndex:
         unique, inverse = np.unique(ids, return_inverse=True)
         return rows[unique.tolist()][inverse]
 
+    def failures(self) -> list[tuple[str, str]]:
+        """(path, reason) of each file the build left out (verified from format 6: ``provenance_digest``)."""
+        if self._failures is not None:
+            return list(self._failures)
+        group = self._file["failures"]
+        return list(zip(group["path"].asstr()[...], group["error"].asstr()[...]))
+
     def all_embeddings(self, space: Space) -> np.ndarray:
         """Every row's full float32 embedding (rgb: from the stored uint8 pixels; freq: unfolded)."""
         rows = self._group(space)["embeddings"][...]
@@ -828,8 +837,9 @@ class RealIndex:
         return pairs.reshape(m, k)
 
 
-def describe_index(path: str | os.PathLike) -> dict:
-    """A plain summary of an index file (for ``manifpt index info`` and scripts)."""
+def describe_index(path: str | os.PathLike, *, failures: bool = False) -> dict:
+    """A plain summary of an index file (for ``manifpt index info`` and scripts); with
+    ``failures``, also the files the build left out, as (path, reason)."""
     with RealIndex(path) as index:
         attrs = index.attrs
         spaces = []
@@ -859,4 +869,5 @@ def describe_index(path: str | os.PathLike) -> dict:
             "n_failures": index.n_failures,
             "index_hash": index.index_hash,
             "spaces": spaces,
+            **({"failures": index.failures()} if failures else {}),
         }

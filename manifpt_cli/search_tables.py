@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import file_rows
-from .integrity import CODED_SEARCH, EXACT_SEARCH, ChunkReader, attr_text
+from .integrity import CODED_SEARCH, EXACT_SEARCH, FAILURE_DATASETS, ChunkReader, attr_text
 from .pixel_products import pixel_squares
 
 TABLES = {  # by the space's ``search``: the datasets its search reads whole, and their shapes
@@ -29,6 +29,11 @@ TABLES = {  # by the space's ``search``: the datasets its search reads whole, an
     CODED_SEARCH: {"embeddings": ("n", "d")},
 }
 FAISS_TABLES = {"embeddings": ("n", "d"), "faiss_index": ("bytes",)}  # FAISS spaces (no ``search``)
+
+
+def _text(value) -> str:
+    """A variable-length string as h5py's ``asstr`` reads it."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class KeptDataset:
@@ -116,14 +121,16 @@ class SearchTables:
 
 class VerifiedTables:
     """What one open of an index keeps from its verification (``verify_index``'s readers): the
-    :class:`SearchTables` of each space in ``searching``, the file list's SHA-256, and where a
-    space is searched, its paths (reports name the nearest real image by them)."""
+    :class:`SearchTables` of each space in ``searching``, the file list's SHA-256, where a
+    space is searched its paths (reports name the nearest real image by them), and the failures
+    list where a provenance digest covers it (``index info --failures``)."""
 
     def __init__(self, searching) -> None:
         self._searching = set(searching)
         self.spaces: dict[str, SearchTables] = {}
         self._sha256: KeptDataset | None = None
         self._paths: KeptDataset | None = None
+        self._failures: dict[str, KeptDataset] = {}
 
     def space_readers(self, name: str, group) -> dict[str, ChunkReader]:
         if name not in self._searching:
@@ -142,7 +149,19 @@ class VerifiedTables:
         paths = handle["files/path"]
         if self._searching and isinstance(paths, h5py.Dataset) and paths.ndim == 1 and paths.dtype.kind == "O":
             self._paths = readers["files/path"] = KeptDataset(paths.shape, np.dtype(object))
+        for name in FAILURE_DATASETS:
+            column = handle[name]
+            if isinstance(column, h5py.Dataset) and column.ndim == 1 and column.dtype.kind == "O":
+                self._failures[name] = readers[name] = KeptDataset(column.shape, np.dtype(object))
         return readers
+
+    @property
+    def failures(self) -> list[tuple[str, str]] | None:
+        """(path, reason) of each file the build left out, as verified, or None where not read whole."""
+        columns = [self._failures.get(name) for name in FAILURE_DATASETS]
+        if any(kept is None or not kept.complete for kept in columns) or len(columns[0].array) != len(columns[1].array):
+            return None
+        return list(zip(*(map(_text, kept.array) for kept in columns)))
 
     @property
     def paths(self) -> list[str] | None:
@@ -150,7 +169,7 @@ class VerifiedTables:
         kept = self._paths
         if kept is None or not kept.complete:
             return None
-        return [value.decode() if isinstance(value, bytes) else str(value) for value in kept.array]
+        return [_text(value) for value in kept.array]
 
     @property
     def sha256(self) -> np.ndarray | None:

@@ -277,6 +277,13 @@ def test_undecodable_files_are_listed_not_fatal(tmp_path, dataset):
     with h5py.File(tmp_path / "r.h5") as handle:
         assert handle["failures/path"].asstr()[0].endswith("broken.png")
         assert handle.attrs["n_images"] == len(list((dataset / "real").iterdir()))
+        stored = list(zip(handle["failures/path"].asstr()[...], handle["failures/error"].asstr()[...]))
+    with RealIndex(tmp_path / "r.h5") as index:
+        assert index._failures == stored, "kept from the provenance digest's read"
+        assert index.failures() == stored and index.n_failures == 1
+    info = CliRunner().invoke(app, ["index", "info", str(tmp_path / "r.h5"), "--failures"], terminal_width=250)
+    assert info.exit_code == 0 and "1 file(s) left out of the index" in info.stdout
+    assert "broken.png" in info.stdout and stored[0][1][:30] in info.stdout
 
 
 class InterruptAfter(Progress):

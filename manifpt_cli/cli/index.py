@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import EXIT_PARTIAL
-from .console import RichProgress, errors_to_exit, path_column, print_table, safe, stderr, stdout
+from .console import RichProgress, errors_to_exit, literal, path_column, print_table, safe, stderr, stdout
 from .failures import print_failures
 from .help import App
 from .options import BACKBONES, COMPUTE, DECODING, ENGINE, RunOptions, run_options
@@ -117,12 +117,16 @@ def build(
 @app.command("info")
 def info(
     index: Annotated[Path, typer.Argument(metavar="INDEX", help="Index file written by `manifpt index build`.")],
+    failures: Annotated[
+        bool,
+        typer.Option("--failures", help="Also list every file the build left out, with the reason (all of them)."),
+    ] = False,
 ) -> None:
     """Show what an index holds: images, spaces, FAISS indexes, backbone weights, provenance."""
     from ..manifold import describe_index
 
     with errors_to_exit():
-        summary = describe_index(index)
+        summary = describe_index(index, failures=failures)
     stdout.print(f"[bold]{safe(summary['path'])}[/]")
     for key in (
         "n_images",
@@ -153,3 +157,8 @@ def info(
             weights_sha256,
         )
     print_table(stdout, table)
+    if failures:
+        left_out = Table(path_column(), "reason", title=f"{len(summary['failures'])} file(s) left out of the index")
+        for path, reason in summary["failures"]:
+            left_out.add_row(literal(path), literal(reason))
+        print_table(stdout, left_out)
