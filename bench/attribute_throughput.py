@@ -9,9 +9,10 @@
     code works: same decoding, one exhaustive scan of the real set per suspect, eager model.
 (d) FAISS flat search against the same brute-force scan, for the same queries.
 
-Then each stage of (a) alone, per image, on the same suspects: discover, read + SHA-256, decode
-(from bytes in memory), embed, search (neighbour + artifact), attributor, rows (verdicts, paths:
-the library's batch step minus the three stages inside it) and the CSV report. (a), (b) and the
+Then each stage of (a) alone, per image, on the same suspects, each the library's own step:
+discover, read + SHA-256, decode (from bytes in memory), embed + search (``search_batch``: φ, the
+nearest real image, the artifact), the attributor (``predicted``), rows (``finish_batch``:
+verdicts, paths) and the CSV report. (a), (b) and the
 stages are each the best of three runs. The ratio of (a) to the stages' sum says how close the
 pipeline comes to its own limit: above 1 it adds overhead, below 1 it overlaps stages (decoding
 runs in its own thread). Last, the `manifpt attribute` command in a child process: the whole
@@ -86,7 +87,7 @@ def stage_costs(run, suspects: Path, batch_size: int, report: Path) -> dict[str,
     from manifpt_cli.images import DecodedImage, discover_images
     from manifpt_cli.report import ReportFormat, ReportWriter
 
-    index, model, space = run.index, run.model, run.model.space
+    model = run.model
     size, max_pixels, max_bytes = model.image_size, run.settings.max_pixels, run.settings.max_file_bytes
     seconds: dict[str, float] = {}
     seconds["discover"], found = best_of(lambda: list(discover_images([suspects])))
@@ -100,20 +101,12 @@ def stage_costs(run, suspects: Path, batch_size: int, report: Path) -> dict[str,
     seconds["decode"], decoded = best_of(lambda: [images._decode_bytes(data, size, max_pixels) for data, _ in files])
     items = [DecodedImage(p, px, original, sha, q) for p, (px, original, q), (_, sha) in zip(paths, decoded, files)]
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    pixels = [np.stack([item.pixels for item in batch]) for batch in batches]
-    seconds["embed"], queries = best_of(lambda: [model.embedder(batch) for batch in pixels])
-
-    def search(batch_queries: np.ndarray, batch: list) -> np.ndarray:
-        found = index.nearest(space, batch_queries, [item.sha256 for item in batch])
-        return batch_queries - index.embeddings(space, found.ids)
-
-    seconds["search"], artifacts = best_of(lambda: [search(q, batch) for q, batch in zip(queries, batches)])
-    shape = (-1, *space.artifact_shape(size))
-    inputs = [a.reshape(shape) for a in artifacts]
-    seconds["attributor"], _ = best_of(lambda: [model.predict(batch) for batch in inputs])
-    batch_step, rows = best_of(lambda: [row for batch in batches for row in run.attribute_batch(batch)])
-    seconds["rows (derived: batch step − embed − search − attributor)"] = (
-        batch_step - seconds["embed"] - seconds["search"] - seconds["attributor"]
+    seconds["embed + search (neighbour, artifact, attributor inputs)"], searched = best_of(
+        lambda: [run.search_batch(batch) for batch in batches]
+    )
+    seconds["attributor"], predicted = best_of(lambda: [run.predicted(batch) for batch in searched])
+    seconds["rows (verdicts, paths)"], rows = best_of(
+        lambda: [row for batch in predicted for row in run.finish_batch(batch)]
     )
     with open(report, "w", encoding="utf-8", newline="") as stream:
         writer = ReportWriter(ReportFormat.CSV, stream, {})
@@ -214,7 +207,7 @@ def measure_attribution(work: Path, batch_size: int) -> None:
         def unshared_rows(roots):
             """(a) as before the search was shared: each batch searched whole in the read-ahead thread."""
             for searched in decode_folder(roots, run.model.image_size, settings, then=run.search_batch):
-                yield from run.finish_batch(searched)
+                yield from run.finish_batch(run.predicted(searched))
 
         # In turn, so that the machine's drift (this VM's speed varies) falls on both alike.
         shared_runs, unshared_runs = [], []

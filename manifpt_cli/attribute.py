@@ -7,6 +7,7 @@ so memory does not grow with the number of suspects. A file that fails is an err
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -282,16 +283,20 @@ class AttributionRow:
 
 @dataclass
 class SearchedBatch:
-    """A decoded batch with its suspects' nearest real images and attributor inputs (if any decoded)."""
+    """A decoded batch with its suspects' nearest real images and attributor inputs (if any
+    decoded) and, once :meth:`Attribution.predicted`, the attributor's outputs for them (NaN where a
+    suspect has no neighbour)."""
 
     batch: Sequence[DecodeResult]
     decoded: list[DecodedImage]
     found: SpaceArtifacts | None = None
     inputs: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
+    scores: np.ndarray | None = None
 
     @classmethod
     def joined(cls, parts: Sequence[SearchedBatch]) -> SearchedBatch:
-        """One batch from its consecutive parts, searched apart, in order."""
+        """One batch from its consecutive parts, searched apart (not yet predicted), in order."""
         if len(parts) == 1:
             return parts[0]
         batch = [item for part in parts for item in part.batch]
@@ -385,7 +390,7 @@ class Attribution:
         )
         for shared in batches:
             searched = SearchedBatch.joined(shared.results())
-            yield from self.finish_batch(searched)
+            yield from self.finish_batch(self.predicted(searched))
             self.settings.progress.advance(len(searched.batch))
 
     def _search_parts(self, batch: Sequence[DecodeResult]) -> SharedParts[SearchedBatch]:
@@ -398,7 +403,7 @@ class Attribution:
 
     def attribute_batch(self, batch: Sequence[DecodeResult]) -> list[AttributionRow]:
         """One row per item of a decoded batch, in its order (every engine goes through here)."""
-        return self.finish_batch(self.search_batch(batch))
+        return self.finish_batch(self.predicted(self.search_batch(batch)))
 
     def search_batch(self, batch: Sequence[DecodeResult]) -> SearchedBatch:
         """A batch's nearest real images and artifacts: the part of attribution before the attributor."""
@@ -412,16 +417,27 @@ class Attribution:
         found = found[self.model.space]
         return SearchedBatch(batch, decoded, found, attributor_inputs(self.model.input_kind, pixels, found.artifacts))
 
+    def predicted(self, searched: SearchedBatch) -> SearchedBatch:
+        """``searched`` with the attributor's probabilities and open-set scores for its suspects
+        that have a neighbour (NaN for the others): the attributor stage alone."""
+        if not searched.decoded:
+            return searched
+        has_neighbour = searched.found.neighbours.ids >= 0
+        probabilities = np.full((len(searched.decoded), len(self.model.classes)), np.nan, np.float32)
+        scores = np.full((len(searched.decoded), len(self.model.rule.graph_scores)), np.nan, np.float32)
+        if has_neighbour.any():
+            probabilities[has_neighbour], scores[has_neighbour] = self.model.predict(searched.inputs[has_neighbour])
+        return dataclasses.replace(searched, probabilities=probabilities, scores=scores)
+
     def finish_batch(self, searched: SearchedBatch) -> list[AttributionRow]:
-        """One row per item of a searched batch, in its order: the attributor, verdicts, evidence."""
+        """One row per item of a :meth:`predicted` batch, in its order: verdicts, paths, evidence."""
         decoded, found = searched.decoded, searched.found
+        if decoded and searched.probabilities is None:
+            raise ValueError("finish_batch takes a batch that Attribution.predicted returned")
         results: dict[int, AttributionRow] = {}
         if decoded:
             has_neighbour = found.neighbours.ids >= 0
-            probabilities = np.full((len(decoded), len(self.model.classes)), np.nan, np.float32)
-            scores = np.full((len(decoded), len(self.model.rule.graph_scores)), np.nan, np.float32)
-            if has_neighbour.any():
-                probabilities[has_neighbour], scores[has_neighbour] = self.model.predict(searched.inputs[has_neighbour])
+            probabilities, scores = searched.probabilities, searched.scores
             nearest = self.index.paths(found.neighbours.ids)
             pictures = self._evidence(decoded, found) if self.evidence else {}
             for i, item in enumerate(decoded):

@@ -114,6 +114,20 @@ def test_rows_do_not_depend_on_how_a_batch_search_is_split(freq_model, real_inde
     assert "manifpt-read-ahead" in searched_by, "the read-ahead thread searched parts"
 
 
+def test_the_attributor_is_a_step_of_its_own_and_rows_need_it(freq_model, real_index, dataset):
+    """``predicted`` adds the attributor's outputs to a new batch (the searched one stays as it
+    was, so a benchmark can time it again); ``finish_batch`` refuses a batch without them."""
+    settings = RunSettings(batch_size=4)
+    with Attribution(freq_model / "freq.onnx", real_index, settings=settings) as run:
+        batch = next(iter(decode_folder([dataset / "suspects"], 32, settings)))
+        searched = run.search_batch(batch)
+        with pytest.raises(ValueError, match="predicted"):
+            run.finish_batch(searched)
+        predicted = run.predicted(searched)
+        assert searched.probabilities is None and predicted.probabilities.shape == (4, len(run.model.classes))
+        assert [vars(row) for row in run.finish_batch(predicted)] == [vars(row) for row in run.attribute_batch(batch)]
+
+
 def test_two_threads_searching_at_once_make_the_search_once(real_index, dataset, monkeypatch):
     from PIL import Image
 
