@@ -296,7 +296,7 @@ def build_index(
         for space in spaces:
             rows = writer.space_group(space.value)["embeddings"]  # read a block at a time where it can be
             if uses_exact_search(space, faiss_factory):
-                plan = fit_plan(rows, STAGE_DIMS[-1])
+                plan = fit_plan(rows, STAGE_DIMS[-1], image_size=size)
                 projected, norms = project_rows(plan, rows)
                 for name, table in (
                     ("search_mean", plan.mean),

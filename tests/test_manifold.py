@@ -525,3 +525,26 @@ def test_a_search_is_made_from_the_bytes_its_verification_read(real_index, datas
             if same and not rows_in_file:
                 got = index.nearest(Space.RGB, PixelEmbedder(Space.RGB)(pixels))
                 assert np.array_equal(got.ids, found.ids) and np.array_equal(got.distances, found.distances)
+
+
+def test_an_80_px_index_fits_its_basis_on_pooled_rows_and_searches_exactly(tmp_path):
+    """At 80 px, 4,096 full-size rows would pass the basis's sample memory: the build pools 2 × 2."""
+    from manifpt_cli.research.samples import bundled_photo_paths, random_crops
+    from manifpt_cli.search import SearchPlan
+
+    rng = np.random.default_rng(7)
+    crops = [c for photo in bundled_photo_paths() for c in random_crops(photo, 6, 80, rng)]
+    reals, suspects = np.stack(crops[::2]), np.stack(crops[1::2])
+    np.save(tmp_path / "reals.npy", reals)
+    out = tmp_path / "real80.h5"
+    build_index([tmp_path / "reals.npy"], out, [Space.RGB], size=80)
+    with h5py.File(out, "r") as handle:
+        plan = SearchPlan(handle["spaces/rgb/search_mean"][()], handle["spaces/rgb/search_basis"][()])
+    assert plan.pooling == 2
+    queries = PixelEmbedder(Space.RGB)(suspects)
+    with RealIndex(out) as index:
+        found = index.nearest(Space.RGB, queries)
+    database = PixelEmbedder(Space.RGB)(reals).astype(np.float64)
+    distances = np.square(queries[:, None, :].astype(np.float64) - database[None]).sum(-1)
+    assert np.array_equal(found.ids, distances.argmin(axis=1))
+    assert np.array_equal(found.distances, distances.min(axis=1)), "brute force's float64 sums"

@@ -263,6 +263,46 @@ def test_fit_plan_is_seeded_and_orthonormal(crops):
     assert np.allclose(plan.basis @ plan.basis.T, np.eye(len(plan.basis)), atol=1e-12)
 
 
+def test_large_images_fit_their_basis_on_pooled_rows_and_the_search_stays_exact(crops, monkeypatch):
+    from manifpt_cli import search as search_module
+
+    reals, queries = crops
+    rows = np.ascontiguousarray(reals.transpose(0, 3, 1, 2).reshape(len(reals), -1))
+    assert search_module.pooling_factor(32, rows.shape[1]) == 1, "32 px: the full-size sample fits"
+    assert np.array_equal(fit_plan(rows, DIMS, image_size=32).basis, fit_plan(rows, DIMS).basis)
+    # Memory for a quarter of the full-size sample: pooled 2 × 2, it keeps all its rows.
+    monkeypatch.setattr(search_module, "PLAN_BYTES", search_module.PLAN_SAMPLE * 8 * rows.shape[1] // 4)
+    assert search_module.pooling_factor(32, rows.shape[1]) == 2
+    assert search_module.pooling_factor(30, 3 * 30**2) == 2, "30 px: 2 divides it, 4 does not"
+    assert search_module.pooling_factor(None, rows.shape[1]) == 1, "no layout, no pooling"
+    plan = fit_plan(rows, DIMS, seed=1, image_size=32)
+    assert np.array_equal(plan.basis, fit_plan(rows, DIMS, seed=1, image_size=32).basis), "seeded"
+    assert np.allclose(plan.basis @ plan.basis.T, np.eye(DIMS), atol=1e-12), "orthonormal, as the bound needs"
+    blocks = plan.basis.reshape(DIMS, 3, 16, 2, 16, 2)
+    assert np.array_equal(blocks, np.broadcast_to(blocks[:, :, :, :1, :, :1], blocks.shape)), "constant per block"
+    assert np.allclose(plan.mean, rows.mean(axis=0) / 255), "every row is in the sample here"
+
+    projected, norms = project_rows(plan, rows)
+    sha256 = np.array([b"%064d" % i for i in range(len(rows))], dtype="S64")
+    search = ExactSearch(rows, plan, projected, norms, sha256, (8, DIMS), 1)
+    query_vectors = PixelEmbedder(Space.RGB)(queries)
+    pixels = np.rint(query_vectors * 255).astype(np.uint8)
+    sums, squares = pixels.sum(axis=1, dtype=np.int64), np.sqrt(pixel_squares(pixels).astype(np.float64))
+    assert search._pooling == 2, "queries are projected from 2 × 2 block sums"
+    full_size = np.subtract(query_vectors, plan.mean, dtype=np.float64) @ plan.basis.T
+    assert plan.pooling == 2 and np.allclose(plan.project(query_vectors)[0], full_size, rtol=0, atol=1e-12)
+    coords, error = search._project(pixels, sums, squares)
+    assert (np.abs(coords - full_size) <= error[:, None]).all(), "within the proven error"
+    white = np.full((1, rows.shape[1]), 255, dtype=np.uint8)
+    assert (search_module.block_sums(white, 16) == 256 * 255).all(), "sums past 16 bits"
+    reference = rows.reshape(len(rows), 3, 16, 2, 16, 2).sum(axis=(3, 5)).reshape(len(rows), -1)
+    assert np.array_equal(search_module.block_sums(rows, 2), reference)
+    found = search.nearest(query_vectors)
+    ids, distances = brute_force(PixelEmbedder(Space.RGB)(reals), query_vectors)
+    assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
+    assert found.checked.mean() < len(reals) / 2, "the pooled basis prunes"
+
+
 @pytest.mark.parametrize("query_type", ["INT8", "UINT8"])
 def test_the_hand_written_model_is_the_one_onnx_helper_makes(query_type):
     onnx = pytest.importorskip("onnx")
