@@ -522,19 +522,19 @@ class ExactSearch:
         self.stages = coded + [_Stage.of(k, projected, centred_squared, self.float_products) for k in floats]
         # Q / σ = Σ_t D_t · unit_t + R with integer digits D_t in −127..127 (σ = max |Q|): the
         # projection of pixels is then exact integer products, and R bounds what it leaves out.
-        self._basis_scale = float(np.abs(basis).max(initial=0.0)) or 1.0
-        remainder, digits = basis / self._basis_scale, []
+        # A basis fitted on pooled rows (:func:`pooling_factor`) is constant on blocks of pixels,
+        # and so are its digits (made elementwise): D_t·p is then D'_t·(block sums of p), the same
+        # integers for far fewer products, and the digits are made from one value per block.
+        self._pooling = plan.pooling
+        values = plan.pooled_basis[: len(basis)]
+        self._basis_scale = float(np.abs(values).max(initial=0.0)) or 1.0
+        remainder, digits = values / self._basis_scale, []
         self._digit_units = [1 / (127 * 254.0**t) for t in range(PROJECTION_DIGITS)]
         for unit in self._digit_units:
             digit = np.rint(remainder / unit)
             digits.append(digit)
             remainder = remainder - digit * unit
-        digits = np.concatenate(digits).astype(np.int64)
-        # A basis fitted on pooled rows (:func:`pooling_factor`) is constant on blocks of pixels,
-        # and so are its digits (made elementwise): D_t·p is then D'_t·(block sums of p), the same
-        # integers for far fewer products.
-        self._pooling = plan.pooling
-        self._digits = self.products.operand(one_per_block(digits, self._pooling))
+        self._digits = self.products.operand(np.concatenate(digits).astype(np.int64))
         self._remainder = self._basis_scale * float(np.abs(remainder).max(initial=0.0))
         self._basis_mean = basis @ plan.mean
         if squared_norms is not None and (squared_norms.shape != (len(rows),) or squared_norms.dtype != np.int64):
