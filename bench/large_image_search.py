@@ -7,6 +7,9 @@ images bounds new images poorly. ``fit_plan(..., image_size=S)`` pools the rows 
 first and keeps all 4,096. This script builds both searches over the same rows in memory
 (``ExactSearch``, as an index opens them), times each over the same suspects (the median of
 ``--repeats`` runs, in turn), and checks both against float64 brute force on some of them.
+With ``--rows-file DIR`` it also times the pooled search with its rows read from an HDF5 file in
+DIR laid out as an index stores them (one chunk per row; :class:`FileRows`, as ``attribute``
+reads a space over 1 GiB), read through once first so that the page cache holds it.
 
 Data: a uint8 (N, S, S, 3) array of real crops, e.g. ``../shared/data/make_real.py --n 31000
 --size 256 --npy real256.npy``; its first ``--reals`` rows are the real set, and the suspects
@@ -33,6 +36,7 @@ def main() -> None:
     parser.add_argument("--checked", type=int, default=6, help="suspects also searched by float64 brute force")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rows-file", type=Path, help="a folder for an HDF5 copy of the rows (as large as they are)")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
     here = Path(__file__).resolve().parent
@@ -41,6 +45,7 @@ def main() -> None:
     from exact_search import side_by_side
     from scale import degrade
 
+    from manifpt_cli.file_rows import FileRows
     from manifpt_cli.search import ExactSearch, fit_plan, pooling_factor, project_rows
     from manifpt_cli.spaces import PixelEmbedder, Space
 
@@ -72,6 +77,11 @@ def main() -> None:
         built[name] = (fitted, time.perf_counter() - started - fitted)
         searches[name] = ExactSearch(rows, plan, projected, norms, sha256, threads=args.threads)
         searches[name].nearest(queries[:1])  # ONNX Runtime's first run
+    if args.rows_file is not None:
+        in_file = FileRows(*rows_in_file(args.rows_file, rows))
+        searches[f"{name}, rows in file"] = ExactSearch(in_file, plan, projected, norms, sha256, threads=args.threads)
+        built[f"{name}, rows in file"] = built[name]
+        searches[f"{name}, rows in file"].nearest(queries[:1])
     for search in searches.values():
         search.seconds.clear()
     timed = side_by_side([lambda s=s: s.nearest(queries) for s in searches.values()], args.repeats)
@@ -94,7 +104,24 @@ def main() -> None:
     for name, search in searches.items():
         steps = ", ".join(f"{step} {1e3 * t / (args.repeats * len(queries)):.2f}" for step, t in search.seconds.items())
         print(f"{name}, ms per suspect: {steps}")
-    print(f"both: the same neighbours and distances; float64 brute force agrees on the first {args.checked}")
+    print(f"all: the same neighbours and distances; float64 brute force agrees on the first {args.checked}")
+
+
+def rows_in_file(folder: Path, rows):
+    """(path, dataset) of an HDF5 copy of ``rows`` chunked by whole rows, as an index stores a
+    space's embeddings, after one read through it (so the page cache, if it can, holds it)."""
+    import h5py
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "rows.h5"
+    with h5py.File(path, "w") as file:
+        dataset = file.create_dataset("rows", rows.shape, dtype=rows.dtype, chunks=(1, rows.shape[1]))
+        for start in range(0, len(rows), 1000):
+            dataset[start : start + 1000] = rows[start : start + 1000]
+    with open(path, "rb") as file:
+        while file.read(2**24):
+            pass
+    return path, h5py.File(path, "r")["rows"]
 
 
 def brute_force(rows, query) -> tuple[int, float]:
