@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rows-file", type=Path, help="a folder for an HDF5 copy of the rows (as large as they are)")
     args = parser.parse_args()
+    if args.rows_file is not None and (args.rows_file / "rows.h5").exists():
+        raise SystemExit(f"{args.rows_file / 'rows.h5'} exists: give --rows-file a folder without one")
     os.environ["OMP_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
     here = Path(__file__).resolve().parent
     sys.path[:0] = [str(here.parent), str(here)]
@@ -114,7 +116,7 @@ def rows_in_file(folder: Path, rows):
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "rows.h5"
-    with h5py.File(path, "w") as file:
+    with h5py.File(path, "w-") as file:  # never over an existing file
         dataset = file.create_dataset("rows", rows.shape, dtype=rows.dtype, chunks=(1, rows.shape[1]))
         for start in range(0, len(rows), 1000):
             dataset[start : start + 1000] = rows[start : start + 1000]
