@@ -8,7 +8,7 @@ first and keeps all 4,096. This script builds both searches over the same rows i
 (``ExactSearch``, as an index opens them), times each over the same suspects (the median of
 ``--repeats`` runs, in turn), and checks both against float64 brute force on some of them.
 With ``--rows-file DIR`` it also times the pooled search with its rows read from an HDF5 file in
-DIR laid out as an index stores them (one chunk per row; :class:`FileRows`, as ``attribute``
+DIR laid out as an index stores them (its chunks; :class:`FileRows`, as ``attribute``
 reads a space over 1 GiB), read through once first so that the page cache holds it.
 
 Data: a uint8 (N, S, S, 3) array of real crops, e.g. ``../shared/data/make_real.py --n 31000
@@ -79,11 +79,11 @@ def main() -> None:
         built[name] = (fitted, time.perf_counter() - started - fitted)
         searches[name] = ExactSearch(rows, plan, projected, norms, sha256, threads=args.threads)
         searches[name].nearest(queries[:1])  # ONNX Runtime's first run
-    if args.rows_file is not None:
-        in_file = FileRows(*rows_in_file(args.rows_file, rows))
-        searches[f"{name}, rows in file"] = ExactSearch(in_file, plan, projected, norms, sha256, threads=args.threads)
-        built[f"{name}, rows in file"] = built[name]
-        searches[f"{name}, rows in file"].nearest(queries[:1])
+    if args.rows_file is not None:  # the pooled basis (the loop's last) over the rows in a file
+        in_file, pooled = FileRows(*rows_in_file(args.rows_file, rows)), f"{name}, rows in file"
+        searches[pooled] = ExactSearch(in_file, plan, projected, norms, sha256, threads=args.threads)
+        built[pooled] = built[name]
+        searches[pooled].nearest(queries[:1])
     for search in searches.values():
         search.seconds.clear()
     timed = side_by_side([lambda s=s: s.nearest(queries) for s in searches.values()], args.repeats)
@@ -110,16 +110,18 @@ def main() -> None:
 
 
 def rows_in_file(folder: Path, rows):
-    """(path, dataset) of an HDF5 copy of ``rows`` chunked by whole rows, as an index stores a
-    space's embeddings, after one read through it (so the page cache, if it can, holds it)."""
+    """(path, dataset) of an HDF5 copy of ``rows`` in the chunks an index stores a space's
+    embeddings in, after one read through it (so the page cache, if it can, holds it)."""
     import h5py
+
+    from manifpt_cli.formats import _append_rows, _create_growing
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "rows.h5"
     with h5py.File(path, "w-") as file:  # never over an existing file
-        dataset = file.create_dataset("rows", rows.shape, dtype=rows.dtype, chunks=(1, rows.shape[1]))
+        dataset = _create_growing(file, "rows", rows.shape[1:], rows.dtype)
         for start in range(0, len(rows), 1000):
-            dataset[start : start + 1000] = rows[start : start + 1000]
+            _append_rows(dataset, rows[start : start + 1000])
     with open(path, "rb") as file:
         while file.read(2**24):
             pass
