@@ -1,7 +1,7 @@
 """manifpt's exact searches against faiss.IndexFlatL2 on the full vectors and float64 brute force, in one run.
 
-rgb: the PCA-bound search (manifpt_cli/search.py), and the same without its 8-bit coded first
-stage (float32 bounds only, as before), timed in turn in the same run. freq: ``RealIndex.nearest`` on an index that
+rgb: the PCA-bound search (manifpt_cli/search.py), its first stage over the window of rows whose
+first coordinate can be near enough, timed in turn with FAISS in the same run. freq: ``RealIndex.nearest`` on an index that
 ``build_index`` made from the same reals (the 8-bit code scan of manifpt_cli/coded_search.py over
 the unique half of each spectrum, verified in float64 on the full vectors). Queries are samples of a zoo GAN trained for a
 few hundred iterations on some of the reals, the same for both spaces, and trained on one thread
@@ -9,7 +9,7 @@ so that they are the same queries whatever --threads says.
 Threads: FAISS and NumPy's BLAS both get --threads (OMP_NUM_THREADS is set before NumPy loads),
 and manifpt's searches run that many blocks of queries at once.
 
-    python3 bench/exact_search.py --reals 20000 --queries 512 --stages 64 256 --threads 1
+    python3 bench/exact_search.py --reals 20000 --queries 512 --stages 32 256 --threads 1
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def main() -> None:
     parser.add_argument("--reals", type=int, default=20000)
     parser.add_argument("--queries", type=int, default=512)
     parser.add_argument("--checked", type=int, default=64, help="queries also searched by float64 brute force")
-    parser.add_argument("--stages", type=int, nargs=2, default=[64, 256], help="float32 stage and basis dimensions")
-    parser.add_argument("--coded", type=int, help="coordinates of the coded first stage (default: the search's)")
+    parser.add_argument(
+        "--stages", type=int, nargs="+", default=[32, 256], help="float32 stages' dimensions (the last: the basis')"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gan-iters", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each search, alternating; the median")
@@ -44,7 +45,7 @@ def main() -> None:
 
     from manifpt_cli.manifold import RealIndex, build_index
     from manifpt_cli.research.zoo import make_design, sample_generator, train_generator
-    from manifpt_cli.search import CODED_DIMS, ExactSearch, fit_plan, project_rows, rows_as_float
+    from manifpt_cli.search import ExactSearch, fit_plan, project_rows, rows_as_float
     from manifpt_cli.settings import RunSettings
     from manifpt_cli.spaces import PixelEmbedder, Space
 
@@ -76,29 +77,20 @@ def main() -> None:
     plan = fit_plan(rows, args.stages[-1])
     projected, norms = project_rows(plan, rows)
     build_seconds = time.perf_counter() - started
-    search = ExactSearch(rows, plan, projected, norms, sha256, args.stages, coded_dims=args.coded or CODED_DIMS)
-    floats_only = ExactSearch(rows, plan, projected, norms, sha256, args.stages, coded_dims=None)
+    search = ExactSearch(rows, plan, projected, norms, sha256, args.stages)
     flat = faiss.IndexFlatL2(database.shape[1])
     flat.add(database)
     search.nearest(queries[:1])  # ONNX Runtime's first run
-    floats_only.nearest(queries[:1])
     timed = side_by_side(
-        [lambda: flat.search(queries, 1), lambda: search.nearest(queries), lambda: floats_only.nearest(queries)],
-        args.repeats,
-        search.seconds,
+        [lambda: flat.search(queries, 1), lambda: search.nearest(queries)], args.repeats, search.seconds
     )
-    (faiss_seconds, (_, faiss_ids)), (exact_seconds, found), (floats_seconds, floats_found) = timed
+    (faiss_seconds, (_, faiss_ids)), (exact_seconds, found) = timed
     n = len(queries)
     identical = matches_brute_force(database, queries[: args.checked], found)
     assert identical, "rgb: the exact search differs from float64 brute force"
-    assert np.array_equal(found.ids, floats_found.ids) and np.array_equal(found.distances, floats_found.distances)
     print(f"tables at build: {build_seconds:.1f} s; per stage, µs per query:")
     for step, seconds in search.seconds.items():
         print(f"  {step}: {seconds / (n * args.repeats) * 1e6:,.0f}")
-    print(
-        f"float32 stages only: {n / floats_seconds:,.0f} q/s ({faiss_seconds / floats_seconds:.2f}× FAISS), "
-        f"{floats_only.nbytes / len(rows):,.0f} bytes/image; the same neighbours and distances"
-    )
     print(
         "| space | FAISS flat q/s | exact q/s | ratio | rows verified/query | identical to float64 | bytes/image in RAM |"
     )

@@ -141,8 +141,9 @@ class PixelProducts:
         )
         data = np.empty((values.shape[1], len(values) + 1), dtype=dtype)
         if values.dtype == np.uint8 and shift == -128:  # p − 128 is p with its top bit flipped, as int8
-            # Read in order, written transposed: faster than the other way round.
-            np.bitwise_xor(values, np.uint8(0x80), out=data[:, :-1].view(np.uint8).T)
+            # Transposed by NumPy's copy, then flipped in order: twice as fast as flipping into the
+            # transposed view (bench/exact_search.py's projection step).
+            np.bitwise_xor(np.ascontiguousarray(values.T), np.uint8(0x80), out=data[:, :-1].view(np.uint8))
         else:
             data[:, :-1] = (values.T.astype(np.int16) + shift).astype(dtype)
         data[:, -1] = 1

@@ -14,23 +14,28 @@ every real image. Any leading j < k of the basis rows give a looser bound of the
 the first principal component of photographs: alike queries share candidate rows), and each block
 in stages:
 
-1. a looser bound in the first ``CODED_DIMS`` coordinates for every row, from 8-bit codes of the
-   augmented vectors (one integer product, :class:`_CodedStage`: several times cheaper per
-   coordinate than float32, so more coordinates for less), and an upper bound per query: its
-   smallest exact distance to a pool of rows of low bound, each query's lowest in each of
-   ``UPPER_PARTS`` slices of the rows, shared by the block (nearby queries often share neighbours);
-2. the bound in all k coordinates for the rows that stage 1 left (their union over the block), in
-   float32 (:class:`FloatProducts`), and a tighter upper bound from the same kind of pool
-   (``STAGE_DIMS`` may name more float32 stages, in more coordinates than stage 1: each bounds
-   the rows that the one before left);
+The rows are held in the order of their first coordinate, and ‖x − y‖ ≥ |x₁ − y₁|: the rows that
+can be within a distance r of a block's queries are one range of positions, those whose first
+coordinate lies within r of some query's. Each block, in stages:
+
+1. the bound in the first ``STAGE_DIMS[0]`` coordinates (float32, :class:`FloatProducts`) for the
+   rows within ``WINDOW_ROWS`` positions of the block's first coordinates, and an upper bound per
+   query: its smallest exact distance to a pool of rows of low bound, each query's lowest in each
+   of ``UPPER_PARTS`` slices of them, shared by the block (nearby queries often share
+   neighbours); then the same bound for the rest of the window that upper bound leaves (on
+   photographs and GAN samples, about 60 % of the rows: the first coordinate, brightness,
+   spreads about as far as a nearest neighbour lies);
+2. the bound in all k coordinates for the rows that stage 1 left (their union over the block), and
+   a tighter upper bound from the same kind of pool (``STAGE_DIMS`` may name more stages: each
+   bounds the rows that the one before left);
 3. exact integer distances to the rows that survive (one integer product over their union);
 4. the float64 sum brute force computes, for the rows within its rounding of the smallest.
 
 A row is dropped only when its bound exceeds a query's upper bound (strictly, so every row tied at
 the minimum survives and the lowest row wins). Rounding never drops the true neighbour: every
-float32 bound carries a proven margin (:func:`_lower_bound_margin`), the coded one how far each
-vector lies from its code, and the step from integer distances to brute force's float64 ones
-another (:meth:`ExactSearch._slack`).
+float32 bound carries a proven margin (:func:`_lower_bound_margin`), the window the rounding of
+both first coordinates (:func:`_first_coordinate_error`), and the step from integer distances to
+brute force's float64 ones another (:meth:`ExactSearch._slack`).
 """
 
 from __future__ import annotations
@@ -44,16 +49,14 @@ from functools import cached_property
 
 import numpy as np
 
-from .pixel_products import FloatProducts, Operand, PixelProducts, pixel_squares
+from .pixel_products import FloatProducts, PixelProducts, pixel_squares
 
 UNIT_ROUNDOFF = 2.0**-24  # float32: fl(a ∘ b) = (a ∘ b)(1 + δ), |δ| ≤ u
 PLAN_SAMPLE = 4096  # real images the basis is fitted on (seeded), fewer where they would pass PLAN_BYTES
 PLAN_BYTES = 512 * 2**20  # memory for the float64 sample the basis is fitted on
-STAGE_DIMS = (64, 256)  # coordinates of the float32 bounds, the last that of the basis; bench/exact_search.py
-CODED_DIMS = 128  # coordinates of the first bound, in 8-bit codes (float32 stages in fewer are skipped); ≤ 8,000
-CODE_LIMIT = 127  # codes are −127..127: signed digits for PixelProducts
-GRID_SPAN = 20.0  # the codes' grid spans ± this many median standard deviations of a coordinate
+STAGE_DIMS = (32, 256)  # coordinates of the float32 bounds, the last that of the basis; bench/exact_search.py
 QUERY_BLOCK = 128  # queries searched together (their candidate rows are shared in the products)
+WINDOW_ROWS = 2048  # rows either side of a block's first coordinates whose first bound gives its upper bound
 UPPER_PARTS = 8  # slices of a stage's rows; a query's lowest bound in each joins the upper bound's pool
 BLOCK_BYTES = 64 * 2**20  # at most this much memory for one block's (queries × rows) bound matrix
 PROJECTION_DIGITS = 3  # 8-bit digits of the basis: what they leave out is below 6.2e-8 of its largest entry
@@ -338,14 +341,15 @@ class _Stage:
         return self.operand.nbytes
 
     @classmethod
-    def of(cls, dims: int, projected: np.ndarray, centred_squared: np.ndarray, products: FloatProducts) -> _Stage:
-        """The stage over the leading ``dims`` of the rows' float32 projections (in blocks: no
-        float64 copy of all of them)."""
+    def of(cls, dims: int, projected, centred_squared, order: np.ndarray, products: FloatProducts) -> _Stage:
+        """The stage over the leading ``dims`` of the rows' float32 projections, the rows taken in
+        ``order`` (in blocks: no float64 copy of all of them, nor a reordered copy)."""
         operand = np.empty((len(projected), dims + 3), dtype=np.float32)
         largest = 0.0
         step = max(1, BLOCK_BYTES // (8 * (dims + 3)))
         for start in range(0, len(projected), step):
-            augmented, kept = _augmented(projected[start : start + step], centred_squared[start : start + step], dims)
+            rows = order[start : start + step]
+            augmented, kept = _augmented(projected[rows], centred_squared[rows], dims)
             # Each float32 coordinate is within u of its float64 value, relatively.
             error = _augmented_error(augmented, UNIT_ROUNDOFF * (1 + UNIT_ROUNDOFF) * kept, kept)
             squared = np.square(kept) + np.square(augmented[:, -1])
@@ -376,104 +380,19 @@ class _Stage:
         return _round_up32(reach - offset)[:, None]
 
 
-@dataclass
-class _CodedStage:
-    """A lower bound from 8-bit codes of the augmented vectors, computed in integer products
-    (:class:`PixelProducts`): several times cheaper per coordinate than :class:`_Stage`'s float32,
-    so it bounds every row in more coordinates for less.
-
-    Each augmented vector z, less the rows' mean μ, is clipped to ±127 steps of one grid (s) and
-    coded k = rint(c(z − μ) / s). Clipping never lengthens a distance, so with β ≥ ‖c(z − μ) − s·k‖
-    plus how far z lies from the exact augmented vector (:func:`_augmented_error`), for query and row,
-
-        s·√D − β_q − β_r ≤ ‖z_q − z_r‖,    D = ‖k_q − k_r‖²  (an integer, computed exactly).
-
-    The products P = (k_q + 128)·(k_r + shift) of the kernel give D = [‖k_q‖² + 2·shift·Σ(k_q + 128)]
-    + [‖k_r‖² + 256·Σk_r] − 2P: ``row_terms`` (n,) int32 hold the rows' part, ``codes`` the rows' codes
-    as a :meth:`PixelProducts.operand`, ``largest_beta`` the largest β_r.
-    """
-
-    dims: int
-    mean: np.ndarray
-    step: float
-    codes: Operand
-    row_terms: np.ndarray
-    largest_beta: float
-    products: PixelProducts
-
-    @property
-    def nbytes(self) -> int:
-        return self.codes.data.nbytes + self.row_terms.nbytes
-
-    @property
-    def operand(self) -> np.ndarray:
-        return self.codes.data
-
-    @classmethod
-    def of(cls, dims: int, projected: np.ndarray, centred_squared: np.ndarray, products: PixelProducts) -> _CodedStage:
-        """The stage over the leading ``dims`` of the rows' float32 projections, on a grid of
-        ``GRID_SPAN`` median standard deviations of a coordinate (the first few, of higher variance, clip)."""
-        rows_at_once = max(1, BLOCK_BYTES // (8 * (dims + 1)))
-        blocks = [slice(start, start + rows_at_once) for start in range(0, len(projected), rows_at_once)]
-        sums, squares = np.zeros(dims + 1), np.zeros(dims + 1)
-        for block in blocks:
-            augmented, _ = _augmented(projected[block], centred_squared[block], dims)
-            sums += augmented.sum(axis=0)
-            squares += np.square(augmented).sum(axis=0)
-        mean = sums / max(len(projected), 1)
-        spread = float(np.median(np.sqrt(np.maximum(squares / max(len(projected), 1) - np.square(mean), 0))))
-        step = GRID_SPAN * spread / CODE_LIMIT if spread > 0 else 1.0
-        codes = np.empty((len(projected), dims + 1), dtype=np.int8)
-        # int32: |2P| and the row terms stay below 2³¹ up to 8,000 coordinates.
-        row_terms = np.empty(len(projected), dtype=np.int32)
-        largest_beta = 0.0
-        for block in blocks:
-            augmented, kept = _augmented(projected[block], centred_squared[block], dims)
-            error = _augmented_error(augmented, UNIT_ROUNDOFF * (1 + UNIT_ROUNDOFF) * kept, kept)
-            code, beta = _code(augmented - mean, step)
-            codes[block], row_terms[block] = code, np.einsum("ij,ij->i", code, code) + 256 * code.sum(axis=1)
-            beta = _float64_slack(beta + error, augmented, mean)
-            largest_beta = max(largest_beta, float(beta.max(initial=0.0)))
-        return cls(dims, mean, step, products.operand(codes, signed=True), row_terms, largest_beta, products)
-
-    def bound_terms(self, coords, centred_squared, coord_error, rows=slice(None)):
-        """(E, terms): E = the rows' part of D − 2P (int32) per (query, row), and per query the
-        (rest of D, β_q) that :meth:`threshold` needs."""
-        augmented, kept = _augmented(coords, centred_squared, self.dims)
-        error = _augmented_error(augmented, np.sqrt(self.dims) * coord_error, kept)
-        code, beta = _code(augmented - self.mean, self.step)
-        shifted = (code + 128).astype(np.uint8)
-        codes = self.codes
-        if not isinstance(rows, slice):
-            codes = Operand(self.codes.data[:, np.append(rows, -1)], self.codes.shift)
-        product = self.products.products(shifted, codes)[:, :-1]
-        np.multiply(product, -2, out=product)
-        product += self.row_terms[None, rows]
-        constant = np.einsum("ij,ij->i", code, code) + 2 * codes.shift * shifted.sum(axis=1, dtype=np.int64)
-        return product, (constant, _float64_slack(beta + error, augmented, self.mean))
-
-    def threshold(self, reach: np.ndarray, terms) -> np.ndarray:
-        """The largest E a row may have and still be within ``reach`` (squared, per query) of it."""
-        constant, beta = terms
-        root = (np.sqrt(reach) + beta + self.largest_beta) / self.step
-        limit = np.floor(np.square(root) * (1 + 1e-12)) - constant
-        largest = np.iinfo(np.int32).max - 1  # below the value of a query's own rows
-        return np.where(np.isfinite(limit), np.minimum(limit, largest), largest).astype(np.int32)[:, None]
+def _window_radius(reach: np.ndarray, widen: np.ndarray) -> np.ndarray:
+    """How far a row's computed first coordinate may lie from a query's and the row still be within
+    ``reach`` (squared) of it: √reach, the basis rows' norms (1 to float64 precision) and ``widen``
+    (the rounding of both coordinates)."""
+    return np.sqrt(reach) * (1 + 1e-9) + widen
 
 
-def _float64_slack(beta: np.ndarray, augmented: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """β grown to cover float64's rounding in the augmented vectors, their centring and codes
-    (a few units of 2⁻⁵³ of ‖z‖ + ‖μ‖ per vector; 1e-9 of it, with room to spare)."""
-    return beta * (1 + 1e-9) + 1e-9 * (np.sqrt(np.einsum("ij,ij->i", augmented, augmented)) + np.linalg.norm(mean))
-
-
-def _code(centred: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
-    """(k, ‖c(v) − s·k‖) for float64 vectors v: codes −127..127 of v clipped to the grid, and how far
-    each clipped vector lies from its code (float64's rounding here: :func:`_float64_slack`)."""
-    clipped = np.clip(centred, -CODE_LIMIT * step, CODE_LIMIT * step)
-    code = np.rint(clipped / step)
-    distance = np.sqrt(np.square(clipped - step * code).sum(axis=1))
-    return code.astype(np.int64), distance
+def _first_coordinate_error(first: np.ndarray, centred_squared: np.ndarray, d: int) -> float:
+    """A bound on how far any row's float32 first coordinate ỹ₁ lies from its exact value: within u
+    of the float64 one, relatively, which lies within γ_d·‖r − μ‖ of it (|Q₁|·|r − μ| ≤ ‖r − μ‖)."""
+    largest = float(np.abs(first).max(initial=0.0))
+    centred = float(np.sqrt(np.max(centred_squared, initial=0.0)))
+    return 2 * UNIT_ROUNDOFF * largest + 1.01 * gamma(d + 1, 2.0**-53) * centred
 
 
 class ExactSearch:
@@ -499,7 +418,6 @@ class ExactSearch:
         threads: int | None = None,
         kernel: str | None = None,
         squared_norms: np.ndarray | None = None,
-        coded_dims: int | None = CODED_DIMS,
     ) -> None:
         if rows.dtype != np.uint8:
             raise ValueError(f"the exact search takes uint8 pixel rows, not {rows.dtype}")
@@ -511,15 +429,16 @@ class ExactSearch:
         dims = sorted({min(k, projected.shape[1]) for k in stage_dims})
         basis = plan.basis[: dims[-1]]  # the coordinates the stages use
         self.products = PixelProducts(kernel)
-        coded = (
-            []
-            if coded_dims is None
-            else [_CodedStage.of(min(coded_dims, dims[-1]), projected, centred_squared, self.products)]
-        )
-        floor = coded[0].dims if coded else 0
+        # The stages hold the rows by their first coordinate (positions), so that the rows near a
+        # block's first coordinates are one range of columns (:meth:`_first_stage`).
+        first = np.asarray(projected[:, 0], dtype=np.float64)
+        self._order = np.argsort(first, kind="stable")  # position → row
+        self._position = np.empty_like(self._order)  # row → position
+        self._position[self._order] = np.arange(len(self._order))
+        self._first = first[self._order]
+        self._first_error = _first_coordinate_error(first, centred_squared, rows.shape[1])
         self.float_products = FloatProducts()
-        floats = [k for k in dims if k > floor or k == dims[-1]]
-        self.stages = coded + [_Stage.of(k, projected, centred_squared, self.float_products) for k in floats]
+        self.stages = [_Stage.of(k, projected, centred_squared, self._order, self.float_products) for k in dims]
         # Q / σ = Σ_t D_t · unit_t + R with integer digits D_t in −127..127 (σ = max |Q|): the
         # projection of pixels is then exact integer products, and R bounds what it leaves out.
         # A basis fitted on pooled rows (:func:`pooling_factor`) is constant on blocks of pixels,
@@ -554,20 +473,19 @@ class ExactSearch:
 
     @property
     def parameters(self) -> dict:
-        """What a report header says of the search: the coded stage's coordinates and grid step
-        (None without one), the float32 stages', and the basis size."""
-        coded = next((stage for stage in self.stages if isinstance(stage, _CodedStage)), None)
+        """What a report header says of the search: the stages' coordinates, the basis size and
+        how many rows either side of a block's first coordinates give its first upper bound."""
         return {
-            "coded_dims": coded and coded.dims,
-            "grid_step": coded and coded.step,
-            "stage_dims": [stage.dims for stage in self.stages if isinstance(stage, _Stage)],
+            "stage_dims": [stage.dims for stage in self.stages],
             "basis": len(self.plan.basis),
+            "window_rows": WINDOW_ROWS,
         }
 
     @property
     def nbytes(self) -> int:
         """Memory the search holds per the whole index (rows, bound operands, norms)."""
         held = self.rows.nbytes + self.squared_norms.nbytes + self.own_rows.nbytes
+        held += self._order.nbytes + self._position.nbytes + self._first.nbytes
         return held + sum(stage.nbytes for stage in self.stages)
 
     def _timed(self, step: str, started: float) -> float:
@@ -633,23 +551,24 @@ class ExactSearch:
         hit = columns[at] == own_rows
         return own_queries[hit], at[hit]
 
-    def _distances(self, operand, query_squared, row_ids: np.ndarray, own) -> np.ndarray:
-        """(len(row_ids), b) exact integer squared distances (pixels²) to ascending ``row_ids``;
-        NO_ROW to a query's own rows."""
-        distances = np.empty((len(row_ids), len(query_squared)), dtype=np.int64)
+    def _distances(self, operand, query_squared, columns: np.ndarray, own) -> np.ndarray:
+        """(len(columns), b) exact integer squared distances (pixels²) to the rows at ascending
+        positions ``columns``; NO_ROW to a query's own rows."""
+        distances = np.empty((len(columns), len(query_squared)), dtype=np.int64)
         step = max(1, BLOCK_BYTES // (8 * max(len(query_squared), self.rows.shape[1] // 8)))
-        for start in range(0, len(row_ids), step):
-            chunk = row_ids[start : start + step]
+        for start in range(0, len(columns), step):
+            chunk = self._order[columns[start : start + step]]
             dots = self.products.dots(self.rows[chunk], operand)
             distances[start : start + step] = self.squared_norms[chunk, None] + query_squared[None] - 2 * dots
-        queries, positions = self._own_cells(row_ids, own)
+        queries, positions = self._own_cells(columns, own)
         distances[positions, queries] = NO_ROW
         return distances
 
-    def _bound(self, stage, coords, centred_squared, coord_error, columns: np.ndarray, own):
-        """A stage's (bound, terms) over ``columns``, the bound at its largest at a query's own rows."""
-        every_row = len(columns) == len(self.rows)  # columns are ascending and unique
-        selected = slice(None) if every_row else columns
+    def _bound(self, stage, coords, centred_squared, coord_error, columns: np.ndarray, own, selected=None):
+        """A stage's (bound, terms) over ascending positions ``columns`` (``selected``: the same
+        as a slice), the bound at its largest at a query's own rows."""
+        if selected is None:
+            selected = slice(None) if len(columns) == len(self.rows) else columns  # ascending and unique
         bound, terms = stage.bound_terms(coords, centred_squared, coord_error, selected)
         queries, positions = self._own_cells(columns, own)
         bound[queries, positions] = _largest(bound.dtype)
@@ -673,10 +592,53 @@ class ExactSearch:
         pool = columns[lowest[np.r_[True, lowest[1:] != lowest[:-1]]]] if len(lowest) else columns[:0]
         return known.of(pool).min(axis=0, initial=NO_ROW)
 
+    def _reach(self, upper, query_norms) -> np.ndarray:
+        """Per query, the squared distance (in φ) beyond which a row is farther than ``upper``
+        (pixels², NO_ROW: none, for an infinite reach)."""
+        reach = (upper + self._slack(upper, query_norms)) / 255.0**2
+        return np.where(upper < NO_ROW, reach, np.inf)
+
+    def _window(self, first, widen, reach) -> tuple[int, int]:
+        """The positions [start, stop) of the rows whose first coordinate lies within √reach of
+        some query's ``first`` (rounding: ``widen`` per query): ‖x − y‖ ≥ |x₁ − y₁|, so every
+        other row is farther than ``reach`` from every query of the block."""
+        radius = _window_radius(reach, widen)
+        if not np.isfinite(radius).all():
+            return 0, len(self._first)
+        start = int(np.searchsorted(self._first, (first - radius).min(), side="left"))
+        return start, int(np.searchsorted(self._first, (first + radius).max(), side="right"))
+
+    def _first_stage(self, stage, coords, centred_squared, coord_error, query_norms, known, own, count: bool):
+        """(union, upper, survivors per query or None unless ``count``) of the first stage, which
+        bounds only the rows near the block's first coordinates: those within ``WINDOW_ROWS``
+        positions of them give the upper bound, which then gives the window of rows that can be
+        nearer (:meth:`_window`)."""
+        first, widen = coords[:, 0], coord_error + self._first_error
+        n = len(self._first)
+        start = max(0, int(np.searchsorted(self._first, first.min(), side="left")) - WINDOW_ROWS)
+        stop = min(n, int(np.searchsorted(self._first, first.max(), side="right")) + WINDOW_ROWS)
+        core = np.arange(start, stop)
+        bound, terms = self._bound(stage, coords, centred_squared, coord_error, core, own, slice(start, stop))
+        upper = self._upper(bound, known, core)
+        reach = self._reach(upper, query_norms)
+        threshold = stage.threshold(reach, terms)
+        survivors = bound <= threshold
+        window_start, window_stop = self._window(first, widen, reach)
+        union = [core[survivors.any(axis=0) & (core >= window_start) & (core < window_stop)]]
+        checked = survivors.sum(axis=1) if count else None
+        for side in (slice(window_start, min(start, window_stop)), slice(max(stop, window_start), window_stop)):
+            if side.stop > side.start:
+                columns = np.arange(side.start, side.stop)
+                bound, _ = self._bound(stage, coords, centred_squared, coord_error, columns, own, side)
+                survivors = bound <= threshold
+                union.append(columns[survivors.any(axis=0)])
+                if count:
+                    checked += survivors.sum(axis=1)
+        return np.sort(np.concatenate(union)), upper, checked
+
     def _threshold(self, stage, upper, query_norms, terms) -> np.ndarray:
         """A stage's bound thresholds: rows above them are farther than ``upper`` (NO_ROW: none)."""
-        reach = (upper + self._slack(upper, query_norms)) / 255.0**2
-        return stage.threshold(np.where(upper < NO_ROW, reach, np.inf), terms)
+        return stage.threshold(self._reach(upper, query_norms), terms)
 
     def _project(self, pixels: np.ndarray, pixel_sums: np.ndarray, pixel_norms: np.ndarray):
         """(x̃, η): the queries' coordinates Q(φ − μ) from integer products with the basis digits,
@@ -711,17 +673,20 @@ class ExactSearch:
         query_norms = np.sqrt(query_squared.astype(np.float64))
         coords, coord_error = self._project(pixels, pixel_sums, query_norms)
         operand = self.products.operand(pixels)
-        own = self.own_rows.pairs(own_sha256)
+        own_queries, own_rows = self.own_rows.pairs(own_sha256)
+        own = own_queries, self._position[own_rows]
         started = self._timed("project", started)
 
-        union = np.arange(len(self.rows))
-        upper = np.full(b, NO_ROW)
         known = _KnownDistances(self, operand, query_squared, own)
-        for number, stage in enumerate(self.stages, start=1):
+        union, upper, checked = self._first_stage(
+            self.stages[0], coords, centred_squared, coord_error, query_norms, known, own, len(self.stages) == 1
+        )
+        started = self._timed("stage 1 bound", started)
+        for number, stage in enumerate(self.stages[1:], start=2):
             bound, terms = self._bound(stage, coords, centred_squared, coord_error, union, own)
             upper = np.minimum(upper, self._upper(bound, known, union))
             survivors = bound <= self._threshold(stage, upper, query_norms, terms)
-            union = union[survivors.any(axis=0)]
+            union, checked = union[survivors.any(axis=0)], survivors.sum(axis=1)
             started = self._timed(f"stage {number} bound", started)
 
         exact = known.of(union, keep=False)
@@ -733,19 +698,19 @@ class ExactSearch:
         row_index, query_ids = np.nonzero((exact <= reach[None]) & (exact < NO_ROW))
         started = self._timed("integer distances", started)
 
-        row_ids = union[row_index]
+        row_ids = self._order[union[row_index]]
         found = np.empty(len(row_ids))
         step = max(1, BLOCK_BYTES // (8 * self.rows.shape[1]))  # (query, row) pairs in float64 at a time
         for start in range(0, len(row_ids), step):
             pairs = slice(start, start + step)
-            # The float64 difference and sum brute force computes (float32 → float64 is exact).
-            difference = np.subtract(
-                rows_as_float(self.rows[row_ids[pairs]]), queries[query_ids[pairs]], dtype=np.float64
-            )
+            # The float64 difference and sum brute force computes (float32 → float64 is exact; a
+            # float64 copy, then the subtraction in place, runs faster than a casting subtraction).
+            difference = rows_as_float(self.rows[row_ids[pairs]]).astype(np.float64)
+            difference -= queries[query_ids[pairs]]
             found[pairs] = np.square(difference, out=difference).sum(axis=1)
         ids, distances = closest_pairs(b, query_ids, row_ids, found)
         self._timed("float64 check", started)
-        return ids, distances, survivors.sum(axis=1)
+        return ids, distances, checked
 
 
 class _KnownDistances:

@@ -52,8 +52,8 @@ def test_index_layout_and_attributes(real_index):
     assert [s["search"] for s in summary["spaces"]] == ["exact", "exact"]
     with RealIndex(real_index) as index:
         rgb = index.search_description(Space.RGB)
-        assert rgb["exact"] and "PCA" in rgb["method"] and rgb["parameters"]["grid_step"] > 0
-        assert rgb["parameters"]["coded_dims"] < rgb["parameters"]["stage_dims"][-1] == rgb["parameters"]["basis"]
+        assert rgb["exact"] and "PCA" in rgb["method"] and rgb["parameters"]["window_rows"] > 0
+        assert rgb["parameters"]["stage_dims"][0] < rgb["parameters"]["stage_dims"][-1] == rgb["parameters"]["basis"]
         freq = index.search_description(Space.FREQ)
         assert freq["exact"] and "8-bit code scan" in freq["method"] and freq["parameters"]["grid_step"] > 0
 

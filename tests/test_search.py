@@ -14,6 +14,15 @@ from .conftest import SOURCES, degrade, photo_crops, threads_searching
 DIMS = 24
 
 
+@pytest.fixture(autouse=True)
+def narrow_window(monkeypatch):
+    """A few rows either side of a block's first coordinates, so that the window's sides are
+    searched here (at the default every row of these small sets is in the first part)."""
+    import manifpt_cli.search as search_module
+
+    monkeypatch.setattr(search_module, "WINDOW_ROWS", 4)
+
+
 @pytest.fixture(scope="module")
 def crops() -> tuple[np.ndarray, np.ndarray]:
     """(reals, queries): uint8 crops of the bundled photos, and degraded crops of other regions."""
@@ -134,52 +143,31 @@ def test_a_too_large_bound_would_prune_the_true_neighbour(crops, monkeypatch):
     assert not np.array_equal(search.nearest(query_vectors).ids, ids)
 
 
-def coded_bound(search: ExactSearch, queries: np.ndarray):
-    """The coded stage's (bound, terms) for uint8 ``queries`` over every row, and their embeddings."""
-    pixels = np.ascontiguousarray(queries.transpose(0, 3, 1, 2).reshape(len(queries), -1))
-    vectors = PixelEmbedder(Space.RGB)(queries)
-    centred = vectors.astype(np.float64) - search.plan.mean
-    norms = np.sqrt(pixel_squares(pixels).astype(np.float64))
-    coords, error = search._project(pixels, pixels.sum(axis=1, dtype=np.int64), norms)
-    return (*search.stages[0].bound_terms(coords, np.einsum("ij,ij->i", centred, centred), error), vectors)
-
-
-def coded_survival(search: ExactSearch, queries: np.ndarray, database: np.ndarray) -> np.ndarray:
-    """(queries × rows): whether the coded stage keeps each row for a query when the reach is
-    exactly that row's float64 distance (so every row must be kept)."""
-    bound, terms, vectors = coded_bound(search, queries)
-    exact = np.square(vectors[:, None, :].astype(np.float64) - database[None].astype(np.float64)).sum(-1)
-    threshold = search.stages[0].threshold
-    return np.stack([bound[:, r] <= threshold(exact[:, r], terms)[:, 0] for r in range(len(database))], axis=1)
-
-
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_the_coded_bound_keeps_every_row_within_reach_and_prunes(crops, kernel):
-    """Pairwise, on every kernel (each undoes its own shift): with the reach set to a row's exact
-    distance the coded stage keeps that row, even with the grid clipping its first coordinates."""
-    from manifpt_cli.search import _CodedStage
-
-    reals, queries = crops
-    search, database = searcher(reals, "fit", kernel=kernel)
-    stage = search.stages[0]
-    assert isinstance(stage, _CodedStage) and stage.dims == DIMS
-    codes = stage.operand[:, :-1].astype(np.int64) - stage.codes.shift
-    assert (np.abs(codes) == 127).any(), "some rows are clipped to the grid"
-    assert coded_survival(search, np.concatenate([queries, reals[:40]]), database).all()
-    bound, terms, vectors = coded_bound(search, queries)
-    nearest = brute_force(database, vectors)[1]
-    kept = bound <= stage.threshold(nearest, terms)
-    assert kept.mean() < 0.5, "with the reach at the nearest row's distance, it prunes"
-
-
-def test_without_its_code_error_the_coded_bound_would_drop_rows(crops, monkeypatch):
-    """The test above can fail: without β (how far vectors lie from their codes) rows are dropped."""
+def test_the_window_bounds_fewer_rows_and_a_narrower_one_would_miss_neighbours(crops, monkeypatch):
+    """Stage 1 bounds only the rows whose first coordinate can be near enough (the others are
+    never looked at), and the window depends on its radius: shrunk, it drops true neighbours."""
     import manifpt_cli.search as search_module
 
     reals, queries = crops
-    monkeypatch.setattr(search_module, "_float64_slack", lambda beta, augmented, mean: 0 * beta)
+    monkeypatch.setattr(search_module, "QUERY_BLOCK", 2)  # a block's first coordinates close together
     search, database = searcher(reals, "fit")
-    assert not coded_survival(search, queries, database).all()
+    query_vectors = PixelEmbedder(Space.RGB)(queries)
+    bounded = []
+    first_bound = search._bound
+
+    def spy(stage, *args, **kwargs):
+        if stage is search.stages[0]:
+            bounded.append(len(args[3]))
+        return first_bound(stage, *args, **kwargs)
+
+    monkeypatch.setattr(search, "_bound", spy)
+    found = search.nearest(query_vectors)
+    ids, distances = brute_force(database, query_vectors)
+    assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
+    blocks = -(-len(queries) // search_module.QUERY_BLOCK)
+    assert sum(bounded) < 0.9 * blocks * len(reals), "the window leaves rows out"
+    monkeypatch.setattr(search_module, "_window_radius", lambda reach, widen: 0.1 * np.sqrt(reach))
+    assert not np.array_equal(search.nearest(query_vectors).ids, ids)
 
 
 class SaturatingProducts(PixelProducts):
