@@ -41,27 +41,16 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import faiss
     import numpy as np
-    from PIL import Image
 
     from manifpt_cli.manifold import RealIndex, build_index
-    from manifpt_cli.research.zoo import make_design, sample_generator, train_generator
     from manifpt_cli.search import ExactSearch, fit_plan, project_rows, rows_as_float
     from manifpt_cli.settings import RunSettings
     from manifpt_cli.spaces import PixelEmbedder, Space
 
     faiss.omp_set_num_threads(args.threads)
     reals = np.load(args.data)["images"][: args.reals]
+    suspects = zoo_suspects(reals, args.queries, args.gan_iters, args.threads)
     with tempfile.TemporaryDirectory() as work:
-        os.makedirs(f"{work}/real")
-        for i, image in enumerate(reals[:1000]):
-            Image.fromarray(image).save(f"{work}/real/{i}.png")
-        import torch
-
-        torch.set_num_threads(1)  # the same GAN, so the same queries, whatever --threads says
-        train_generator([f"{work}/real"], f"{work}/gan", make_design("gan"), iters=args.gan_iters, batch_size=32)
-        paths = sample_generator(f"{work}/gan", args.queries, f"{work}/samples", seed=0)
-        torch.set_num_threads(args.threads)
-        suspects = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
         np.save(f"{work}/reals.npy", reals)
         started = time.perf_counter()
         build_index([f"{work}/reals.npy"], f"{work}/freq.h5", [Space.FREQ], settings=RunSettings(threads=args.threads))
@@ -102,6 +91,26 @@ def main() -> None:
         f"{4 * database.shape[1]:,}) |"
     )
     print(freq_line)
+
+
+def zoo_suspects(reals, n: int, iters: int, threads: int):
+    """(n, S, S, 3) uint8 samples of a zoo GAN trained for ``iters`` iterations on 1,000 of
+    ``reals``, on one thread (so the same samples whatever ``threads`` says), decoded from its PNGs."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from manifpt_cli.research.zoo import make_design, sample_generator, train_generator
+
+    with tempfile.TemporaryDirectory() as work:
+        os.makedirs(f"{work}/real")
+        for i, image in enumerate(reals[:1000]):
+            Image.fromarray(image).save(f"{work}/real/{i}.png")
+        torch.set_num_threads(1)
+        train_generator([f"{work}/real"], f"{work}/gan", make_design("gan"), iters=iters, batch_size=32)
+        paths = sample_generator(f"{work}/gan", n, f"{work}/samples", seed=0)
+        torch.set_num_threads(threads)
+        return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
 
 def side_by_side(searches, repeats: int, steps: dict | None = None) -> list:

@@ -602,7 +602,7 @@ class RealIndex:
         if self.is_exact_search(space):
             search = self.exact_search(space)
             return {
-                "method": "exact: PCA lower bounds (in 8-bit codes, then float32), verified in float64 (manifpt_cli/search.py)",
+                "method": "exact: PCA lower bounds in float32 over a window of rows, verified in float64 (manifpt_cli/search.py)",
                 "faiss_factory": factory,
                 "exact": True,
                 "parameters": search.parameters,

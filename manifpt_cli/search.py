@@ -686,7 +686,9 @@ class ExactSearch:
             bound, terms = self._bound(stage, coords, centred_squared, coord_error, union, own)
             upper = np.minimum(upper, self._upper(bound, known, union))
             survivors = bound <= self._threshold(stage, upper, query_norms, terms)
-            union, checked = union[survivors.any(axis=0)], survivors.sum(axis=1)
+            union = union[survivors.any(axis=0)]
+            if number == len(self.stages):  # the rows the last stage leaves are the ones verified
+                checked = survivors.sum(axis=1)
             started = self._timed(f"stage {number} bound", started)
 
         exact = known.of(union, keep=False)
@@ -758,17 +760,17 @@ class OwnRows:
         return self.sorted.nbytes + self.order.nbytes
 
     def pairs(self, own_sha256: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
-        """(query, row) pairs of each query's own file, rows ascending per query."""
+        """(query, row) pairs of each query's own file, rows ascending per query (one lookup for
+        all the queries: a loop over them cost 9 µs per query)."""
         if own_sha256 is None:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        queries, rows = [], []
-        for i, sha in enumerate(own_sha256):
-            key = sha.encode()
-            start = np.searchsorted(self.sorted, key, side="left")
-            stop = np.searchsorted(self.sorted, key, side="right")
-            rows.append(self.order[start:stop])
-            queries.append(np.full(stop - start, i))
-        return np.concatenate(queries).astype(np.int64), np.concatenate(rows).astype(np.int64)
+        keys = np.asarray(own_sha256, dtype=self.sorted.dtype)  # hex digests: ASCII
+        starts = np.searchsorted(self.sorted, keys, side="left")
+        counts = np.searchsorted(self.sorted, keys, side="right") - starts
+        queries = np.repeat(np.arange(len(keys), dtype=np.int64), counts)
+        # Query i's rows are order[starts[i] : starts[i] + counts[i]], one after the other.
+        first = np.repeat(starts - (np.cumsum(counts) - counts), counts)
+        return queries, self.order[first + np.arange(len(queries))].astype(np.int64)
 
 
 def closest_pairs(

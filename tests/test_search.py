@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from manifpt_cli.pixel_products import COLUMN_CHUNK, KERNELS, PixelProducts, is_exact, pixel_squares
-from manifpt_cli.search import ExactSearch, SearchPlan, _augmented, fit_plan, project_rows
+from manifpt_cli.search import ExactSearch, OwnRows, SearchPlan, _augmented, fit_plan, project_rows
 from manifpt_cli.spaces import PixelEmbedder, Space
 
 from .conftest import SOURCES, degrade, photo_crops, threads_searching
@@ -108,6 +108,16 @@ def test_leave_one_out_skips_every_row_of_the_querys_file(crops):
     assert not np.isin(found.ids, [7, 100]).any() and (found.distances > 0).all()
     alone = searcher(reals[[7, 100]], "pca", sha256[[7, 100]])[0].nearest(database[:1], [sha256[7].decode()])
     assert alone.ids[0] == -1 and np.isinf(alone.distances[0]), "no neighbour but the image itself"
+
+
+def test_own_rows_are_every_row_of_each_querys_digest_in_row_order():
+    rng = np.random.default_rng(6)
+    sha256 = np.array([b"%064x" % v for v in rng.integers(0, 30, 200)], dtype="S64")  # many repeats
+    own = [f"{v:064x}" for v in rng.integers(0, 40, 50)]  # some in the index, some not, some twice
+    queries, rows = OwnRows(sha256).pairs(own)
+    expected = [(i, row) for i, digest in enumerate(own) for row in np.flatnonzero(sha256 == digest.encode())]
+    assert list(zip(queries.tolist(), rows.tolist())) == expected and len(expected) > len(own)
+    assert [len(found) for found in OwnRows(sha256).pairs([])] == [0, 0]
 
 
 def lower_bound(plan: SearchPlan, a: np.ndarray, b: np.ndarray, dims: int = DIMS) -> np.ndarray:
