@@ -9,7 +9,7 @@ so that they are the same queries whatever --threads says.
 Threads: FAISS and NumPy's BLAS both get --threads (OMP_NUM_THREADS is set before NumPy loads),
 and manifpt's searches run that many blocks of queries at once.
 
-    python3 bench/exact_search.py --reals 20000 --queries 512 --stages 48 256 --threads 1
+    python3 bench/exact_search.py --reals 20000 --queries 512 --stages 96 256 --threads 1
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=512)
     parser.add_argument("--checked", type=int, default=64, help="queries also searched by float64 brute force")
     parser.add_argument(
-        "--stages", type=int, nargs="+", default=[48, 256], help="float32 stages' dimensions (the last: the basis')"
+        "--stages", type=int, nargs="+", default=[96, 256], help="float32 stages' dimensions (the last: the basis')"
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gan-iters", type=int, default=200)

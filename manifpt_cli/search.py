@@ -54,7 +54,7 @@ from .pixel_products import FloatProducts, PixelProducts, pixel_squares
 UNIT_ROUNDOFF = 2.0**-24  # float32: fl(a ∘ b) = (a ∘ b)(1 + δ), |δ| ≤ u
 PLAN_SAMPLE = 4096  # real images the basis is fitted on (seeded), fewer where they would pass PLAN_BYTES
 PLAN_BYTES = 512 * 2**20  # memory for the float64 sample the basis is fitted on
-STAGE_DIMS = (48, 256)  # coordinates of the float32 bounds, the last that of the basis; bench/exact_search.py
+STAGE_DIMS = (96, 256)  # coordinates of the float32 bounds, the last that of the basis; bench/exact_search.py
 QUERY_BLOCK = 128  # queries searched together (their candidate rows are shared in the products)
 WINDOW_ROWS = 2048  # rows either side of a block's first coordinates whose first bound gives its upper bound
 UPPER_PARTS = 8  # slices of a stage's rows; a query's lowest bound in each joins the upper bound's pool
