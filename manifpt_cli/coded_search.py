@@ -97,7 +97,8 @@ class _Grid:
         codes = codes.astype(np.int64)
         left = (codes + 128).astype(np.uint8)
         b, groups = len(coords), -(-self.n // GROUP)
-        keys = np.full((b, groups * GROUP), self.no_row, dtype=self.key_type)
+        keys = np.empty((b, groups * GROUP), dtype=self.key_type)  # every row's column is written below
+        keys[:, self.n :] = self.no_row  # the padding
         excluded_queries, excluded_columns = excluded
         order = np.argsort(excluded_columns, kind="stable")
         excluded_queries, excluded_columns = excluded_queries[order], excluded_columns[order]
