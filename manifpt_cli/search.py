@@ -761,12 +761,15 @@ class OwnRows:
 
     def pairs(self, own_sha256: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
         """(query, row) pairs of each query's own file, rows ascending per query (one lookup for
-        all the queries: a loop over them cost 9 µs per query)."""
+        all the queries: a loop over them cost 4.5 µs per query). A digest longer than the
+        index's (not a SHA-256) owns no row, rather than matching one by its first characters."""
         if own_sha256 is None:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        keys = np.asarray(own_sha256, dtype=self.sorted.dtype)  # hex digests: ASCII
+        encoded = [sha.encode() for sha in own_sha256]
+        fits = np.array([len(key) <= self.sorted.itemsize for key in encoded], dtype=bool)
+        keys = np.array([key if fit else b"" for key, fit in zip(encoded, fits)], dtype=self.sorted.dtype)
         starts = np.searchsorted(self.sorted, keys, side="left")
-        counts = np.searchsorted(self.sorted, keys, side="right") - starts
+        counts = np.where(fits, np.searchsorted(self.sorted, keys, side="right") - starts, 0)
         queries = np.repeat(np.arange(len(keys), dtype=np.int64), counts)
         # Query i's rows are order[starts[i] : starts[i] + counts[i]], one after the other.
         first = np.repeat(starts - (np.cumsum(counts) - counts), counts)

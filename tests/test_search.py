@@ -118,6 +118,11 @@ def test_own_rows_are_every_row_of_each_querys_digest_in_row_order():
     expected = [(i, row) for i, digest in enumerate(own) for row in np.flatnonzero(sha256 == digest.encode())]
     assert list(zip(queries.tolist(), rows.tolist())) == expected and len(expected) > len(own)
     assert [len(found) for found in OwnRows(sha256).pairs([])] == [0, 0]
+    # Not digests: a longer string owns no row (not the row its first 64 characters name), nor does
+    # a non-ASCII one.
+    known = sha256[0].decode()
+    queries, rows = OwnRows(sha256).pairs([known + "0", "é" * 64, known])
+    assert queries.tolist() == [2] * int((sha256 == sha256[0]).sum())
 
 
 def lower_bound(plan: SearchPlan, a: np.ndarray, b: np.ndarray, dims: int = DIMS) -> np.ndarray:
