@@ -51,8 +51,10 @@ def main() -> None:
 
     faiss.omp_set_num_threads(1)
     reals = np.load(args.data)["images"][: args.reals]
-    suspects = zoo_suspects(reals, args.queries, args.gan_iters, threads=1)
     embed, half = PixelEmbedder(Space.FREQ), symmetric_half(reals.shape[1], reals.shape[2])
+    if len(reals) < len(half.unique):  # the distances of part 2 need a basis of the whole space
+        raise SystemExit(f"--reals must be at least {len(half.unique):,} (the coordinates) for a full basis")
+    suspects = zoo_suspects(reals, args.queries, args.gan_iters, threads=1)
     full_reals, full_queries = embed(reals), embed(suspects)
     scale = np.sqrt(half.weights)
     rows = (pair_means(half, full_reals)[0] * scale).astype(np.float32)  # the coordinates the scan codes
@@ -85,8 +87,6 @@ def main() -> None:
     # 2. What an ideal PCA bound would leave to scan.
     mean = rows.mean(axis=0, dtype=np.float64)
     _, _, basis = np.linalg.svd(rows[:: max(1, len(rows) // 5000)] - mean, full_matrices=False)
-    if len(basis) < rows.shape[1]:  # the distances below need the whole space
-        raise SystemExit(f"--reals must be at least {rows.shape[1]:,} for a full basis")
     projected_rows, projected_queries = (rows - mean) @ basis.T, (queries - mean) @ basis.T
     projected_rows = projected_rows[np.argsort(projected_rows[:, 0], kind="stable")]
     projected_queries = projected_queries[np.argsort(projected_queries[:, 0], kind="stable")]

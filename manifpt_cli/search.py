@@ -761,7 +761,7 @@ class OwnRows:
 
     def pairs(self, own_sha256: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
         """(query, row) pairs of each query's own file, rows ascending per query (one lookup for
-        all the queries: a loop over them cost 4.5 µs per query). A digest longer than the
+        all the queries: a loop over them cost about 5 µs per query). A digest longer than the
         index's (not a SHA-256) owns no row, rather than matching one by its first characters."""
         if own_sha256 is None:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
