@@ -33,7 +33,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .pixel_products import PixelProducts
-from .search import BLOCK_BYTES, FLOAT64_SLACK, OwnRows, SearchResult, closest_pairs, gamma, map_blocks
+from .search import (
+    BLOCK_BYTES,
+    OwnRows,
+    SearchResult,
+    check_digests,
+    closest_pairs,
+    float64_slack,
+    gamma,
+    map_blocks,
+)
 
 CODE_LIMIT = 127  # codes are −127..127: signed digits for PixelProducts
 GRID_STDS = 4.0  # the grid spans ± this many median per-coordinate standard deviations
@@ -140,6 +149,8 @@ class CodedSearch:
     few candidates' distances; the codes are held, one byte per coordinate). ``sha256`` (n,) S64
     lets a query skip the rows of its own file (leave-one-out). ``threads`` search blocks of
     queries at once (:func:`search.map_blocks`); ``kernel`` goes to :class:`PixelProducts`.
+    ``terms``: how many squared differences brute force's distance adds (freq: the full vector's
+    3·S², not the m stored bins), which sets how far its rounding may reach (:func:`float64_slack`).
     """
 
     def __init__(
@@ -149,6 +160,7 @@ class CodedSearch:
         scale: np.ndarray | None = None,
         threads: int | None = None,
         kernel: str | None = None,
+        terms: int | None = None,
     ) -> None:
         if threads is None:
             import faiss
@@ -156,6 +168,7 @@ class CodedSearch:
             threads = faiss.omp_get_max_threads()
         self.rows, self.threads = rows, threads
         self.n, self.dims = rows.shape
+        self.slack = float64_slack(terms or self.dims)  # brute force's rounding, relative
         self.scale = np.ones(self.dims) if scale is None else np.asarray(scale, dtype=np.float64)
         self._weights = np.square(self.scale)
         self.own_rows = OwnRows(sha256)
@@ -191,6 +204,7 @@ class CodedSearch:
         distance that its pair means leave out: :func:`manifold.pair_means`).
         """
         b = len(queries)
+        check_digests(own_sha256, b)
         offsets = np.zeros(b) if offsets is None else np.asarray(offsets, dtype=np.float64)
         ids, distances = np.full(b, -1, dtype=np.int64), np.full(b, np.inf)
         checked = np.zeros(b, dtype=np.int64)
@@ -224,7 +238,7 @@ class CodedSearch:
 
         # A row that wins or ties is within upper·(1 + κ) exactly, so within √(that − offset) in
         # the coordinates; ``rounding`` covers float64's in coordinates, codes and residuals.
-        reach = np.sqrt(np.maximum(upper[valid] * (1 + 2 * FLOAT64_SLACK) - offsets[valid] * (1 - FLOAT64_SLACK), 0))
+        reach = np.sqrt(np.maximum(upper[valid] * (1 + 2 * self.slack) - offsets[valid] * (1 - self.slack), 0))
         query_norms = centred_norms[valid] + np.linalg.norm(self.grid.mean)
         rounding = BAND_SLACK * (query_norms + self.grid.max_norm + reach + 1)
         limit = self.grid.thresholds(reach + query_residuals[valid] + rounding, self.band, constant[valid])
@@ -240,7 +254,7 @@ class CodedSearch:
 
     def _bounds(self, queries: np.ndarray, offsets: np.ndarray, query_ids: np.ndarray, row_ids: np.ndarray):
         """(lower, upper) float64 bounds on Σ w(r − q)² + offset per (query, row) pair (w = scale²),
-        the exact value, and so within FLOAT64_SLACK of brute force's.
+        the exact value, and so within ``slack`` of brute force's.
 
         From ‖r‖²_w − 2 r·(w q) + ‖q‖²_w, one product per query: each float64 sum of m terms errs by
         at most γ_m times the sum of their magnitudes, so the whole by at most
@@ -260,7 +274,7 @@ class CodedSearch:
         squares = self.grid.row_squared[row_ids] + query_squared[query_ids]
         found = squares - 2 * dots + offsets[query_ids]
         error = 3 * gamma(self.dims + 3, 2.0**-53) * (squares + offsets[query_ids])
-        return (found - error) * (1 - FLOAT64_SLACK), (found + error) * (1 + FLOAT64_SLACK)
+        return (found - error) * (1 - self.slack), (found + error) * (1 + self.slack)
 
     def _narrowed(self, queries, offsets, upper, query_ids: np.ndarray, row_ids: np.ndarray):
         """The (query, row) pairs that :meth:`_bounds` leave within reach of their query's best:
@@ -272,7 +286,7 @@ class CodedSearch:
         np.minimum.at(best, query_ids, upper_pair)
         # Brute force's distance is within κ of the exact one: a pair ranks first only if
         # lower·(1 − κ) ≤ best·(1 + κ); the factors here are wider.
-        keep = lower * (1 - 2 * FLOAT64_SLACK) <= best[query_ids] * (1 + 2 * FLOAT64_SLACK)
+        keep = lower * (1 - 2 * self.slack) <= best[query_ids] * (1 + 2 * self.slack)
         return query_ids[keep], row_ids[keep]
 
 

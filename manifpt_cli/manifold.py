@@ -62,12 +62,14 @@ from .integrity import (
 )
 from .outputs import check_outputs
 from .search import (
-    FLOAT64_SLACK,
     STAGE_DIMS,
     ExactSearch,
     SearchPlan,
+    check_digests,
+    digest_keys,
     faiss_distance_margin,
     fit_plan,
+    float64_slack,
     project_rows,
     rows_as_float,
 )
@@ -395,18 +397,24 @@ EXACT_CHUNK_BYTES = 64 * 2**20  # memory for exact re-ranking at a time
 
 
 def others_are_farther(
-    last_candidate: np.ndarray, offsets: np.ndarray, query_norms: np.ndarray, best: np.ndarray, margin: float
+    last_candidate: np.ndarray,
+    offsets: np.ndarray,
+    query_norms: np.ndarray,
+    best: np.ndarray,
+    margin: float,
+    slack: float,
 ) -> np.ndarray:
     """Whether every row a flat FAISS search ranked after its last candidate is proven farther (in
     float64, as brute force computes it) than ``best``, the best exact distance among the candidates.
 
     Such a row r has FAISS distance F_r ≥ F_last, so ‖q − r‖² ≥ F_last + offset − margin·(‖q‖² + ‖r‖²)
     in the FAISS coordinates. A row that could win or tie is within √best of the query there, so
-    ‖r‖ ≤ ‖q‖ + √best (1e-6 on top covers rounding the coordinates to float32).
+    ‖r‖ ≤ ‖q‖ + √best (1e-6 on top covers rounding the coordinates to float32). ``slack`` bounds
+    brute force's own rounding, relatively (:func:`search.float64_slack`).
     """
-    reach = np.where(np.isfinite(best), best, 0.0) * (1 + FLOAT64_SLACK)
+    reach = np.where(np.isfinite(best), best, 0.0) * (1 + slack)
     row_norms = ((np.sqrt(query_norms) + np.sqrt(reach)) * (1 + 1e-6)) ** 2
-    beyond = last_candidate.astype(np.float64) + offsets * (1 - FLOAT64_SLACK) - margin * (query_norms + row_norms)
+    beyond = last_candidate.astype(np.float64) + offsets * (1 - slack) - margin * (query_norms + row_norms)
     return np.isfinite(best) & (beyond > reach)
 
 
@@ -591,8 +599,9 @@ class RealIndex:
                 rows = self._rows(space)
                 if len(rows) != self.n_images:
                     raise FormatError(f"index {self.path}: the {space.value} embeddings do not match the image list")
-                scale = np.sqrt(self.stored_layout(space).weights)
-                self._coded[space] = CodedSearch(rows, self._sha256, scale, self.threads)
+                half = self.stored_layout(space)
+                terms = len(half.full_from_unique)
+                self._coded[space] = CodedSearch(rows, self._sha256, np.sqrt(half.weights), self.threads, terms=terms)
         return self._coded[space]
 
     def search_description(self, space: Space) -> dict:
@@ -738,6 +747,7 @@ class RealIndex:
 
         faiss.omp_set_num_threads(self.threads)  # this thread's OpenMP count, and it stays so: see __init__
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        check_digests(query_sha256, len(queries))
         if self.is_exact_search(space):
             found = self.exact_search(space).nearest(queries, query_sha256)
             return Neighbours(found.ids, found.distances)
@@ -757,11 +767,11 @@ class RealIndex:
             searched, offsets = fold_queries(half, queries)
         proven_by_margin = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
         query_norms = np.square(searched.astype(np.float64)).sum(axis=1)
-        margin = faiss_distance_margin(index.d)
+        margin, slack = faiss_distance_margin(index.d), float64_slack(queries.shape[1])
         n = len(queries)
         ids = np.full(n, -1, dtype=np.int64)
         distances = np.full(n, np.inf, dtype=np.float64)
-        own = np.array([s.encode() for s in query_sha256], dtype="S64") if query_sha256 is not None else None
+        own = digest_keys(query_sha256, self._sha256.dtype) if query_sha256 is not None else None
         todo = np.arange(n)
         k = RERANKED_CANDIDATES
         while len(todo):
@@ -769,7 +779,8 @@ class RealIndex:
             approximate, candidates = index.search(searched[todo], k)
             valid = candidates >= 0
             if own is not None:
-                valid &= self._sha256[np.clip(candidates, 0, None)] != own[todo, None]
+                keys, fits = own
+                valid &= ~((self._sha256[np.clip(candidates, 0, None)] == keys[todo, None]) & fits[todo, None])
             exact = self._exact_distances(space, queries[todo], candidates)
             exact[~valid] = np.inf
             smallest = exact.min(axis=1)
@@ -781,7 +792,9 @@ class RealIndex:
             # Look further where all k candidates were copies of the query itself, or where a row
             # beyond them might still win or tie (flat: not proven; approximate: all k tied).
             if proven_by_margin:
-                unsure = ~others_are_farther(approximate[:, -1], offsets[todo], query_norms[todo], smallest, margin)
+                unsure = ~others_are_farther(
+                    approximate[:, -1], offsets[todo], query_norms[todo], smallest, margin, slack
+                )
             else:
                 unsure = (np.where(valid, exact, -np.inf).max(axis=1) == smallest) & valid.all(axis=1)
             complete = (candidates >= 0).all(axis=1)

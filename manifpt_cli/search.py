@@ -61,7 +61,7 @@ UPPER_PARTS = 8  # slices of a stage's rows; a query's lowest bound in each join
 BLOCK_BYTES = 64 * 2**20  # at most this much memory for one block's (queries × rows) bound matrix
 PROJECTION_DIGITS = 3  # 8-bit digits of the basis: what they leave out is below 6.2e-8 of its largest entry
 NO_ROW = np.iinfo(np.int64).max  # the distance to a query's own rows (leave-one-out), and to none
-FLOAT64_SLACK = 1e-12  # relative: covers the float64 sums' rounding (≤ 3,072·2⁻⁵³ ≈ 3.4e-13) at every size here
+FLOAT64_SLACK = 1e-12  # relative, at least: brute force's float64 rounding (≤ 3,072·2⁻⁵³ ≈ 3.4e-13 at 32 px)
 PARALLEL_BYTES = 2**30  # memory for the blocks searched at once, each up to about 4 × BLOCK_BYTES: 4 blocks
 
 
@@ -85,6 +85,20 @@ def gamma(n: int, unit_roundoff: float = UNIT_ROUNDOFF) -> float:
     """γ_n = n·u / (1 − n·u): the relative error bound of a sum of n products (any order); float32
     by default."""
     return n * unit_roundoff / (1 - n * unit_roundoff)
+
+
+def float64_slack(terms: int) -> float:
+    """κ with |E − ‖q − r‖²| ≤ κ‖q − r‖² for brute force's float64 distance E, a sum of ``terms``
+    squared differences of float32 values (each difference exact in float64, each square and
+    addition rounded once): γ_{terms + 1} in float64, and never below ``FLOAT64_SLACK``. It
+    passes 1e-12 from about 11,000 terms (freq at 61 px)."""
+    return max(FLOAT64_SLACK, 1.01 * gamma(terms + 1, 2.0**-53))
+
+
+def check_digests(own_sha256: Sequence[str] | None, n: int) -> None:
+    """One file digest per query, or none: a short list would silently lose leave-one-out."""
+    if own_sha256 is not None and len(own_sha256) != n:
+        raise ValueError(f"{len(own_sha256)} file digests for {n} queries: leave-one-out needs one per query")
 
 
 def faiss_distance_margin(dim: int) -> float:
@@ -514,6 +528,7 @@ class ExactSearch:
         """Brute force's neighbour and float64 distance for each row of (n, d) float32 ``queries``,
         which must be 8-bit pixel embeddings (p / 255: every rgb query is)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        check_digests(own_sha256, len(queries))
         pixels = np.clip(np.rint(queries * 255), 0, 255).astype(np.uint8)
         if not np.array_equal(rows_as_float(pixels), queries):
             raise ValueError("the exact search takes 8-bit pixel embeddings (p / 255) as queries")
@@ -761,19 +776,24 @@ class OwnRows:
 
     def pairs(self, own_sha256: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
         """(query, row) pairs of each query's own file, rows ascending per query (one lookup for
-        all the queries: a loop over them cost about 5 µs per query). A digest longer than the
-        index's (not a SHA-256) owns no row, rather than matching one by its first characters."""
+        all the queries: a loop over them cost about 5 µs per query)."""
         if own_sha256 is None:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        encoded = [sha.encode() for sha in own_sha256]
-        fits = np.array([len(key) <= self.sorted.itemsize for key in encoded], dtype=bool)
-        keys = np.array([key if fit else b"" for key, fit in zip(encoded, fits)], dtype=self.sorted.dtype)
+        keys, fits = digest_keys(own_sha256, self.sorted.dtype)
         starts = np.searchsorted(self.sorted, keys, side="left")
         counts = np.where(fits, np.searchsorted(self.sorted, keys, side="right") - starts, 0)
         queries = np.repeat(np.arange(len(keys), dtype=np.int64), counts)
         # Query i's rows are order[starts[i] : starts[i] + counts[i]], one after the other.
         first = np.repeat(starts - (np.cumsum(counts) - counts), counts)
         return queries, self.order[first + np.arange(len(queries))].astype(np.int64)
+
+
+def digest_keys(own_sha256: Sequence[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The digests as keys of the index's bytes ``dtype``, and whether each fits it: a digest longer
+    than the index's (not a SHA-256) owns no row, rather than matching one by its first characters."""
+    encoded = [sha.encode() for sha in own_sha256]
+    fits = np.array([len(key) <= dtype.itemsize for key in encoded], dtype=bool)
+    return np.array([key if fit else b"" for key, fit in zip(encoded, fits)], dtype=dtype), fits
 
 
 def closest_pairs(

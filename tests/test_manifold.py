@@ -212,6 +212,34 @@ def test_an_image_is_never_its_own_neighbour(real_index):
     assert (without_self.distances > 0).all()
 
 
+@pytest.mark.parametrize("space", [Space.RGB, Space.FREQ])
+def test_leave_one_out_needs_one_digest_per_query(real_index, space):
+    """A short digest list used to leave the freq queries past its end free to match themselves."""
+    with RealIndex(real_index) as index:
+        own = index.all_embeddings(space)[:3]
+        with pytest.raises(ValueError, match="2 file digests for 3 queries"):
+            index.nearest(space, own, [s.decode() for s in index._sha256[:2]])
+
+
+def test_freq_at_64_px_allows_for_brute_forces_rounding_of_12288_terms(tmp_path):
+    """Above about 11,000 terms, γ of float64 brute force's sum passes the fixed 1e-12 slack: the
+    search's pruning must allow for the larger rounding (and still give brute force's answer)."""
+    from manifpt_cli.research.samples import bundled_photo_paths, random_crops
+    from manifpt_cli.search import FLOAT64_SLACK, float64_slack
+
+    rng = np.random.default_rng(3)
+    crops = np.stack([c for photo in bundled_photo_paths() for c in random_crops(photo, 4, 64, rng)])
+    np.save(tmp_path / "reals.npy", crops[::2])
+    build_index([tmp_path / "reals.npy"], tmp_path / "freq64.h5", [Space.FREQ], size=64)
+    queries = PixelEmbedder(Space.FREQ)(crops[1::2])
+    with RealIndex(tmp_path / "freq64.h5") as index:
+        found = index.nearest(Space.FREQ, queries)
+        assert index.coded_search(Space.FREQ).slack == float64_slack(3 * 64 * 64) > 1.3 * FLOAT64_SLACK
+        ids, distances = brute_force_leave_one_out(index, queries)
+    assert np.array_equal(found.ids, ids) and np.array_equal(found.distances, distances)
+    assert float64_slack(3 * 32 * 32) == FLOAT64_SLACK
+
+
 def test_a_search_in_another_thread_keeps_the_index_thread_budget(real_index, dataset):
     """OpenMP keeps a thread count per thread: a search first run in a read-ahead thread used to
     start one ONNX Runtime thread per core (spinning beside the attributor) whatever --threads said."""
@@ -263,6 +291,12 @@ def test_ivf_factory_string(tmp_path, dataset):
         assert np.array_equal(index.embeddings(Space.FREQ, rows), database[rows])
         found = index.nearest(Space.FREQ, database[:5])
         assert np.array_equal(found.ids, np.arange(5)) and (found.distances == 0).all()
+        own = index._sha256[0].decode()
+        assert index.nearest(Space.FREQ, database[:1], [own]).ids[0] != 0, "leave-one-out"
+        # A longer string is not that digest: it used to be cut to 64 characters and match row 0.
+        assert index.nearest(Space.FREQ, database[:1], [own + "0"]).ids[0] == 0
+        with pytest.raises(ValueError, match="1 file digests for 2 queries"):
+            index.nearest(Space.FREQ, database[:2], [own])
     with pytest.raises(UsageError, match="FAISS cannot build"):
         build_index([dataset / "real"], tmp_path / "bad.h5", [Space.RGB], size=SIZE, faiss_factory="NotAnIndex")
     assert not (tmp_path / "bad.h5").exists()
