@@ -38,7 +38,7 @@ from .images import (
     split_batch,
 )
 from .integrity import ARTIFACTS_DIGEST_ATTR, IntegrityError, hdf5_digest
-from .manifold import Neighbours, RealIndex
+from .manifold import Neighbours, RealIndex, image_folders
 from .outputs import check_outputs
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import (
@@ -204,7 +204,8 @@ def extract_artifacts(
     folders = _labelled_folders(sources, real)
     from_index = [name for name, folder in folders if folder == REAL_FROM_INDEX]
     disk_folders = [(name, folder) for name, folder in folders if folder != REAL_FROM_INDEX]
-    check_outputs([out], inputs=[index_path, *(folder for _, folder in disk_folders)], overwrite=overwrite)
+    inputs = [index_path, *(folder for _, folder in disk_folders)]
+    check_outputs([out], inputs=inputs + (image_folders(index_path) if from_index else []), overwrite=overwrite)
     label_names = [name for name, _ in folders]
     progress = settings.progress
     with RealIndex(index_path) as index:
@@ -282,7 +283,7 @@ def extract_artifacts(
                 ARTIFACTS_FORMAT,
                 image_size=size,
                 index_hash=index.index_hash,
-                index_path=os.path.abspath(index.path),
+                index_path=_path_attribute(os.path.abspath(index.path)),
                 label_names=json.dumps(label_names),
                 spaces=json.dumps([s.value for s in spaces]),
                 n_samples=writer.n_rows,
@@ -390,10 +391,19 @@ def load_artifacts(path: str | os.PathLike, space: Space) -> ArtifactSet:
         return ArtifactSet(_samples(handle), space, group["artifacts"][...], backbone, distances)
 
 
+def _path_attribute(path: str) -> str | np.bytes_:
+    """A path as an HDF5 attribute: text, or its bytes where it is not UTF-8 (HDF5 text must be)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return np.bytes_(os.fsencode(path))
+    return path
+
+
 def artifacts_index_path(path: str | os.PathLike) -> str:
     """The index an artifacts file was extracted against (as recorded; it is re-verified when opened)."""
     with _open_artifacts(path) as handle:
-        return str(handle.attrs["index_path"])
+        return os.fsdecode(handle.attrs["index_path"])
 
 
 def load_pixels(path: str | os.PathLike) -> PixelSet:

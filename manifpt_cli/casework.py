@@ -11,6 +11,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from .errors import EXIT_OK, EXIT_PARTIAL, FormatError, ImageDecodeError, Mismat
 from .evidence import Evidence, render_evidence
 from .formats import backbone_path_for, utc_now
 from .images import FailedImage, count_images, decode_image, display_path, path_from_display
+from .manifold import RealIndex, image_folders
 from .outputs import check_outputs
 from .report import COLUMNS, ReportFormat, open_report, sidecar_path
 from .settings import DEFAULT_SETTINGS, RunSettings
@@ -107,10 +109,14 @@ def run_attribution(
             raise UsageError("the table is drawn by the CLI; reports are written as csv or json")
     files = [t.out for t in reports if t.out is not None]
     files += [sidecar_path(t.out) for t in reports if t.out is not None and t.format is ReportFormat.CSV]
-    check_outputs(files, inputs=[model, backbone_path_for(model), index, *suspects], overwrite=overwrite)
+    evidence = any(t.format is ReportFormat.HTML for t in reports)
+    # A model's backbone is named in its card, which need not match the model's own file name
+    # (a renamed copy): every backbone beside it is protected.
+    backbones = sorted(Path(model).parent.glob("*.backbone.onnx"))
+    inputs = [model, backbone_path_for(model), *backbones, index, *suspects]
+    check_outputs(files, inputs=inputs + (image_folders(index) if evidence else []), overwrite=overwrite)
     if len({os.path.realpath(f) for f in files}) < len(files):
         raise UsageError("two reports would be written to the same file")
-    evidence = any(t.format is ReportFormat.HTML for t in reports)
     with Attribution(model, index, top_k=top_k, settings=settings, evidence=evidence) as run:
         total = count_images(suspects, sniff=settings.sniff)
         if total == 0:
@@ -120,9 +126,16 @@ def run_attribution(
         header = {**run.header(suspects), **engine.describe(), "operator": operator_of_run(operator)}
         summary = AttributionSummary(header, reports=list(reports))
         with contextlib.ExitStack() as stack:
-            writers = [
-                stack.enter_context(open_report(t.format, t.out, summary.header, overwrite=overwrite)) for t in reports
-            ]
+            # HTML pages are opened first, so they are committed last: a report that fails to be
+            # put in place leaves no page drawn from it.
+            first = sorted(range(len(reports)), key=lambda i: reports[i].format is not ReportFormat.HTML)
+            opened = {
+                i: stack.enter_context(
+                    open_report(reports[i].format, reports[i].out, summary.header, overwrite=overwrite)
+                )
+                for i in first
+            }
+            writers = [opened[i] for i in range(len(reports))]
             settings.progress.start("Attributing", total)
             for row in engine.attribution_rows(run, model, index, suspects, top_k, settings):
                 for writer in writers:
@@ -195,12 +208,11 @@ def render_case_report(
     Raises:
         UsageError, FormatError: the report, or the index, is missing or not manifpt's.
         IntegrityError: the report changed after it was written (its ``report_sha256`` or
-            ``content_sha256``).
+            ``content_sha256``), or has no digest to tell.
         MismatchError: the index is not the one the report was made with.
     """
     from .integrity import IntegrityError
-    from .manifold import RealIndex
-    from .verify import CHANGED, read_report
+    from .verify import CHANGED, MATCHES, read_report
 
     report = os.fspath(report)
     header, rows, report_checks = read_report(report)
@@ -211,13 +223,21 @@ def render_case_report(
             f"({display_path(changed[0].path)} no longer matches its recorded digest); render the report as "
             "written, and run `manifpt verify` on it to see what changed"
         )
+    unchecked = [check for check in report_checks if check.result != MATCHES]
+    if unchecked:
+        raise IntegrityError(
+            f"refusing to render {display_path(report)}: {display_path(unchecked[0].path)} has no digest to check "
+            "it against (removed, or written before reports carried one), so an edit could not be told"
+        )
     try:
         space = Space(header["space"])
         index_path = os.fspath(index) if index is not None else os.fsdecode(path_from_display(header["index"]))
         rows = [_record(row) for row in rows]
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise FormatError(f"{report} is not a manifpt report (or is damaged): {type(exc).__name__}: {exc}") from None
-    check_outputs([out], inputs=[report, sidecar_path(report), index_path], overwrite=overwrite)
+    # The suspects and the index's images are read again for the pictures: none may be replaced.
+    inputs = [report, sidecar_path(report), index_path, *_recorded_paths(header.get("suspects", []))]
+    check_outputs([out], inputs=inputs + image_folders(index_path), overwrite=overwrite)
     summary = CaseReportSummary(os.fspath(out))
     with RealIndex(index_path, verify=[space]) as real:
         if real.index_hash != header.get("index_hash"):
@@ -240,6 +260,15 @@ def render_case_report(
                 summary.rows += 1
                 settings.progress.advance(1)
     return summary
+
+
+def _recorded_paths(shown: list[str]) -> list[str]:
+    """The paths a report shows (:func:`display_path`), as paths; one manifpt never writes is left out."""
+    paths = []
+    for text in shown:
+        with contextlib.suppress(ValueError):
+            paths.append(os.fsdecode(path_from_display(text)))
+    return paths
 
 
 def _evidence_again(row, real, row_of_path, embed, space, settings) -> Evidence:

@@ -19,12 +19,12 @@ import numpy as np
 
 from .artifacts import compute_artifacts, index_embedders
 from .errors import MismatchError, UsageError
-from .formats import save_checkpoint, utc_now
+from .formats import backbone_path_for, save_checkpoint, utc_now
 from .images import count_images, decode_folder, display_path, split_batch
 from .inputs import InputKind, attributor_inputs
 from .manifold import RealIndex
 from .openset import batched_outputs, calibrate
-from .outputs import check_outputs
+from .outputs import atomic_output, check_outputs
 from .settings import DEFAULT_SETTINGS, RunSettings
 from .spaces import Space
 
@@ -228,14 +228,15 @@ def enroll(
     if not out.endswith(".onnx"):
         raise UsageError(f"the new model file must end in .onnx, got {out}")
     new_checkpoint = out.removesuffix(".onnx") + ".pt"
-    inputs = [checkpoint, index_path, *(folder for _, folder in folders)]
-    check_outputs([new_checkpoint, out], inputs=inputs, overwrite=overwrite)
     model, metadata = load_checkpoint(checkpoint)
+    space = Space(metadata["space"]) if metadata.get("space") else None
+    outputs = [new_checkpoint, out, *([backbone_path_for(out)] if space and space.needs_backbone else [])]
+    check_outputs(outputs, inputs=[checkpoint, index_path, *(folder for _, folder in folders)], overwrite=overwrite)
     sources = load_sources(index_path, metadata, folders, weights=weights, settings=settings)
     scored, new_metadata = enroll_sources(model, metadata, sources, seed=seed)
-    save_checkpoint(new_checkpoint, scored.state_dict(), new_metadata, overwrite=overwrite)
-    export_onnx(
-        new_checkpoint, out, backbone_weights=(weights or {}).get(Space(metadata["space"])), overwrite=overwrite
-    )
+    # The checkpoint takes its name only once the model exported from it did: never one alone.
+    with atomic_output(new_checkpoint, overwrite=overwrite) as partial:
+        save_checkpoint(partial, scored.state_dict(), new_metadata)
+        export_onnx(partial, out, backbone_weights=(weights or {}).get(space), overwrite=overwrite)
     counts = {s.name: int(len(s.inputs)) for s in sources}
     return EnrollResult(new_checkpoint, out, new_metadata["classes"], counts, time.perf_counter() - started)

@@ -67,7 +67,8 @@ def _to_onnx(module, example, path: Path, input_name: str, output_names: list[st
 def _session(path: Path):
     import onnxruntime as ort
 
-    return ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    # From the bytes: ONNX Runtime takes a path only as UTF-8 text, and a path need not be.
+    return ort.InferenceSession(Path(path).read_bytes(), providers=["CPUExecutionProvider"])
 
 
 def _set_metadata(path: Path, props: dict[str, str]) -> None:

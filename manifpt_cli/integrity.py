@@ -73,9 +73,10 @@ class IntegrityError(FormatError):
 
 
 def attr_text(value) -> str:
-    """An HDF5 attribute as text, however h5py returns it (str, bytes or a NumPy scalar)."""
+    """An HDF5 attribute as text, however h5py returns it (str, bytes or a NumPy scalar); bytes
+    that are not UTF-8 (a path's) as surrogate escapes, as Python reads such paths."""
     if isinstance(value, bytes):
-        return value.decode()
+        return value.decode("utf-8", "surrogateescape")
     if isinstance(value, np.generic):
         return str(value.item())
     return str(value)

@@ -771,7 +771,7 @@ class RealIndex:
         n = len(queries)
         ids = np.full(n, -1, dtype=np.int64)
         distances = np.full(n, np.inf, dtype=np.float64)
-        own = digest_keys(query_sha256, self._sha256.dtype) if query_sha256 is not None else None
+        own = digest_keys(query_sha256, self._sha256.dtype) if query_sha256 is not None else None  # (keys, fits)
         todo = np.arange(n)
         k = RERANKED_CANDIDATES
         while len(todo):
@@ -779,8 +779,7 @@ class RealIndex:
             approximate, candidates = index.search(searched[todo], k)
             valid = candidates >= 0
             if own is not None:
-                keys, fits = own
-                valid &= ~((self._sha256[np.clip(candidates, 0, None)] == keys[todo, None]) & fits[todo, None])
+                valid &= ~((self._sha256[np.clip(candidates, 0, None)] == own[0][todo, None]) & own[1][todo, None])
             exact = self._exact_distances(space, queries[todo], candidates)
             exact[~valid] = np.inf
             smallest = exact.min(axis=1)
@@ -803,15 +802,16 @@ class RealIndex:
             short = todo[~found & ~complete]
             if len(short):
                 ids[short], distances[short] = self._scan_nearest(
-                    space, queries[short], own[short] if own is not None else None
+                    space, queries[short], (own[0][short], own[1][short]) if own is not None else None
                 )
             todo = todo[(~found | unsure) & (k < self.n_images) & complete]
             k *= 4
         return Neighbours(ids, distances)
 
-    def _scan_nearest(self, space: Space, queries: np.ndarray, own: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _scan_nearest(self, space: Space, queries: np.ndarray, own: tuple | None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest row of each query by a float64 scan of every stored embedding, skipping its own
-        SHA-256 (ties: the lowest row; −1 / inf where every row is a copy of the query)."""
+        SHA-256 (``own``: :func:`search.digest_keys`; ties: the lowest row; −1 / inf where every row
+        is a copy of the query)."""
         dataset = self._stored_rows(space)
         half = self.stored_layout(space)
         queries = queries.astype(np.float64)
@@ -823,8 +823,8 @@ class RealIndex:
             rows = (rows_as_float(stored) if half is None else half.unfold(stored)).astype(np.float64)
             for i, query in enumerate(queries):
                 block = np.square(rows - query).sum(axis=1)
-                if own is not None:
-                    block[self._sha256[start : start + len(rows)] == own[i]] = np.inf
+                if own is not None and own[1][i]:
+                    block[self._sha256[start : start + len(rows)] == own[0][i]] = np.inf
                 nearest = int(block.argmin())
                 if block[nearest] < distances[i]:  # strictly: earlier rows win ties
                     ids[i], distances[i] = start + nearest, block[nearest]
@@ -848,6 +848,21 @@ class RealIndex:
         m, k = candidates.shape
         pairs = self._pair_distances(space, queries, np.repeat(np.arange(m), k), np.clip(candidates, 0, None).ravel())
         return pairs.reshape(m, k)
+
+
+def image_folders(path: str | os.PathLike) -> list[str]:
+    """The folders an index's images were read from, as it records them (an array file's rows: the
+    array's folder). A run that may decode them again (:func:`artifacts.index_images`) must not
+    write there. Read unverified, before any work: it can only widen what is refused, and a file
+    that is not an index gives none (opening it then says what it is)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            paths = handle["files/path"].asstr()[...]
+    except (OSError, KeyError, TypeError, ValueError):
+        return []
+    return sorted({os.path.dirname(path) or os.curdir for path in paths})
 
 
 def describe_index(path: str | os.PathLike, *, failures: bool = False) -> dict:

@@ -86,12 +86,23 @@ def check_outputs(
             raise OutputRefusedError(f"refusing to write into {text}: it is a file, not a folder")
         if os.path.lexists(output) and not overwrite and not folders:
             raise OutputRefusedError(f"{text} already exists; pass --overwrite (overwrite=True) to replace it")
-        parent = os.path.dirname(os.path.abspath(output))
-        if not os.path.isdir(parent) and not os.path.isdir(os.path.dirname(parent)):
-            raise OutputRefusedError(
-                f"cannot write {text}: the folder {os.path.dirname(parent)} does not exist "
-                "(manifpt creates at most the last folder of an output path; check for a typo)"
-            )
+        _check_folder(text, os.path.dirname(os.path.abspath(output)))
+
+
+def _check_folder(text: str, parent: str) -> None:
+    """Refuse an output whose folder cannot be had: more than its last folder missing, a file
+    where a folder should be, or a folder this process cannot write in (checked now, not after
+    the work: as root, only a read-only mount refuses)."""
+    existing = parent if os.path.lexists(parent) else os.path.dirname(parent)
+    if not os.path.lexists(existing):
+        raise OutputRefusedError(
+            f"cannot write {text}: the folder {existing} does not exist "
+            "(manifpt creates at most the last folder of an output path; check for a typo)"
+        )
+    if not os.path.isdir(existing):
+        raise OutputRefusedError(f"cannot write {text}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputRefusedError(f"cannot write {text}: no permission to write in the folder {existing}")
 
 
 def results_folder(

@@ -26,6 +26,7 @@ from .attribute import AttributionRow
 from .case_report import CaseReport, evidence_record
 from .errors import UsageError
 from .formats import file_sha256, utc_now
+from .images import display_path
 from .outputs import atomic_outputs
 
 COLUMNS = (
@@ -235,7 +236,7 @@ def open_report(
             provenance = {
                 **header,
                 "finished_utc": writer.finished_utc,
-                "report": os.path.basename(out),
+                "report": display_path(os.path.basename(out)),
                 "report_sha256": file_sha256(partials[0]),
             }
             writer.content_sha256 = provenance["content_sha256"] = sidecar_digest(provenance)

@@ -75,6 +75,12 @@ def test_outputs_that_are_inputs_are_refused_before_any_work(case, tmp_path):
         result = attribute_csv(case, target, "--overwrite", code=EXIT_USAGE)
         assert "refusing to write" in result.stderr and Path(target).read_bytes() == digest
     assert suspect.read_bytes() == before
+    # A renamed copy's card still names the backbone exported beside the original: it is kept too.
+    model = shutil.copy(case["model"], tmp_path / "case.onnx")
+    backbone = tmp_path / "freq.backbone.onnx"
+    backbone.write_bytes(b"the backbone another model's card names")
+    result = cli(*attribute_args({**case, "model": model}, backbone, "--overwrite"), code=EXIT_USAGE)
+    assert "it is the input" in result.stderr and backbone.read_bytes().startswith(b"the backbone")
     result = cli(
         "extract",
         "--index",
@@ -87,6 +93,81 @@ def test_outputs_that_are_inputs_are_refused_before_any_work(case, tmp_path):
         code=EXIT_USAGE,
     )
     assert "it is the input" in result.stderr
+
+
+def test_the_files_a_run_reads_again_are_never_written_over(case, dataset, tmp_path):
+    """`report` reads the suspects again, and `--html`, `report` and `extract --real index` may
+    read the index's real images again: neither they nor their folders take an output."""
+    report = tmp_path / "r.csv"
+    attribute_csv(case, report)
+    suspect = next((case["suspects"] / "blur").iterdir())
+    real = next((dataset / "real").iterdir())
+    kept = {path: path.read_bytes() for path in (suspect, real)}
+    refused = [
+        ("report", report, "--html", suspect, "--overwrite"),
+        ("report", report, "--html", case["suspects"] / "new.html"),
+        ("report", report, "--html", real, "--overwrite"),
+        (*attribute_args(case, tmp_path / "s.csv"), "--html", dataset / "real" / "new.html"),
+        (
+            "extract",
+            "--index",
+            case["index"],
+            "--source",
+            f"a={suspect.parent}",
+            "--real",
+            "index",
+            "--out",
+            dataset / "real" / "a.h5",
+        ),
+    ]
+    for args in refused:
+        result = cli(*args, code=EXIT_USAGE)
+        assert "inside the input folder" in result.stderr, args
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert not (case["suspects"] / "new.html").exists() and not (dataset / "real" / "new.html").exists()
+    assert not (dataset / "real" / "a.h5").exists() and not (tmp_path / "s.csv").exists()
+
+
+def test_an_output_folder_that_cannot_be_had_is_refused_before_any_work(case, tmp_path, monkeypatch):
+    """A file where the folder should be, or a folder this process may not write in (the OS call
+    answers EACCES here, as it does for any user but root): one clear line, not a traceback after
+    the work."""
+    (tmp_path / "r.csv").write_text("a report")
+    result = attribute_csv(case, tmp_path / "r.csv" / "x.csv", code=EXIT_USAGE)
+    assert f"{tmp_path / 'r.csv'} is a file, not a folder" in result.stderr
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode, **kw: os.fspath(path) != str(locked) and real_access(path, mode, **kw)
+    )
+    for out in (locked / "r.csv", locked / "new" / "r.csv"):
+        result = attribute_csv(case, out, code=EXIT_USAGE)
+        assert f"no permission to write in the folder {locked}" in result.stderr
+    assert list(locked.iterdir()) == []
+
+
+def test_a_report_that_fails_to_be_put_in_place_leaves_no_page_drawn_from_it(case, tmp_path, monkeypatch):
+    report, page = tmp_path / "r.csv", tmp_path / "case.html"
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.fspath(dst).endswith(".csv"):
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    with pytest.raises(outputs.OutputWriteError):
+        run_attribution(
+            case["model"],
+            case["index"],
+            [case["suspects"]],
+            reports=[
+                ReportTarget(ReportFormat.CSV, report),
+                ReportTarget(ReportFormat.HTML, page),
+            ],  # as the CLI gives them
+        )
+    assert list(tmp_path.iterdir()) == [], "neither the report nor its page"
 
 
 def test_existing_results_need_overwrite_and_folders_are_refused_up_front(case, tmp_path):
@@ -484,7 +565,8 @@ def documented_digest(document: dict) -> str:
 def test_an_edit_anywhere_in_a_report_is_found_and_never_rendered(case, tmp_path, fmt):
     """The whole report is covered: a JSON report's rows and header, and a CSV's sidecar header
     (operator, times, settings), by content_sha256; `verify` says so and `manifpt report` refuses
-    it. A report from before the digest can be rendered, but `verify` says it could not be checked."""
+    it. A report without the digest (removed, or from before reports carried one) cannot be told
+    from an edited one: `verify` says it could not be checked, and `manifpt report` refuses it."""
     out = tmp_path / f"r.{fmt}"
     inputs = ["--model", case["model"], "--index", case["index"]]
     result = cli("attribute", case["suspects"], *inputs, "--report", fmt, "--out", out)
@@ -514,7 +596,8 @@ def test_an_edit_anywhere_in_a_report_is_found_and_never_rendered(case, tmp_path
     holder.write_text(json.dumps(old), encoding="utf-8")
     verified = cli("verify", out, code=EXIT_FAILURE)
     assert "no content_sha256" in verified.stdout and "0 changed" in verified.stderr
-    cli("report", out, "--html", tmp_path / "old.html")
+    rendered = cli("report", out, "--html", tmp_path / "old.html", code=EXIT_FAILURE)
+    assert "has no digest to check it against" in rendered.stderr and not (tmp_path / "old.html").exists()
 
 
 def test_verify_never_waits_on_a_fifo_or_a_device_and_refuses_malformed_reports(case, tmp_path):
@@ -781,6 +864,27 @@ def test_hostile_file_names_round_trip_through_csv_and_json(case, tmp_path):
     table = cli(*base).stdout
     assert "IMG_[edited].png" in table and "x[/bold]y.png" in table and "<script>.png" in table
     assert "\\r" in table and "\r" not in table.replace("\r\n", ""), "control characters are shown, not obeyed"
+
+
+def test_output_paths_that_are_not_utf8_are_written_and_shown_as_reports_show_paths(case, dataset, tmp_path):
+    """A report, its sidecar, an artifacts file and an ONNX model under a name with a byte that is
+    not UTF-8: each used to fail with a traceback once the work was done."""
+    from manifpt_cli.artifacts import artifacts_index_path
+
+    odd = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"odd\xff"))
+    os.mkdir(odd)
+    report = os.path.join(odd, "r\udcff.csv")
+    result = attribute_csv(case, report, "--html", os.path.join(odd, "case.html"))
+    assert "odd\\xff/r\\xff.csv" in result.stderr and "\udcff" not in result.stderr
+    assert "0 changed" in cli("verify", report).stderr
+    index = shutil.copy(case["index"], os.path.join(odd, "real.h5"))
+    artifacts = os.path.join(odd, "a.h5")
+    cli("extract", "--index", index, "--source", f"a={dataset / 'train' / 'blur'}", "--out", artifacts)
+    assert artifacts_index_path(artifacts) == os.path.abspath(index)
+    cli("export", case["work"] / "freq.pt", "--out", os.path.join(odd, "m.onnx"))
+    assert sorted(os.listdir(odd)) == sorted(
+        ["r\udcff.csv", "r\udcff.csv.meta.json", "case.html", "real.h5", "a.h5", "m.onnx"]
+    )
 
 
 def test_a_model_that_gives_nan_yields_error_rows_and_valid_json(case, artifacts_file, tmp_path):

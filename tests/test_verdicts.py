@@ -235,7 +235,7 @@ def test_csv_rows_carry_verdict_score_and_notes(verdict_model, real_index, datas
     assert correct / len(rows) >= 0.6
 
 
-def test_enrolment_adds_a_source_and_keeps_the_old_ones(verdict_model, real_index, dataset, tmp_path):
+def test_enrolment_adds_a_source_and_keeps_the_old_ones(verdict_model, real_index, dataset, tmp_path, monkeypatch):
     from manifpt_cli.enroll import enroll
 
     posterized = [(crop // 64) * 64 + 32 for crop in photo_crops(4, seed=11)]  # a new trace: 4 levels a channel
@@ -262,6 +262,23 @@ def test_enrolment_adds_a_source_and_keeps_the_old_ones(verdict_model, real_inde
     assert accuracy[1] >= accuracy[0] - 0.1, f"old classes: {accuracy[0]:.2f} before, {accuracy[1]:.2f} after"
     with pytest.raises(UsageError, match="already a class"):
         enroll(verdict_model["work"] / "m.pt", real_index, [("jpeg", str(tmp_path / "new_train"))], tmp_path / "f.onnx")
+    # An export that fails (here ONNX Runtime and PyTorch disagree beyond the tolerance) leaves
+    # neither the new model nor its checkpoint: the checkpoint used to stay, without its model.
+    from manifpt_cli import export
+
+    def disagree(*args):
+        raise export.ExportParityError("ONNX Runtime outputs differ from PyTorch by 1, over the tolerance")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(export, "_check_attributor", disagree)
+        with pytest.raises(export.ExportParityError):
+            enroll(
+                verdict_model["work"] / "m.pt",
+                real_index,
+                [("poster", str(tmp_path / "new_train"))],
+                tmp_path / "g.onnx",
+            )
+    assert not list(tmp_path.glob("*g.*")), "no g.pt, g.onnx or partial files"
 
 
 def result_threshold(checkpoint: Path) -> float:

@@ -98,3 +98,22 @@ def test_zoo_cli_train_sample_list(tmp_path, dataset):
     result = zoo_train("--real", str(dataset / "real"), "--out", str(zoo / "x"), "--family", "vae", "--loss", "hinge")
     assert result.exit_code == 2 and "GAN loss" in result.stderr
     assert not (zoo / "x").exists()
+
+
+def test_zoo_train_refuses_its_own_input_folder_and_an_existing_generator_before_training(
+    tmp_path, dataset, monkeypatch
+):
+    import manifpt_cli.research.zoo as zoo
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("refused only after loading the real images")
+
+    monkeypatch.setattr(zoo, "load_real_images", no_training)
+    design = make_design("vae", size=16, width=8)
+    with pytest.raises(UsageError, match="inside the input folder"):
+        train_generator([dataset / "real"], dataset / "real" / "gen", design, iters=1)
+    assert not (dataset / "real" / "gen").exists()
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "generator.pt").write_bytes(b"an earlier generator")
+    with pytest.raises(UsageError, match="already exists"):
+        train_generator([dataset / "real"], tmp_path / "gen", design, iters=1)

@@ -36,11 +36,17 @@ CONTROL_NAMES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
 
 def literal(text: object, style: str = "") -> Text:
     """``text`` shown exactly as it is: no Rich markup is read from it, and control characters
-    (which could rewrite the terminal) are shown as escapes such as ``\\r``."""
-    shown = "".join(
-        CONTROL_NAMES.get(c, f"\\x{ord(c):02x}") if (ord(c) < 32 or ord(c) == 127) else c for c in str(text)
-    )
-    return Text(shown, style=style)
+    (which could rewrite the terminal) are shown as escapes such as ``\\r``; a path's byte that is
+    not UTF-8 (a surrogate escape) as ``\\xNN``, as reports write it (:func:`images.display_path`)."""
+    return Text("".join(_shown(c) for c in str(text)), style=style)
+
+
+def _shown(c: str) -> str:
+    if ord(c) < 32 or ord(c) == 127:
+        return CONTROL_NAMES.get(c, f"\\x{ord(c):02x}")
+    if 0xDC80 <= ord(c) <= 0xDCFF:
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    return c
 
 
 def safe(text: object) -> str:

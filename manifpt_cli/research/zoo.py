@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import UsageError
 from ..formats import FORMAT_VERSIONS, ZOO_FORMAT, load_checkpoint_payload, provenance, save_checkpoint
 from ..images import decode_folder, split_batch
-from ..outputs import results_folder
+from ..outputs import check_outputs, results_folder
 from ..settings import DEFAULT_SETTINGS, RunSettings
 from .generators import GAN, NORMS, UPSAMPLINGS, VAE, Diffusion, Flow
 
@@ -158,6 +158,9 @@ def train_generator(
 
     if iters < 1:
         raise UsageError(f"iters must be at least 1, got {iters}")
+    path = Path(out_dir) / CHECKPOINT_NAME
+    path.parent.parent.mkdir(parents=True, exist_ok=True)  # a zoo is a tree of model folders; the CLI prints where
+    check_outputs([path], inputs=real_dirs, overwrite=overwrite)  # before the training, not after
     started = time.perf_counter()
     device, progress = settings.device, settings.progress
     real = torch.from_numpy(load_real_images(real_dirs, design.size, settings)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -215,8 +218,7 @@ def train_generator(
             "seconds": round(time.perf_counter() - started, 1),
         },
     }
-    path = Path(out_dir) / CHECKPOINT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)  # a zoo is a tree of model folders; the CLI prints where
+    path.parent.mkdir(exist_ok=True)
     save_checkpoint(path, model.state_dict(), metadata, overwrite=overwrite)
     return ZooTrainResult(os.fspath(path), design, losses, time.perf_counter() - started)
 
