@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import FormatError, ImageDecodeError, MismatchError, UsageError
-from .formats import ARTIFACTS_FORMAT, check_format, describe_file, json_attr, sample_file
+from .formats import ARTIFACTS_FORMAT, check_format, describe_file, json_attr, require_file, sample_file
 from .images import (
     DecodedImage,
     FailedImage,
@@ -333,8 +333,7 @@ def _open_artifacts(path: str | os.PathLike):
     """An artifacts file opened read-only and format-checked, or a clear error."""
     import h5py
 
-    if not os.path.isfile(path):
-        raise UsageError(f"no such artifacts file: {path} (make one with `manifpt extract`)")
+    require_file(path, "artifacts", " (make one with `manifpt extract`)")
     try:
         handle = h5py.File(path, "r")
     except OSError:

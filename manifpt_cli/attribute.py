@@ -21,7 +21,7 @@ from . import __version__
 from .artifacts import SpaceArtifacts, compute_artifacts, index_images
 from .errors import FormatError, MismatchError, UsageError
 from .evidence import Evidence, render_evidence
-from .formats import CHECKPOINT_FORMAT, FORMAT_VERSIONS, ONNX_METADATA_KEY, describe_file, provenance
+from .formats import CHECKPOINT_FORMAT, FORMAT_VERSIONS, ONNX_METADATA_KEY, describe_file, provenance, require_file
 from .images import DecodedImage, DecodeResult, FailedImage, SkippedFile, decode_folder, display_path
 from .inputs import InputKind, attributor_inputs
 from .integrity import ONNX_DIGEST_KEY, check_plain_graph, verify_onnx
@@ -96,8 +96,7 @@ class OnnxAttributor:
             FormatError: not a manifpt model, damaged, or altered since export (IntegrityError).
         """
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise UsageError(f"no such model file: {self.path}")
+        require_file(self.path, "model")
         kind = describe_file(self.path)
         if not kind.startswith(("an ONNX", "not a file")):
             raise UsageError(

@@ -113,6 +113,21 @@ _SIGNATURES = (
 )
 
 
+def require_file(path: str | os.PathLike, what: str, hint: str = "") -> None:
+    """Refuse ``path`` unless it is a regular file, saying what it is instead: missing (with
+    ``hint``: how to make one), or a folder, a FIFO or a device (never opened: a FIFO blocks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UsageError(f"no such {what} file: {path}{hint}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the {what} file {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device"
+        article = "an" if what[0] in "aeiou" else "a"
+        raise UsageError(f"{path} is {kind}, not {article} {what} file{hint}")
+
+
 def describe_file(path: str | os.PathLike) -> str:
     """A few words on what ``path`` holds, judged by its first bytes and name, for error messages."""
     try:
@@ -180,8 +195,7 @@ def load_checkpoint_payload(path: str | os.PathLike, expected: str) -> tuple[dic
     """
     import torch
 
-    if not os.path.isfile(path):
-        raise UsageError(f"no such checkpoint file: {path}")
+    require_file(path, "checkpoint")
     _check_stored_archive(path, expected)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -254,15 +254,22 @@ def discover_images(roots: Iterable[str | os.PathLike], sniff: bool = False) -> 
     Raises:
         UsageError: a root does not exist.
     """
+    roots = [os.fsdecode(root) for root in roots]
     visited: set[tuple[int, int]] = set()
+    # A path reached from two roots (a file given with its folder, or twice) is one entry; kept
+    # only for several roots, as one root cannot reach a path twice (folders are walked once).
+    listed: set[str] | None = set() if len(roots) > 1 else None
     for root in roots:
-        root = os.fsdecode(root)
         if not os.path.lexists(root):
             raise UsageError(f"no such file or folder: {display_path(root)}")
-        if os.path.isdir(root):
-            yield from _walk(root, sniff, visited)
-        else:
-            yield FoundFile(root, array=_is_array_file(root))
+        found = _walk(root, sniff, visited) if os.path.isdir(root) else [FoundFile(root, array=_is_array_file(root))]
+        for entry in found:
+            if listed is not None:
+                path = os.path.abspath(entry.path)
+                if path in listed:
+                    continue
+                listed.add(path)
+            yield entry
 
 
 _FILE_KINDS = (

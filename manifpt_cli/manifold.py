@@ -46,7 +46,7 @@ from .coded_search import CodedSearch
 from .engines import LocalEngine
 from .errors import FormatError, UsageError
 from .file_rows import FileRows
-from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, describe_file, sample_file
+from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, describe_file, require_file, sample_file
 from .images import FailedImage, SkippedFile, count_images, display_path, split_batch
 from .integrity import (
     CODED_SEARCH,
@@ -458,8 +458,7 @@ class RealIndex:
 
         self.threads = threads or faiss.omp_get_max_threads()
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise UsageError(f"no such index file: {self.path} (build one with `manifpt index build`)")
+        require_file(self.path, "index", " (build one with `manifpt index build`)")
         try:
             self._file = h5py.File(self.path, "r")
         except OSError:

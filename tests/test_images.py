@@ -485,6 +485,21 @@ def test_discovery_is_recursive_sorted_and_case_insensitive(tmp_path):
     assert [f.skipped is not None for f in found] == [False] * 4 + [True] + [False] * 2
 
 
+def test_a_file_reached_from_two_roots_is_listed_once(tmp_path):
+    for name in ("s/a.png", "s/blur/x.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    folder, file = tmp_path / "s", tmp_path / "s" / "blur" / "x.png"
+    both = sorted([str(folder / "a.png"), str(file)])
+    for roots, expected in (
+        ([folder, file], both),
+        ([file, folder], both),
+        ([folder, folder], both),
+        ([file, folder / "." / "blur" / "x.png"], [str(file)]),
+    ):
+        assert sorted(os.path.abspath(f.path) for f in discover_images(roots)) == expected, roots
+
+
 def test_worker_threads_keep_order_and_results(tmp_path):
     folder = tmp_path / "many"
     for i in range(23):

@@ -919,6 +919,8 @@ def test_a_model_that_gives_nan_yields_error_rows_and_valid_json(case, artifacts
 def test_wrong_files_get_one_clear_line(case, tmp_path):
     (tmp_path / "text.h5").write_text("not hdf5")
     (tmp_path / "truncated.h5").write_bytes(Path(case["index"]).read_bytes()[:5000])
+    fifo = tmp_path / "fifo.onnx"
+    os.mkfifo(fifo)
     cases = [
         (
             ("attribute", case["suspects"], "--model", case["model"], "--index", tmp_path / "missing.h5"),
@@ -942,6 +944,19 @@ def test_wrong_files_get_one_clear_line(case, tmp_path):
         ),
         (("export", case["model"], "--out", tmp_path / "x.onnx"), 2, "already an ONNX model"),
         (("export", case["index"], "--out", tmp_path / "y.onnx"), 1, "an HDF5 file"),
+        # Said as what they are, never opened (a FIFO would block)
+        (
+            ("attribute", case["suspects"], "--model", fifo, "--index", case["index"]),
+            2,
+            "is a FIFO (named pipe), not a model file",
+        ),
+        (
+            ("attribute", case["suspects"], "--model", case["model"], "--index", tmp_path),
+            2,
+            "is a folder, not an index file",
+        ),
+        (("export", "/dev/null", "--out", tmp_path / "z.onnx"), 2, "is a device, not a checkpoint file"),
+        (("train", "--artifacts", fifo, "--space", "freq", "--out", tmp_path / "m.pt"), 2, "not an artifacts file"),
     ]
     for args, code, words in cases:
         result = cli(*args, code=code)
