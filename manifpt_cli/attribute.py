@@ -166,22 +166,24 @@ class OnnxAttributor:
         if problems:
             raise FormatError(f"{self.path}: the model card does not match the model ({'; '.join(problems)})")
 
-    def predict(self, artifacts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(n, *input_shape) inputs → ((n, n_classes) calibrated probabilities, (n, 4) open-set scores).
+    def predict(self, artifacts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(n, *input_shape) inputs → ((n, n_classes) calibrated probabilities, (n, 4) open-set
+        scores, (n, n_classes) logits). The logits rank the classes where float32 probabilities
+        cannot: below about 1e-45 every one is 0 (a sharp temperature gets there).
 
         Raises:
             FormatError: ONNX Runtime failed, or the outputs are not of those shapes (a graph whose
                 output shape depends on its input passes the load-time check; its rows would be wrong).
         """
         feed = {"artifact": np.ascontiguousarray(artifacts, np.float32)}
-        probabilities, scores = _run(self.session, self.path, ["probabilities", "scores"], feed)
-        n = len(artifacts)
+        logits, probabilities, scores = _run(self.session, self.path, ["logits", "probabilities", "scores"], feed)
+        n, classes = len(artifacts), len(self.classes)
         _check_shapes(
             self.path,
-            {"probabilities": probabilities, "scores": scores},
-            {"probabilities": (n, len(self.classes)), "scores": (n, len(self.rule.graph_scores))},
+            {"logits": logits, "probabilities": probabilities, "scores": scores},
+            {"logits": (n, classes), "probabilities": (n, classes), "scores": (n, len(self.rule.graph_scores))},
         )
-        return probabilities, scores
+        return probabilities, scores, logits
 
     def check_index(self, index: RealIndex) -> None:
         """Refuse an index that is not the one this model was trained against."""
@@ -292,6 +294,7 @@ class SearchedBatch:
     inputs: np.ndarray | None = None
     probabilities: np.ndarray | None = None
     scores: np.ndarray | None = None
+    logits: np.ndarray | None = None
 
     @classmethod
     def joined(cls, parts: Sequence[SearchedBatch]) -> SearchedBatch:
@@ -423,10 +426,12 @@ class Attribution:
             return searched
         has_neighbour = searched.found.neighbours.ids >= 0
         probabilities = np.full((len(searched.decoded), len(self.model.classes)), np.nan, np.float32)
+        logits = probabilities.copy()
         scores = np.full((len(searched.decoded), len(self.model.rule.graph_scores)), np.nan, np.float32)
         if has_neighbour.any():
-            probabilities[has_neighbour], scores[has_neighbour] = self.model.predict(searched.inputs[has_neighbour])
-        return dataclasses.replace(searched, probabilities=probabilities, scores=scores)
+            outputs = self.model.predict(searched.inputs[has_neighbour])
+            probabilities[has_neighbour], scores[has_neighbour], logits[has_neighbour] = outputs
+        return dataclasses.replace(searched, probabilities=probabilities, scores=scores, logits=logits)
 
     def finish_batch(self, searched: SearchedBatch) -> list[AttributionRow]:
         """One row per item of a :meth:`predicted` batch, in its order: verdicts, paths, evidence."""
@@ -446,7 +451,8 @@ class Attribution:
                 elif not np.isfinite(probabilities[i]).all():
                     row.error = "the model gave non-finite probabilities (NaN or infinity) for this image"
                 else:
-                    order = np.argsort(-probabilities[i], kind="stable")[: self.top_k]  # ties: class order
+                    # By logit, the probabilities' own order where they do not underflow; ties: class order
+                    order = np.argsort(-searched.logits[i], kind="stable")[: self.top_k]
                     row.top_k = [(self.model.classes[j], float(probabilities[i, j])) for j in order]
                     row.predicted, row.probability = row.top_k[0]
                     row.manifold_distance = float(found.neighbours.distances[i])

@@ -159,6 +159,24 @@ def _page_head(header: dict, count: int) -> str:
     )
 
 
+def _bound_words(rule: dict) -> str:
+    """What the threshold promises for new images of the known sources (models that record it)."""
+    bound = rule.get("false_alarm_bound")
+    if bound is None:
+        return " on validation images"
+    return f": a new image of a known source falls below it with probability at most {_e(_figure(bound))}"
+
+
+def _uncalibrated_words(header: dict) -> str:
+    if not (header.get("calibration") or {}).get("temperature_at_bound"):
+        return ""
+    return (
+        "<b>This model's temperature stopped at the end of its range</b>: its validation images were "
+        "separated perfectly, so they could not calibrate it, and probabilities near 1 overstate the "
+        "certainty. "
+    )
+
+
 def _how_to_read(header: dict) -> str:
     rule = header.get("verdict_rule") or {}
     inconclusive = "".join(f"<li>{_e(reason)}</li>" for reason in rule.get("inconclusive_when", []))
@@ -169,10 +187,11 @@ def _how_to_read(header: dict) -> str:
         f"{inconclusive}</ul></li>"
         f"<li><b>unknown</b> ({_e(rule.get('unknown_means', ''))}) when the open-set score "
         f"({_e(rule.get('open_set_score', ''))}) is below {_e(_figure(rule.get('threshold')))}, the threshold "
-        f"set for a {_e(_figure(rule.get('target_fpr')))} false-alarm rate on validation images;</li>"
+        f"set for a {_e(_figure(rule.get('target_fpr')))} false-alarm rate{_bound_words(rule)};</li>"
         f"<li>otherwise the most probable of the known classes: {_e(classes)}.</li></ol>"
         "<p>The <b>probability</b> is calibrated (temperature scaling on held-out validation images): among "
-        "suspects like the validation images, those given 0.9 were right about 90 % of the time. The "
+        "the validation images it was fitted on, those given 0.9 were right about 90 % of the time. "
+        f"{_uncalibrated_words(header)}The "
         "<b>distance to real</b> is the squared L2 distance from the suspect to its nearest real image in the "
         "model's space; the <b>artifact</b> is their difference, the input the attributor judges.</p></section>\n"
     )
@@ -234,7 +253,12 @@ def _model_card(card: dict) -> str:
         (
             "open set",
             f"score {open_set.get('score', '')}, threshold {_figure(open_set.get('threshold'))} at target "
-            f"false-alarm rate {_figure(open_set.get('target_fpr'))}",
+            f"false-alarm rate {_figure(open_set.get('target_fpr'))}"
+            + (
+                f" ({_figure(open_set['false_alarm_bound'])} for new images)"
+                if open_set.get("false_alarm_bound") is not None
+                else ""
+            ),
         ),
         ("has a real class", "yes" if card.get("has_real_class") else "no: a real photo can at best be unknown"),
         ("exported (UTC)", card.get("exported_utc", "")),

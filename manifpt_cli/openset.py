@@ -8,9 +8,12 @@ validation split the network never trained on (README, "Verdicts"):
 - **Open-set scores** (higher = more like a known source): the graph scores of
   :class:`models.ScoredAttributor` (``msp``, ``energy``, ``mahalanobis``, ``knn``) and
   ``manifold``, minus the squared distance to the nearest real image.
-- **Thresholds**: for each score, the value below which at most ``target_fpr`` of the validation
-  images of the known classes fall. A suspect below the chosen score's threshold is ``unknown``;
-  ``target_fpr`` is the false-alarm rate (a known source called unknown) the threshold was set at.
+- **Thresholds**: for each score, the k-th lowest of the n validation images of the known
+  classes, k = ⌊target_fpr·(n + 1)⌋ (:func:`known_threshold`). A suspect below the chosen score's
+  threshold is ``unknown``. A new image of a known source, exchangeable with the validation ones,
+  falls below with probability k/(n + 1) ≤ ``target_fpr``: the false-alarm rate (a known source
+  called unknown) holds for new images, not only on the validation split; the card states it
+  (``false_alarm_bound``), above the target only where the split is too small.
 
 The metric functions here need only NumPy (``evaluate`` and ``enroll`` share them); fitting needs
 PyTorch.
@@ -51,9 +54,14 @@ def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     return float(-np.log(np.maximum(probabilities, 1e-300)).mean())
 
 
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T in [0.05, 20] minimising validation NLL: a log-spaced grid, then golden-section search."""
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 61))
+    """The T in ``TEMPERATURE_RANGE`` minimising validation NLL: a log-spaced grid, then
+    golden-section search. On a split the network separates perfectly the NLL falls as T → 0, so
+    T stops at the range's low end (:func:`temperature_at_bound`)."""
+    grid = np.exp(np.linspace(np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1]), 61))
     best = int(np.argmin([_nll(logits, labels, t) for t in grid]))
     low, high = np.log(grid[max(best - 1, 0)]), np.log(grid[min(best + 1, len(grid) - 1)])
     ratio = (np.sqrt(5) - 1) / 2
@@ -64,6 +72,13 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         else:
             low = a
     return float(np.exp((low + high) / 2))
+
+
+def temperature_at_bound(temperature: float) -> bool:
+    """Whether a fitted T stopped at an end of ``TEMPERATURE_RANGE`` (within 1 %): the validation
+    split did not determine it, and its probabilities near 0 and 1 are not calibrated."""
+    low, high = TEMPERATURE_RANGE
+    return temperature < low * 1.01 or temperature > high / 1.01
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -112,6 +127,26 @@ def threshold_at(known_scores: np.ndarray, target_fpr: float) -> float:
     return float(ordered[min(int(np.floor(target_fpr * len(ordered))), len(ordered) - 1)])
 
 
+def known_threshold(known_scores: np.ndarray, target_fpr: float) -> tuple[float, float]:
+    """(threshold, its false-alarm rate for new images): the k-th lowest of the n ``known_scores``,
+    k = ⌊target_fpr·(n + 1)⌋, below which a new image of a known source falls with probability
+    k/(n + 1) ≤ ``target_fpr`` (its rank among the n + 1 scores is uniform; ties only lower it).
+
+    The plain quantile (:func:`threshold_at`, index ⌊target_fpr·n⌋) holds the rate only on the
+    scores it was set on: for a new image it is (⌊target_fpr·n⌋ + 1)/(n + 1), 7.3 % at 5 % and
+    n = 40. Below n = 1/target_fpr − 1 no threshold can promise the target: the lowest score is
+    taken, and the rate it gives, 1/(n + 1), is what the model card states.
+
+    Raises:
+        UsageError: no known score at all.
+    """
+    n = len(known_scores)
+    if n == 0:
+        raise UsageError("no validation image of a known source to set the 'unknown' threshold on")
+    k = max(1, int(np.floor(target_fpr * (n + 1))))  # rounding can only lower it
+    return float(np.sort(known_scores.astype(np.float64))[k - 1]), k / (n + 1)
+
+
 def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
     """P(score of a known > score of an unknown), ties counting one half (Mann-Whitney U)."""
     values = np.concatenate([known, unknown]).astype(np.float64)
@@ -131,13 +166,16 @@ def tnr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = 0.95) -> flo
 def oscr(known: np.ndarray, correct: np.ndarray, unknown: np.ndarray) -> float:
     """Open-Set Classification Rate (Dhamija et al., 2018): the area under the curve of the correct
     classification rate of knowns (correct and accepted) against the share of unknowns accepted,
-    as the threshold sweeps every score."""
+    as the threshold sweeps every score. Tied scores are accepted together: the curve goes
+    straight across them (a saturated ``msp`` used to take the knowns first and score 1)."""
     scores = np.concatenate([known, unknown]).astype(np.float64)
     is_known = np.concatenate([np.ones(len(known), bool), np.zeros(len(unknown), bool)])
     hits = np.concatenate([correct.astype(bool), np.zeros(len(unknown), bool)])
     order = np.argsort(-scores, kind="stable")
-    ccr = np.concatenate([[0.0], np.cumsum(hits[order]) / max(1, len(known))])
-    fpr = np.concatenate([[0.0], np.cumsum(~is_known[order]) / max(1, len(unknown))])
+    ordered = scores[order]
+    ends = np.flatnonzero(np.r_[ordered[1:] != ordered[:-1], True])  # the last of each run of equal scores
+    ccr = np.concatenate([[0.0], np.cumsum(hits[order])[ends] / max(1, len(known))])
+    fpr = np.concatenate([[0.0], np.cumsum(~is_known[order])[ends] / max(1, len(unknown))])
     return float(np.trapezoid(ccr, fpr))
 
 
@@ -149,8 +187,9 @@ class OpenSetFit:
     score: str
     thresholds: dict[str, float]
     target_fpr: float
+    false_alarm_bound: float  # what the thresholds promise for new known images: ≤ target_fpr from enough
     validation: dict  # ECE / Brier before and after, on the validation split
-    manifold_reference: float  # the 99.5th percentile of training distances to the real manifold
+    manifold_reference: float  # the 99.5th percentile of training and validation distances to the real manifold
 
     def card(self) -> dict:
         return {
@@ -159,6 +198,7 @@ class OpenSetFit:
                 "score": self.score,
                 "threshold": self.thresholds[self.score],
                 "target_fpr": self.target_fpr,
+                "false_alarm_bound": self.false_alarm_bound,
                 "thresholds": self.thresholds,
                 "graph_scores": list(GRAPH_SCORES),
                 "knn_k": KNN_K,
@@ -251,13 +291,15 @@ def calibrate(
     scored.val_labels = torch.from_numpy(val_labels.astype(np.int64))
     scored.val_distances = torch.from_numpy(val_distances.astype(np.float32))
     scores = all_scores(scored, val_features.astype(np.float32), val_logits.astype(np.float32), val_distances)
-    thresholds = {name: threshold_at(values, target_fpr) for name, values in scores.items()}
+    thresholds = {name: known_threshold(values, target_fpr)[0] for name, values in scores.items()}
+    false_alarm_bound = known_threshold(scores[score], target_fpr)[1]
     validation = {
         "ece_before": expected_calibration_error(before, val_labels),
         "ece": expected_calibration_error(after, val_labels),
         "brier_before": brier_score(before, val_labels),
         "brier": brier_score(after, val_labels),
         "fitted_on": f"validation split ({len(val_labels)} images; the same split picks the best epoch)",
+        "temperature_at_bound": temperature_at_bound(temperature),
     }
     reference = float(np.percentile(np.concatenate([train_distances, val_distances]), 99.5))
-    return OpenSetFit(temperature, score, thresholds, target_fpr, validation, reference)
+    return OpenSetFit(temperature, score, thresholds, target_fpr, false_alarm_bound, validation, reference)

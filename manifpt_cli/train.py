@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -63,18 +64,35 @@ class TrainResult:
         return self.metadata["training"]["val_accuracy"]
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val): ``val_fraction`` of every class (at least one where a class has two or more)."""
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int, groups: Sequence[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): ``val_fraction`` of every class (at least one where a class has two or more).
+
+    With ``groups`` (each row's file SHA-256), a class's rows of one group stay on one side: copies
+    of a file on both would let validation see what training saw. Rows all of their own group
+    split as without ``groups``.
+    """
     if not 0 < val_fraction < 1:
         raise UsageError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     rng = np.random.default_rng(seed)
+    # A row with no digest recorded ("") is a group of its own.
+    keys = np.array([g or f"\0{i}" for i, g in enumerate(groups)]) if groups is not None else np.arange(len(labels))
     train, val = [], []
     for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        n_val = int(round(len(members) * val_fraction))
-        n_val = min(max(n_val, 1 if len(members) > 1 else 0), len(members) - 1)
-        val.extend(members[:n_val])
-        train.extend(members[n_val:])
+        rows = np.flatnonzero(labels == label)
+        _, first, which = np.unique(keys[rows], return_index=True, return_inverse=True)
+        order = np.argsort(first)  # the class's groups in the order their first rows come
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))
+        picked = rng.permutation(len(order))  # as the rows themselves were, where every group is one row
+        n_val = int(round(len(order) * val_fraction))
+        n_val = min(max(n_val, 1 if len(order) > 1 else 0), len(order) - 1)
+        in_val = np.zeros(len(order), dtype=bool)
+        in_val[picked[:n_val]] = True
+        side = in_val[position[which]]
+        val.extend(rows[side])
+        train.extend(rows[~side])
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
 
 
@@ -135,7 +153,7 @@ def fit(
     present = np.unique(labels)
     if len(present) < 2:
         raise UsageError(f"training needs at least two classes with samples; found {len(present)}")
-    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed, data.samples.sha256)
     if len(val_idx) == 0:
         raise UsageError("too few samples for a validation split: give each class at least two images")
 
@@ -343,7 +361,7 @@ def select_score(data: TrainingSet, config: TrainConfig, *, folds: int = 3, sett
         settings.progress.log(f"open-set score: leaving out {held_out}")
         known = data.without_class(held_out)
         model, _, _ = fit(known, replace(config, open_set_score=DEFAULT_SCORE), device=settings.device)
-        _, val = stratified_split(known.samples.labels, config.val_fraction, config.seed)
+        _, val = stratified_split(known.samples.labels, config.val_fraction, config.seed, known.samples.sha256)
         unseen = data.subset(np.flatnonzero(data.samples.labels == data.samples.label_names.index(held_out)))
         known_scores = set_scores(model, known.subset(val))
         unseen_scores = set_scores(model, unseen)

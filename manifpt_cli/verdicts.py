@@ -40,6 +40,8 @@ class VerdictRule:
         self.score: str = open_set["score"]
         self.threshold = float(open_set["threshold"])
         self.target_fpr = float(open_set["target_fpr"])
+        bound = open_set.get("false_alarm_bound")  # models exported before it was recorded lack it
+        self.false_alarm_bound = float(bound) if bound is not None else None
         self.graph_scores: list[str] = list(open_set["graph_scores"])
         self.image_size = int(card["image_size"])
         self.reference_distance = float(card["manifold_reference"]["distance"])
@@ -91,6 +93,7 @@ class VerdictRule:
             "open_set_score": self.score,
             "threshold": self.threshold,
             "target_fpr": self.target_fpr,
+            **({"false_alarm_bound": self.false_alarm_bound} if self.false_alarm_bound is not None else {}),
             "has_real_class": self.has_real_class,
             "unknown_means": "none of the known sources"
             if self.has_real_class

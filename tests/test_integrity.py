@@ -887,6 +887,33 @@ def test_output_paths_that_are_not_utf8_are_written_and_shown_as_reports_show_pa
     )
 
 
+def test_ranks_follow_the_logits_where_float32_probabilities_underflow(case, tmp_path):
+    """At a sharp temperature every probability but the first is 0.0 in float32; the runner-up
+    and the rest of top-k used to follow class order then, not the model."""
+    import onnxruntime as ort
+
+    from manifpt_cli.attribute import Attribution
+    from manifpt_cli.formats import CHECKPOINT_FORMAT, load_checkpoint_payload, save_checkpoint
+    from manifpt_cli.images import decode_folder
+    from manifpt_cli.settings import RunSettings
+
+    state, metadata = load_checkpoint_payload(case["work"] / "freq.pt", CHECKPOINT_FORMAT)
+    state["temperature"] = state["temperature"] * 0 + 1e-4
+    save_checkpoint(tmp_path / "sharp.pt", state, metadata)
+    export_onnx(tmp_path / "sharp.pt", tmp_path / "sharp.onnx")
+    session = ort.InferenceSession(str(tmp_path / "sharp.onnx"))
+    underflowed = 0
+    with Attribution(tmp_path / "sharp.onnx", case["index"], top_k=3) as run:
+        for batch in decode_folder([case["suspects"]], run.model.image_size, RunSettings()):
+            searched = run.predicted(run.search_batch(batch))
+            (logits,) = session.run(["logits"], {"artifact": searched.inputs})
+            for row, row_logits in zip(run.finish_batch(searched), logits):
+                expected = [run.model.classes[j] for j in np.argsort(-row_logits, kind="stable")[:3]]
+                assert [label for label, _ in row.top_k] == expected
+                underflowed += row.top_k[1][1] == 0.0
+    assert underflowed > 0, "the case must have rows whose runner-up underflows"
+
+
 def test_a_model_that_gives_nan_yields_error_rows_and_valid_json(case, artifacts_file, tmp_path):
     import torch
 

@@ -39,6 +39,14 @@ def test_stratified_split_keeps_every_class_on_both_sides():
     assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(labels)))
     assert np.bincount(labels[val]).tolist() == [2, 1, 1]
     assert np.array_equal(stratified_split(labels, 0.2, 0)[1], val), "fixed by the seed"
+    # Distinct files split as rows do; copies of one file (one SHA-256) stay on one side.
+    distinct = [f"{i:064x}" for i in range(len(labels))]
+    assert all(np.array_equal(a, b) for a, b in zip(stratified_split(labels, 0.2, 0, distinct), (train, val)))
+    copies = [f"{labels[i]}:{i // 3}" for i in range(len(labels))]  # up to three rows a file, in its class
+    for seed in range(5):
+        train, val = stratified_split(labels, 0.2, seed, copies)
+        assert not {copies[i] for i in train} & {copies[i] for i in val}
+        assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(labels)))
 
 
 @pytest.mark.parametrize("arch", list_models())

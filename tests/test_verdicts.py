@@ -25,8 +25,10 @@ from manifpt_cli.openset import (
     brier_score,
     expected_calibration_error,
     fit_temperature,
+    known_threshold,
     oscr,
     softmax,
+    temperature_at_bound,
     threshold_at,
     tnr_at_tpr,
 )
@@ -56,6 +58,19 @@ def test_threshold_and_tnr_at_tpr():
     assert tnr_at_tpr(known, unknown, 0.95) == 0.5  # the threshold accepts 95 % of knowns: 5.0
 
 
+def test_the_known_threshold_holds_its_false_alarm_rate_for_new_images():
+    """Scores uniform on [0, 1]: a new known image falls below a threshold t with probability t,
+    so the mean threshold over many validation draws is the rate the model states for new images."""
+    rng = np.random.default_rng(0)
+    draws = rng.random((4000, 40))
+    conformal = np.mean([known_threshold(scores, 0.05)[0] for scores in draws])
+    plain = np.mean([threshold_at(scores, 0.05) for scores in draws])
+    assert conformal == pytest.approx(2 / 41, abs=0.002) and known_threshold(draws[0], 0.05)[1] == 2 / 41
+    assert plain == pytest.approx(3 / 41, abs=0.002), "the plain quantile: 7.3 % on new images"
+    assert known_threshold(np.arange(19.0), 0.05) == (0.0, 1 / 20)  # 19 images: the lowest, 1/20 on new ones
+    assert known_threshold(np.arange(9.0), 0.05) == (0.0, 1 / 10), "too few: the rate stated is what it gives"
+
+
 def test_oscr_of_perfect_and_of_useless_scores():
     known, unknown = np.array([5.0, 6.0, 7.0, 8.0]), np.array([1.0, 2.0])
     all_correct = np.ones(4, bool)
@@ -63,6 +78,8 @@ def test_oscr_of_perfect_and_of_useless_scores():
     half_correct = np.array([True, False, True, False])
     assert oscr(known, half_correct, unknown) == pytest.approx(0.5)
     assert oscr(unknown.repeat(2), all_correct, known[:2]) == pytest.approx(0.0), "every unknown outranks the knowns"
+    tied = np.ones(4)
+    assert oscr(tied, all_correct, tied[:2]) == pytest.approx(0.5), "one score for all: chance, not 1"
 
 
 def test_ece_and_brier_on_hand_computed_cases():
@@ -84,6 +101,10 @@ def test_temperature_fit_recovers_the_temperature_that_made_the_labels():
     before = expected_calibration_error(softmax(logits), labels)
     after = expected_calibration_error(softmax(logits, fitted), labels)
     assert after < before / 3
+    assert not temperature_at_bound(fitted)
+    # A split the network separates perfectly cannot fix T: it runs to the range's end, and says so.
+    separated = fit_temperature(logits, logits.argmax(axis=1))
+    assert separated == pytest.approx(0.05, rel=0.01) and temperature_at_bound(separated)
 
 
 # --- notes, the verdict rule, perturbations ----------------------------------------------------
@@ -247,6 +268,10 @@ def test_enrolment_adds_a_source_and_keeps_the_old_ones(verdict_model, real_inde
     assert result.classes == [*SOURCES, "real", "poster"] and result.counts == {"poster": len(posterized[0::2])}
     card = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "e.onnx")).metadata_props}["manifpt"])
     assert card["enrolments"][0]["sources"][0]["name"] == "poster"
+    # The trained model's off-manifold reference stands (its training distances are not kept to
+    # recompute it), raised only where the new source lies farther.
+    _, trained = load_checkpoint_payload(verdict_model["work"] / "m.pt", CHECKPOINT_FORMAT)
+    assert card["manifold_reference"]["distance"] >= trained["manifold_reference"]["distance"]
     assert card["open_set"]["threshold"] == result_threshold(tmp_path / "e.pt")
     new_rows = attribute_rows(tmp_path / "e.onnx", real_index, tmp_path / "new_test")
     # Frozen features trained on four other traces see posterisation only partly (it resembles the noise
@@ -311,5 +336,10 @@ def test_train_cli_augments_and_sets_the_false_alarm_rate(artifacts_file, tmp_pa
     n_images = len(load_artifacts(artifacts_file, Space.RGB).samples.labels)
     assert training["train_size"] + training["val_size"] == n_images + training["augmented_copies"]
     assert metadata["open_set"]["target_fpr"] == 0.1
+    # The rate the threshold gives a new image, from the validation split's size (the augmented
+    # copies count as validation images here: they are what the threshold was set on).
+    k = max(1, int(0.1 * (training["val_size"] + 1)))
+    assert metadata["open_set"]["false_alarm_bound"] == pytest.approx(k / (training["val_size"] + 1))
+    assert f"{metadata['open_set']['false_alarm_bound']:.3g} for new images" in result.stderr
     bad = CliRunner().invoke(app, [str(a) for a in [*args, "--overwrite", "--augment", "jpeg:101"]])
     assert bad.exit_code == 2 and "jpeg takes a quality" in bad.stderr

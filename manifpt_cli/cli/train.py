@@ -157,8 +157,21 @@ def train(
         stderr.print(
             f"calibrated: temperature {calibration['temperature']:.3f}, validation ECE "
             f"{calibration['ece_before']:.3f} → {calibration['ece']:.3f}; 'unknown' below {open_set['score']} "
-            f"{open_set['threshold']:.4g} (target false-alarm rate {open_set['target_fpr']:g})"
+            f"{open_set['threshold']:.4g} (target false-alarm rate {open_set['target_fpr']:g}; "
+            f"{open_set['false_alarm_bound']:.3g} for new images)"
         )
+        if calibration["temperature_at_bound"]:
+            stderr.print(
+                "[yellow]temperature at the end of its range:[/] the validation split is separated perfectly, "
+                "so it cannot calibrate; probabilities near 1 overstate the certainty (give more, or harder, "
+                "validation images)"
+            )
+        if open_set["false_alarm_bound"] > open_set["target_fpr"]:
+            stderr.print(
+                f"[yellow]too few validation images for the target:[/] a new image of a known source is called "
+                f"'unknown' with probability up to {open_set['false_alarm_bound']:.3g}; give more images, a larger "
+                "--val-fraction, or a larger --target-fpr"
+            )
         if not result.metadata["has_real_class"]:
             stderr.print(
                 "[yellow]no 'real' class:[/] real photos will come out 'unknown' at best "

@@ -402,7 +402,7 @@ def evaluate_set(
         for seed in range(seeds):
             settings.progress.log(f"{name}: seed {seed + 1}/{seeds}")
             if test_data is None:
-                rest, test = stratified_split(labels, test_fraction, seed)
+                rest, test = stratified_split(labels, test_fraction, seed, data.samples.sha256)
                 train_part, test_part = data.subset(rest), data.subset(test)
             else:
                 rest, train_part, test_part = np.arange(len(labels)), data, test_data
@@ -546,7 +546,7 @@ def open_set_metrics(data: TrainingSet, config: TrainConfig, test_fraction: floa
     for held_out in generators:
         settings.progress.log(f"open set: leaving out {held_out}")
         known = data.without_class(held_out)
-        rest, test = stratified_split(known.samples.labels, test_fraction, 0)
+        rest, test = stratified_split(known.samples.labels, test_fraction, 0, known.samples.sha256)
         model, _, _ = fit(
             known.subset(rest), replace(config, seed=0), device=settings.device, progress=settings.progress
         )
