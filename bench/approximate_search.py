@@ -148,7 +148,9 @@ def main() -> None:
                         seconds = time.perf_counter() - seconds
                         found = compute_artifacts(index, embedder, pixels, shas)[space]
                         assert np.array_equal(found.neighbours.ids, neighbours.ids)
-                        probabilities, _, _ = model.predict(attributor_inputs(model.input_kind, pixels, found.artifacts))
+                        probabilities, _, _ = model.predict(
+                            attributor_inputs(model.input_kind, pixels, found.artifacts)
+                        )
                         accuracy = float(np.mean(probabilities.argmax(axis=1) == labels))
                         if exact_ids is None:
                             exact_ids, exact_accuracy = found.neighbours.ids, accuracy
