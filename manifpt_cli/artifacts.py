@@ -26,10 +26,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .errors import FormatError, ImageDecodeError, MismatchError, UsageError
-from .formats import ARTIFACTS_FORMAT, check_format, describe_file, json_attr, require_file, sample_file
+from .formats import ARTIFACTS_FORMAT, HDF5_SIGNATURE, check_format, json_attr, not_of_kind, require_file, sample_file
 from .images import (
     DecodedImage,
     FailedImage,
+    SkippedFile,
     count_images,
     decode_folder,
     decode_image,
@@ -119,6 +120,7 @@ class ExtractResult:
     spaces: list[Space]
     failures: list[tuple[str, FailedImage]] = field(default_factory=list)
     seconds: float = 0.0
+    skipped: list[tuple[str, SkippedFile]] = field(default_factory=list)  # not image files: no failure
 
     @property
     def n_samples(self) -> int:
@@ -235,6 +237,8 @@ def extract_artifacts(
                     **extra,
                 )
 
+            skipped: list[tuple[str, SkippedFile]] = []
+
             def fail(name: str, item: FailedImage) -> None:
                 failures.append((name, item))
                 writer.fail(item.path, item.error, label=name)
@@ -250,8 +254,9 @@ def extract_artifacts(
                     decoded, failed, not_images = split_batch(batch)
                     for item in failed:
                         fail(name, item)
-                    for item in not_images:
-                        fail(name, FailedImage(item.path, f"skipped: {item.reason}"))
+                    for item in not_images:  # recorded in the file as the index does, not a failure
+                        skipped.append((name, item))
+                        writer.fail(item.path, f"skipped: {item.reason}", label=name)
                     if decoded:
                         pixels = np.stack([item.pixels for item in decoded])
                         shas = [item.sha256 for item in decoded]
@@ -289,7 +294,8 @@ def extract_artifacts(
                 n_samples=writer.n_rows,
             )
             writer.handle.attrs[ARTIFACTS_DIGEST_ATTR] = hdf5_digest(writer.handle)
-    return ExtractResult(os.fspath(out), label_names, counts, list(spaces), failures, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return ExtractResult(os.fspath(out), label_names, counts, list(spaces), failures, seconds, skipped)
 
 
 @dataclass
@@ -337,9 +343,7 @@ def _open_artifacts(path: str | os.PathLike):
     try:
         handle = h5py.File(path, "r")
     except OSError:
-        raise FormatError(
-            f"{path} is not a readable artifacts file: it is {describe_file(path)}, or truncated"
-        ) from None
+        raise not_of_kind(path, HDF5_SIGNATURE, "artifacts file") from None
     with handle:
         try:
             check_format(handle.attrs, ARTIFACTS_FORMAT, path)

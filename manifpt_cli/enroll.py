@@ -14,14 +14,14 @@ import dataclasses
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .artifacts import compute_artifacts, index_embedders
 from .errors import MismatchError, UsageError
 from .formats import backbone_path_for, save_checkpoint, utc_now
-from .images import count_images, decode_folder, display_path, split_batch
+from .images import FailedImage, count_images, decode_folder, display_path, split_batch
 from .inputs import InputKind, attributor_inputs
 from .manifold import RealIndex
 from .openset import batched_outputs, calibrate
@@ -41,6 +41,7 @@ class NewSource:
     inputs: np.ndarray
     distances: np.ndarray
     folder: str = ""
+    failures: list[FailedImage] = field(default_factory=list)  # its files that gave no sample
 
 
 def _held_out(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -179,6 +180,7 @@ class EnrollResult:
     classes: list[str]
     counts: dict[str, int]
     seconds: float
+    failures: list[tuple[str, FailedImage]] = field(default_factory=list)  # (source, file) not enrolled
 
 
 def load_sources(
@@ -199,19 +201,25 @@ def load_sources(
         for name, folder in folders:
             if count_images([folder], sniff=settings.sniff) == 0:
                 raise UsageError(f"no image files in {display_path(folder)}")
-            inputs, distances = [], []
+            inputs, distances, failures = [], [], []
             for batch in decode_folder([folder], index.image_size, settings, backbone=space.needs_backbone):
-                decoded, _, _ = split_batch(batch)
+                decoded, failed, _ = split_batch(batch)  # files that are not images are skipped, as everywhere
+                failures.extend(failed)
                 if not decoded:
                     continue
                 pixels = np.stack([d.pixels for d in decoded])
                 found = compute_artifacts(index, {space: embedder}, pixels, [d.sha256 for d in decoded])[space]
                 ok = found.neighbours.ids >= 0
+                failures.extend(
+                    FailedImage(d.path, "no real neighbour other than itself", d.sha256)
+                    for d, has in zip(decoded, ok)
+                    if not has
+                )
                 inputs.append(attributor_inputs(kind, pixels[ok], found.artifacts[ok]))
                 distances.append(found.neighbours.distances[ok].astype(np.float64))
             if not inputs:
                 raise UsageError(f"no image in {display_path(folder)} could be decoded")
-            sources.append(NewSource(name, np.concatenate(inputs), np.concatenate(distances), folder))
+            sources.append(NewSource(name, np.concatenate(inputs), np.concatenate(distances), folder, failures))
     return sources
 
 
@@ -247,4 +255,5 @@ def enroll(
         save_checkpoint(partial, scored.state_dict(), new_metadata)
         export_onnx(partial, out, backbone_weights=(weights or {}).get(space), overwrite=overwrite)
     counts = {s.name: int(len(s.inputs)) for s in sources}
-    return EnrollResult(new_checkpoint, out, new_metadata["classes"], counts, time.perf_counter() - started)
+    failures = [(s.name, failure) for s in sources for failure in s.failures]
+    return EnrollResult(new_checkpoint, out, new_metadata["classes"], counts, time.perf_counter() - started, failures)

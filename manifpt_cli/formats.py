@@ -67,6 +67,8 @@ def check_format(attrs: Mapping, expected: str, path: str | os.PathLike) -> None
     if isinstance(found, bytes):
         found = found.decode()
     if found != expected:
+        if found in FORMAT_VERSIONS:  # another of manifpt's own files: given in the wrong place
+            raise UsageError(f"{path} is a {found} file, not a {expected} file")
         raise FormatError(f"{path} is not a {expected} file (format attribute: {found!r})")
     version = int(attrs.get("format_version", -1))
     readable = (*ALSO_READ.get(expected, ()), FORMAT_VERSIONS[expected])
@@ -105,8 +107,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 # First bytes of the files people point manifpt at by mistake, to say what a file is instead.
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _SIGNATURES = (
-    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (a manifpt index or artifacts file?)"),
+    (HDF5_SIGNATURE, "an HDF5 file (a manifpt index or artifacts file?)"),
     (b"PK\x03\x04", "a zip archive (a PyTorch checkpoint?)"),
     (b"\x89PNG", "a PNG image"),
     (b"\xff\xd8\xff", "a JPEG image"),
@@ -126,6 +129,16 @@ def require_file(path: str | os.PathLike, what: str, hint: str = "") -> None:
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device"
         article = "an" if what[0] in "aeiou" else "a"
         raise UsageError(f"{path} is {kind}, not {article} {what} file{hint}")
+
+
+def not_of_kind(path: str | os.PathLike, signature: bytes, what: str) -> FormatError | UsageError:
+    """The error for a file that did not open as ``what``: a file of the wrong kind (another
+    known signature than ``signature``, exit 2), or a damaged one (exit 1)."""
+    kind = describe_file(path)
+    known = [k for s, k in _SIGNATURES if s != signature] + ["an ONNX model, judging by its name"]
+    if kind in known:
+        return UsageError(f"{path} is {kind}, not {'an' if what[0] in 'aeiou' else 'a'} {what}")
+    return FormatError(f"{path} is not a readable {what}: it is {kind}, or truncated")
 
 
 def describe_file(path: str | os.PathLike) -> str:
@@ -177,7 +190,7 @@ def _check_stored_archive(path: str | os.PathLike, expected: str) -> None:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):  # ValueError: a member name not UTF-8
-        raise FormatError(f"{path} is not a {expected} checkpoint: it is {describe_file(path)}") from None
+        raise not_of_kind(path, b"PK\x03\x04", f"{expected} checkpoint") from None
     compressed = any(member.compress_type != zipfile.ZIP_STORED for member in members)
     if compressed or sum(member.file_size for member in members) > os.path.getsize(path):
         raise FormatError(

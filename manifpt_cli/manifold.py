@@ -46,7 +46,16 @@ from .coded_search import CodedSearch
 from .engines import LocalEngine
 from .errors import FormatError, UsageError
 from .file_rows import FileRows
-from .formats import INDEX_FORMAT, METRIC, RESIZE_POLICY, check_format, describe_file, require_file, sample_file
+from .formats import (
+    HDF5_SIGNATURE,
+    INDEX_FORMAT,
+    METRIC,
+    RESIZE_POLICY,
+    check_format,
+    not_of_kind,
+    require_file,
+    sample_file,
+)
 from .images import FailedImage, SkippedFile, count_images, display_path, split_batch
 from .integrity import (
     CODED_SEARCH,
@@ -462,10 +471,7 @@ class RealIndex:
         try:
             self._file = h5py.File(self.path, "r")
         except OSError:
-            raise FormatError(
-                f"{self.path} is not a readable manifpt index: it is {describe_file(self.path)}, or truncated. "
-                "Indexes are written by `manifpt index build`"
-            ) from None
+            raise not_of_kind(self.path, HDF5_SIGNATURE, "manifpt index (made by `manifpt index build`)") from None
         try:
             check_format(self._file.attrs, INDEX_FORMAT, self.path)
             # Read once: the digests cover these, and everything after uses them, not the file.

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from .errors import FormatError, ImageDecodeError, ManifptError, UsageError
 from .formats import file_sha256, open_regular
 from .images import array_row_sha256, path_from_display, split_array_row
+from .integrity import IntegrityError
 from .report import json_report_digest, sidecar_digest, sidecar_path, unneutralise
 
 MATCHES, CHANGED, MISSING = "matches", "changed", "missing"
@@ -137,6 +138,11 @@ def read_report(path: str) -> tuple[dict, list[dict], list[Check]]:
             return {**header, "finished_utc": finished}, rows, [check]
         with open_regular(path, "r", newline="", encoding="utf-8") as handle:
             rows = [{key: unneutralise(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+        if not os.path.lexists(sidecar_path(path)):
+            raise IntegrityError(
+                f"cannot check {path}: its provenance {sidecar_path(path)} is missing (removed, or the CSV was "
+                "copied without it), and it holds the digest the report is checked against"
+            )
         with open_regular(sidecar_path(path), "r", encoding="utf-8") as handle:
             header = json.load(handle)
         _check_report_types(header, rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import h5py
@@ -58,10 +59,16 @@ def test_bad_files_and_bad_options(tmp_path, real_index, dataset):
     for path in sorted((dataset / "train" / "jpeg").iterdir())[:4]:
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "zero.png").write_bytes(b"")
+    (folder / "readme.txt").write_text("notes")
     result = extract_artifacts(
         real_index, [("jpeg", str(folder)), ("blur", str(dataset / "train" / "blur"))], tmp_path / "a.h5"
     )
     assert result.counts["jpeg"] == 4 and [name for name, _ in result.failures] == ["jpeg"]
+    # A file that is not an image is skipped, as `index build` skips it: recorded, not a failure.
+    assert [(name, os.path.basename(item.path)) for name, item in result.skipped] == [("jpeg", "readme.txt")]
+    with h5py.File(tmp_path / "a.h5") as handle:
+        errors = list(handle["failures/error"].asstr()[...])
+    assert sum(error.startswith("skipped:") for error in errors) == 1 and len(errors) == 2
     with pytest.raises(UsageError, match="unique"):
         extract_artifacts(real_index, [("real", str(folder))], tmp_path / "b.h5", real=folder)
     with pytest.raises(UsageError, match="no 'sl' space"):

@@ -541,6 +541,8 @@ def test_verify_says_what_still_matches(case, tmp_path):
     rows = out.read_text()
     out.write_text(rows.replace("noise", "blur", 1))
     assert "report" in cli("verify", out, code=EXIT_FAILURE).stdout
+    Path(f"{out}.meta.json").unlink()  # a CSV copied without its provenance cannot be checked: 1, not 2
+    assert "r.csv.meta.json is missing" in cli("verify", out, code=EXIT_FAILURE).stderr
 
 
 def documented_digest(document: dict) -> str:
@@ -970,7 +972,15 @@ def test_wrong_files_get_one_clear_line(case, tmp_path):
             "not an ONNX model",
         ),
         (("export", case["model"], "--out", tmp_path / "x.onnx"), 2, "already an ONNX model"),
-        (("export", case["index"], "--out", tmp_path / "y.onnx"), 1, "an HDF5 file"),
+        (("export", case["index"], "--out", tmp_path / "y.onnx"), 2, "an HDF5 file"),
+        # Files of the wrong kind, manifpt's own or not: a usage error (2), as the README says
+        (("attribute", case["suspects"], "--model", case["model"], "--index", case["model"]), 2, "not a manifpt index"),
+        (("index", "info", case["work"] / "freq.pt"), 2, "a zip archive"),
+        (
+            ("train", "--artifacts", case["index"], "--space", "freq", "--out", tmp_path / "t.pt"),
+            2,
+            "is a manifpt-real-index file, not a manifpt-artifacts file",
+        ),
         # Said as what they are, never opened (a FIFO would block)
         (
             ("attribute", case["suspects"], "--model", fifo, "--index", case["index"]),

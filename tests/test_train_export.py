@@ -125,7 +125,7 @@ def test_a_checkpoint_with_compressed_members_is_refused_before_it_is_unpacked(f
 
 def test_bad_checkpoints_and_options(tmp_path, artifacts_file):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(FormatError, match="not a manifpt-attributor checkpoint"):
+    with pytest.raises(FormatError, match="not a readable manifpt-attributor checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(UsageError, match="choose one of: mlp, resnet18, resnet50, small"):
         train_attributor(artifacts_file, Space.RGB, tmp_path / "x.pt", config=TrainConfig(arch="nope", epochs=1))

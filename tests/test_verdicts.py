@@ -262,9 +262,11 @@ def test_enrolment_adds_a_source_and_keeps_the_old_ones(verdict_model, real_inde
     posterized = [(crop // 64) * 64 + 32 for crop in photo_crops(4, seed=11)]  # a new trace: 4 levels a channel
     write_crops(tmp_path / "new_train", posterized[0::2], "new")
     write_crops(tmp_path / "new_test", posterized[1::2], "new")
+    (tmp_path / "new_train" / "broken.png").write_bytes(b"not a png")
     result = enroll(
         verdict_model["work"] / "m.pt", real_index, [("poster", str(tmp_path / "new_train"))], tmp_path / "e.onnx"
     )
+    assert [(name, Path(f.path).name) for name, f in result.failures] == [("poster", "broken.png")], "listed, not lost"
     assert result.classes == [*SOURCES, "real", "poster"] and result.counts == {"poster": len(posterized[0::2])}
     card = json.loads({p.key: p.value for p in onnx.load(str(tmp_path / "e.onnx")).metadata_props}["manifpt"])
     assert card["enrolments"][0]["sources"][0]["name"] == "poster"

@@ -117,3 +117,32 @@ def test_zoo_train_refuses_its_own_input_folder_and_an_existing_generator_before
     (tmp_path / "gen" / "generator.pt").write_bytes(b"an earlier generator")
     with pytest.raises(UsageError, match="already exists"):
         train_generator([dataset / "real"], tmp_path / "gen", design, iters=1)
+
+
+def test_zoo_train_lists_the_real_files_it_could_not_decode(tmp_path, dataset):
+    import shutil
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for path in sorted((dataset / "real").iterdir())[:8]:
+        shutil.copy(path, real)
+    (real / "bad.png").write_bytes(b"not a png")
+    result = zoo_train(
+        "--real",
+        str(real),
+        "--out",
+        str(tmp_path / "zoo" / "g"),
+        "--family",
+        "vae",
+        "--size",
+        "16",
+        "--width",
+        "4",
+        "--iters",
+        "1",
+        "--batch-size",
+        "4",
+        "-q",
+    )
+    assert result.exit_code == 3 and "bad.png" in result.stderr, result.stderr
+    assert (tmp_path / "zoo" / "g" / "generator.pt").is_file(), "trained on the rest"

@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..errors import EXIT_PARTIAL
 from .console import RichProgress, errors_to_exit, label_column, literal, print_table, safe, stderr
+from .failures import print_failures
 from .options import BACKBONES, COMPUTE, DECODING, RunOptions, parse_source, run_options
 
 
@@ -38,6 +40,8 @@ def enroll(
 
     The last layer is refitted on frozen features; calibration and open-set thresholds are fitted
     again so they hold for the new class list. The model card records the enrolment.
+
+    Exit codes: 0 every file enrolled; 3 enrolled, but some files gave no sample (each listed).
     """
     from ..enroll import enroll as run_enroll
 
@@ -62,3 +66,6 @@ def enroll(
         f"[green]wrote {safe(result.model)}[/] and {safe(result.checkpoint)}: "
         f"{len(result.classes)} classes ({result.seconds:.1f} s)"
     )
+    if result.failures:
+        print_failures([(f.path, f"[{name}] {f.error}") for name, f in result.failures])
+        raise typer.Exit(EXIT_PARTIAL)

@@ -75,6 +75,8 @@ def extract(
         print_table(stderr, table)
         spaces = ", ".join(s.value for s in result.spaces)
         stderr.print(f"[green]{result.n_samples} artifacts[/] in {spaces} → {safe(out)} ({result.seconds:.1f} s)")
+        if result.skipped:
+            stderr.print(f"{len(result.skipped)} skipped (not image files; listed in the artifacts file)")
         if result.failures:
             print_failures([(f.path, f"[{name}] {f.error}") for name, f in result.failures])
             raise typer.Exit(EXIT_PARTIAL)

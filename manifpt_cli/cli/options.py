@@ -53,7 +53,7 @@ SHARED_OPTIONS = {
             typer.Option(
                 "--threads",
                 min=1,
-                show_default=f"the cores --workers leaves free; {cpu_count()} cores here",
+                show_default=f"the cores less the decoding threads (--workers, default 1); {cpu_count()} cores here",
                 help="Compute threads for PyTorch, FAISS and ONNX Runtime.",
             ),
         ],

@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from ..errors import EXIT_PARTIAL
 from .console import RichProgress, errors_to_exit, label_column, literal, print_table, safe, stderr, stdout
+from .failures import print_failures
 from .help import App
 from .options import COMPUTE, RunOptions, run_options
 
@@ -54,7 +56,10 @@ def train(
     *,
     options: RunOptions,
 ) -> None:
-    """Train a small generator on real images and record every design choice in its checkpoint."""
+    """Train a small generator on real images and record every design choice in its checkpoint.
+
+    Exit codes: 0 trained on every file; 3 trained, but some files could not be decoded (each listed).
+    """
     with errors_to_exit(needs="train"), RichProgress(options.quiet, unit="it") as progress:
         from ..research.zoo import make_design, train_generator
 
@@ -72,6 +77,9 @@ def train(
         )
         losses = "  ".join(f"{k} {v:.4f}" for k, v in result.final_losses.items())
         stderr.print(f"[green]saved {safe(result.path)}[/] ({result.seconds:.1f} s; final {losses})")
+    if result.failures:
+        print_failures([(f.path, f.error) for f in result.failures])
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 @app.command("sample")
@@ -95,9 +103,7 @@ def sample(
 
 @app.command("list")
 def list_models(
-    root: Annotated[Path, typer.Argument(metavar="DIR", help="Folder searched for zoo models.")] = Path(
-        "models_dir/zoo"
-    ),
+    root: Annotated[Path, typer.Argument(metavar="DIR", help="Folder searched for zoo models.")] = Path("zoo"),
 ) -> None:
     """Show the trained zoo models and their design choices."""
     with errors_to_exit(needs="train"):

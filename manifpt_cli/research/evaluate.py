@@ -386,6 +386,8 @@ def evaluate_set(
     started = time.perf_counter()
     if seeds < 1:
         raise UsageError(f"seeds must be at least 1, got {seeds}")
+    if not 0 < test_fraction < 1:
+        raise UsageError(f"test_fraction (--test-fraction) must be between 0 and 1, got {test_fraction}")
     config = config or TrainConfig()
     stress = stress or Stress()
     inputs = [source] if source else []

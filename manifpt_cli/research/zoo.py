@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +91,17 @@ def build_generator(design: Design):
     return Diffusion(design.size, design.width, design.upsample, design.norm)
 
 
-def load_real_images(roots, size: int, settings: RunSettings = DEFAULT_SETTINGS) -> np.ndarray:
-    """All decodable images under ``roots`` as (N, size, size, 3) uint8 (undecodable files are skipped)."""
-    decoded = [item.pixels for batch in decode_folder(roots, size, settings) for item in split_batch(batch)[0]]
+def load_real_images(roots, size: int, settings: RunSettings = DEFAULT_SETTINGS) -> tuple[np.ndarray, list]:
+    """All decodable images under ``roots`` as (N, size, size, 3) uint8, and the files that could
+    not be decoded (:class:`FailedImage`; files that are not images are skipped)."""
+    decoded, failures = [], []
+    for batch in decode_folder(roots, size, settings):
+        images, failed, _ = split_batch(batch)
+        decoded.extend(item.pixels for item in images)
+        failures.extend(failed)
     if not decoded:
         raise UsageError("no decodable real image found to train the generator on")
-    return np.stack(decoded)
+    return np.stack(decoded), failures
 
 
 def _gan_losses(model, real, loss: str):
@@ -137,6 +142,7 @@ class ZooTrainResult:
     design: Design
     final_losses: dict[str, float]
     seconds: float
+    failures: list = field(default_factory=list)  # real files that could not be decoded (FailedImage)
 
 
 def train_generator(
@@ -163,7 +169,8 @@ def train_generator(
     check_outputs([path], inputs=real_dirs, overwrite=overwrite)  # before the training, not after
     started = time.perf_counter()
     device, progress = settings.device, settings.progress
-    real = torch.from_numpy(load_real_images(real_dirs, design.size, settings)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    pixels, failures = load_real_images(real_dirs, design.size, settings)
+    real = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     torch.manual_seed(seed)
     model = build_generator(design).to(device)
     real = real.to(device)
@@ -220,7 +227,7 @@ def train_generator(
     }
     path.parent.mkdir(exist_ok=True)
     save_checkpoint(path, model.state_dict(), metadata, overwrite=overwrite)
-    return ZooTrainResult(os.fspath(path), design, losses, time.perf_counter() - started)
+    return ZooTrainResult(os.fspath(path), design, losses, time.perf_counter() - started, failures)
 
 
 def _checkpoint_path(model_dir: str | os.PathLike) -> Path:
