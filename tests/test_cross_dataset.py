@@ -28,6 +28,9 @@ def test_match_by_design_factor():
     }
     match = match_labels(["sngan", "nvae", "glow"], ["dcgan", "stylegan", "betavae"], by="family", factors=factors)
     assert match.classes == ["gan", "vae"] and match.dropped_train == ["glow"] and match.dropped_test == []
+    # `extract` adds a real class by default; it has no design factors and matches by its name.
+    with_real = match_labels(["sngan", "real"], ["dcgan", "real"], by="family", factors=factors)
+    assert with_real.classes == ["gan", "real"] and with_real.dropped_train == with_real.dropped_test == []
     with pytest.raises(UsageError, match="no 'family' value for: other"):
         match_labels(["sngan", "other"], ["dcgan"], by="family", factors=factors)
     with pytest.raises(UsageError, match="fewer than two classes"):

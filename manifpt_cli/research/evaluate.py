@@ -650,7 +650,8 @@ def match_labels(
 ) -> LabelMatch:
     """Match classes by name, or by the value of design factor ``by`` (from ``factors``).
 
-    Only classes present on both sides are kept; the rest are listed as dropped.
+    Only classes present on both sides are kept; the rest are listed as dropped. The ``real``
+    class (which `extract` adds by default) has no design factors: it is matched by its name.
     """
     if by is None:
         identity = {name: name for name in train_names + test_names}
@@ -661,6 +662,7 @@ def match_labels(
                 f"matching by {by!r} needs design factors (factors; --zoo DIR or --factors CSV on the command line)"
             )
         lookup = {name: values.get(by, "") for name, values in factors.items()}
+        lookup.setdefault(REAL_LABEL, REAL_LABEL)
         missing = [name for name in train_names + test_names if not lookup.get(name)]
         if missing:
             raise UsageError(f"no {by!r} value for: {', '.join(missing)} (add them to the factors)")
