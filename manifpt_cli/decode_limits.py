@@ -47,7 +47,9 @@ def jpeg_segments(data: bytes) -> tuple[int, int]:
         marker = data[position + 1]
         if marker == 0xD9:  # EOI
             break
-        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, or no length
+        if marker in (0xFF, 0x00, 0x01) or 0xD0 <= marker <= 0xD7:  # fill, stuffed zero or no length
+            # libjpeg skips FF 00 between segments as data, not a marker: reading a length there
+            # would jump over segments (and scans) that it then decodes.
             position += 1 if marker == 0xFF else 2
             continue
         segments += 1

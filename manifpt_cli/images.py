@@ -433,7 +433,10 @@ def _on_white(image: Image.Image) -> Image.Image:
 
 
 def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+    """Alpha in the mode, a palette's transparency, or a palette of RGBA colours (a TGA's 32-bit map)."""
+    if image.mode in _ALPHA_MODES:
+        return True
+    return image.mode == "P" and ("transparency" in image.info or getattr(image.palette, "mode", "") == "RGBA")
 
 
 def _resizable(image: Image.Image) -> Image.Image:
@@ -540,6 +543,11 @@ def _decode_bytes(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             decode_limits.check_before_open(data, max_pixels)
             image = Image.open(io.BytesIO(data))
+            if image.format == "EPS":
+                raise ImageDecodeError(
+                    "PostScript (EPS) is a program, not pixels: decoding it would run Ghostscript on it, "
+                    "without a time limit, so it is not decoded"
+                )
             width, height = image.size  # read from the header; no pixel is decoded yet
             decode_limits.check_opened(image, data, max_pixels)
             if image.format in ("JPEG", "MPO") and min(width, height) >= 4 * size:

@@ -112,6 +112,24 @@ def test_palette_with_transparency_is_composited_on_white(tmp_path):
     assert tuple(decoded.pixels[5, 5]) == (255, 255, 255)
 
 
+def test_a_palette_of_rgba_colours_is_composited_on_white(tmp_path):
+    """A colour-mapped TGA with a 32-bit map opens as P with an RGBA palette and no
+    ``transparency``: its alpha used to be dropped (black where it is transparent)."""
+    colour_map = bytes([0, 0, 0, 0, 0, 0, 255, 255])  # BGRA: 0 transparent black, 1 opaque red
+    header = struct.pack("<BBBHHBHHHHBB", 0, 1, 1, 0, 2, 32, 0, 0, SIZE, SIZE, 8, 0x28)
+    pixels = bytes([0] * (SIZE * SIZE // 2) + [1] * (SIZE * SIZE // 2))
+    (tmp_path / "map.tga").write_bytes(header + colour_map + pixels)
+    assert Image.open(tmp_path / "map.tga").palette.mode == "RGBA"
+    decoded = decode_image(str(tmp_path / "map.tga"), SIZE)
+    assert tuple(decoded.pixels[0, 0]) == (255, 255, 255) and tuple(decoded.pixels[-1, 0]) == (255, 0, 0)
+
+
+def test_postscript_is_never_run(tmp_path):
+    (tmp_path / "a.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n{} loop\n")
+    with pytest.raises(ImageDecodeError, match="PostScript .* not decoded"):
+        decode_image(str(tmp_path / "a.eps"), SIZE)
+
+
 @pytest.mark.parametrize("value, expected", [(65535, 255), (32896, 128), (0, 0)])
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path, value, expected):
     image = Image.fromarray(np.full((SIZE, SIZE), value, np.uint16))
@@ -851,7 +869,10 @@ def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(tmp_pat
     (tmp_path / "scans.jpg").write_bytes(data[:-2] + scan_header * extra + data[-2:])
     # libjpeg skips stray bytes before a segment (with a warning): they must not end the count.
     (tmp_path / "stray.jpg").write_bytes(data[:sos] + b"\x00" + data[sos:-2] + scan_header * extra + data[-2:])
-    for name in ("scans.jpg", "stray.jpg"):
+    # A stuffed zero (FF 00) there is data to libjpeg too: read as a marker's length it jumped
+    # over the scans after it, which libjpeg then decoded.
+    (tmp_path / "stuffed.jpg").write_bytes(data[:sos] + b"\xff\x00" + data[sos:-2] + scan_header * extra + data[-2:])
+    for name in ("scans.jpg", "stray.jpg", "stuffed.jpg"):
         with pytest.raises(ImageDecodeError, match=f"holds {decode_limits.MAX_JPEG_SCANS + 1} scans, over the limit"):
             decode_image(str(tmp_path / name), SIZE)
 
