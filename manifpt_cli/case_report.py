@@ -227,6 +227,15 @@ def _provenance(header: dict, finished: str) -> str:
     return "<section id='provenance'><h2>Provenance</h2>" + _table(rows) + "</section>\n"
 
 
+def _unknown_shares(card: dict, open_set: dict) -> list[tuple[str, str]]:
+    """The row of each class's validation images called unknown (the threshold is pooled over them)."""
+    shares = open_set.get("validation_unknown_share")
+    if not shares:
+        return []
+    named = ", ".join(f"{label} {_figure(share)}" for label, share in zip(card.get("classes", []), shares))
+    return [("validation images called unknown, per class", named)]
+
+
 def _model_card(card: dict) -> str:
     if not card:
         return "<section id='model-card'><h2>Model card</h2><p>The report records no model card.</p></section>\n"
@@ -260,6 +269,7 @@ def _model_card(card: dict) -> str:
                 else ""
             ),
         ),
+        *_unknown_shares(card, open_set),
         ("has a real class", "yes" if card.get("has_real_class") else "no: a real photo can at best be unknown"),
         ("exported (UTC)", card.get("exported_utc", "")),
     ]

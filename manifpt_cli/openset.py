@@ -188,6 +188,7 @@ class OpenSetFit:
     thresholds: dict[str, float]
     target_fpr: float
     false_alarm_bound: float  # what the thresholds promise for new known images: ≤ target_fpr from enough
+    unknown_share_by_class: list[float | None]  # per class (in class order), validation images below the threshold
     validation: dict  # ECE / Brier before and after, on the validation split
     manifold_reference: float  # the 99.5th percentile of training and validation distances to the real manifold
 
@@ -199,6 +200,7 @@ class OpenSetFit:
                 "threshold": self.thresholds[self.score],
                 "target_fpr": self.target_fpr,
                 "false_alarm_bound": self.false_alarm_bound,
+                "validation_unknown_share": self.unknown_share_by_class,
                 "thresholds": self.thresholds,
                 "graph_scores": list(GRAPH_SCORES),
                 "knn_k": KNN_K,
@@ -293,6 +295,10 @@ def calibrate(
     scores = all_scores(scored, val_features.astype(np.float32), val_logits.astype(np.float32), val_distances)
     thresholds = {name: known_threshold(values, target_fpr)[0] for name, values in scores.items()}
     false_alarm_bound = known_threshold(scores[score], target_fpr)[1]
+    # The threshold is pooled: each class's own share below it says where the false alarms fall.
+    below = scores[score] < thresholds[score]
+    by_class = [below[val_labels == c] for c in range(len(scored.class_means))]
+    unknown_share = [float(members.mean()) if len(members) else None for members in by_class]
     validation = {
         "ece_before": expected_calibration_error(before, val_labels),
         "ece": expected_calibration_error(after, val_labels),
@@ -302,4 +308,6 @@ def calibrate(
         "temperature_at_bound": temperature_at_bound(temperature),
     }
     reference = float(np.percentile(np.concatenate([train_distances, val_distances]), 99.5))
-    return OpenSetFit(temperature, score, thresholds, target_fpr, false_alarm_bound, validation, reference)
+    return OpenSetFit(
+        temperature, score, thresholds, target_fpr, false_alarm_bound, unknown_share, validation, reference
+    )

@@ -181,6 +181,8 @@ def test_page_holds_every_file_and_its_evidence(case):
     # Static parts: provenance with both digests, the model card, limitations; the operator escaped.
     assert report["header"]["model_sha256"] in page and report["header"]["index_hash"] in page
     assert "Model card" in page and "Limitations" in page
+    assert "validation images called unknown, per class" in page and "for new images" in page
+    assert "a new image of a known source falls below it with probability at most" in page
     assert "Det. &lt;b&gt;O&#x27;Brien&lt;/b&gt;" in page and OPERATOR not in page
     assert report["header"]["operator"] == {"name": OPERATOR, "source": "--operator"}
     assert report["finished_utc"] >= report["header"]["created_utc"]

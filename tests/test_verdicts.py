@@ -343,5 +343,7 @@ def test_train_cli_augments_and_sets_the_false_alarm_rate(artifacts_file, tmp_pa
     k = max(1, int(0.1 * (training["val_size"] + 1)))
     assert metadata["open_set"]["false_alarm_bound"] == pytest.approx(k / (training["val_size"] + 1))
     assert f"{metadata['open_set']['false_alarm_bound']:.3g} for new images" in result.stderr
+    shares = metadata["open_set"]["validation_unknown_share"]  # the pooled threshold's false alarms, per class
+    assert len(shares) == len(metadata["classes"]) and all(0 <= share <= 1 for share in shares)
     bad = CliRunner().invoke(app, [str(a) for a in [*args, "--overwrite", "--augment", "jpeg:101"]])
     assert bad.exit_code == 2 and "jpeg takes a quality" in bad.stderr
