@@ -302,3 +302,19 @@ def test_signed_pictures_are_white_at_zero_and_saturate_at_the_percentile():
     assert scale == pytest.approx(np.percentile(np.abs(values), 99))
     same = artifact_picture(Space.RGB, np.zeros((3, 8, 8), np.float32))[0]
     assert (same == 255).all()
+
+
+def test_how_to_read_states_an_uncalibrated_temperature_and_the_false_alarm_bound():
+    from manifpt_cli.case_report import CaseReport
+
+    rule = {"open_set_score": "knn", "threshold": -0.1, "target_fpr": 0.05, "false_alarm_bound": 0.0497}
+    header = {"verdict_rule": rule, "classes": ["a", "real"], "calibration": {"temperature_at_bound": True}}
+    stream = io.StringIO()
+    page = CaseReport(stream, header)
+    page.close()
+    text = stream.getvalue()
+    assert "probability at most 0.0497" in text and "temperature stopped at the end of its range" in text
+    stream = io.StringIO()
+    page = CaseReport(stream, {**header, "calibration": {"temperature_at_bound": False}})
+    page.close()
+    assert "temperature stopped" not in stream.getvalue()
