@@ -21,7 +21,7 @@ from .case_report import evidence_record
 from .engines import LocalEngine
 from .errors import EXIT_OK, EXIT_PARTIAL, FormatError, ImageDecodeError, MismatchError, UsageError
 from .evidence import Evidence, render_evidence
-from .formats import backbone_path_for, utc_now
+from .formats import utc_now
 from .images import FailedImage, count_images, decode_image, display_path, path_from_display
 from .manifold import RealIndex, image_folders
 from .outputs import check_outputs
@@ -113,7 +113,7 @@ def run_attribution(
     # A model's backbone is named in its card, which need not match the model's own file name
     # (a renamed copy): every backbone beside it is protected.
     backbones = sorted(Path(model).parent.glob("*.backbone.onnx"))
-    inputs = [model, backbone_path_for(model), *backbones, index, *suspects]
+    inputs = [model, *backbones, index, *suspects]
     check_outputs(files, inputs=inputs + (image_folders(index) if evidence else []), overwrite=overwrite)
     if len({os.path.realpath(f) for f in files}) < len(files):
         raise UsageError("two reports would be written to the same file")

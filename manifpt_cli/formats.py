@@ -116,6 +116,10 @@ _SIGNATURES = (
 )
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def require_file(path: str | os.PathLike, what: str, hint: str = "") -> None:
     """Refuse ``path`` unless it is a regular file, saying what it is instead: missing (with
     ``hint``: how to make one), or a folder, a FIFO or a device (never opened: a FIFO blocks)."""
@@ -127,8 +131,7 @@ def require_file(path: str | os.PathLike, what: str, hint: str = "") -> None:
         raise UsageError(f"cannot read the {what} file {path}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device"
-        article = "an" if what[0] in "aeiou" else "a"
-        raise UsageError(f"{path} is {kind}, not {article} {what} file{hint}")
+        raise UsageError(f"{path} is {kind}, not {_article(what)} {what} file{hint}")
 
 
 def not_of_kind(path: str | os.PathLike, signature: bytes, what: str) -> FormatError | UsageError:
@@ -137,7 +140,7 @@ def not_of_kind(path: str | os.PathLike, signature: bytes, what: str) -> FormatE
     kind = describe_file(path)
     known = [k for s, k in _SIGNATURES if s != signature] + ["an ONNX model, judging by its name"]
     if kind in known:
-        return UsageError(f"{path} is {kind}, not {'an' if what[0] in 'aeiou' else 'a'} {what}")
+        return UsageError(f"{path} is {kind}, not {_article(what)} {what}")
     return FormatError(f"{path} is not a readable {what}: it is {kind}, or truncated")
 
 

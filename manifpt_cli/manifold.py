@@ -776,15 +776,16 @@ class RealIndex:
         n = len(queries)
         ids = np.full(n, -1, dtype=np.int64)
         distances = np.full(n, np.inf, dtype=np.float64)
-        own = digest_keys(query_sha256, self._sha256.dtype) if query_sha256 is not None else None  # (keys, fits)
+        own_keys, own_fits = digest_keys(query_sha256, self._sha256.dtype) if query_sha256 is not None else (None, None)
         todo = np.arange(n)
         k = RERANKED_CANDIDATES
         while len(todo):
             k = min(k, self.n_images)
             approximate, candidates = index.search(searched[todo], k)
             valid = candidates >= 0
-            if own is not None:
-                valid &= ~((self._sha256[np.clip(candidates, 0, None)] == own[0][todo, None]) & own[1][todo, None])
+            if own_keys is not None:
+                own = (self._sha256[np.clip(candidates, 0, None)] == own_keys[todo, None]) & own_fits[todo, None]
+                valid &= ~own
             exact = self._exact_distances(space, queries[todo], candidates)
             exact[~valid] = np.inf
             smallest = exact.min(axis=1)
@@ -807,7 +808,7 @@ class RealIndex:
             short = todo[~found & ~complete]
             if len(short):
                 ids[short], distances[short] = self._scan_nearest(
-                    space, queries[short], (own[0][short], own[1][short]) if own is not None else None
+                    space, queries[short], (own_keys[short], own_fits[short]) if own_keys is not None else None
                 )
             todo = todo[(~found | unsure) & (k < self.n_images) & complete]
             k *= 4

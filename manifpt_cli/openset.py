@@ -293,8 +293,9 @@ def calibrate(
     scored.val_labels = torch.from_numpy(val_labels.astype(np.int64))
     scored.val_distances = torch.from_numpy(val_distances.astype(np.float32))
     scores = all_scores(scored, val_features.astype(np.float32), val_logits.astype(np.float32), val_distances)
-    thresholds = {name: known_threshold(values, target_fpr)[0] for name, values in scores.items()}
-    false_alarm_bound = known_threshold(scores[score], target_fpr)[1]
+    fitted = {name: known_threshold(values, target_fpr) for name, values in scores.items()}
+    thresholds = {name: threshold for name, (threshold, _) in fitted.items()}
+    false_alarm_bound = fitted[score][1]  # the same for every score: it depends on n alone
     # The threshold is pooled: each class's own share below it says where the false alarms fall.
     below = scores[score] < thresholds[score]
     by_class = [below[val_labels == c] for c in range(len(scored.class_means))]

@@ -82,15 +82,11 @@ def stratified_split(
     for label in np.unique(labels):
         rows = np.flatnonzero(labels == label)
         _, first, which = np.unique(keys[rows], return_index=True, return_inverse=True)
-        order = np.argsort(first)  # the class's groups in the order their first rows come
-        position = np.empty_like(order)
-        position[order] = np.arange(len(order))
-        picked = rng.permutation(len(order))  # as the rows themselves were, where every group is one row
-        n_val = int(round(len(order) * val_fraction))
-        n_val = min(max(n_val, 1 if len(order) > 1 else 0), len(order) - 1)
-        in_val = np.zeros(len(order), dtype=bool)
-        in_val[picked[:n_val]] = True
-        side = in_val[position[which]]
+        groups = np.argsort(first)  # the class's groups in the order their first rows come
+        n_val = int(round(len(groups) * val_fraction))
+        n_val = min(max(n_val, 1 if len(groups) > 1 else 0), len(groups) - 1)
+        # Permuted as the rows themselves were where every group is one row: the same split then.
+        side = np.isin(which, rng.permutation(groups)[:n_val])
         val.extend(rows[side])
         train.extend(rows[~side])
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
